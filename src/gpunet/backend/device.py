@@ -1,0 +1,127 @@
+"""Which device to run on, and why.
+
+Two separate facts: CuPy imports (`has_cupy`), and a CUDA device is usable (`has_gpu`).
+CuPy installed on a machine without a driver or a GPU is a normal case, so every probe of the
+device happens inside try/except and ends in a reason a person can act on.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy
+
+DEVICE_NAMES = ("auto", "cpu", "gpu")
+
+
+@functools.lru_cache(maxsize=1)
+def cupy_status() -> tuple[object | None, str]:
+    """(cupy module or None, reason it is unusable or '')."""
+    try:
+        import cupy
+    except Exception as exc:  # ImportError, or a broken install raising anything
+        return None, f"CuPy is not installed ({type(exc).__name__}: {exc}); install gpunet[cuda12] or gpunet[cuda13]"
+    return cupy, ""
+
+
+@functools.lru_cache(maxsize=1)
+def gpu_status() -> tuple[bool, str]:
+    """(usable, reason): a device counts as usable once a tiny kernel has run on it."""
+    cupy, reason = cupy_status()
+    if cupy is None:
+        return False, reason
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return False, f"CuPy is installed but the CUDA driver is unusable ({type(exc).__name__}: {exc})"
+    if count < 1:
+        return False, "CuPy is installed but no CUDA device is visible"
+    try:
+        total = float(cupy.arange(4, dtype=cupy.float32).sum())
+    except Exception as exc:
+        return False, f"a CUDA device exists but a test kernel failed ({type(exc).__name__}: {exc})"
+    if total != 6.0:
+        return False, f"a CUDA device exists but a test kernel returned {total} instead of 6.0"
+    return True, ""
+
+
+def has_cupy() -> bool:
+    return cupy_status()[0] is not None
+
+
+def has_gpu() -> bool:
+    return gpu_status()[0]
+
+
+@dataclass(frozen=True)
+class Device:
+    """A place arrays live: name is "cpu" or "gpu", xp is numpy or cupy."""
+
+    name: str
+    reason: str = ""
+
+    @property
+    def xp(self):
+        return numpy if self.name == "cpu" else cupy_status()[0]
+
+    @property
+    def ops(self):
+        from gpunet.backend.dispatch import ops_for_device
+        return ops_for_device(self.name)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def device(name: str | Device | None = "auto") -> Device:
+    """Resolve "auto" | "cpu" | "gpu" to a Device.
+
+    "auto" (the default) may be replaced by the environment variable GPUNET_DEVICE. It picks
+    the GPU when one is usable, else the CPU with one warning line saying why. "gpu" without a
+    usable GPU raises RuntimeError saying why.
+    """
+    if isinstance(name, Device):
+        return name
+    requested = "auto" if name is None else str(name).lower()
+    if requested not in DEVICE_NAMES:
+        raise ValueError(f"unknown device {name!r}; choose one of {', '.join(DEVICE_NAMES)}")
+    if requested == "auto":
+        env = os.environ.get("GPUNET_DEVICE", "").strip().lower()
+        if env and env not in DEVICE_NAMES:
+            raise ValueError(f"GPUNET_DEVICE={env!r} is not one of {', '.join(DEVICE_NAMES)}")
+        if env in ("cpu", "gpu"):
+            resolved = device(env)
+            return Device(resolved.name, f"GPUNET_DEVICE={env}")
+    if requested == "cpu":
+        return Device("cpu", "asked for the CPU")
+    usable, why = gpu_status()
+    if requested == "gpu":
+        if not usable:
+            raise RuntimeError(f"device 'gpu' was requested but no GPU is usable: {why}")
+        return Device("gpu", "asked for the GPU")
+    if usable:
+        return Device("gpu", "a CUDA GPU is usable")
+    print(f"gpunet: no usable GPU, running on the CPU: {why}", file=sys.stderr)
+    return Device("cpu", f"no usable GPU: {why}")
+
+
+def device_info() -> list[str]:
+    """Human-readable lines on CuPy, CUDA and the device "auto" picks."""
+    cupy, why_not = cupy_status()
+    lines = [f"CuPy: {cupy.__version__}" if cupy is not None else f"CuPy: not available ({why_not})"]
+    usable, why = gpu_status()
+    if cupy is not None:
+        try:
+            runtime = cupy.cuda.runtime.runtimeGetVersion()
+            lines.append(f"CUDA runtime: {runtime // 1000}.{runtime % 1000 // 10}")
+            if usable:
+                props = cupy.cuda.runtime.getDeviceProperties(0)
+                lines.append(f"GPU 0: {props['name'].decode()} ({props['totalGlobalMem'] / 2**30:.1f} GiB)")
+        except Exception as exc:
+            lines.append(f"CUDA: unavailable ({type(exc).__name__}: {exc})")
+    lines.append("GPU usable: yes" if usable else f"GPU usable: no ({why})")
+    env = os.environ.get("GPUNET_DEVICE")
+    lines.append(f"auto picks: {'gpu' if usable else 'cpu'}" + (f" (GPUNET_DEVICE={env} overrides it)" if env else ""))
+    return lines

@@ -1,0 +1,213 @@
+"""The Ops base class: every op written once against `xp` (numpy or cupy).
+
+Subclasses (NumpyOps, CupyOps) override only the hot ops and keep the base signatures
+(tests/test_backend.py checks that). Arrays are (N, features) unless said otherwise; ops that
+take `out=` write into it so layers can reuse buffers between steps.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy
+
+ACTIVATIONS = ("relu", "sigmoid", "tanh", "gelu", "gelu_tanh")
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+class Ops:
+    name = "base"
+    xp = numpy
+
+    # ---------------------------------------------------------------- arrays
+    def asarray(self, a, dtype=None):
+        return self.xp.asarray(a, dtype=dtype)
+
+    def empty(self, shape, dtype="float32"):
+        return self.xp.empty(shape, dtype=dtype)
+
+    def zeros(self, shape, dtype="float32"):
+        return self.xp.zeros(shape, dtype=dtype)
+
+    # ---------------------------------------------------------------- GEMM with epilogue
+    def matmul(self, a, b, out=None):
+        return self.xp.matmul(a, b, out=out)
+
+    def linear(self, x, weight, bias=None, activation=None, out=None):
+        """activation(x @ weight.T + bias) for x (N, in), weight (out, in)."""
+        y = self.xp.matmul(x, weight.T, out=out)
+        if bias is not None:
+            y += bias
+        if activation is not None:
+            self.activation(activation, y, out=y)
+        return y
+
+    def linear_backward(self, x, weight, dy, grad_weight, grad_bias=None, need_dx=True):
+        """Writes dW = dy^T x and db = sum(dy) into the given buffers; returns dx = dy W."""
+        self.xp.matmul(dy.T, x, out=grad_weight)
+        if grad_bias is not None:
+            self.xp.sum(dy, axis=0, out=grad_bias)
+        return self.xp.matmul(dy, weight) if need_dx else None
+
+    # ---------------------------------------------------------------- activations
+    def erf(self, x):
+        vec = numpy.frompyfunc(math.erf, 1, 1)
+        return self.xp.asarray(vec(x).astype(x.dtype))
+
+    def activation(self, name, x, out=None):
+        xp = self.xp
+        if name == "relu":
+            return xp.maximum(x, 0, out=out)
+        if name == "sigmoid":
+            # exp of a non-positive number only: no overflow warnings for large |x|.
+            e = xp.exp(-xp.abs(x))
+            y = xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
+        elif name == "tanh":
+            return xp.tanh(x, out=out)
+        elif name == "gelu":
+            y = 0.5 * x * (1 + self.erf(x * (1 / math.sqrt(2.0))))
+        elif name == "gelu_tanh":
+            y = 0.5 * x * (1 + xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x**3)))
+        else:
+            raise ValueError(f"unknown activation {name!r}; choose one of {ACTIVATIONS}")
+        y = y.astype(x.dtype, copy=False)
+        if out is None:
+            return y
+        out[...] = y
+        return out
+
+    def activation_backward(self, name, x, y, dy):
+        """dx from the input x, the output y and the upstream gradient dy."""
+        xp = self.xp
+        if name == "relu":
+            return dy * (x > 0)
+        if name == "sigmoid":
+            return dy * y * (1 - y)
+        if name == "tanh":
+            return dy * (1 - y * y)
+        if name == "gelu":
+            cdf = 0.5 * (1 + self.erf(x * (1 / math.sqrt(2.0))))
+            pdf = xp.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
+            return (dy * (cdf + x * pdf)).astype(x.dtype, copy=False)
+        if name == "gelu_tanh":
+            inner = _SQRT_2_OVER_PI * (x + 0.044715 * x**3)
+            t = xp.tanh(inner)
+            dinner = _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
+            return (dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * dinner)).astype(x.dtype, copy=False)
+        raise ValueError(f"unknown activation {name!r}; choose one of {ACTIVATIONS}")
+
+    # ---------------------------------------------------------------- softmax family
+    def softmax(self, x, axis=-1):
+        xp = self.xp
+        e = xp.exp(x - x.max(axis=axis, keepdims=True))
+        e /= e.sum(axis=axis, keepdims=True)
+        return e
+
+    def softmax_backward(self, y, dy, axis=-1):
+        return y * (dy - (dy * y).sum(axis=axis, keepdims=True))
+
+    def log_softmax(self, x, axis=-1):
+        xp = self.xp
+        shifted = x - x.max(axis=axis, keepdims=True)
+        return shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+
+    def softmax_cross_entropy(self, logits, labels):
+        """Mean cross-entropy of (N, C) logits against int labels (N,), and its gradient.
+
+        One pass over the logits gives both: grad = (softmax - onehot) / N.
+        """
+        xp = self.xp
+        n = logits.shape[0]
+        rows = xp.arange(n)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        exp = xp.exp(shifted)
+        total = exp.sum(axis=1, keepdims=True)
+        loss = (xp.log(total[:, 0]) - shifted[rows, labels]).mean()
+        grad = exp
+        grad *= 1.0 / (total * n)
+        grad[rows, labels] -= 1.0 / n
+        return loss.astype(logits.dtype), grad
+
+    def softmax_cross_entropy_soft(self, logits, targets):
+        """Mean cross-entropy against probability (or one-hot) targets of the same shape."""
+        n = logits.shape[0]
+        logp = self.log_softmax(logits, axis=1)
+        loss = -(targets * logp).sum() / n
+        grad = (self.xp.exp(logp) * targets.sum(axis=1, keepdims=True) - targets) / n
+        return loss.astype(logits.dtype), grad.astype(logits.dtype, copy=False)
+
+    # ---------------------------------------------------------------- normalisation
+    def layer_norm(self, x, weight, bias, eps):
+        """Normalise over the last axis; returns (y, xhat, rstd) for the backward pass."""
+        mean = x.mean(axis=-1, keepdims=True)
+        centered = x - mean
+        var = (centered * centered).mean(axis=-1, keepdims=True)
+        rstd = 1.0 / self.xp.sqrt(var + eps)
+        xhat = centered * rstd
+        y = xhat * weight + bias if weight is not None else xhat
+        return y, xhat, rstd
+
+    def layer_norm_backward(self, dy, xhat, rstd, weight):
+        """Returns (dx, dweight, dbias) with the parameter gradients summed over all rows."""
+        d = xhat.shape[-1]
+        axes = tuple(range(dy.ndim - 1))
+        dweight = (dy * xhat).sum(axis=axes) if weight is not None else None
+        dbias = dy.sum(axis=axes) if weight is not None else None
+        g = dy * weight if weight is not None else dy
+        dx = rstd * (g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).sum(axis=-1, keepdims=True) / d)
+        return dx, dweight, dbias
+
+    # ---------------------------------------------------------------- convolution
+    def im2col(self, x, kernel, stride, padding):
+        """(N, C, H, W) -> columns (N*OH*OW, C*kh*kw); rows in (n, oh, ow) order."""
+        xp = self.xp
+        n, c, h, w = x.shape
+        (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+        oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        xpad = xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x
+        cols = xp.empty((n, oh, ow, c, kh, kw), dtype=x.dtype)
+        for i in range(kh):
+            for j in range(kw):
+                patch = xpad[:, :, i : i + sh * oh : sh, j : j + sw * ow : sw]
+                cols[:, :, :, :, i, j] = patch.transpose(0, 2, 3, 1)
+        return cols.reshape(n * oh * ow, c * kh * kw)
+
+    def col2im(self, cols, x_shape, kernel, stride, padding):
+        """The adjoint of im2col: scatter-add columns back into an (N, C, H, W) array."""
+        xp = self.xp
+        n, c, h, w = x_shape
+        (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+        oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        cols = cols.reshape(n, oh, ow, c, kh, kw)
+        xpad = xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=cols.dtype)
+        for i in range(kh):
+            for j in range(kw):
+                xpad[:, :, i : i + sh * oh : sh, j : j + sw * ow : sw] += cols[:, :, :, :, i, j].transpose(0, 3, 1, 2)
+        return xpad[:, :, ph : ph + h, pw : pw + w]
+
+    # ---------------------------------------------------------------- optimizer updates
+    def sgd_update(self, param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov, first_step):
+        """In place, with PyTorch's torch.optim.SGD semantics."""
+        g = grad + weight_decay * param if weight_decay else grad
+        if momentum:
+            if first_step:
+                velocity[...] = g
+            else:
+                velocity *= momentum
+                velocity += (1 - dampening) * g
+            g = g + momentum * velocity if nesterov else velocity
+        param -= lr * g
+
+    def adam_update(self, param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, decoupled, step):
+        """In place, with torch.optim.Adam (decoupled=False) or AdamW (True) semantics."""
+        xp = self.xp
+        if weight_decay and decoupled:
+            param *= 1 - lr * weight_decay
+        g = grad + weight_decay * param if weight_decay and not decoupled else grad
+        exp_avg *= beta1
+        exp_avg += (1 - beta1) * g
+        exp_avg_sq *= beta2
+        exp_avg_sq += (1 - beta2) * (g * g)
+        bias1 = 1 - beta1**step
+        bias2 = 1 - beta2**step
+        denom = xp.sqrt(exp_avg_sq) / math.sqrt(bias2) + eps
+        param -= (lr / bias1) * exp_avg / denom

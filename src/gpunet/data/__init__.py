@@ -1,0 +1,11 @@
+"""Data: IDX files, MNIST, the embedded sample, preprocessing and batching."""
+from gpunet.data.datasets import DATASETS, Dataset, load_dataset, load_mnist_sample, split
+from gpunet.data.idx import read_idx, write_idx
+from gpunet.data.mnist import MNIST_FILES, download_file, load_mnist
+from gpunet.data.pipeline import apply_preprocess, image_preprocess, minibatches, random_shift
+
+__all__ = [
+    "DATASETS", "Dataset", "MNIST_FILES", "apply_preprocess", "download_file", "image_preprocess",
+    "load_dataset", "load_mnist", "load_mnist_sample", "minibatches", "random_shift", "read_idx",
+    "split", "write_idx",
+]

@@ -1,0 +1,52 @@
+"""Input preprocessing (saved with a model), mini-batches and light image augmentation."""
+from __future__ import annotations
+
+import numpy
+
+
+def image_preprocess(images: numpy.ndarray, shape) -> dict:
+    """A standardisation spec from training images: float32 = (uint8 / 255 - mean) / std,
+    reshaped to (N, *shape). It is JSON-able and travels in the checkpoint's metadata."""
+    scaled = images.astype("float64") / 255.0
+    return {"kind": "image", "scale": 1.0 / 255.0, "mean": float(scaled.mean()),
+            "std": float(scaled.std()) or 1.0, "shape": [int(s) for s in shape]}
+
+
+def apply_preprocess(spec: dict | None, x, xp=numpy):
+    """Raw batch (on host or device) -> model input; a model without a spec takes x as is."""
+    if spec is None:
+        return x
+    if spec.get("kind") != "image":
+        raise ValueError(f"unknown preprocessing kind {spec.get('kind')!r}")
+    x = xp.asarray(x)
+    expected = int(numpy.prod(spec["shape"]))
+    if x.size % expected or x.ndim < 2:
+        raise ValueError(f"input of shape {tuple(x.shape)} does not hold images of shape {tuple(spec['shape'])}")
+    out = x.reshape(len(x), *spec["shape"]).astype("float32")
+    out *= numpy.float32(spec["scale"] / spec["std"])
+    out -= numpy.float32(spec["mean"] / spec["std"])
+    return out
+
+
+def minibatches(n: int, batch_size: int, rng: numpy.random.Generator | None, start: int = 0):
+    """Index arrays of successive batches of a (seeded, shuffled when rng is given) order,
+    from batch number `start` on; the last batch may be smaller."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    order = rng.permutation(n) if rng is not None else numpy.arange(n)
+    for begin in range(start * batch_size, n, batch_size):
+        yield order[begin : begin + batch_size]
+
+
+def random_shift(images: numpy.ndarray, max_shift: int, rng: numpy.random.Generator) -> numpy.ndarray:
+    """Shift each (H, W) image by up to max_shift pixels in each direction, filling with zeros."""
+    if max_shift <= 0:
+        return images
+    n, h, w = images.shape[0], images.shape[-2], images.shape[-1]
+    flat = images.reshape(n, h, w)
+    padded = numpy.pad(flat, ((0, 0), (max_shift, max_shift), (max_shift, max_shift)))
+    dy, dx = rng.integers(0, 2 * max_shift + 1, size=(2, n))
+    rows = dy[:, None] + numpy.arange(h)
+    cols = dx[:, None] + numpy.arange(w)
+    out = padded[numpy.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    return out.reshape(images.shape)

@@ -1,0 +1,81 @@
+"""Dense (fully connected) layer, torch.nn.Linear layout: weight (out, in), bias (out,)."""
+from __future__ import annotations
+
+import math
+
+import numpy
+
+from gpunet import init
+from gpunet.backend import ops_for
+from gpunet.layers.base import Layer
+from gpunet.layers.checks import check_float_input, check_last_dim
+
+
+class Dense(Layer):
+    """y = x W^T + b over the last axis of x, optionally followed by a fused activation.
+
+    init: "torch_default" (uniform +-1/sqrt(in), as torch.nn.Linear) or any initialiser of
+    gpunet.init, scaled for `activation` (or for `init_activation` when the activation is a
+    separate layer). Biases start at zero except under torch_default.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 activation: str | None = None, init: str = "torch_default",
+                 init_activation: str | None = None):
+        super().__init__(in_features=in_features, out_features=out_features, bias=bias,
+                         activation=activation, init=init, init_activation=init_activation)
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"Dense: sizes must be positive, got in={in_features}, out={out_features}")
+        shape = (out_features, in_features)
+        self.add_param("weight", _init(init, shape, init_activation or activation))
+        if bias:
+            self.add_param("bias", _bias_init(init, in_features, out_features))
+        self.activation = activation
+        self._x = self._z = self._y = None
+
+    def describe(self) -> str:
+        c = self.config
+        act = f", activation={self.activation!r}" if self.activation else ""
+        return f"Dense({c['in_features']}, {c['out_features']}, bias={c['bias']}{act})"
+
+    def forward(self, x):
+        w = self.params["weight"]
+        check_last_dim(self, x, w.shape[1])
+        check_float_input(self, x, w.dtype)
+        ops = ops_for(x, w, op="Dense.forward")
+        x2 = x.reshape(-1, w.shape[1])
+        b = self.params.get("bias")
+        if self.activation in ("gelu", "gelu_tanh"):  # their derivative needs the pre-activation
+            z = ops.linear(x2, w, b)
+            y = ops.activation(self.activation, z)
+        else:  # relu'(z) can be read off y = relu(z); sigmoid' and tanh' are functions of y
+            y = z = ops.linear(x2, w, b, self.activation)
+        self._x, self._z, self._y = x2, z, y
+        return y.reshape(*x.shape[:-1], w.shape[0])
+
+    def _backward(self, dy, need_dx: bool):
+        if self._x is None:
+            raise RuntimeError(f"{self.describe()}: backward called before forward")
+        w = self.params["weight"]
+        ops = ops_for(dy, w, op="Dense.backward")
+        dy2 = dy.reshape(-1, w.shape[0])
+        if self.activation is not None:
+            dy2 = ops.activation_backward(self.activation, self._z, self._y, dy2)
+        dx = ops.linear_backward(self._x, w, dy2, self.grads["weight"], self.grads.get("bias"), need_dx)
+        return None if dx is None else dx.reshape(*dy.shape[:-1], w.shape[1])
+
+    def backward(self, dy):
+        return self._backward(dy, need_dx=True)
+
+    def backward_params(self, dy) -> None:
+        self._backward(dy, need_dx=False)
+
+
+def _init(name, shape, activation):
+    return init.initialise(name, shape, activation)
+
+
+def _bias_init(name, fan_in, out_features):
+    if name == "torch_default":
+        return init.uniform((out_features,), 1.0 / math.sqrt(fan_in))
+    return numpy.zeros(out_features, dtype="float32")

@@ -1,0 +1,113 @@
+"""Batch normalisation (1d and 2d) and layer normalisation, PyTorch names and semantics."""
+from __future__ import annotations
+
+import numpy
+
+from gpunet.backend import ops_for
+from gpunet.layers.base import Layer
+from gpunet.layers.checks import check_float_input, check_last_dim, check_ndim
+
+
+class _BatchNorm(Layer):
+    """Normalise each channel (axis 1) with batch statistics in training and running
+    statistics in eval; running_var tracks the unbiased batch variance, as in torch."""
+
+    ndims: tuple[int, ...] = ()
+    layout = ""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True):
+        super().__init__(num_features=num_features, eps=eps, momentum=momentum, affine=affine)
+        self.eps, self.momentum = eps, momentum
+        if affine:
+            self.add_param("weight", numpy.ones(num_features, dtype="float32"))
+            self.add_param("bias", numpy.zeros(num_features, dtype="float32"))
+        self.buffers["running_mean"] = numpy.zeros(num_features, dtype="float32")
+        self.buffers["running_var"] = numpy.ones(num_features, dtype="float32")
+        self.buffers["num_batches_tracked"] = numpy.zeros((), dtype="int64")
+
+    def _channel_shape(self, x):
+        return (1, x.shape[1]) + (1,) * (x.ndim - 2)
+
+    def forward(self, x):
+        check_ndim(self, x, self.ndims, self.layout)
+        if x.shape[1] != self.config["num_features"]:
+            raise ValueError(f"{self.describe()}: expected {self.config['num_features']} channels on axis 1, "
+                             f"got shape {tuple(x.shape)}")
+        check_float_input(self, x, self.buffers["running_mean"].dtype)
+        xp = ops_for(x, op=f"{type(self).__name__}.forward").xp
+        axes = (0,) + tuple(range(2, x.ndim))
+        shape = self._channel_shape(x)
+        if self.training:
+            count = x.size // x.shape[1]
+            if count < 2:
+                raise ValueError(f"{self.describe()}: training needs more than one value per channel, got shape {tuple(x.shape)}")
+            mean = x.mean(axis=axes)
+            centered = x - mean.reshape(shape)
+            var = (centered * centered).mean(axis=axes)
+            m = self.momentum
+            self.buffers["running_mean"] *= 1 - m
+            self.buffers["running_mean"] += m * mean
+            self.buffers["running_var"] *= 1 - m
+            self.buffers["running_var"] += (m * count / (count - 1)) * var
+            self.buffers["num_batches_tracked"] += 1
+        else:
+            var = self.buffers["running_var"]
+            centered = x - self.buffers["running_mean"].reshape(shape)
+        rstd = (1.0 / xp.sqrt(var + self.eps)).reshape(shape).astype(x.dtype)
+        xhat = centered * rstd
+        self._xhat, self._rstd, self._axes = xhat, rstd, axes
+        if "weight" in self.params:
+            return xhat * self.params["weight"].reshape(shape) + self.params["bias"].reshape(shape)
+        return xhat
+
+    def backward(self, dy):
+        xhat, rstd, axes = self._xhat, self._rstd, self._axes
+        shape = rstd.shape
+        if "weight" in self.params:
+            self.grads["weight"][...] = (dy * xhat).sum(axis=axes)
+            self.grads["bias"][...] = dy.sum(axis=axes)
+            g = dy * self.params["weight"].reshape(shape)
+        else:
+            g = dy
+        if not self.training:
+            return g * rstd
+        return rstd * (g - g.mean(axis=axes, keepdims=True) - xhat * (g * xhat).mean(axis=axes, keepdims=True))
+
+
+class BatchNorm1d(_BatchNorm):
+    ndims = (2, 3)
+    layout = "(N, C) or (N, C, L)"
+
+
+class BatchNorm2d(_BatchNorm):
+    ndims = (4,)
+    layout = "(N, C, H, W)"
+
+
+class LayerNorm(Layer):
+    """Normalise over the last axis of size d, with weight (d,) and bias (d,)."""
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-5, elementwise_affine: bool = True):
+        if isinstance(normalized_shape, (tuple, list)):
+            if len(normalized_shape) != 1:
+                raise ValueError(f"LayerNorm: only the last axis can be normalised, got {normalized_shape}")
+            normalized_shape = int(normalized_shape[0])
+        super().__init__(normalized_shape=normalized_shape, eps=eps, elementwise_affine=elementwise_affine)
+        self.eps = eps
+        if elementwise_affine:
+            self.add_param("weight", numpy.ones(normalized_shape, dtype="float32"))
+            self.add_param("bias", numpy.zeros(normalized_shape, dtype="float32"))
+
+    def forward(self, x):
+        check_last_dim(self, x, self.config["normalized_shape"])
+        ops = ops_for(x, op="LayerNorm.forward")
+        y, self._xhat, self._rstd = ops.layer_norm(x, self.params.get("weight"), self.params.get("bias"), self.eps)
+        return y
+
+    def backward(self, dy):
+        ops = ops_for(dy, op="LayerNorm.backward")
+        dx, dw, db = ops.layer_norm_backward(dy, self._xhat, self._rstd, self.params.get("weight"))
+        if dw is not None:
+            self.grads["weight"][...] = dw
+            self.grads["bias"][...] = db
+        return dx

@@ -1,0 +1,19 @@
+"""Layers that only change the shape of their input."""
+from __future__ import annotations
+
+from gpunet.layers.base import Layer
+
+
+class Flatten(Layer):
+    """Flatten all axes from start_dim on, as torch.nn.Flatten."""
+
+    def __init__(self, start_dim: int = 1):
+        super().__init__(start_dim=start_dim)
+        self.start_dim = start_dim
+
+    def forward(self, x):
+        self._shape = x.shape
+        return x.reshape(*x.shape[: self.start_dim], -1)
+
+    def backward(self, dy):
+        return dy.reshape(self._shape)

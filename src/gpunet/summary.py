@@ -1,0 +1,29 @@
+"""A model summary: each layer, its output shape and parameter count."""
+from __future__ import annotations
+
+import numpy
+
+
+def summary(model, input_shape, input_dtype="float32") -> str:
+    """Table of layers with output shapes for one sample of input_shape (run in eval mode)."""
+    layers = getattr(model, "layers", [model])
+    was_training = model.training
+    model.eval()
+    x = model_input(model, input_shape, input_dtype)
+    rows = [("layer", "output shape", "params")]
+    try:
+        for i, layer in enumerate(layers):
+            x = layer.forward(x)
+            rows.append((f"{i}: {layer.describe()}", str(tuple(x.shape[1:])), f"{layer.num_params():,}"))
+    finally:
+        model.train(was_training)
+    rows.append(("total", "", f"{model.num_params():,}"))
+    widths = [max(len(r[c]) for r in rows) for c in range(3)]
+    lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}" for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def model_input(model, input_shape, dtype):
+    xp = numpy if model.device == "cpu" else __import__("cupy")
+    return xp.zeros((1, *input_shape), dtype=dtype)
