@@ -24,7 +24,7 @@ class Recipe:
 
 RECIPES = {
     "mlp": Recipe(build=lambda ds: models.mlp((784, 300, 100, ds.num_classes), dropout=0.1),
-                  input_shape=(784,), epochs=30, batch_size=128, lr=1e-3, shift=2),
+                  input_shape=(784,), epochs=30, batch_size=128, lr=1e-3, shift=1),
 }
 
 

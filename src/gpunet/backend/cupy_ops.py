@@ -1,7 +1,7 @@
 """GPU backend: CuPy (cuBLAS for plain GEMM) with gpunet's own kernels from kernels/*.cu."""
 from __future__ import annotations
 
-from gpunet.backend.device import cupy_status
+from gpunet.backend.devices import cupy_status
 from gpunet.backend.ops import Ops
 
 

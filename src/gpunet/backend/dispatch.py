@@ -5,7 +5,7 @@ import functools
 
 import numpy
 
-from gpunet.backend.device import cupy_status, gpu_status
+from gpunet.backend.devices import cupy_status, gpu_status
 
 
 def is_cupy_array(a) -> bool:

@@ -46,13 +46,13 @@ class Layer:
         own = self.state_dict()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if strict and (missing or unexpected):
-            raise KeyError(f"{self.describe()}: state_dict mismatch; missing {missing}, unexpected {unexpected}")
+            raise KeyError(f"{type(self).__name__}: state_dict mismatch; missing {missing}, unexpected {unexpected}")
         for name, value in state.items():
             if name not in own:
                 continue
             target = own[name]
             if tuple(value.shape) != tuple(target.shape):
-                raise ValueError(f"{self.describe()}: '{name}' has shape {tuple(target.shape)}, got {tuple(value.shape)}")
+                raise ValueError(f"{type(self).__name__}: '{name}' has shape {tuple(target.shape)}, got {tuple(value.shape)}")
             _assign(self, name, to_device(numpy.asarray(_host(value), dtype=target.dtype), self.device))
         return self
 
