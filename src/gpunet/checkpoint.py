@@ -45,9 +45,9 @@ def atomic_write(path, data: bytes) -> None:
 
 def save(model, path, extra_tensors: dict | None = None, extra_metadata: dict | None = None) -> Path:
     """Save model (weights, architecture, preprocessing) to one .safetensors file, atomically."""
-    tensors = {name: numpy.ascontiguousarray(to_numpy(a)) for name, a in model.state_dict().items()}
+    tensors = {name: numpy.array(to_numpy(a), order="C") for name, a in model.state_dict().items()}
     for name, a in (extra_tensors or {}).items():
-        tensors[EXTRA_PREFIX + name] = numpy.ascontiguousarray(to_numpy(a))
+        tensors[EXTRA_PREFIX + name] = numpy.array(to_numpy(a), order="C")
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "architecture": json.dumps(model.to_config()),
                 "preprocess": json.dumps(getattr(model, "preprocess", None))}
