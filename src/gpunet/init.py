@@ -74,3 +74,10 @@ def initialise(name: str, shape, activation: str | None) -> numpy.ndarray:
     if name not in INITIALISERS:
         raise ValueError(f"unknown initialiser {name!r}; choose one of {['torch_default', *INITIALISERS]}")
     return INITIALISERS[name](shape, activation)
+
+
+def bias(name: str, fan_in: int, out_features: int) -> numpy.ndarray:
+    """PyTorch's uniform +-1/sqrt(fan_in) under torch_default, zeros otherwise."""
+    if name == "torch_default":
+        return uniform((out_features,), 1.0 / math.sqrt(fan_in))
+    return numpy.zeros(out_features, dtype="float32")

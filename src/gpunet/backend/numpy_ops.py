@@ -6,7 +6,8 @@ import math
 import numpy
 
 from gpunet.backend import cpu_kernels
-from gpunet.backend.ops import Ops
+from gpunet.backend.cpu_conv_kernels import kernels as conv_kernels
+from gpunet.backend.ops import Ops, pooled_size
 
 
 class NumpyOps(Ops):
@@ -15,6 +16,31 @@ class NumpyOps(Ops):
 
     def erf(self, x):
         return cpu_kernels.erf(x)
+
+    def im2col(self, x, kernel, stride, padding):
+        n, c = x.shape[:2]
+        oh, ow = pooled_size(x.shape[2:], kernel, stride, padding)
+        cols = numpy.empty((n * oh * ow, c * kernel[0] * kernel[1]), dtype=x.dtype)
+        conv_kernels()[0](x, *kernel, *stride, *padding, oh, ow, cols)
+        return cols
+
+    def col2im(self, cols, x_shape, kernel, stride, padding):
+        oh, ow = pooled_size(x_shape[2:], kernel, stride, padding)
+        out = numpy.empty(x_shape, dtype=cols.dtype)
+        conv_kernels()[1](numpy.ascontiguousarray(cols), *kernel, *stride, *padding, oh, ow, out)
+        return out
+
+    def max_pool(self, x, kernel, stride):
+        n, c = x.shape[:2]
+        y = numpy.empty((n, c, *pooled_size(x.shape[2:], kernel, stride)), dtype=x.dtype)
+        arg = numpy.empty(y.shape, dtype=numpy.int32)
+        conv_kernels()[2](x, *kernel, *stride, y, arg)
+        return y, arg
+
+    def max_pool_backward(self, dy, argmax, x_shape, kernel, stride):
+        dx = numpy.empty(x_shape, dtype=dy.dtype)
+        conv_kernels()[3](numpy.ascontiguousarray(dy), argmax, kernel[1], *stride, dx)
+        return dx
 
     def sgd_update(self, param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov, first_step):
         if not _fusable(param, grad, velocity):

@@ -14,6 +14,11 @@ ACTIVATIONS = ("relu", "sigmoid", "tanh", "gelu", "gelu_tanh")
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
+def pooled_size(size, kernel, stride, padding=(0, 0)):
+    """Output (height, width) of a convolution or pooling window sliding over size."""
+    return tuple((s + 2 * p - k) // st + 1 for s, k, st, p in zip(size, kernel, stride, padding))
+
+
 class Ops:
     name = "base"
     xp = numpy
@@ -162,7 +167,7 @@ class Ops:
         xp = self.xp
         n, c, h, w = x.shape
         (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
-        oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        oh, ow = pooled_size((h, w), kernel, stride, padding)
         xpad = xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x
         cols = xp.empty((n, oh, ow, c, kh, kw), dtype=x.dtype)
         for i in range(kh):
@@ -176,13 +181,65 @@ class Ops:
         xp = self.xp
         n, c, h, w = x_shape
         (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
-        oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        oh, ow = pooled_size((h, w), kernel, stride, padding)
         cols = cols.reshape(n, oh, ow, c, kh, kw)
         xpad = xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=cols.dtype)
         for i in range(kh):
             for j in range(kw):
                 xpad[:, :, i : i + sh * oh : sh, j : j + sw * ow : sw] += cols[:, :, :, :, i, j].transpose(0, 3, 1, 2)
         return xpad[:, :, ph : ph + h, pw : pw + w]
+
+    def conv2d(self, x, weight, bias, stride, padding):
+        """NCHW convolution as im2col + one GEMM; returns (y, cols) (cols feed the backward)."""
+        n = x.shape[0]
+        out_c, kernel = weight.shape[0], weight.shape[2:]
+        oh, ow = pooled_size(x.shape[2:], kernel, stride, padding)
+        cols = self.im2col(x, kernel, stride, padding)
+        y = self.xp.matmul(cols, weight.reshape(out_c, -1).T).reshape(n, oh * ow, out_c)
+        out = self.xp.empty((n, out_c, oh * ow), dtype=y.dtype)
+        if bias is None:
+            out[...] = y.transpose(0, 2, 1)
+        else:  # the bias rides on the layout change: one pass, contiguous inner axis
+            self.xp.add(y.transpose(0, 2, 1), bias.reshape(1, out_c, 1), out=out)
+        return out.reshape(n, out_c, oh, ow), cols
+
+    def conv2d_backward(self, dy, cols, x_shape, weight, grad_weight, grad_bias, stride, padding, need_dx=True):
+        """Writes dW = dY^T cols and db = sum dY; returns dX = col2im(dY W)."""
+        out_c = weight.shape[0]
+        if grad_bias is not None:
+            self.xp.sum(dy, axis=(0, 2, 3), out=grad_bias)
+        dy2 = dy.transpose(0, 2, 3, 1).reshape(-1, out_c)
+        w2 = weight.reshape(out_c, -1)
+        self.xp.matmul(dy2.T, cols, out=grad_weight.reshape(out_c, -1))
+        if not need_dx:
+            return None
+        return self.col2im(self.xp.matmul(dy2, w2), x_shape, weight.shape[2:], stride, padding)
+
+    # ---------------------------------------------------------------- pooling (through im2col)
+    def max_pool(self, x, kernel, stride):
+        """(N, C, H, W) -> (y, argmax within each window); ties go to the first, as in torch."""
+        n, c, h, w = x.shape
+        cols = self.im2col(x.reshape(n * c, 1, h, w), kernel, stride, (0, 0))
+        arg = cols.argmax(axis=1)
+        y = cols[self.xp.arange(len(arg)), arg]
+        return y.reshape(n, c, *pooled_size((h, w), kernel, stride)), arg
+
+    def max_pool_backward(self, dy, argmax, x_shape, kernel, stride):
+        n, c, h, w = x_shape
+        cols = self.xp.zeros((argmax.size, kernel[0] * kernel[1]), dtype=dy.dtype)
+        cols[self.xp.arange(argmax.size), argmax] = dy.reshape(-1)
+        return self.col2im(cols, (n * c, 1, h, w), kernel, stride, (0, 0)).reshape(x_shape)
+
+    def avg_pool(self, x, kernel, stride):
+        n, c, h, w = x.shape
+        cols = self.im2col(x.reshape(n * c, 1, h, w), kernel, stride, (0, 0))
+        return cols.mean(axis=1).reshape(n, c, *pooled_size((h, w), kernel, stride))
+
+    def avg_pool_backward(self, dy, x_shape, kernel, stride):
+        n, c, h, w = x_shape
+        area = kernel[0] * kernel[1]
+        cols = self.xp.repeat(dy.reshape(-1, 1) * (1.0 / area), area, axis=1).astype(dy.dtype, copy=False)
+        return self.col2im(cols, (n * c, 1, h, w), kernel, stride, (0, 0)).reshape(x_shape)
 
     # ---------------------------------------------------------------- optimizer updates
     def sgd_update(self, param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov, first_step):

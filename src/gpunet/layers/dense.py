@@ -1,11 +1,7 @@
 """Dense (fully connected) layer, torch.nn.Linear layout: weight (out, in), bias (out,)."""
 from __future__ import annotations
 
-import math
-
-import numpy
-
-from gpunet import init
+from gpunet import init as initialisers
 from gpunet.backend import ops_for
 from gpunet.layers.base import Layer
 from gpunet.layers.checks import check_float_input, check_last_dim
@@ -27,9 +23,9 @@ class Dense(Layer):
         if in_features < 1 or out_features < 1:
             raise ValueError(f"Dense: sizes must be positive, got in={in_features}, out={out_features}")
         shape = (out_features, in_features)
-        self.add_param("weight", _init(init, shape, init_activation or activation))
+        self.add_param("weight", initialisers.initialise(init, shape, init_activation or activation))
         if bias:
-            self.add_param("bias", _bias_init(init, in_features, out_features))
+            self.add_param("bias", initialisers.bias(init, in_features, out_features))
         self.activation = activation
         self._x = self._z = self._y = None
 
@@ -70,12 +66,3 @@ class Dense(Layer):
     def backward_params(self, dy) -> None:
         self._backward(dy, need_dx=False)
 
-
-def _init(name, shape, activation):
-    return init.initialise(name, shape, activation)
-
-
-def _bias_init(name, fan_in, out_features):
-    if name == "torch_default":
-        return init.uniform((out_features,), 1.0 / math.sqrt(fan_in))
-    return numpy.zeros(out_features, dtype="float32")

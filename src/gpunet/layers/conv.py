@@ -1,0 +1,104 @@
+"""2-D convolution and pooling on NCHW arrays, computed through im2col and one GEMM.
+
+Forward: cols = im2col(x) with one row per output pixel; y = cols W^T + b.
+Backward: dW = dY^T cols, db = sum dY, dX = col2im(dY W) (col2im is the adjoint of im2col).
+"""
+from __future__ import annotations
+
+from gpunet import init as initialisers
+from gpunet.backend import ops_for
+from gpunet.backend.ops import pooled_size
+from gpunet.layers.base import Layer
+from gpunet.layers.checks import check_float_input, check_ndim
+
+
+def pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
+
+
+def check_window(layer, x, kernel, stride, padding) -> tuple[int, int]:
+    out = pooled_size(x.shape[2:], kernel, stride, padding)
+    if min(out) < 1:
+        raise ValueError(f"{layer.describe()}: input {x.shape[2]}x{x.shape[3]} is smaller than the "
+                         f"{kernel[0]}x{kernel[1]} window (padding {padding[0]}x{padding[1]})")
+    return out
+
+
+class Conv2D(Layer):
+    """torch.nn.Conv2d: weight (out, in, kh, kw), bias (out,), zero padding, NCHW."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, bias: bool = True,
+                 init: str = "torch_default", init_activation: str | None = None):
+        super().__init__(in_channels=in_channels, out_channels=out_channels, kernel_size=kernel_size,
+                         stride=stride, padding=padding, bias=bias, init=init, init_activation=init_activation)
+        self.kernel, self.stride, self.padding = pair(kernel_size), pair(stride), pair(padding)
+        shape = (out_channels, in_channels, *self.kernel)
+        self.add_param("weight", initialisers.initialise(init, shape, init_activation))
+        if bias:
+            fan_in = in_channels * self.kernel[0] * self.kernel[1]
+            self.add_param("bias", initialisers.bias(init, fan_in, out_channels))
+
+    def describe(self) -> str:
+        c = self.config
+        return (f"Conv2D({c['in_channels']}, {c['out_channels']}, kernel_size={c['kernel_size']}, "
+                f"stride={c['stride']}, padding={c['padding']})")
+
+    def forward(self, x):
+        w = self.params["weight"]
+        check_ndim(self, x, (4,), "(N, C, H, W)")
+        if x.shape[1] != w.shape[1]:
+            raise ValueError(f"{self.describe()}: expected {w.shape[1]} input channels, got shape {tuple(x.shape)}")
+        check_float_input(self, x, w.dtype)
+        check_window(self, x, self.kernel, self.stride, self.padding)
+        ops = ops_for(x, w, op="Conv2D.forward")
+        y, self._cols = ops.conv2d(x, w, self.params.get("bias"), self.stride, self.padding)
+        self._x_shape = x.shape
+        return y
+
+    def _backward(self, dy, need_dx: bool):
+        w = self.params["weight"]
+        ops = ops_for(dy, w, op="Conv2D.backward")
+        return ops.conv2d_backward(dy, self._cols, self._x_shape, w, self.grads["weight"], self.grads.get("bias"),
+                                   self.stride, self.padding, need_dx)
+
+    def backward(self, dy):
+        return self._backward(dy, True)
+
+    def backward_params(self, dy) -> None:
+        self._backward(dy, False)
+
+
+class _Pool(Layer):
+    def __init__(self, kernel_size, stride=None):
+        super().__init__(kernel_size=kernel_size, stride=stride)
+        self.kernel = pair(kernel_size)
+        self.stride = pair(stride) if stride is not None else self.kernel
+
+    def _check(self, x):
+        check_ndim(self, x, (4,), "(N, C, H, W)")
+        check_window(self, x, self.kernel, self.stride, (0, 0))
+        self._x_shape = x.shape
+        return ops_for(x, op=f"{type(self).__name__}.forward")
+
+
+class MaxPool2D(_Pool):
+    """torch.nn.MaxPool2d without padding: the gradient goes to the first maximum of each window."""
+
+    def forward(self, x):
+        y, self._argmax = self._check(x).max_pool(x, self.kernel, self.stride)
+        return y
+
+    def backward(self, dy):
+        ops = ops_for(dy, op="MaxPool2D.backward")
+        return ops.max_pool_backward(dy, self._argmax, self._x_shape, self.kernel, self.stride)
+
+
+class AvgPool2D(_Pool):
+    """torch.nn.AvgPool2d without padding."""
+
+    def forward(self, x):
+        return self._check(x).avg_pool(x, self.kernel, self.stride)
+
+    def backward(self, dy):
+        return ops_for(dy, op="AvgPool2D.backward").avg_pool_backward(dy, self._x_shape, self.kernel, self.stride)
+
