@@ -1,0 +1,135 @@
+"""Conv2D and pooling: finite differences, PyTorch parity over random configurations (hypothesis),
+im2col/col2im adjointness, on every device."""
+from __future__ import annotations
+
+import numpy
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gpunet as gn
+from gpunet import layers as L
+from gpunet.backend import ops_for_device
+from gpunet.backend.ops import Ops
+from tests.conftest import DEVICES, on, rng
+from tests.gradcheck import check_layer
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: L.Conv2D(2, 3, 3), (2, 2, 5, 6)),
+    (lambda: L.Conv2D(2, 3, (3, 2), stride=2, padding=1), (2, 2, 7, 5)),
+    (lambda: L.Conv2D(1, 2, 5, padding=2, bias=False), (1, 1, 6, 6)),
+    (lambda: L.MaxPool2D(2), (2, 3, 6, 4)),
+    (lambda: L.MaxPool2D(3, stride=2), (1, 2, 7, 8)),
+    (lambda: L.AvgPool2D(2), (2, 2, 4, 6)),
+    (lambda: L.AvgPool2D((3, 2), stride=1), (1, 2, 5, 4)),
+    (lambda: L.BatchNorm2d(3), (4, 3, 3, 2)),
+    (lambda: L.BatchNorm2d(3).eval(), (4, 3, 3, 2)),
+])
+def test_gradients_match_finite_differences(make, shape):
+    check_layer(make(), rng(2).standard_normal(shape))
+
+
+def torch_pair(kind, c_in, c_out, k, s, p):
+    if kind == "conv":
+        return L.Conv2D(c_in, c_out, k, stride=s, padding=p), torch.nn.Conv2d(c_in, c_out, k, stride=s, padding=p)
+    if kind == "max":
+        return L.MaxPool2D(k, stride=s), torch.nn.MaxPool2d(k, stride=s)
+    if kind == "avg":
+        return L.AvgPool2D(k, stride=s), torch.nn.AvgPool2d(k, stride=s)
+    return L.BatchNorm2d(c_in), torch.nn.BatchNorm2d(c_in)
+
+
+def compare_with_torch(layer, module, x, device):
+    if layer.params:
+        for name, value in layer.params.items():
+            value[...] = value + rng(3).uniform(-0.3, 0.3, value.shape).astype("float32")
+        module.load_state_dict({k: torch.from_numpy(numpy.array(v)) for k, v in layer.state_dict().items()})
+    layer.to(device)
+    tx = torch.from_numpy(x).requires_grad_(True)
+    ty = module(tx)
+    dy = rng(4).standard_normal(ty.shape).astype("float32")
+    ty.backward(torch.from_numpy(dy))
+    y = layer.forward(on(device, x))
+    dx = layer.backward(on(device, dy))
+    numpy.testing.assert_allclose(gn.to_numpy(y), ty.detach().numpy(), rtol=1e-4, atol=1e-4)
+    numpy.testing.assert_allclose(gn.to_numpy(dx), tx.grad.numpy(), rtol=1e-4, atol=1e-4)
+    for name, p in module.named_parameters():
+        numpy.testing.assert_allclose(gn.to_numpy(layer.grads[name]), p.grad.numpy(), rtol=1e-4, atol=1e-3, err_msg=name)
+
+
+configs = st.fixed_dictionaries({
+    "kind": st.sampled_from(["conv", "conv", "max", "avg", "bn"]),
+    "n": st.integers(1, 3), "c_in": st.integers(1, 4), "c_out": st.integers(1, 5),
+    "h": st.integers(7, 13), "w": st.integers(7, 13), "k": st.integers(1, 7),
+    "s": st.integers(1, 3), "p": st.integers(0, 3),
+})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=60, deadline=None)
+@given(cfg=configs)
+def test_matches_pytorch_on_random_shapes(device, cfg):
+    k, p = cfg["k"], min(cfg["p"], cfg["k"] // 2)
+    if cfg["kind"] != "conv":
+        k, p = min(k, 4), 0
+    layer, module = torch_pair(cfg["kind"], cfg["c_in"], cfg["c_out"], k, cfg["s"], p)
+    x = rng(cfg["h"] * cfg["w"]).standard_normal((cfg["n"], cfg["c_in"], cfg["h"], cfg["w"])).astype("float32")
+    if cfg["kind"] == "bn" and cfg["n"] * cfg["h"] * cfg["w"] < 2:
+        return
+    compare_with_torch(layer, module, x, device)
+
+
+def test_max_pool_ties_go_to_the_first_maximum_as_in_torch():
+    x = numpy.zeros((1, 1, 4, 4), "float32")
+    layer, module = L.MaxPool2D(2), torch.nn.MaxPool2d(2)
+    compare_with_torch(layer, module, x, "cpu")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape, kernel, stride, padding", [
+    ((2, 3, 9, 7), (3, 3), (1, 1), (1, 1)), ((1, 2, 8, 11), (5, 2), (2, 3), (2, 0)), ((3, 1, 5, 5), (1, 1), (2, 2), (0, 0))])
+def test_im2col_and_col2im_are_adjoint(device, shape, kernel, stride, padding):
+    ops = ops_for_device(device)
+    x = rng(1).standard_normal(shape)
+    cols = ops.im2col(on(device, x), kernel, stride, padding)
+    c = rng(2).standard_normal(cols.shape)
+    back = ops.col2im(on(device, c), shape, kernel, stride, padding)
+    lhs = float((gn.to_numpy(cols) * c).sum())
+    rhs = float((x * gn.to_numpy(back)).sum())
+    assert lhs == pytest.approx(rhs, rel=1e-10)
+    base_cols = Ops().im2col(x, kernel, stride, padding)  # the xp reference
+    numpy.testing.assert_array_equal(gn.to_numpy(cols), base_cols)
+    numpy.testing.assert_allclose(gn.to_numpy(back), Ops().col2im(c, shape, kernel, stride, padding), rtol=1e-12)
+
+
+def test_lenet_names_match_the_torch_twin():
+    twin = torch.nn.Sequential(torch.nn.Conv2d(1, 6, 5, padding=2), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                               torch.nn.Conv2d(6, 16, 5), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+                               torch.nn.Linear(400, 120), torch.nn.ReLU(), torch.nn.Linear(120, 84), torch.nn.ReLU(),
+                               torch.nn.Linear(84, 10))
+    model = gn.models.lenet()
+    model.load_state_dict(twin.state_dict())
+    x = rng().standard_normal((3, 1, 28, 28)).astype("float32")
+    numpy.testing.assert_allclose(model.forward(x), twin(torch.from_numpy(x)).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_cnn_checkpoint_round_trip(tmp_path):
+    model = gn.models.wide_cnn(width=4).eval()
+    gn.save(model, tmp_path / "cnn.safetensors")
+    loaded = gn.load(tmp_path / "cnn.safetensors").eval()
+    x = rng().standard_normal((2, 1, 28, 28)).astype("float32")
+    numpy.testing.assert_array_equal(loaded.forward(x), model.forward(x))
+
+
+@pytest.mark.parametrize("layer, shape, message", [
+    (L.Conv2D(3, 4, 3), (2, 3, 8), "expected input of shape (N, C, H, W), got shape (2, 3, 8)"),
+    (L.Conv2D(3, 4, 3), (2, 2, 8, 8), "expected 3 input channels, got shape (2, 2, 8, 8)"),
+    (L.Conv2D(1, 4, 5), (1, 1, 3, 3), "input 3x3 is smaller than the 5x5 window"),
+    (L.MaxPool2D(4), (1, 1, 3, 8), "input 3x8 is smaller than the 4x4 window"),
+])
+def test_bad_conv_inputs(layer, shape, message):
+    import re
+    with pytest.raises(ValueError, match=re.escape(message)):
+        layer.forward(numpy.zeros(shape, "float32"))
