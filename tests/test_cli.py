@@ -61,3 +61,16 @@ def test_eval_mismatched_files(tmp_path):
     with pytest.raises(SystemExit, match="has 3 images but .* has 2 labels"):
         main(["eval", str(tmp_path / "m.safetensors"), "--images", str(tmp_path / "i.idx"),
               "--labels", str(tmp_path / "l.idx"), "--device", "cpu"])
+
+
+def test_cnn_train_and_eval(tmp_path, capsys):
+    out = tmp_path / "cnn"
+    assert main(["train", "--model", "cnn", "--steps", "30", "--device", "cpu", "--out", str(out), "--no-progress"]) == 0
+    assert "Conv2D(1, 6, kernel_size=5, stride=1, padding=2)" in capsys.readouterr().out
+    x, y = gn.data.load_mnist_sample()
+    gn.data.write_idx(tmp_path / "i.idx", x[-200:])
+    gn.data.write_idx(tmp_path / "l.idx", y[-200:])
+    assert main(["eval", str(out / "model.safetensors"), "--images", str(tmp_path / "i.idx"),
+                 "--labels", str(tmp_path / "l.idx"), "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["samples"] == 200 and result["accuracy"] > 0.5

@@ -11,42 +11,45 @@ import functools
 def kernels():
     import numba
 
+    # Columns are written transposed, (c*kh*kw, n*oh*ow): the inner loop then runs along an
+    # output row, contiguous in memory on both sides. Callers see cols_t.T, the (n*oh*ow, c*kh*kw)
+    # matrix of Ops.im2col in Fortran order, which BLAS takes without a copy.
     @numba.njit(cache=True)
-    def im2col(x, kh, kw, sh, sw, ph, pw, oh, ow, cols):
+    def im2col_t(x, kh, kw, sh, sw, ph, pw, oh, ow, cols_t):
         n, c, h, w = x.shape
-        for b in range(n):
-            for y in range(oh):
-                for z in range(ow):
-                    row = (b * oh + y) * ow + z
-                    col = 0
-                    for ch in range(c):
-                        for i in range(kh):
+        for ch in range(c):
+            for i in range(kh):
+                for j in range(kw):
+                    k = (ch * kh + i) * kw + j
+                    for b in range(n):
+                        for y in range(oh):
                             r = y * sh - ph + i
-                            for j in range(kw):
+                            base = (b * oh + y) * ow
+                            if r < 0 or r >= h:
+                                cols_t[k, base : base + ow] = 0
+                                continue
+                            for z in range(ow):
                                 s = z * sw - pw + j
-                                if 0 <= r < h and 0 <= s < w:
-                                    cols[row, col] = x[b, ch, r, s]
-                                else:
-                                    cols[row, col] = 0
-                                col += 1
+                                cols_t[k, base + z] = x[b, ch, r, s] if 0 <= s < w else 0
 
     @numba.njit(cache=True)
-    def col2im(cols, kh, kw, sh, sw, ph, pw, oh, ow, out):
+    def col2im_t(cols_t, kh, kw, sh, sw, ph, pw, oh, ow, out):
         n, c, h, w = out.shape
         out[...] = 0
-        for b in range(n):
-            for y in range(oh):
-                for z in range(ow):
-                    row = (b * oh + y) * ow + z
-                    col = 0
-                    for ch in range(c):
-                        for i in range(kh):
+        for ch in range(c):
+            for i in range(kh):
+                for j in range(kw):
+                    k = (ch * kh + i) * kw + j
+                    for b in range(n):
+                        for y in range(oh):
                             r = y * sh - ph + i
-                            for j in range(kw):
+                            if r < 0 or r >= h:
+                                continue
+                            base = (b * oh + y) * ow
+                            for z in range(ow):
                                 s = z * sw - pw + j
-                                if 0 <= r < h and 0 <= s < w:
-                                    out[b, ch, r, s] += cols[row, col]
-                                col += 1
+                                if 0 <= s < w:
+                                    out[b, ch, r, s] += cols_t[k, base + z]
 
     @numba.njit(cache=True)
     def max_pool(x, kh, kw, sh, sw, y, arg):
@@ -76,4 +79,4 @@ def kernels():
                         k = arg[b, ch, p, q]
                         dx[b, ch, p * sh + k // kw, q * sw + k % kw] += dy[b, ch, p, q]
 
-    return im2col, col2im, max_pool, max_pool_backward
+    return im2col_t, col2im_t, max_pool, max_pool_backward

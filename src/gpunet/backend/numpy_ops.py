@@ -20,14 +20,14 @@ class NumpyOps(Ops):
     def im2col(self, x, kernel, stride, padding):
         n, c = x.shape[:2]
         oh, ow = pooled_size(x.shape[2:], kernel, stride, padding)
-        cols = numpy.empty((n * oh * ow, c * kernel[0] * kernel[1]), dtype=x.dtype)
-        conv_kernels()[0](x, *kernel, *stride, *padding, oh, ow, cols)
-        return cols
+        cols_t = numpy.empty((c * kernel[0] * kernel[1], n * oh * ow), dtype=x.dtype)
+        conv_kernels()[0](numpy.ascontiguousarray(x), *kernel, *stride, *padding, oh, ow, cols_t)
+        return cols_t.T
 
     def col2im(self, cols, x_shape, kernel, stride, padding):
         oh, ow = pooled_size(x_shape[2:], kernel, stride, padding)
         out = numpy.empty(x_shape, dtype=cols.dtype)
-        conv_kernels()[1](numpy.ascontiguousarray(cols), *kernel, *stride, *padding, oh, ow, out)
+        conv_kernels()[1](numpy.ascontiguousarray(cols.T), *kernel, *stride, *padding, oh, ow, out)
         return out
 
     def max_pool(self, x, kernel, stride):

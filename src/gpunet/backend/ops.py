@@ -213,7 +213,8 @@ class Ops:
         self.xp.matmul(dy2.T, cols, out=grad_weight.reshape(out_c, -1))
         if not need_dx:
             return None
-        return self.col2im(self.xp.matmul(dy2, w2), x_shape, weight.shape[2:], stride, padding)
+        dcols = self.xp.matmul(w2.T, dy2.T).T  # = dy2 @ w2, laid out as im2col lays out its columns
+        return self.col2im(dcols, x_shape, weight.shape[2:], stride, padding)
 
     # ---------------------------------------------------------------- pooling (through im2col)
     def max_pool(self, x, kernel, stride):
