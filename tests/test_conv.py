@@ -14,6 +14,7 @@ from gpunet.backend import ops_for_device
 from gpunet.backend.ops import Ops
 from tests.conftest import DEVICES, on, rng
 from tests.gradcheck import check_layer
+from tests.reference import recipe_accuracy_on_held_out_fifth, run_both
 
 
 @pytest.mark.parametrize("make, shape", [
@@ -46,17 +47,7 @@ def compare_with_torch(layer, module, x, device):
         for name, value in layer.params.items():
             value[...] = value + rng(3).uniform(-0.3, 0.3, value.shape).astype("float32")
         module.load_state_dict({k: torch.from_numpy(numpy.array(v)) for k, v in layer.state_dict().items()})
-    layer.to(device)
-    tx = torch.from_numpy(x).requires_grad_(True)
-    ty = module(tx)
-    dy = rng(4).standard_normal(ty.shape).astype("float32")
-    ty.backward(torch.from_numpy(dy))
-    y = layer.forward(on(device, x))
-    dx = layer.backward(on(device, dy))
-    numpy.testing.assert_allclose(gn.to_numpy(y), ty.detach().numpy(), rtol=1e-4, atol=1e-4)
-    numpy.testing.assert_allclose(gn.to_numpy(dx), tx.grad.numpy(), rtol=1e-4, atol=1e-4)
-    for name, p in module.named_parameters():
-        numpy.testing.assert_allclose(gn.to_numpy(layer.grads[name]), p.grad.numpy(), rtol=1e-4, atol=1e-3, err_msg=name)
+    run_both(layer, module, x, device, atol=1e-4, grad_atol=1e-3, seed=4)
 
 
 configs = st.fixed_dictionaries({
@@ -137,17 +128,4 @@ def test_bad_conv_inputs(layer, shape, message):
 
 @pytest.mark.slow
 def test_default_cnn_recipe_reaches_97_percent_on_held_out_fifth_of_the_sample():
-    from gpunet.data import image_preprocess, load_mnist_sample, split
-    from gpunet.recipes import recipe
-    from gpunet.train import ArrayData
-    r = recipe("cnn")
-    x, y = load_mnist_sample()
-    xt, yt, xv, yv = split(x, y, 0.2, seed=0)
-    gn.manual_seed(0)
-    model = r.build(gn.data.Dataset("mnist-sample", xt, yt, xv, yv, 10))
-    model.preprocess = image_preprocess(xt, r.input_shape)
-    opt = gn.optim.Adam(model, lr=r.lr)
-    epochs = 8  # fewer than the recipe's 15 to keep the suite short; 8 already clear 97%
-    gn.fit(model, ArrayData(xt, yt, shift=r.shift), optimizer=opt, epochs=epochs, batch_size=r.batch_size,
-           schedule=gn.optim.CosineLR(opt, epochs), progress=False)
-    assert gn.evaluate(model, xv, yv.astype("int64"))["accuracy"] >= 0.97
+    assert recipe_accuracy_on_held_out_fifth("cnn", epochs=8) >= 0.97  # 8 of the recipe's 15 epochs

@@ -11,6 +11,7 @@ import gpunet as gn
 from gpunet import layers as L
 from tests.conftest import on, rng
 from tests.gradcheck import check_layer
+from tests.reference import run_both
 
 # ------------------------------------------------------------------ gradient checks (float64)
 
@@ -82,10 +83,6 @@ def copy_to_torch(layer, module):
     module.load_state_dict(state)
 
 
-def torch_grads(module):
-    return {k: p.grad.numpy() for k, p in module.named_parameters()}
-
-
 @pytest.mark.parametrize("name", ["dense", "dense_3d", "relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "softmax",
                                   "batchnorm1d", "batchnorm1d_3d", "layernorm", "flatten", "sequential"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -102,19 +99,8 @@ def test_matches_pytorch(name, mode, device):
                 bn.buffers["running_var"][...] = rng(6).uniform(0.5, 2, bn.buffers["running_var"].shape)
         copy_to_torch(layer, module)
         layer.eval(), module.eval()
-    layer.to(device)
     x = rng(1).standard_normal(shape).astype("float32") * 2
-    tx = torch.from_numpy(x).requires_grad_(True)
-    ty = module(tx)
-    dy = rng(2).standard_normal(ty.shape).astype("float32")
-    ty.backward(torch.from_numpy(dy))
-    y = layer.forward(on(device, x))
-    dx = layer.backward(on(device, dy))
-
-    numpy.testing.assert_allclose(gn.to_numpy(y), ty.detach().numpy(), rtol=1e-5, atol=1e-5)
-    numpy.testing.assert_allclose(gn.to_numpy(dx), tx.grad.numpy(), rtol=1e-4, atol=1e-5)
-    for key, grad in torch_grads(module).items():
-        numpy.testing.assert_allclose(gn.to_numpy(layer.grads[key]), grad, rtol=1e-4, atol=1e-5, err_msg=key)
+    run_both(layer, module, x, device, rtol=1e-5)
     for key, buf in module.state_dict().items():  # running statistics after one training step
         numpy.testing.assert_allclose(gn.to_numpy(layer.state_dict()[key]), buf.numpy(), rtol=1e-5, atol=1e-6,
                                       err_msg=key)

@@ -7,8 +7,8 @@ import numpy
 import pytest
 
 import gpunet as gn
-from gpunet.data import image_preprocess, load_mnist_sample, split
-from gpunet.train import ArrayData
+from gpunet.recipes import recipe
+from tests.reference import recipe_accuracy_on_held_out_fifth
 
 
 def small_problem(n=300, seed=0):
@@ -101,16 +101,4 @@ def test_fit_argument_errors():
 
 @pytest.mark.slow
 def test_default_mlp_recipe_reaches_95_percent_on_held_out_fifth_of_the_sample():
-    from gpunet.recipes import recipe
-    r = recipe("mlp")
-    x, y = load_mnist_sample()
-    xt, yt, xv, yv = split(x, y, 0.2, seed=0)
-    gn.manual_seed(0)
-    ds = gn.data.Dataset("mnist-sample", xt, yt, xv, yv, 10)
-    model = r.build(ds)
-    model.preprocess = image_preprocess(xt, r.input_shape)
-    opt = gn.optim.Adam(model, lr=r.lr)
-    gn.fit(model, ArrayData(xt, yt, shift=r.shift), optimizer=opt, epochs=r.epochs, batch_size=r.batch_size,
-           schedule=gn.optim.CosineLR(opt, r.epochs), progress=False)
-    result = gn.evaluate(model, xv, yv.astype("int64"))
-    assert result["accuracy"] >= 0.95, result
+    assert recipe_accuracy_on_held_out_fifth("mlp", epochs=recipe("mlp").epochs) >= 0.95

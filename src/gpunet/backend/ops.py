@@ -190,17 +190,20 @@ class Ops:
         return xpad[:, :, ph : ph + h, pw : pw + w]
 
     def conv2d(self, x, weight, bias, stride, padding):
-        """NCHW convolution as im2col + one GEMM; returns (y, cols) (cols feed the backward)."""
-        n = x.shape[0]
-        out_c, kernel = weight.shape[0], weight.shape[2:]
-        oh, ow = pooled_size(x.shape[2:], kernel, stride, padding)
-        cols = self.im2col(x, kernel, stride, padding)
-        y = self.xp.matmul(cols, weight.reshape(out_c, -1).T).reshape(n, oh * ow, out_c)
-        out = self.xp.empty((n, out_c, oh * ow), dtype=y.dtype)
+        """NCHW convolution as im2col + one GEMM; returns (y, cols) (cols feed the backward).
+
+        The GEMM runs channel-major, (out, c*kh*kw) x (c*kh*kw, n*oh*ow), so that moving its result
+        to NCHW copies runs of oh*ow contiguous values (the bias add rides on that copy).
+        """
+        n, out_c = x.shape[0], weight.shape[0]
+        oh, ow = pooled_size(x.shape[2:], weight.shape[2:], stride, padding)
+        cols = self.im2col(x, weight.shape[2:], stride, padding)
+        y_t = self.xp.matmul(weight.reshape(out_c, -1), cols.T).reshape(out_c, n, oh * ow)
+        out = self.xp.empty((n, out_c, oh * ow), dtype=y_t.dtype)
         if bias is None:
-            out[...] = y.transpose(0, 2, 1)
-        else:  # the bias rides on the layout change: one pass, contiguous inner axis
-            self.xp.add(y.transpose(0, 2, 1), bias.reshape(1, out_c, 1), out=out)
+            out[...] = y_t.transpose(1, 0, 2)
+        else:
+            self.xp.add(y_t.transpose(1, 0, 2), bias.reshape(1, out_c, 1), out=out)
         return out.reshape(n, out_c, oh, ow), cols
 
     def conv2d_backward(self, dy, cols, x_shape, weight, grad_weight, grad_bias, stride, padding, need_dx=True):
@@ -208,12 +211,12 @@ class Ops:
         out_c = weight.shape[0]
         if grad_bias is not None:
             self.xp.sum(dy, axis=(0, 2, 3), out=grad_bias)
-        dy2 = dy.transpose(0, 2, 3, 1).reshape(-1, out_c)
+        dy_t = dy.transpose(1, 0, 2, 3).reshape(out_c, -1)  # channel-major, as in the forward GEMM
         w2 = weight.reshape(out_c, -1)
-        self.xp.matmul(dy2.T, cols, out=grad_weight.reshape(out_c, -1))
+        self.xp.matmul(dy_t, cols, out=grad_weight.reshape(out_c, -1))
         if not need_dx:
             return None
-        dcols = self.xp.matmul(w2.T, dy2.T).T  # = dy2 @ w2, laid out as im2col lays out its columns
+        dcols = self.xp.matmul(w2.T, dy_t).T  # = dY W, laid out as im2col lays out its columns
         return self.col2im(dcols, x_shape, weight.shape[2:], stride, padding)
 
     # ---------------------------------------------------------------- pooling (through im2col)
