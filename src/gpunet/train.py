@@ -107,7 +107,7 @@ def fit(model, train, val=None, *, optimizer, loss: str = "softmax_cross_entropy
             xb, yb = data.get(idx, numpy.random.default_rng([seed, state["epoch"], state["batch"]]))
             xb = apply_preprocess(model.preprocess, to_device(xb, model.device), xp)
             value, grad = loss_fn(model.forward(xb), to_device(yb, model.device))
-            model.backward(grad, input_grad=False) if hasattr(model, "layers") else model.backward(grad)
+            model.backward_params(grad)  # parameter gradients; nobody reads the input gradient
             if clip_norm:
                 clip_grad_norm(model, clip_norm)
             optimizer.step()
