@@ -1,7 +1,7 @@
 """A model summary: each layer, its output shape and parameter count."""
 from __future__ import annotations
 
-import numpy
+from gpunet.backend import ops_for_device
 
 
 def summary(model, input_shape, input_dtype="float32") -> str:
@@ -25,5 +25,4 @@ def summary(model, input_shape, input_dtype="float32") -> str:
 
 
 def model_input(model, input_shape, dtype):
-    xp = numpy if model.device == "cpu" else __import__("cupy")
-    return xp.zeros((1, *input_shape), dtype=dtype)
+    return ops_for_device(model.device).zeros((1, *input_shape), dtype=dtype)

@@ -14,7 +14,7 @@ import numpy
 from tqdm.auto import tqdm
 
 from gpunet import checkpoint, random
-from gpunet.backend import to_device
+from gpunet.backend import ops_for_device, to_device
 from gpunet.data.pipeline import apply_preprocess, minibatches, random_shift
 from gpunet.history import History
 from gpunet.losses import LOSSES
@@ -139,7 +139,7 @@ def fit(model, train, val=None, *, optimizer, loss: str = "softmax_cross_entropy
 
 
 def _xp(model):
-    return numpy if model.device == "cpu" else __import__("cupy")
+    return ops_for_device(model.device).xp
 
 
 def _check_finite(value: float, state: dict, out) -> None:
