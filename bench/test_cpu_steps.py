@@ -17,6 +17,8 @@ CASES = {
     "conv-b64-c1-6-28px-k5-p2": (lambda: steps.conv_steps(64, 1, 6, 28, 5, 2), 50),
     "conv-b64-c6-16-14px-k5": (lambda: steps.conv_steps(64, 6, 16, 14, 5, 0), 50),
     "conv-b32-c32-64-14px-k3-p1": (lambda: steps.conv_steps(32, 32, 64, 14, 3, 1), 30),
+    "lstm-lm-b32-t64-f64-h256-v65": (steps.lstm_lm_steps, 15),
+    "attention-block-b16-t128-d256-h4": (steps.attention_block_steps, 10),
 }
 _built = {}
 

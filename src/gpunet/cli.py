@@ -1,4 +1,4 @@
-"""The command line: gpunet train | eval | info (also `python -m gpunet`)."""
+"""The command line: gpunet train | eval | generate | bench | info (also `python -m gpunet`)."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,9 @@ import numpy
 
 import gpunet as gn
 from gpunet.backend import device_info
-from gpunet.data import image_preprocess, load_dataset, read_idx
+from gpunet.data import (TEXT_DATASETS, CharWindows, consecutive_windows, image_preprocess, load_dataset, read_idx,
+                         text_preprocess)
+from gpunet.generate import generate
 from gpunet.recipes import RECIPES, recipe
 from gpunet.summary import summary
 
@@ -22,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model and save it with its history")
     t.add_argument("--model", default="mlp", choices=sorted(RECIPES))
-    t.add_argument("--dataset", default="mnist-sample", choices=gn.data.DATASETS)
+    t.add_argument("--dataset", default=None, choices=gn.data.DATASETS,
+                   help="default: mnist-sample for mlp and cnn, shakespeare for rnn and transformer")
     t.add_argument("--data-dir", default=None, help="where downloaded datasets are cached (default $GPUNET_DATA or ~/.cache/gpunet)")
     t.add_argument("--download", action="store_true", help="download the dataset if it is missing")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
@@ -33,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=_positive_float, default=None)
     t.add_argument("--optimizer", choices=sorted(gn.optim.OPTIMIZERS), default=None)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--clip-norm", type=float, default=None, metavar="X",
+                   help="clip the gradient norm at X; 0 turns it off (default: 1.0 for rnn and transformer, off else)")
     t.add_argument("--val-fraction", type=float, default=0.1)
     t.add_argument("--early-stopping", type=_positive_int, default=None, metavar="EVALS",
                    help="stop after this many evaluations without a better validation loss")
@@ -47,49 +52,89 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
     e.add_argument("--batch-size", type=_positive_int, default=1000)
 
+    g = sub.add_parser("generate", help="sample text from a trained character-level model")
+    g.add_argument("checkpoint")
+    g.add_argument("--prompt", default="\n", help="text to start from (default: a newline)")
+    g.add_argument("--length", type=int, default=300, help="characters to sample after the prompt")
+    g.add_argument("--temperature", type=float, default=0.8, help="below 1 is more conservative; 0 is greedy")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+
+    b = sub.add_parser("bench", help="time gpunet against PyTorch on this machine (kernels and models)")
+    b.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    b.add_argument("--only", default=None, metavar="NAMES",
+                   help="comma-separated parts of benchmark names, e.g. gemm,lstm")
+    b.add_argument("--json", default=None, metavar="FILE")
+    b.add_argument("--markdown", default=None, metavar="FILE")
+    b.add_argument("--plot", default=None, metavar="FILE", help="bar chart of the ratios (PNG)")
+    b.add_argument("--repeats", type=_positive_int, default=None, help="timed rounds per side (default 7)")
+    b.add_argument("--tiny", action="store_true", help="smallest sizes and 3 rounds: checks the harness in seconds")
+
     sub.add_parser("info", help="versions, devices and why a GPU is (un)usable")
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return {"train": cmd_train, "eval": cmd_eval, "info": cmd_info}[args.command](args)
+    return {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "bench": cmd_bench,
+            "info": cmd_info}[args.command](args)
 
 
 def cmd_train(args) -> int:
     r = recipe(args.model)
+    dataset = args.dataset or r.dataset
+    if (dataset in TEXT_DATASETS) != (r.kind == "text"):
+        wanted = "a text dataset (shakespeare)" if r.kind == "text" else "an image dataset (mnist-sample, mnist)"
+        raise SystemExit(f"gpunet train: --model {args.model} needs {wanted}, not --dataset {dataset}")
     gn.manual_seed(args.seed)
     dev = gn.device(args.device)
     print(f"device: {dev.name} ({dev.reason})")
-    ds = load_dataset(args.dataset, args.data_dir, args.download, args.val_fraction, args.seed)
+    ds = load_dataset(dataset, args.data_dir, args.download, args.val_fraction, args.seed)
     model = r.build(ds)
-    model.preprocess = image_preprocess(ds.x_train, r.input_shape)
+    if r.kind == "text":
+        model.preprocess = text_preprocess(ds.vocabulary)
+        train, val = CharWindows(ds.train, r.context), consecutive_windows(ds.val, r.context)
+    else:
+        model.preprocess = image_preprocess(ds.x_train, r.input_shape)
+        train, val = gn.train.ArrayData(ds.x_train, ds.y_train, shift=r.shift), (ds.x_val, ds.y_val)
     model.to(dev)
-    print(summary(model, r.input_shape))
-    epochs = args.epochs if args.steps is None else None
-    if epochs is None and args.steps is None:
-        epochs = r.epochs
+    print(summary(model, r.input_shape, r.input_dtype))
+    steps = args.steps if args.steps or args.epochs else r.steps
+    epochs = None if steps else (args.epochs or r.epochs)
     optimizer = gn.optim.OPTIMIZERS[args.optimizer or r.optimizer](model, lr=args.lr or r.lr)
     batch = args.batch_size or r.batch_size
-    evals = epochs if epochs else max(1, min(20, args.steps // max(1, len(ds.x_train) // batch)))
+    batches_per_epoch = -(-len(train) // batch)
+    evals = epochs if epochs else max(1, min(20, steps // min(batches_per_epoch, 100)))
     schedule = gn.optim.CosineLR(optimizer, t_max=evals) if r.schedule == "cosine" else None
-    print(f"training {args.model} on {ds.name}: {len(ds.x_train)} train / {len(ds.x_val)} validation samples, "
-          f"{'%d epochs' % epochs if epochs else '%d steps' % args.steps}, batch {batch}, "
-          f"{type(optimizer).__name__} lr {optimizer.lr}")
+    clip = r.clip_norm if args.clip_norm is None else (args.clip_norm or None)
+    print(f"training {args.model} on {ds.name}: {len(train)} train / {len(val[0])} validation "
+          f"{'windows' if r.kind == 'text' else 'samples'}, {'%d epochs' % epochs if epochs else '%d steps' % steps}, "
+          f"batch {batch}, {type(optimizer).__name__} lr {optimizer.lr}" + (f", gradient clipping at norm {clip}" if clip else ""))
     out = Path(args.out)
-    history = gn.fit(model, gn.train.ArrayData(ds.x_train, ds.y_train, shift=r.shift), (ds.x_val, ds.y_val),
-                     optimizer=optimizer, epochs=epochs, steps=args.steps, batch_size=batch,
-                     eval_every=None if epochs else max(1, args.steps // evals), schedule=schedule,
-                     clip_norm=r.clip_norm, early_stopping=args.early_stopping, out_dir=out,
-                     resume=args.resume, seed=args.seed, progress=False if args.no_progress else None)
+    history = gn.fit(model, train, val, optimizer=optimizer, epochs=epochs, steps=steps, batch_size=batch,
+                     eval_every=None if epochs else max(1, steps // evals), schedule=schedule, clip_norm=clip,
+                     early_stopping=args.early_stopping, out_dir=out, resume=args.resume, seed=args.seed,
+                     progress=False if args.no_progress else None)
     best = min(history.records, key=lambda rec: rec["val_loss"])
     last = history.last()
-    print(f"final: train_loss {last['train_loss']:.4f}  val_loss {last['val_loss']:.4f}  "
+    unit = " nats/char" if r.kind == "text" else ""
+    print(f"final: train_loss {last['train_loss']:.4f}  val_loss {last['val_loss']:.4f}{unit}  "
           f"val_accuracy {last.get('val_accuracy', float('nan')):.4f}")
-    print(f"best (saved): step {best['step']}  val_loss {best['val_loss']:.4f}  "
+    print(f"best (saved): step {best['step']}  val_loss {best['val_loss']:.4f}{unit}  "
           f"val_accuracy {best.get('val_accuracy', float('nan')):.4f}")
     print(f"wrote {out / 'model.safetensors'}, {out / 'last.safetensors'}, {out / 'history.json'}, "
           f"{out / 'metrics.csv'}, {out / 'history.png'}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    model = gn.load(args.checkpoint)
+    model.to(gn.device(args.device))
+    try:
+        text = generate(model, args.prompt, args.length, args.temperature, args.seed)
+    except ValueError as exc:
+        raise SystemExit(f"gpunet generate: {args.checkpoint}: {exc}") from None
+    print(text)
     return 0
 
 
@@ -104,6 +149,42 @@ def cmd_eval(args) -> int:
     print(f"device: {dev.name}; model: {args.checkpoint}")
     print(json.dumps({"accuracy": round(result["accuracy"], 6), "loss": round(result["loss"], 6),
                       "samples": result["samples"]}))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from gpunet.benchmarks import report, runner
+
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise SystemExit("gpunet bench: every benchmark compares with PyTorch, which is not installed "
+                         "(pip install torch==2.13.0, or pip install -e '.[test]')") from None
+    dev = gn.device(args.device)
+    skipped = []
+    if dev.name == "cpu" and not gn.has_gpu():
+        skipped.append(("every GPU comparison", gn.backend.gpu_status()[1]))
+    if dev.name == "gpu" and not torch.cuda.is_available():
+        raise SystemExit("gpunet bench: PyTorch here has no CUDA, so there is nothing to compare with on the GPU; "
+                         "use --device cpu")
+    env = report.environment(dev.name)
+    print(f"gpunet bench on {dev.name}: {report.machine_name(env)}" + (" (tiny sizes)" if args.tiny else ""))
+    only = [w for w in args.only.split(",") if w] if args.only else None
+    try:
+        results, more = runner.run(dev.name, only, args.tiny, args.repeats)
+    except ValueError as exc:
+        raise SystemExit(f"gpunet bench: {exc}") from None
+    skipped += more
+    print(report.table(results, skipped))
+    if args.json:
+        report.write_text(args.json, report.to_json(results, skipped, env, args.tiny))
+    if args.markdown:
+        report.write_text(args.markdown, report.markdown(results, skipped, env))
+    if args.plot:
+        report.plot(results, args.plot, env)
+    written = [f for f in (args.json, args.markdown, args.plot) if f]
+    if written:
+        print("wrote " + ", ".join(written))
     return 0
 
 

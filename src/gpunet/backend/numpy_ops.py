@@ -7,6 +7,7 @@ import numpy
 
 from gpunet.backend import cpu_kernels
 from gpunet.backend.cpu_conv_kernels import kernels as conv_kernels
+from gpunet.backend.cpu_rnn_kernels import kernels as rnn_kernels
 from gpunet.backend.ops import Ops, pooled_size
 
 
@@ -41,6 +42,18 @@ class NumpyOps(Ops):
         dx = numpy.empty(x_shape, dtype=dy.dtype)
         conv_kernels()[3](numpy.ascontiguousarray(dy), argmax, kernel[1], *stride, dx)
         return dx
+
+    def lstm_cell(self, x_gates, h_gates, c_prev, acts_out, h_out, c_out, tanh_c_out):
+        arrays = (x_gates, h_gates, c_prev, acts_out, h_out, c_out, tanh_c_out)
+        if not _fusable(*arrays) or x_gates.dtype != numpy.float32:
+            return super().lstm_cell(*arrays)
+        rnn_kernels()[0](*arrays)
+
+    def lstm_cell_backward(self, dh, dc, acts, c_prev, tanh_c, dgates_out):
+        arrays = (dh, dc, acts, c_prev, tanh_c, dgates_out)
+        if not _fusable(*arrays) or dh.dtype != numpy.float32:
+            return super().lstm_cell_backward(*arrays)
+        rnn_kernels()[1](*arrays)
 
     def sgd_update(self, param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov, first_step):
         if not _fusable(param, grad, velocity):

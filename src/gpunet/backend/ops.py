@@ -10,6 +10,8 @@ import math
 
 import numpy
 
+from gpunet.backend.sequence_ops import SequenceOps
+
 ACTIVATIONS = ("relu", "sigmoid", "tanh", "gelu", "gelu_tanh")
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
@@ -19,7 +21,7 @@ def pooled_size(size, kernel, stride, padding=(0, 0)):
     return tuple((s + 2 * p - k) // st + 1 for s, k, st, p in zip(size, kernel, stride, padding))
 
 
-class Ops:
+class Ops(SequenceOps):
     name = "base"
     xp = numpy
 

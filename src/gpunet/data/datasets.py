@@ -1,4 +1,4 @@
-"""Named datasets: the embedded MNIST sample, the official MNIST (on request)."""
+"""Named datasets: the embedded MNIST sample, the official MNIST (on request), Tiny Shakespeare."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,6 +8,7 @@ import numpy
 
 from gpunet.data.idx import read_idx
 from gpunet.data.mnist import load_mnist
+from gpunet.data.text import TextDataset, load_shakespeare
 
 SAMPLE_DIR = Path(__file__).parent / "mnist_sample"
 
@@ -39,14 +40,18 @@ def load_mnist_sample():
 
 
 def load_dataset(name: str, data_dir=None, download: bool = False, val_fraction: float = 0.1,
-                 seed: int = 0) -> Dataset:
+                 seed: int = 0) -> Dataset | TextDataset:
+    """A dataset by name. Images are split at random (seeded); text is split in order."""
     if name == "mnist-sample":
         x, y = load_mnist_sample()
         return Dataset(name, *split(x, y, val_fraction, seed), num_classes=10)
     if name == "mnist":
         (x, y), _ = load_mnist(data_dir, download)
         return Dataset(name, *split(x, y, val_fraction, seed), num_classes=10)
+    if name == "shakespeare":
+        return load_shakespeare(val_fraction)
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
-DATASETS = ("mnist-sample", "mnist")
+DATASETS = ("mnist-sample", "mnist", "shakespeare")
+TEXT_DATASETS = ("shakespeare",)

@@ -12,9 +12,19 @@ def image_preprocess(images: numpy.ndarray, shape) -> dict:
             "std": float(scaled.std()) or 1.0, "shape": [int(s) for s in shape]}
 
 
+def text_preprocess(vocabulary: str) -> dict:
+    """The spec of a character-level model: its inputs are ids into `vocabulary`."""
+    return {"kind": "text", "vocabulary": vocabulary}
+
+
 def apply_preprocess(spec: dict | None, x, xp=numpy):
     """Raw batch (on host or device) -> model input; a model without a spec takes x as is."""
     if spec is None:
+        return x
+    if spec.get("kind") == "text":
+        x = xp.asarray(x)
+        if x.dtype.kind not in "iu":
+            raise TypeError(f"a text model takes integer character ids, got {x.dtype}")
         return x
     if spec.get("kind") != "image":
         raise ValueError(f"unknown preprocessing kind {spec.get('kind')!r}")

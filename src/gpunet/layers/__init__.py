@@ -1,13 +1,19 @@
 """Layers with explicit forward/backward; names and layouts follow PyTorch."""
 from gpunet.layers.activations import GELU, Identity, ReLU, Sigmoid, Softmax, Tanh
-from gpunet.layers.conv import AvgPool2D, Conv2D, MaxPool2D
+from gpunet.layers.attention import MultiHeadAttention
 from gpunet.layers.base import Composite, Layer, Sequential, build_layer
+from gpunet.layers.conv import AvgPool2D, Conv2D, MaxPool2D
 from gpunet.layers.dense import Dense
 from gpunet.layers.dropout import Dropout
+from gpunet.layers.embedding import Embedding, PositionalEmbedding
 from gpunet.layers.norm import BatchNorm1d, BatchNorm2d, LayerNorm
+from gpunet.layers.recurrent import GRU, LSTM, RNN
 from gpunet.layers.shape import Flatten
+from gpunet.layers.transformer import TransformerBlock
 
 __all__ = [
-    "AvgPool2D", "BatchNorm1d", "BatchNorm2d", "Composite", "Conv2D", "MaxPool2D", "Dense", "Dropout", "Flatten", "GELU", "Identity",
-    "Layer", "LayerNorm", "ReLU", "Sequential", "Sigmoid", "Softmax", "Tanh", "build_layer",
+    "AvgPool2D", "BatchNorm1d", "BatchNorm2d", "Composite", "Conv2D", "Dense", "Dropout", "Embedding", "Flatten",
+    "GELU", "GRU", "Identity", "LSTM", "Layer", "LayerNorm", "MaxPool2D", "MultiHeadAttention",
+    "PositionalEmbedding", "RNN", "ReLU", "Sequential", "Sigmoid", "Softmax", "Tanh", "TransformerBlock",
+    "build_layer",
 ]

@@ -1,0 +1,110 @@
+"""Reports of `gpunet bench`: the printed table, JSON, Markdown and a PNG of the ratios.
+
+JSON fields: "date", "device", "machine", "versions", "command", "tiny", "results" (one object
+per benchmark: name, group, gpunet_s, torch_s, ratio, gpunet_spread, torch_spread, rate, unit,
+roofline_rate, percent_of_roofline, samples_per_s, extra) and "skipped" ([name, reason] pairs).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import sys
+
+import numpy
+
+from gpunet.checkpoint import atomic_write
+
+COLUMNS = ("benchmark", "gpunet", "PyTorch", "ratio", "spread", "rate", "% of roofline")
+
+
+def environment(device: str) -> dict:
+    import torch
+
+    import gpunet
+
+    versions = {"gpunet": gpunet.__version__, "python": platform.python_version(), "numpy": numpy.__version__,
+                "torch": torch.__version__}
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+               "torch_threads": torch.get_num_threads()}
+    if device == "gpu":
+        import cupy
+
+        versions["cupy"] = cupy.__version__
+        machine["gpu"] = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": device, "machine": machine,
+            "versions": versions, "command": " ".join(["gpunet", *sys.argv[1:]]) if sys.argv else "gpunet bench"}
+
+
+def rows(results) -> list[tuple]:
+    out = []
+    for r in results:
+        rate = f"{r.rate:.1f} {r.unit}" if r.rate is not None else (
+            f"{r.samples_per_s:,.0f} samples/s" if r.samples_per_s else "")
+        roof = f"{r.percent_of_roofline:.0f}%" if r.percent_of_roofline is not None else ""
+        out.append((r.name, format_time(r.gpunet_s), format_time(r.torch_s), f"{r.ratio:.2f}",
+                    f"{100 * max(r.gpunet_spread, r.torch_spread):.0f}%", rate, roof))
+    return out
+
+
+def table(results, skipped) -> str:
+    body = [COLUMNS, *rows(results)]
+    widths = [max(len(row[i]) for row in body) for i in range(len(COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in body]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append("ratio = gpunet time / PyTorch time (below 1: gpunet is faster); spread = p10-p90 of the rounds "
+                 "over the median, the larger of the two sides")
+    lines += [f"skipped {name}: {reason}" for name, reason in skipped]
+    return "\n".join(lines)
+
+
+def markdown(results, skipped, env: dict) -> str:
+    head = (f"Measured {env['date']} on {env['device']} ({machine_name(env)}); versions "
+            + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + f"; command `{env['command']}`.\n\n")
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows(results)]
+    lines += [f"\nSkipped {name}: {reason}." for name, reason in skipped]
+    return head + "\n".join(lines) + "\n"
+
+
+def to_json(results, skipped, env: dict, tiny: bool) -> str:
+    return json.dumps({**env, "tiny": tiny, "results": [dataclasses.asdict(r) for r in results],
+                       "skipped": [list(s) for s in skipped]}, indent=2)
+
+
+def plot(results, path, env: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r.name for r in results]
+    ratios = [r.ratio for r in results]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1.5))
+    colors = ["tab:green" if x <= 1 else "tab:red" for x in ratios]
+    ax.barh(names, ratios, color=colors)
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.invert_yaxis()
+    ax.set_xlabel("gpunet time / PyTorch time (below 1: gpunet faster)")
+    ax.set_title(f"gpunet vs PyTorch on {env['device']} ({machine_name(env)})", fontsize=9)
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_text(path, text: str) -> None:
+    atomic_write(path, text.encode("utf-8"))
+
+
+def machine_name(env) -> str:
+    m = env["machine"]
+    return m.get("gpu") or f"{m['cpu']}, {m['cores']} cores"
+
+
+def format_time(seconds: float) -> str:
+    return f"{seconds * 1e6:.1f} us" if seconds < 1e-3 else f"{seconds * 1e3:.2f} ms"

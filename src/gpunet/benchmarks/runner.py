@@ -1,0 +1,154 @@
+"""`gpunet bench`: gpunet and PyTorch timed side by side, in one process, on one device.
+
+Method: each pair is built, its first results checked to agree, then warmed up (JIT and
+kernel compilation happen there); then gpunet and PyTorch alternate for `repeats` rounds of
+`inner` calls each, synchronising the GPU before every clock read. A row reports the median
+seconds per call of both, the spread (p10-p90 over rounds, relative to the median) and their
+ratio; rate rows add GFLOP/s or GB/s and the share of the roofline measured in the same run
+(the plain BLAS GEMM, or a device-to-device copy).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy
+
+from gpunet.benchmarks import kernels, steps
+from gpunet.benchmarks.report import format_time
+
+
+@dataclass
+class Case:
+    name: str
+    group: str  # "kernel", "dispatch" or "model"
+    build: object  # () -> Pair
+    inner: int = 1  # calls per timed round
+
+
+@dataclass
+class Pair:
+    ours: object
+    theirs: object
+    work: float = 0.0  # FLOPs or bytes per call, for the rate column
+    unit: str = ""  # "GFLOP/s" or "GB/s"
+    roofline: object = None  # zero-argument call doing the same work at the ceiling rate
+    samples: int = 0  # samples per call, for samples/s of model rows
+    check: object = None  # (ours' result, theirs') -> None or raise; None compares losses
+
+
+@dataclass
+class Result:
+    name: str
+    group: str
+    gpunet_s: float
+    torch_s: float
+    ratio: float
+    gpunet_spread: float
+    torch_spread: float
+    rate: float | None = None
+    unit: str = ""
+    roofline_rate: float | None = None
+    percent_of_roofline: float | None = None
+    samples_per_s: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def cases(device: str = "cpu", tiny: bool = False) -> list[Case]:
+    """Every benchmark, in report order; tiny shrinks every size to check the harness quickly."""
+    def model(name, make, batch, tiny_sizes):
+        return Case(name, "model", lambda: _model(make, device, 4 if tiny else batch, **(tiny_sizes if tiny else {})))
+    return kernels.kernel_cases(Case, Pair, device, tiny) + [
+        model("mlp-784-300-100-10-b128", steps.mlp_steps, 128, {}),
+        model("lenet-b64", steps.lenet_steps, 64, {}),
+        model("lstm-lm-b32-t64-h256", steps.lstm_lm_steps, 32, dict(context=8, hidden=16, embedding=8)),
+        model("transformer-2x-b16-t128-d256", steps.transformer_steps, 16, dict(context=8, d_model=16, heads=2)),
+    ]
+
+
+def _model(make, device, batch, **sizes) -> Pair:
+    ours, theirs = make(batch=batch, device=device, **sizes)
+    return Pair(ours, theirs, samples=batch)
+
+
+def run(device: str = "cpu", only=None, tiny: bool = False, repeats: int | None = None, log=print):
+    """Measure the selected cases; returns (results, skipped) with skipped as (name, reason)."""
+    sync = _synchroniser(device)
+    results, skipped = [], []
+    everything = cases(device, tiny)
+    selected = [c for c in everything if not only or any(word in c.name for word in only)]
+    if not selected:
+        raise ValueError(f"--only {','.join(only)} matches no benchmark; names: {', '.join(c.name for c in everything)}")
+    for case in selected:
+        pair = case.build()
+        _check_agreement(case.name, pair)
+        rounds = repeats or (3 if tiny else 7)
+        inner = 1 if tiny else case.inner
+        ours_t, theirs_t = _alternate(pair.ours, pair.theirs, sync, rounds, inner)
+        result = _summarise(case, pair, ours_t, theirs_t, sync, rounds, inner)
+        log(f"  {case.name}: gpunet {format_time(result.gpunet_s)}, PyTorch {format_time(result.torch_s)}, "
+            f"ratio {result.ratio:.2f}")
+        results.append(result)
+    return results, skipped
+
+
+def _alternate(ours, theirs, sync, rounds, inner):
+    for fn in (ours, theirs):  # warm-up: compilation, allocator pools, caches
+        for _ in range(3):
+            fn()
+        sync()
+    times = {ours: [], theirs: []}
+    for _ in range(rounds):
+        for fn in (ours, theirs):
+            sync()
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            sync()
+            times[fn].append((time.perf_counter() - start) / inner)
+    return numpy.array(times[ours]), numpy.array(times[theirs])
+
+
+def _summarise(case, pair, ours_t, theirs_t, sync, rounds, inner) -> Result:
+    med_ours, med_theirs = float(numpy.median(ours_t)), float(numpy.median(theirs_t))
+    result = Result(case.name, case.group, med_ours, med_theirs, med_ours / med_theirs,
+                    _spread(ours_t), _spread(theirs_t), unit=pair.unit)
+    if pair.work:
+        result.rate = pair.work / med_ours / 1e9
+        if pair.roofline is not None:
+            roof_t, _ = _alternate(pair.roofline, pair.roofline, sync, rounds, inner)
+            result.roofline_rate = pair.work / float(numpy.median(roof_t)) / 1e9
+            result.percent_of_roofline = 100.0 * result.rate / result.roofline_rate
+    if pair.samples:
+        result.samples_per_s = pair.samples / med_ours
+        result.extra["torch_samples_per_s"] = pair.samples / med_theirs
+    return result
+
+
+def _spread(times) -> float:
+    low, high = numpy.percentile(times, [10, 90])
+    return float((high - low) / numpy.median(times))
+
+
+def _check_agreement(name, pair):
+    try:
+        if pair.check is not None:
+            pair.check(pair.ours(), pair.theirs())
+            return
+        for ours, theirs in steps.first_losses(pair.ours, pair.theirs, n=2):
+            if not abs(ours - theirs) <= 1e-3 * max(1.0, abs(theirs)):
+                raise RuntimeError(f"gpunet's loss is {ours} but PyTorch's {theirs}")
+    except RuntimeError as exc:
+        raise RuntimeError(f"benchmark {name}: {exc}; timing them would compare different computations") from None
+
+
+def _synchroniser(device):
+    if device != "gpu":
+        return lambda: None
+    import cupy
+    import torch
+
+    def sync():
+        cupy.cuda.get_current_stream().synchronize()
+        torch.cuda.synchronize()
+    return sync

@@ -1,0 +1,79 @@
+"""Sampling text from a character-level model (char_rnn or transformer).
+
+Recurrent models carry their state from one character to the next; a transformer re-reads the
+last `context` characters at each step. Sampling draws from a seeded NumPy generator on the
+host, so a given model, prompt and seed give the same text on every run and device.
+"""
+from __future__ import annotations
+
+import numpy
+
+from gpunet.backend import to_device, to_numpy
+from gpunet.data.text import decode, encode
+from gpunet.layers.embedding import PositionalEmbedding
+from gpunet.layers.recurrent import _Recurrent
+
+
+def generate(model, prompt: str, length: int = 300, temperature: float = 0.8, seed: int = 0) -> str:
+    """The prompt followed by `length` sampled characters; temperature 0 picks the likeliest."""
+    spec = getattr(model, "preprocess", None) or {}
+    if spec.get("kind") != "text":
+        raise ValueError("generate needs a character-level model (trained with --model rnn or transformer); "
+                         "this model has no text vocabulary")
+    if not prompt:
+        raise ValueError("generate: the prompt must hold at least one character")
+    if length < 0 or temperature < 0:
+        raise ValueError(f"generate: length and temperature must be non-negative, got {length} and {temperature}")
+    vocabulary = spec["vocabulary"]
+    ids = list(encode(prompt, vocabulary))
+    rng = numpy.random.default_rng(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        next_logits = _recurrent_sampler(model) or _window_sampler(model)
+        for _ in range(length):
+            ids.append(_sample(next_logits(ids), temperature, rng))
+    finally:
+        model.train(was_training)
+    return decode(ids, vocabulary)
+
+
+def _recurrent_sampler(model):
+    if not any(isinstance(layer, _Recurrent) for layer in model.layers):
+        return None
+    states: dict = {}
+    fed = 0
+
+    def next_logits(ids):
+        nonlocal fed
+        x = to_device(numpy.asarray([ids[fed:]], dtype="int64"), model.device)
+        fed = len(ids)
+        for i, layer in enumerate(model.layers):
+            if isinstance(layer, _Recurrent):
+                x = layer.forward(x, states.get(i))
+                states[i] = layer.final_state
+            else:
+                x = layer.forward(x)
+        return to_numpy(x[0, -1])
+    return next_logits
+
+
+def _window_sampler(model):
+    limits = [layer.config["max_len"] for layer in model.layers if isinstance(layer, PositionalEmbedding)]
+    context = min(limits) if limits else None
+
+    def next_logits(ids):
+        window = ids[-context:] if context else ids
+        x = to_device(numpy.asarray([window], dtype="int64"), model.device)
+        return to_numpy(model.forward(x)[0, -1])
+    return next_logits
+
+
+def _sample(logits, temperature: float, rng: numpy.random.Generator) -> int:
+    logits = logits.astype("float64")
+    if temperature == 0:
+        return int(logits.argmax())
+    scaled = logits / temperature
+    p = numpy.exp(scaled - scaled.max())
+    cumulative = numpy.cumsum(p / p.sum())
+    return int(min(numpy.searchsorted(cumulative, rng.random(), side="right"), len(p) - 1))

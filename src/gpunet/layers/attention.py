@@ -1,0 +1,78 @@
+"""Multi-head scaled dot-product self-attention, torch.nn.MultiheadAttention(batch_first=True) layout.
+
+Parameters: in_proj_weight (3d, d) packing W_q, W_k, W_v; in_proj_bias (3d,); out_proj.weight
+(d, d); out_proj.bias (d,). All heads and batch rows go through batched matmuls, never a
+Python loop over positions.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy
+
+from gpunet import init as initialisers
+from gpunet.backend import ops_for
+from gpunet.layers.base import Layer
+from gpunet.layers.checks import check_float_input, check_last_dim, check_ndim
+
+
+class MultiHeadAttention(Layer):
+    """Self-attention on (B, T, d); with causal=True position t attends to positions <= t."""
+
+    def __init__(self, d_model: int, num_heads: int, causal: bool = False):
+        if d_model < 1 or num_heads < 1 or d_model % num_heads:
+            raise ValueError(f"MultiHeadAttention: d_model {d_model} must be a positive multiple of "
+                             f"num_heads {num_heads}")
+        super().__init__(d_model=d_model, num_heads=num_heads, causal=causal)
+        self.causal = causal
+        # torch's initialisation: xavier_uniform on the packed projection, zero biases
+        self.add_param("in_proj_weight", initialisers.xavier_uniform((3 * d_model, d_model)))
+        self.add_param("in_proj_bias", numpy.zeros(3 * d_model, dtype="float32"))
+        self.add_param("out_proj.weight", initialisers.torch_default((d_model, d_model)))
+        self.add_param("out_proj.bias", numpy.zeros(d_model, dtype="float32"))
+        self._cache = None
+
+    def forward(self, x):
+        w = self.params["in_proj_weight"]
+        check_ndim(self, x, (3,), "(B, T, d_model)")
+        check_last_dim(self, x, w.shape[1])
+        check_float_input(self, x, w.dtype)
+        ops = ops_for(x, w, op="MultiHeadAttention.forward")
+        xp = ops.xp
+        b, t, d = x.shape
+        heads = self.config["num_heads"]
+        x2 = x.reshape(b * t, d)
+        qkv = ops.linear(x2, w, self.params["in_proj_bias"]).reshape(b, t, 3, heads, d // heads)
+        q, k, v = xp.ascontiguousarray(qkv.transpose(2, 0, 3, 1, 4))  # each (B, heads, T, d_head)
+        scale = 1.0 / math.sqrt(d // heads)
+        probs = ops.attention_softmax(ops.matmul(q, k.swapaxes(-1, -2)), scale, self.causal)
+        mixed = xp.ascontiguousarray(ops.matmul(probs, v).transpose(0, 2, 1, 3)).reshape(b * t, d)
+        self._cache = (x2, q, k, v, probs, mixed, scale)
+        return ops.linear(mixed, self.params["out_proj.weight"], self.params["out_proj.bias"]).reshape(b, t, d)
+
+    def backward(self, dy):
+        return self._backward(dy, need_dx=True)
+
+    def backward_params(self, dy) -> None:
+        self._backward(dy, need_dx=False)
+
+    def _backward(self, dy, need_dx):
+        if self._cache is None:
+            raise RuntimeError(f"{self.describe()}: backward called before forward")
+        x2, q, k, v, probs, mixed, scale = self._cache
+        ops = ops_for(dy, self.params["in_proj_weight"], op="MultiHeadAttention.backward")
+        xp = ops.xp
+        b, heads, t, dh = q.shape
+        g = self.grads
+        dmixed = ops.linear_backward(mixed, self.params["out_proj.weight"], dy.reshape(b * t, -1),
+                                     g["out_proj.weight"], g["out_proj.bias"])
+        dmixed = xp.ascontiguousarray(dmixed.reshape(b, t, heads, dh).transpose(0, 2, 1, 3))
+        dqkv = xp.empty((b, t, 3, heads, dh), dtype=dy.dtype)
+        dqkv_heads = dqkv.transpose(2, 0, 3, 1, 4)  # a view: (3, B, heads, T, d_head)
+        dqkv_heads[2] = ops.matmul(probs.swapaxes(-1, -2), dmixed)
+        dscores = ops.attention_softmax_backward(probs, ops.matmul(dmixed, v.swapaxes(-1, -2)), scale)
+        dqkv_heads[0] = ops.matmul(dscores, k)
+        dqkv_heads[1] = ops.matmul(dscores.swapaxes(-1, -2), q)
+        dx = ops.linear_backward(x2, self.params["in_proj_weight"], dqkv.reshape(b * t, -1),
+                                 g["in_proj_weight"], g["in_proj_bias"], need_dx)
+        return None if dx is None else dx.reshape(b, t, -1)

@@ -1,0 +1,65 @@
+"""Token embeddings (torch.nn.Embedding layout) and learned positional embeddings."""
+from __future__ import annotations
+
+from gpunet import init as initialisers
+from gpunet.backend import is_cupy_array, ops_for
+from gpunet.layers.base import Layer
+from gpunet.layers.checks import check_float_input, check_ndim
+
+
+class Embedding(Layer):
+    """Integer ids (any shape) -> vectors (*shape, dim); weight (num_embeddings, dim).
+
+    std: the weights start as N(0, std^2); 1.0 is torch.nn.Embedding's default.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, std: float = 1.0):
+        if num_embeddings < 1 or embedding_dim < 1:
+            raise ValueError(f"Embedding: sizes must be positive, got num={num_embeddings}, dim={embedding_dim}")
+        super().__init__(num_embeddings=num_embeddings, embedding_dim=embedding_dim, std=std)
+        self.add_param("weight", initialisers.normal((num_embeddings, embedding_dim), std))
+        self._ids = None
+
+    def forward(self, ids):
+        w = self.params["weight"]
+        ops_for(ids, w, op="Embedding.forward")
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"{self.describe()}: expected integer ids, got {ids.dtype}")
+        if not is_cupy_array(ids) and ids.size:  # on the GPU this check would stall the stream
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= w.shape[0]:
+                raise ValueError(f"{self.describe()}: id {low if low < 0 else high} is out of range "
+                                 f"[0, {w.shape[0]})")
+        self._ids = ids
+        return w[ids]
+
+    def backward(self, dy):
+        if self._ids is None:
+            raise RuntimeError(f"{self.describe()}: backward called before forward")
+        ops = ops_for(dy, self.params["weight"], op="Embedding.backward")
+        ops.embedding_backward(self._ids, dy, self.grads["weight"])
+        return None  # ids have no gradient
+
+
+class PositionalEmbedding(Layer):
+    """Adds a learned vector per position to (B, T, dim) inputs; weight (max_len, dim)."""
+
+    def __init__(self, max_len: int, embedding_dim: int, std: float = 0.02):
+        super().__init__(max_len=max_len, embedding_dim=embedding_dim, std=std)
+        self.add_param("weight", initialisers.normal((max_len, embedding_dim), std))
+
+    def forward(self, x):
+        w = self.params["weight"]
+        check_ndim(self, x, (3,), "(B, T, dim)")
+        check_float_input(self, x, w.dtype)
+        if x.shape[1] > w.shape[0] or x.shape[2] != w.shape[1]:
+            raise ValueError(f"{self.describe()}: input of shape {tuple(x.shape)} needs at most {w.shape[0]} "
+                             f"positions of size {w.shape[1]}")
+        return x + w[: x.shape[1]]
+
+    def backward(self, dy):
+        t = dy.shape[1]
+        grad = self.grads["weight"]
+        grad[t:] = 0
+        dy.sum(axis=0, out=grad[:t])
+        return dy

@@ -1,0 +1,202 @@
+"""Recurrent layers over whole sequences, with backpropagation through time.
+
+Batch-first (B, T, F) -> (B, T, H). The parameters are those of torch.nn.RNNCell, LSTMCell and
+GRUCell: weight_ih (G*H, F), weight_hh (G*H, H), bias_ih and bias_hh (G*H,), gate blocks in
+torch's order (LSTM i, f, g, o; GRU r, z, n), so weights move both ways (torch.nn.LSTM's
+weight_ih_l0 etc. are the same arrays under other names).
+
+The input projection of all time steps is one GEMM before the loop, and the weight gradients
+one GEMM each after it; only h @ W_hh and the cell's pointwise work run per step, on
+time-major buffers whose per-step slices are contiguous.
+"""
+from __future__ import annotations
+
+import math
+
+from gpunet import init as initialisers
+from gpunet.backend import ops_for
+from gpunet.layers.base import Layer
+from gpunet.layers.checks import check_float_input, check_last_dim, check_ndim
+
+
+class _Recurrent(Layer):
+    blocks = 1  # gate blocks of size H in the weights
+    state_parts = 1  # h, or (h, c) for the LSTM
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True):
+        if input_size < 1 or hidden_size < 1:
+            raise ValueError(f"{type(self).__name__}: sizes must be positive, got {input_size}, {hidden_size}")
+        super().__init__(input_size=input_size, hidden_size=hidden_size, bias=bias)
+        bound = 1.0 / math.sqrt(hidden_size)  # torch's RNN initialisation, every parameter
+        gates = self.blocks * hidden_size
+        shapes = {"weight_ih": (gates, input_size), "weight_hh": (gates, hidden_size)}
+        if bias:
+            shapes.update(bias_ih=(gates,), bias_hh=(gates,))
+        for name, shape in shapes.items():
+            self.add_param(name, initialisers.uniform(shape, bound))
+        self.final_state = None  # state after the last step of the last forward
+        self.state_grad = None  # gradient w.r.t. the initial state, after a backward with a given state
+
+    def describe(self) -> str:
+        c = self.config
+        return f"{type(self).__name__}({c['input_size']}, {c['hidden_size']}, bias={c['bias']})"
+
+    def forward(self, x, state=None):
+        """x (B, T, F) -> (B, T, H). state: the initial h (B, H), or (h, c) for the LSTM; zeros if None."""
+        w = self.params["weight_ih"]
+        check_ndim(self, x, (3,), "(B, T, input_size)")
+        check_last_dim(self, x, w.shape[1])
+        check_float_input(self, x, w.dtype)
+        ops = ops_for(x, w, op=f"{type(self).__name__}.forward")
+        b, t, f = x.shape
+        xs = self._buffer(ops, "xs", (t, b, f), x.dtype)
+        xs[...] = x.transpose(1, 0, 2)
+        hs = self._buffer(ops, "hs", (t + 1, b, self.config["hidden_size"]), x.dtype)
+        initial = self._initial_state(ops, state, b, x.dtype)
+        self._xs, self._hs, self._state_given = xs, hs, state is not None
+        self._forward(ops, xs, hs, initial)
+        return ops.xp.ascontiguousarray(hs[1:].transpose(1, 0, 2))
+
+    def backward(self, dy):
+        return self._backward(dy, need_dx=True)
+
+    def backward_params(self, dy) -> None:
+        self._backward(dy, need_dx=False)
+
+    def _backward(self, dy, need_dx):
+        if getattr(self, "_xs", None) is None:
+            raise RuntimeError(f"{self.describe()}: backward called before forward")
+        ops = ops_for(dy, self.params["weight_hh"], op=f"{type(self).__name__}.backward")
+        dgi, dgh = self._backward_steps(ops, ops.xp.ascontiguousarray(dy.transpose(1, 0, 2)))
+        return self._weight_grads(ops, dgi, dgh, need_dx)
+
+    def _initial_state(self, ops, state, batch, dtype):
+        shape = (batch, self.config["hidden_size"])
+        if state is None:
+            return tuple(ops.zeros(shape, dtype) for _ in range(self.state_parts))
+        parts = (state,) if self.state_parts == 1 else tuple(state)
+        if len(parts) != self.state_parts or any(tuple(p.shape) != shape for p in parts):
+            raise ValueError(f"{self.describe()}: initial state must be {self.state_parts} array(s) of shape {shape}")
+        return tuple(p.astype(dtype) for p in parts)  # copies: the state may live in our own buffers
+
+    def _buffer(self, ops, name, shape, dtype):
+        """A work array kept between calls: fresh memory for every step costs page faults."""
+        buffers = self.__dict__.setdefault("_work", {})
+        array = buffers.get(name)
+        if array is None or array.shape != shape or array.dtype != dtype or not isinstance(array, ops.xp.ndarray):
+            array = buffers[name] = ops.xp.empty(shape, dtype=dtype)
+        return array
+
+    def _input_projection(self, ops, xs, with_hidden_bias):
+        """W_ih x_t + b_ih (+ b_hh) for every step at once: (T, B, G*H)."""
+        t, b, f = xs.shape
+        bias = self.params.get("bias_ih")
+        if bias is not None and with_hidden_bias:
+            bias = bias + self.params["bias_hh"]
+        out = self._buffer(ops, "x_gates", (t * b, self.blocks * self.config["hidden_size"]), xs.dtype)
+        return ops.linear(xs.reshape(t * b, f), self.params["weight_ih"], bias, out=out).reshape(t, b, -1)
+
+    def _weight_grads(self, ops, dgi, dgh, need_dx):
+        t, b, f = self._xs.shape
+        g, hidden = self.grads, self.config["hidden_size"]
+        ops.linear_backward(self._hs[:-1].reshape(t * b, hidden), self.params["weight_hh"],
+                            dgh.reshape(t * b, -1), g["weight_hh"], g.get("bias_hh"), need_dx=False)
+        dxs = ops.linear_backward(self._xs.reshape(t * b, f), self.params["weight_ih"], dgi.reshape(t * b, -1),
+                                  g["weight_ih"], g.get("bias_ih"), need_dx)
+        return None if dxs is None else dxs.reshape(t, b, f).transpose(1, 0, 2)
+
+    def _recurrent_grad(self, ops, dgates_t, t):
+        """dh_{t-1} through W_hh, or None at t = 0 when nobody needs the initial state's gradient."""
+        if t == 0 and not self._state_given:
+            return None
+        return ops.matmul(dgates_t, self.params["weight_hh"])
+
+
+class RNN(_Recurrent):
+    """Elman RNN: h_t = tanh(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)."""
+
+    def _forward(self, ops, xs, hs, state):
+        hs[0] = state[0]
+        pre = self._input_projection(ops, xs, with_hidden_bias=True)
+        w_hh_t = ops.xp.ascontiguousarray(self.params["weight_hh"].T)
+        for t in range(len(xs)):
+            pre[t] += ops.matmul(hs[t], w_hh_t)
+            ops.activation("tanh", pre[t], out=hs[t + 1])
+        self.final_state = hs[-1].copy()
+
+    def _backward_steps(self, ops, dys):
+        hs, dpre = self._hs, self._buffer(ops, "dpre", dys.shape, dys.dtype)
+        dh = None
+        for t in range(len(dys) - 1, -1, -1):
+            dh_t = dys[t] if dh is None else dys[t] + dh
+            dpre[t] = ops.activation_backward("tanh", None, hs[t + 1], dh_t)
+            dh = self._recurrent_grad(ops, dpre[t], t)
+        self.state_grad = dh
+        return dpre, dpre
+
+
+class LSTM(_Recurrent):
+    """Long short-term memory, gates i, f, g, o as torch.nn.LSTMCell; state (h, c)."""
+
+    blocks = 4
+    state_parts = 2
+
+    def _forward(self, ops, xs, hs, state):
+        xp = ops.xp
+        cs = self._buffer(ops, "cs", hs.shape, hs.dtype)
+        tanh_c = self._buffer(ops, "tanh_c", hs[1:].shape, hs.dtype)
+        hs[0], cs[0] = state
+        x_gates = self._input_projection(ops, xs, with_hidden_bias=True)
+        gates = self._buffer(ops, "gates", x_gates.shape, x_gates.dtype)  # activated
+        w_hh_t = xp.ascontiguousarray(self.params["weight_hh"].T)
+        h_gates = xp.empty_like(gates[0])
+        for t in range(len(xs)):
+            ops.matmul(hs[t], w_hh_t, out=h_gates)
+            ops.lstm_cell(x_gates[t], h_gates, cs[t], gates[t], hs[t + 1], cs[t + 1], tanh_c[t])
+        self._gates, self._cs, self._tanh_c = gates, cs, tanh_c
+        self.final_state = (hs[-1].copy(), cs[-1].copy())
+
+    def _backward_steps(self, ops, dys):
+        dgates = self._buffer(ops, "dgates", self._gates.shape, self._gates.dtype)
+        dh, dc = None, ops.zeros(dys.shape[1:], dys.dtype)
+        for t in range(len(dys) - 1, -1, -1):
+            dh_t = dys[t] if dh is None else dys[t] + dh
+            ops.lstm_cell_backward(dh_t, dc, self._gates[t], self._cs[t], self._tanh_c[t], dgates[t])
+            dh = self._recurrent_grad(ops, dgates[t], t)
+        self.state_grad = None if dh is None else (dh, dc)
+        return dgates, dgates
+
+
+class GRU(_Recurrent):
+    """Gated recurrent unit, gates r, z, n as torch.nn.GRUCell:
+    n = tanh(W_in x + b_in + r * (W_hn h + b_hn)), h' = (1 - z) * n + z * h."""
+
+    blocks = 3
+
+    def _forward(self, ops, xs, hs, state):
+        xp = ops.xp
+        hs[0] = state[0]
+        gi = self._input_projection(ops, xs, with_hidden_bias=False)
+        gh = self._buffer(ops, "gh", gi.shape, gi.dtype)
+        w_hh, b_hh = self.params["weight_hh"], self.params.get("bias_hh")
+        w_hh_t = xp.ascontiguousarray(w_hh.T)
+        for t in range(len(xs)):
+            ops.matmul(hs[t], w_hh_t, out=gh[t])
+            if b_hh is not None:
+                gh[t] += b_hh
+            ops.gru_cell(gi[t], gh[t], hs[t], hs[t + 1])
+        self._gi, self._gh = gi, gh
+        self.final_state = hs[-1].copy()
+
+    def _backward_steps(self, ops, dys):
+        xp = ops.xp
+        dgi = self._buffer(ops, "dgi", self._gi.shape, self._gi.dtype)
+        dgh = self._buffer(ops, "dgh", self._gh.shape, self._gh.dtype)
+        dh = None
+        for t in range(len(dys) - 1, -1, -1):
+            dh_t = dys[t] if dh is None else dys[t] + dh
+            direct = ops.gru_cell_backward(dh_t, self._gi[t], self._gh[t], self._hs[t], dgi[t], dgh[t])
+            through = self._recurrent_grad(ops, dgh[t], t)
+            dh = direct if through is None else direct + through
+        self.state_grad = dh if self._state_given else None
+        return dgi, dgh
