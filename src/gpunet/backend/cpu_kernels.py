@@ -48,7 +48,8 @@ def erf(x: numpy.ndarray) -> numpy.ndarray:
 def _optimizer_kernels():
     import numba
 
-    @numba.njit(cache=True)
+    # error_model="numpy": no division-by-zero checks, which would keep LLVM from vectorising.
+    @numba.njit(cache=True, error_model="numpy")
     def sgd(param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov, first_step):
         for i in range(param.size):
             g = grad[i] + weight_decay * param[i]
@@ -58,7 +59,7 @@ def _optimizer_kernels():
                 g = g + momentum * v if nesterov else v
             param[i] -= lr * g
 
-    @numba.njit(cache=True)
+    @numba.njit(cache=True, error_model="numpy")
     def adam(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, bias1, bias2_sqrt):
         for i in range(param.size):
             p = param[i]

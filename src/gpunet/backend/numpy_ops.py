@@ -7,7 +7,7 @@ import numpy
 
 from gpunet.backend import cpu_kernels
 from gpunet.backend.cpu_conv_kernels import kernels as conv_kernels
-from gpunet.backend.cpu_rnn_kernels import kernels as rnn_kernels
+from gpunet.backend.cpu_sequence_kernels import kernels as sequence_kernels
 from gpunet.backend.ops import Ops, pooled_size
 
 
@@ -47,13 +47,19 @@ class NumpyOps(Ops):
         arrays = (x_gates, h_gates, c_prev, acts_out, h_out, c_out, tanh_c_out)
         if not _fusable(*arrays) or x_gates.dtype != numpy.float32:
             return super().lstm_cell(*arrays)
-        rnn_kernels()[0](*arrays)
+        sequence_kernels()[0](*arrays)
 
     def lstm_cell_backward(self, dh, dc, acts, c_prev, tanh_c, dgates_out):
         arrays = (dh, dc, acts, c_prev, tanh_c, dgates_out)
         if not _fusable(*arrays) or dh.dtype != numpy.float32:
             return super().lstm_cell_backward(*arrays)
-        rnn_kernels()[1](*arrays)
+        sequence_kernels()[1](*arrays)
+
+    def embedding_backward(self, ids, dy, grad_weight):
+        dy2 = dy.reshape(-1, grad_weight.shape[1])
+        if not _fusable(dy2, grad_weight):
+            return super().embedding_backward(ids, dy, grad_weight)
+        sequence_kernels()[2](ids.reshape(-1), dy2, grad_weight)
 
     def sgd_update(self, param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov, first_step):
         if not _fusable(param, grad, velocity):

@@ -16,26 +16,19 @@ def kernel_cases(case, pair, device: str, tiny: bool) -> list:
     conv = [(4, 2, 3, 8, 3, 1)] if tiny else [(64, 1, 6, 28, 5, 2), (64, 6, 16, 14, 5, 0), (32, 32, 64, 14, 3, 1)]
     out = []
     for n in gemm_sizes:
-        out.append(case(f"gemm-{n}", "kernel", lambda n=n: _gemm(pair, device, n, epilogue=False),
-                        inner=_inner(n, device)))
-        out.append(case(f"gemm-bias-relu-{n}", "kernel", lambda n=n: _gemm(pair, device, n, epilogue=True),
-                        inner=_inner(n, device)))
-    out.append(case(f"softmax-xent-{xent[0]}x{xent[1]}", "kernel", lambda: _softmax_xent(pair, device, *xent),
-                    inner=5))
+        out.append(case(f"gemm-{n}", "kernel", lambda n=n: _gemm(pair, device, n, epilogue=False)))
+        out.append(case(f"gemm-bias-relu-{n}", "kernel", lambda n=n: _gemm(pair, device, n, epilogue=True)))
+    out.append(case(f"softmax-xent-{xent[0]}x{xent[1]}", "kernel", lambda: _softmax_xent(pair, device, *xent)))
     for shape in conv:
         b, c, o, s, k, p = shape
         out.append(case(f"conv2d-b{b}-c{c}-{o}-{s}px-k{k}", "kernel",
-                        lambda shape=shape: pair(*steps.conv_steps(*shape, device=device)), inner=3))
+                        lambda shape=shape: pair(*steps.conv_steps(*shape, device=device))))
     out.append(case("im2col-b64-c6-14px-k5" if not tiny else "im2col-tiny", "kernel",
-                    lambda: _unfold(pair, device, (4, 2, 6, 6) if tiny else (64, 6, 14, 14)), inner=10))
-    out += [case("dispatch-add-1", "dispatch", lambda: _tiny_add(pair, device), inner=200),
-            case("dispatch-matmul-64", "dispatch", lambda: _matmul64(pair, device), inner=200),
-            case("dispatch-dense-64", "dispatch", lambda: _dense64(pair, device), inner=200)]
+                    lambda: _unfold(pair, device, (4, 2, 6, 6) if tiny else (64, 6, 14, 14))))
+    out += [case("dispatch-add-1", "dispatch", lambda: _tiny_add(pair, device)),
+            case("dispatch-matmul-64", "dispatch", lambda: _matmul64(pair, device)),
+            case("dispatch-dense-64", "dispatch", lambda: _dense64(pair, device))]
     return out
-
-
-def _inner(n, device):
-    return max(1, min(50, int(2e9 / (2 * n**3)))) if device == "cpu" else max(3, min(200, int(2e12 / (2 * n**3))))
 
 
 def _arrays(device, *shapes, seed=0):

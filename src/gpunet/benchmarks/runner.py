@@ -2,7 +2,7 @@
 
 Method: each pair is built, its first results checked to agree, then warmed up (JIT and
 kernel compilation happen there); then gpunet and PyTorch alternate for `repeats` rounds of
-`inner` calls each, synchronising the GPU before every clock read. A row reports the median
+about ROUND_SECONDS each (many calls of a fast op, one of a slow one), synchronising the GPU before every clock read. A row reports the median
 seconds per call of both, the spread (p10-p90 over rounds, relative to the median) and their
 ratio; rate rows add GFLOP/s or GB/s and the share of the roofline measured in the same run
 (the plain BLAS GEMM, or a device-to-device copy).
@@ -18,12 +18,16 @@ from gpunet.benchmarks import kernels, steps
 from gpunet.benchmarks.report import format_time
 
 
+# Rounds this long keep the handover between the libraries' thread pools (each spins on the
+# cores for a while after its last call, slowing the other by up to 2x) a small part of a round.
+ROUND_SECONDS = 0.25
+
+
 @dataclass
 class Case:
     name: str
     group: str  # "kernel", "dispatch" or "model"
     build: object  # () -> Pair
-    inner: int = 1  # calls per timed round
 
 
 @dataclass
@@ -82,8 +86,8 @@ def run(device: str = "cpu", only=None, tiny: bool = False, repeats: int | None 
     for case in selected:
         pair = case.build()
         _check_agreement(case.name, pair)
-        rounds = repeats or (3 if tiny else 7)
-        inner = 1 if tiny else case.inner
+        rounds = repeats or (3 if tiny else 5)
+        inner = 1 if tiny else None
         ours_t, theirs_t = _alternate(pair.ours, pair.theirs, sync, rounds, inner)
         result = _summarise(case, pair, ours_t, theirs_t, sync, rounds, inner)
         log(f"  {case.name}: gpunet {format_time(result.gpunet_s)}, PyTorch {format_time(result.torch_s)}, "
@@ -93,19 +97,26 @@ def run(device: str = "cpu", only=None, tiny: bool = False, repeats: int | None 
 
 
 def _alternate(ours, theirs, sync, rounds, inner):
+    """Warm both up, then alternate timed rounds; inner=None sizes each round to ROUND_SECONDS."""
+    calls = {}
     for fn in (ours, theirs):  # warm-up: compilation, allocator pools, caches
-        for _ in range(3):
+        for _ in range(2):
             fn()
         sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        calls[fn] = inner or max(1, min(5000, int(ROUND_SECONDS / max(time.perf_counter() - start, 1e-7))))
     times = {ours: [], theirs: []}
     for _ in range(rounds):
         for fn in (ours, theirs):
+            fn()  # untimed: the other library's worker threads may still be spinning on the cores
             sync()
             start = time.perf_counter()
-            for _ in range(inner):
+            for _ in range(calls[fn]):
                 fn()
             sync()
-            times[fn].append((time.perf_counter() - start) / inner)
+            times[fn].append((time.perf_counter() - start) / calls[fn])
     return numpy.array(times[ours]), numpy.array(times[theirs])
 
 

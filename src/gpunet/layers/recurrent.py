@@ -99,10 +99,13 @@ class _Recurrent(Layer):
     def _weight_grads(self, ops, dgi, dgh, need_dx):
         t, b, f = self._xs.shape
         g, hidden = self.grads, self.config["hidden_size"]
+        shared = dgi is dgh  # RNN and LSTM: both biases get the same gradient; sum it once
         ops.linear_backward(self._hs[:-1].reshape(t * b, hidden), self.params["weight_hh"],
                             dgh.reshape(t * b, -1), g["weight_hh"], g.get("bias_hh"), need_dx=False)
         dxs = ops.linear_backward(self._xs.reshape(t * b, f), self.params["weight_ih"], dgi.reshape(t * b, -1),
-                                  g["weight_ih"], g.get("bias_ih"), need_dx)
+                                  g["weight_ih"], None if shared else g.get("bias_ih"), need_dx)
+        if shared and "bias_ih" in g:
+            g["bias_ih"][...] = g["bias_hh"]
         return None if dxs is None else dxs.reshape(t, b, f).transpose(1, 0, 2)
 
     def _recurrent_grad(self, ops, dgates_t, t):
