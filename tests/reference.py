@@ -25,6 +25,16 @@ def run_both(layer, module, x, device, *, rtol=1e-4, atol=1e-5, grad_atol=1e-5, 
                                       err_msg=name)
 
 
+def assert_matches_torch(y, dx, grads, ty, tx, module, *, strip=0, rtol=1e-4, atol=1e-5):
+    """A gpunet forward/backward (output y, input gradient dx, parameter grads) against torch's:
+    output ty, input tx.grad and the .grad of module's parameters (names minus `strip` characters)."""
+    numpy.testing.assert_allclose(gn.to_numpy(y), ty.detach().numpy(), rtol=rtol, atol=atol)
+    numpy.testing.assert_allclose(gn.to_numpy(dx), tx.grad.numpy(), rtol=rtol, atol=atol)
+    for name, p in module.named_parameters():
+        numpy.testing.assert_allclose(gn.to_numpy(grads[name[strip:]]), p.grad.numpy(), rtol=rtol, atol=atol,
+                                      err_msg=name)
+
+
 def recipe_accuracy_on_held_out_fifth(name: str, epochs: int) -> float:
     """Train the CLI's default recipe for `name` on 80% of the embedded sample; accuracy on the rest."""
     from gpunet.data import image_preprocess, load_mnist_sample, split

@@ -111,3 +111,39 @@ def test_gpu_arrays_dispatch_to_cupy_ops():
     assert gn.backend.ops_for(cupy.zeros(3)).name == "gpu"
     with pytest.raises(TypeError, match="different devices"):
         gn.backend.ops_for(cupy.zeros(3), numpy.zeros(3), op="add")
+
+
+def test_kernel_compile_error_names_the_file(monkeypatch):
+    from gpunet.backend import cuda_kernels
+
+    class CompileException(Exception):
+        pass
+
+    def raw_module(code, options):
+        raise CompileException("kernel.cu(3): error: identifier \"oops\" is undefined")
+
+    fake = types.SimpleNamespace(RawModule=raw_module,
+                                 cuda=types.SimpleNamespace(compiler=types.SimpleNamespace(CompileException=CompileException)))
+    monkeypatch.setattr(cuda_kernels, "cupy_status", lambda: (fake, ""))
+    cuda_kernels.module.cache_clear()
+    try:
+        with pytest.raises(cuda_kernels.KernelCompileError,
+                           match=r"NVRTC could not compile gpunet/kernels/gemm.cu: .*identifier \"oops\""):
+            cuda_kernels.module("gemm")
+    finally:
+        cuda_kernels.module.cache_clear()
+
+
+def test_gpu_out_of_memory_says_to_use_a_smaller_batch():
+    class OutOfMemoryError(Exception):  # the name CuPy's allocator error has
+        pass
+
+    model = gn.models.mlp((4, 3))
+    original = model.forward
+    model.forward = lambda x: (_ for _ in ()).throw(OutOfMemoryError("out of memory allocating 1,073,741,824 bytes"))
+    x = numpy.zeros((8, 4), "float32")
+    with pytest.raises(gn.train.DeviceOutOfMemory, match=r"ran out of memory in step 1 with a batch of 8 .*"
+                                                         r"1,073,741,824 bytes.*try a smaller batch size"):
+        gn.fit(model, (x, numpy.zeros(8, "int64")), optimizer=gn.optim.SGD(model, lr=0.1), steps=1, batch_size=8,
+               progress=False)
+    model.forward = original

@@ -93,3 +93,10 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         gn.save(gn.models.mlp((4, 3, 2)), path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_load_state_dict_copies_the_arrays():
+    source = gn.models.mlp((4, 3))
+    target = gn.models.mlp((4, 3)).load_state_dict(source.state_dict())
+    target.params["0.weight"][...] = 7.0
+    assert not (source.params["0.weight"] == 7.0).any()

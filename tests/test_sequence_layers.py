@@ -10,6 +10,7 @@ import gpunet as gn
 from gpunet import layers as L
 from tests.conftest import on, rng
 from tests.gradcheck import check_layer, numeric_gradient
+from tests.reference import assert_matches_torch
 
 GRADCHECK_CASES = {
     "positional_embedding": (lambda: L.PositionalEmbedding(7, 6, std=0.5), (2, 5, 6)),
@@ -114,11 +115,8 @@ def test_recurrent_layers_match_torch_cells(device, cls, with_state):
     y = layer.forward(on(device, x), state)
     dx = layer.backward(on(device, dy))
 
+    assert_matches_torch(y, dx, layer.grads, ty, tx, cell)
     close = dict(rtol=1e-4, atol=1e-5)
-    numpy.testing.assert_allclose(gn.to_numpy(y), ty.detach().numpy(), **close)
-    numpy.testing.assert_allclose(gn.to_numpy(dx), tx.grad.numpy(), **close)
-    for name, p in cell.named_parameters():
-        numpy.testing.assert_allclose(gn.to_numpy(layer.grads[name]), p.grad.numpy(), err_msg=name, **close)
     finals = layer.final_state if cls is L.LSTM else (layer.final_state,)
     t_finals = t_final if cls is L.LSTM else (t_final,)
     for ours, theirs in zip(finals, t_finals):
@@ -176,11 +174,7 @@ def test_attention_matches_torch_multihead_attention(device, causal):
     ty.backward(torch.from_numpy(dy))
     y = layer.forward(on(device, x))
     dx = layer.backward(on(device, dy))
-    close = dict(rtol=1e-4, atol=1e-5)
-    numpy.testing.assert_allclose(gn.to_numpy(y), ty.detach().numpy(), **close)
-    numpy.testing.assert_allclose(gn.to_numpy(dx), tx.grad.numpy(), **close)
-    for name, p in module.named_parameters():
-        numpy.testing.assert_allclose(gn.to_numpy(layer.grads[name]), p.grad.numpy(), err_msg=name, **close)
+    assert_matches_torch(y, dx, layer.grads, ty, tx, module)
 
 
 def test_attention_checks_its_input():
@@ -202,8 +196,4 @@ def test_transformer_block_matches_torch(device):
     ty.backward(torch.from_numpy(dy))
     y = block.forward(on(device, x))
     dx = block.backward(on(device, dy))
-    numpy.testing.assert_allclose(gn.to_numpy(y), ty.detach().numpy(), rtol=1e-4, atol=1e-5)
-    numpy.testing.assert_allclose(gn.to_numpy(dx), tx.grad.numpy(), rtol=1e-4, atol=1e-5)
-    for name, p in twin.named_parameters():
-        numpy.testing.assert_allclose(gn.to_numpy(block.grads[name[2:]]), p.grad.numpy(), rtol=1e-4, atol=1e-5,
-                                      err_msg=name)
+    assert_matches_torch(y, dx, block.grads, ty, tx, twin, strip=len("0."))

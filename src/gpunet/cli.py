@@ -1,4 +1,4 @@
-"""The command line: gpunet train | eval | generate | bench | info (also `python -m gpunet`)."""
+"""The command line: gpunet train | eval | generate | bench | parity | info (also `python -m gpunet`)."""
 from __future__ import annotations
 
 import argparse
@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=_positive_int, default=None, help="timed rounds per side (default 7)")
     b.add_argument("--tiny", action="store_true", help="smallest sizes and 3 rounds: checks the harness in seconds")
 
+    p = sub.add_parser("parity", help="train on the CPU and on the GPU from one seed and compare them")
+    p.add_argument("--model", default="mlp", choices=sorted(RECIPES))
+    p.add_argument("--steps", type=_positive_int, default=20)
+    p.add_argument("--batch-size", type=_positive_int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+
     sub.add_parser("info", help="versions, devices and why a GPU is (un)usable")
     return parser
 
@@ -77,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     return {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "bench": cmd_bench,
-            "info": cmd_info}[args.command](args)
+            "parity": cmd_parity, "info": cmd_info}[args.command](args)
 
 
 def cmd_train(args) -> int:
@@ -111,10 +117,13 @@ def cmd_train(args) -> int:
           f"{'windows' if r.kind == 'text' else 'samples'}, {'%d epochs' % epochs if epochs else '%d steps' % steps}, "
           f"batch {batch}, {type(optimizer).__name__} lr {optimizer.lr}" + (f", gradient clipping at norm {clip}" if clip else ""))
     out = Path(args.out)
-    history = gn.fit(model, train, val, optimizer=optimizer, epochs=epochs, steps=steps, batch_size=batch,
-                     eval_every=None if epochs else max(1, steps // evals), schedule=schedule, clip_norm=clip,
-                     early_stopping=args.early_stopping, out_dir=out, resume=args.resume, seed=args.seed,
-                     progress=False if args.no_progress else None)
+    try:
+        history = gn.fit(model, train, val, optimizer=optimizer, epochs=epochs, steps=steps, batch_size=batch,
+                         eval_every=None if epochs else max(1, steps // evals), schedule=schedule, clip_norm=clip,
+                         early_stopping=args.early_stopping, out_dir=out, resume=args.resume, seed=args.seed,
+                         progress=False if args.no_progress else None)
+    except gn.train.DeviceOutOfMemory as exc:
+        raise SystemExit(f"gpunet train: {exc}") from None
     best = min(history.records, key=lambda rec: rec["val_loss"])
     last = history.last()
     unit = " nats/char" if r.kind == "text" else ""
@@ -185,6 +194,15 @@ def cmd_bench(args) -> int:
     written = [f for f in (args.json, args.markdown, args.plot) if f]
     if written:
         print("wrote " + ", ".join(written))
+    return 0
+
+
+def cmd_parity(args) -> int:
+    from gpunet import parity
+
+    if not gn.has_gpu():
+        raise SystemExit(f"gpunet parity compares the CPU with the GPU, and no GPU is usable: {gn.backend.gpu_status()[1]}")
+    print(parity.format_report(parity.compare(args.model, args.steps, ("cpu", "gpu"), args.batch_size, args.seed)))
     return 0
 
 

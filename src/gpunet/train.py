@@ -25,6 +25,10 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+class DeviceOutOfMemory(MemoryError):
+    """The GPU ran out of memory during training."""
+
+
 class ArrayData:
     """In-memory (x, y) training data with optional random image shifts."""
 
@@ -105,12 +109,18 @@ def fit(model, train, val=None, *, optimizer, loss: str = "softmax_cross_entropy
         epoch_rng = numpy.random.default_rng([seed, state["epoch"]])
         for idx in minibatches(len(data), batch_size, epoch_rng, start=state["batch"]):
             xb, yb = data.get(idx, numpy.random.default_rng([seed, state["epoch"], state["batch"]]))
-            xb = apply_preprocess(model.preprocess, to_device(xb, model.device), xp)
-            value, grad = loss_fn(model.forward(xb), to_device(yb, model.device))
-            model.backward_params(grad)  # parameter gradients; nobody reads the input gradient
-            if clip_norm:
-                clip_grad_norm(model, clip_norm)
-            optimizer.step()
+            try:
+                xb = apply_preprocess(model.preprocess, to_device(xb, model.device), xp)
+                value, grad = loss_fn(model.forward(xb), to_device(yb, model.device))
+                model.backward_params(grad)  # parameter gradients; nobody reads the input gradient
+                if clip_norm:
+                    clip_grad_norm(model, clip_norm)
+                optimizer.step()
+            except Exception as exc:
+                if type(exc).__name__ == "OutOfMemoryError":  # cupy.cuda.memory.OutOfMemoryError
+                    raise DeviceOutOfMemory(f"the GPU ran out of memory in step {state['step'] + 1} with a batch of "
+                                            f"{len(idx)} ({exc}); try a smaller batch size (--batch-size)") from exc
+                raise
             running, running_count = running + value, running_count + 1
             state["step"] += 1
             state["batch"] += 1

@@ -1,8 +1,17 @@
-"""GPU backend: CuPy (cuBLAS for plain GEMM) with gpunet's own kernels from kernels/*.cu."""
+"""GPU backend: CuPy (cuBLAS for plain GEMM) with gpunet's own kernels from kernels/*.cu for
+GEMM with a fused epilogue, im2col/col2im, max pooling and fused softmax cross-entropy.
+
+Each override takes the kernel path only for what the kernel handles (float32, contiguous)
+and otherwise falls back to the base Ops, which is written against cupy as well.
+"""
 from __future__ import annotations
 
+from gpunet.backend.cuda_kernels import blocks_for, launch
 from gpunet.backend.devices import cupy_status
-from gpunet.backend.ops import Ops
+from gpunet.backend.ops import Ops, pooled_size
+
+ACTIVATION_CODES = {None: 0, "relu": 1, "sigmoid": 2, "tanh": 3, "gelu": 4, "gelu_tanh": 5}
+ROWS_PER_CHUNK = 64  # rows summed by one block of the bias-gradient reduction
 
 
 class CupyOps(Ops):
@@ -18,3 +27,88 @@ class CupyOps(Ops):
         from cupyx.scipy.special import erf
 
         return erf(x)
+
+    def linear(self, x, weight, bias=None, activation=None, out=None):
+        if (bias is None and activation is None) or not _float32(x, weight, bias, out):
+            return super().linear(x, weight, bias, activation, out)  # cuBLAS
+        m, k = x.shape
+        n = weight.shape[0]
+        y = out if out is not None else self.xp.empty((m, n), dtype="float32")
+        launch("gemm", "gemm_bias_act", (-(-n // 64), -(-m // 64)),
+               (x, weight, bias if bias is not None else y, y, m, n, k, bias is not None, ACTIVATION_CODES[activation]))
+        return y
+
+    def linear_act_backward(self, x, weight, z, y, dy, activation, grad_weight, grad_bias=None, need_dx=True):
+        if not _float32(x, weight, z, y, dy, grad_weight, grad_bias):
+            return super().linear_act_backward(x, weight, z, y, dy, activation, grad_weight, grad_bias, need_dx)
+        xp = self.xp
+        m, n = dy.shape
+        chunks = -(-m // ROWS_PER_CHUNK)
+        dz = dy if activation is None else xp.empty_like(dy)
+        partial = xp.empty((chunks, n), dtype="float32")
+        launch("gemm", "bias_act_backward", (-(-n // 256), chunks),
+               (dy, z, y, dz, partial, m, n, ROWS_PER_CHUNK, ACTIVATION_CODES[activation], activation is not None))
+        if grad_bias is not None:
+            partial.sum(axis=0, out=grad_bias)
+        xp.matmul(dz.T, x, out=grad_weight)
+        return xp.matmul(dz, weight) if need_dx else None
+
+    def im2col(self, x, kernel, stride, padding):
+        if not _float32(x):
+            return super().im2col(x, kernel, stride, padding)
+        n, c, h, w = x.shape
+        oh, ow = pooled_size((h, w), kernel, stride, padding)
+        cols = self.xp.empty((n * oh * ow, c * kernel[0] * kernel[1]), dtype="float32")
+        launch("im2col", "im2col", blocks_for(cols.size), (x, cols, n, c, h, w, *kernel, *stride, *padding, oh, ow))
+        return cols
+
+    def col2im(self, cols, x_shape, kernel, stride, padding):
+        cols = self.xp.ascontiguousarray(cols)
+        if not _float32(cols):
+            return super().col2im(cols, x_shape, kernel, stride, padding)
+        oh, ow = pooled_size(x_shape[2:], kernel, stride, padding)
+        x = self.xp.empty(x_shape, dtype="float32")
+        launch("im2col", "col2im", blocks_for(x.size), (cols, x, *x_shape, *kernel, *stride, *padding, oh, ow))
+        return x
+
+    def max_pool(self, x, kernel, stride):
+        if not _float32(x):
+            return super().max_pool(x, kernel, stride)
+        n, c, h, w = x.shape
+        oh, ow = pooled_size((h, w), kernel, stride)
+        y = self.xp.empty((n, c, oh, ow), dtype="float32")
+        argmax = self.xp.empty(y.shape, dtype="int32")
+        launch("im2col", "max_pool", blocks_for(y.size), (x, y, argmax, n, c, h, w, *kernel, *stride, 0, 0, oh, ow))
+        return y, argmax
+
+    def max_pool_backward(self, dy, argmax, x_shape, kernel, stride):
+        dy = self.xp.ascontiguousarray(dy)
+        if not _float32(dy) or argmax.dtype != self.xp.int32:
+            return super().max_pool_backward(dy, argmax, x_shape, kernel, stride)
+        oh, ow = pooled_size(x_shape[2:], kernel, stride)
+        dx = self.xp.empty(x_shape, dtype="float32")
+        launch("im2col", "max_pool_backward", blocks_for(dx.size),
+               (dy, argmax, dx, *x_shape, *kernel, *stride, 0, 0, oh, ow))
+        return dx
+
+    def softmax_cross_entropy(self, logits, labels):
+        if not _float32(logits):
+            return super().softmax_cross_entropy(logits, labels)
+        xp = self.xp
+        n, classes = logits.shape
+        labels = xp.ascontiguousarray(labels, dtype=xp.int64)
+        grad = xp.empty_like(logits)
+        row_loss = xp.empty(n, dtype="float32")
+        launch("softmax_xent", "softmax_xent", n, (logits, labels, grad, row_loss, classes, 1.0 / n))
+        return row_loss.mean(), grad
+
+    def embedding_backward(self, ids, dy, grad_weight):
+        import cupyx
+
+        grad_weight[...] = 0
+        cupyx.scatter_add(grad_weight, ids.reshape(-1), dy.reshape(-1, grad_weight.shape[1]))
+
+
+def _float32(*arrays) -> bool:
+    """The kernels take C-contiguous float32 arrays (None stands for an unused argument)."""
+    return all(a is None or (a.dtype == "float32" and a.flags.c_contiguous) for a in arrays)

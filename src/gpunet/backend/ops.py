@@ -55,6 +55,11 @@ class Ops(SequenceOps):
             self.xp.sum(dy, axis=0, out=grad_bias)
         return self.xp.matmul(dy, weight) if need_dx else None
 
+    def linear_act_backward(self, x, weight, z, y, dy, activation, grad_weight, grad_bias=None, need_dx=True):
+        """Backward of activation(linear(x)): dz = dy * activation'(z, y), then linear_backward."""
+        dz = dy if activation is None else self.activation_backward(activation, z, y, dy)
+        return self.linear_backward(x, weight, dz, grad_weight, grad_bias, need_dx)
+
     # ---------------------------------------------------------------- activations
     def erf(self, x):
         vec = numpy.frompyfunc(math.erf, 1, 1)

@@ -53,7 +53,8 @@ class Layer:
             target = own[name]
             if tuple(value.shape) != tuple(target.shape):
                 raise ValueError(f"{type(self).__name__}: '{name}' has shape {tuple(target.shape)}, got {tuple(value.shape)}")
-            _assign(self, name, to_device(numpy.asarray(_host(value), dtype=target.dtype), self.device))
+            # a copy, as torch's load_state_dict copies: training must not write into the caller's arrays
+            _assign(self, name, to_device(numpy.array(_host(value), dtype=target.dtype), self.device))
         return self
 
     def num_params(self) -> int:

@@ -54,10 +54,8 @@ class Dense(Layer):
             raise RuntimeError(f"{self.describe()}: backward called before forward")
         w = self.params["weight"]
         ops = ops_for(dy, w, op="Dense.backward")
-        dy2 = dy.reshape(-1, w.shape[0])
-        if self.activation is not None:
-            dy2 = ops.activation_backward(self.activation, self._z, self._y, dy2)
-        dx = ops.linear_backward(self._x, w, dy2, self.grads["weight"], self.grads.get("bias"), need_dx)
+        dx = ops.linear_act_backward(self._x, w, self._z, self._y, dy.reshape(-1, w.shape[0]), self.activation,
+                                     self.grads["weight"], self.grads.get("bias"), need_dx)
         return None if dx is None else dx.reshape(*dy.shape[:-1], w.shape[1])
 
     def backward(self, dy):

@@ -1,0 +1,39 @@
+// Fused softmax cross-entropy, forward and backward in one kernel: one block per row of the
+// (N, C) logits. Pass 1 reads the row once with an online max and sum of exponentials; pass 2
+// writes the gradient (softmax - onehot) / N (its reads of the row mostly hit L2). The block
+// also writes the row's loss, log(sum) + max - logit[label]; the mean is a separate reduction.
+// Works for any C from 2 up (each thread strides over the row). Launch: grid N, block 256.
+
+#define THREADS 256
+
+__device__ __forceinline__ void combine(float& m, float& s, float m2, float s2) {
+  float top = fmaxf(m, m2);
+  s = (m == -INFINITY ? 0.f : s * expf(m - top)) + (m2 == -INFINITY ? 0.f : s2 * expf(m2 - top));
+  m = top;
+}
+
+extern "C" __global__ void softmax_xent(const float* __restrict__ logits, const long long* __restrict__ labels,
+                                        float* __restrict__ grad, float* __restrict__ row_loss,
+                                        int C, float inv_n) {
+  __shared__ float shared_m[THREADS / 32], shared_s[THREADS / 32];
+  const long long row = blockIdx.x;
+  const float* x = logits + row * C;
+  float m = -INFINITY, s = 0.f;
+  for (int c = threadIdx.x; c < C; c += THREADS) combine(m, s, x[c], 1.f);
+  for (int offset = 16; offset > 0; offset /= 2)
+    combine(m, s, __shfl_xor_sync(0xffffffffu, m, offset), __shfl_xor_sync(0xffffffffu, s, offset));
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) {
+    shared_m[warp] = m;
+    shared_s[warp] = s;
+  }
+  __syncthreads();
+  m = shared_m[0];
+  s = shared_s[0];
+  for (int w = 1; w < THREADS / 32; ++w) combine(m, s, shared_m[w], shared_s[w]);
+  const long long label = labels[row];
+  const float scale = inv_n / s;
+  float* g = grad + row * C;
+  for (int c = threadIdx.x; c < C; c += THREADS) g[c] = expf(x[c] - m) * scale - (c == label ? inv_n : 0.f);
+  if (threadIdx.x == 0) row_loss[row] = logf(s) + m - x[label];
+}

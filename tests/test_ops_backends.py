@@ -1,0 +1,128 @@
+"""Every hot op of every backend against the reference Ops (the xp code on NumPy), from one
+test definition: on "cpu" that checks NumpyOps' Numba kernels, on "gpu" CupyOps' CUDA kernels.
+Shapes are odd and large enough to need many thread blocks; some inputs are non-contiguous."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy
+import pytest
+
+import gpunet as gn
+from gpunet.backend import ops_for_device
+from gpunet.backend.ops import Ops
+from tests.conftest import on, rng
+
+REFERENCE = Ops()
+KERNELS = sorted((Path(__file__).parents[1] / "kernels").glob("*.cu"))
+
+
+def close(got, want, rtol=1e-5, atol=1e-6):
+    numpy.testing.assert_allclose(gn.to_numpy(got), want, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "sigmoid", "tanh", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (130, 77, 203), (257, 300, 65)], ids=lambda s: "x".join(map(str, s)))
+def test_linear_and_its_backward(device, activation, shape):
+    m, k, n = shape
+    r = rng(m + n)
+    x, w, b, dy = (r.standard_normal(s).astype("float32") for s in ((m, k), (n, k), (n,), (m, n)))
+    ops = ops_for_device(device)
+    close(ops.linear(on(device, x), on(device, w), on(device, b), activation),
+          REFERENCE.linear(x, w, b, activation), rtol=1e-4, atol=1e-5)
+    z = REFERENCE.linear(x, w, b)
+    y = REFERENCE.activation(activation, z) if activation else z
+    grads = [numpy.zeros((n, k), "float32"), numpy.zeros(n, "float32")]
+    want_dx = REFERENCE.linear_act_backward(x, w, z, y, dy, activation, *grads)
+    got = [on(device, g) for g in grads]
+    got_dx = ops.linear_act_backward(*(on(device, a) for a in (x, w, z, y, dy)), activation, *got)
+    close(got_dx, want_dx, rtol=1e-4, atol=1e-4)
+    close(got[0], grads[0], rtol=1e-4, atol=1e-3)
+    close(got[1], grads[1], rtol=1e-4, atol=1e-4)
+
+
+GEOMETRIES = [((2, 3, 9, 11), (3, 3), (1, 1), (1, 1)), ((5, 4, 28, 28), (5, 5), (2, 2), (2, 2)),
+              ((1, 2, 7, 6), (2, 3), (3, 2), (0, 1)), ((64, 6, 14, 14), (5, 5), (1, 1), (0, 0))]
+
+
+@pytest.mark.parametrize("shape, kernel, stride, padding", GEOMETRIES)
+def test_im2col_and_col2im(device, shape, kernel, stride, padding):
+    x = rng().standard_normal(shape).astype("float32")
+    ops = ops_for_device(device)
+    cols = ops.im2col(on(device, x), kernel, stride, padding)
+    want = REFERENCE.im2col(x, kernel, stride, padding)
+    close(cols, want, rtol=0, atol=0)
+    dcols = rng(1).standard_normal(want.shape).astype("float32")
+    close(ops.col2im(on(device, dcols), shape, kernel, stride, padding),
+          REFERENCE.col2im(dcols, shape, kernel, stride, padding))
+
+
+@pytest.mark.parametrize("shape, kernel, stride", [((2, 3, 8, 8), (2, 2), (2, 2)), ((3, 5, 13, 11), (3, 3), (2, 2)),
+                                                   ((1, 1, 7, 7), (3, 2), (1, 3))])
+def test_max_pool_and_backward(device, shape, kernel, stride):
+    x = rng().standard_normal(shape).astype("float32")
+    ops = ops_for_device(device)
+    y, argmax = ops.max_pool(on(device, x), kernel, stride)
+    want_y, want_arg = REFERENCE.max_pool(x, kernel, stride)
+    close(y, want_y, rtol=0, atol=0)
+    numpy.testing.assert_array_equal(gn.to_numpy(argmax).reshape(-1), want_arg.reshape(-1))  # layouts differ
+    dy = rng(1).standard_normal(want_y.shape).astype("float32")
+    close(ops.max_pool_backward(on(device, dy), argmax, shape, kernel, stride),
+          REFERENCE.max_pool_backward(dy, want_arg, shape, kernel, stride))
+
+
+@pytest.mark.parametrize("rows, classes", [(3, 2), (257, 1000), (2, 100_003)])
+def test_softmax_cross_entropy(device, rows, classes):
+    logits = (rng().standard_normal((rows, classes)) * 5).astype("float32")
+    labels = rng(1).integers(0, classes, rows)
+    loss, grad = ops_for_device(device).softmax_cross_entropy(on(device, logits), on(device, labels))
+    want_loss, want_grad = REFERENCE.softmax_cross_entropy(logits, labels)
+    close(loss, want_loss)
+    close(grad, want_grad, atol=1e-8)
+
+
+def test_non_contiguous_inputs(device):
+    x = rng().standard_normal((40, 33)).astype("float32")
+    w = rng(1).standard_normal((33, 21)).astype("float32")  # used transposed: a non-contiguous weight
+    ops = ops_for_device(device)
+    close(ops.linear(on(device, x)[:, :], on(device, w).T, None, "relu"), REFERENCE.linear(x, w.T, None, "relu"),
+          rtol=1e-4, atol=1e-5)
+    logits = rng(2).standard_normal((33, 40)).astype("float32")
+    labels = rng(3).integers(0, 33, 40)
+    loss, grad = ops.softmax_cross_entropy(on(device, logits).T, on(device, labels))
+    want_loss, want_grad = REFERENCE.softmax_cross_entropy(numpy.ascontiguousarray(logits.T), labels)
+    close(loss, want_loss)
+    close(grad, want_grad, atol=1e-8)
+
+
+def test_embedding_backward_adds_repeated_ids(device):
+    ids = rng().integers(0, 7, (9, 13))
+    dy = rng(1).standard_normal((9, 13, 5)).astype("float32")
+    want = numpy.zeros((7, 5), "float32")
+    REFERENCE.embedding_backward(ids, dy, want)
+    got = on(device, numpy.full((7, 5), 3.0, "float32"))
+    ops_for_device(device).embedding_backward(on(device, ids), on(device, dy), got)
+    close(got, want)
+
+
+def test_fast_float32_erf_is_within_4e_7_of_math_erf():
+    import math
+    x = numpy.linspace(-6, 6, 20001).astype("float32")
+    want = numpy.array([math.erf(float(v)) for v in x])
+    assert numpy.abs(ops_for_device("cpu").erf(x) - want).max() < 4e-7
+
+
+@pytest.mark.parametrize("source", KERNELS, ids=lambda p: p.name)
+def test_kernel_source_compiles_for_sm_90(source, tmp_path):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not on this machine")
+    result = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-c", str(source), "-o", str(tmp_path / "k.o")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_kernel_family_is_there():
+    assert [p.stem for p in KERNELS] == ["gemm", "im2col", "softmax_xent"]
