@@ -27,7 +27,7 @@ def environment(device: str) -> dict:
 
     versions = {"gpunet": gpunet.__version__, "python": platform.python_version(), "numpy": numpy.__version__,
                 "torch": torch.__version__}
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    machine = {"cpu": _cpu_name(), "cores": os.cpu_count(),
                "torch_threads": torch.get_num_threads()}
     if device == "gpu":
         import cupy
@@ -99,6 +99,17 @@ def plot(results, path, env: dict) -> None:
 
 def write_text(path, text: str) -> None:
     atomic_write(path, text.encode("utf-8"))
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def machine_name(env) -> str:
