@@ -128,3 +128,9 @@ def test_cli_generate_on_an_image_model(tmp_path):
     gn.save(gn.models.mlp(), tmp_path / "m.safetensors")
     with pytest.raises(SystemExit, match="needs a character-level model"):
         main(["generate", str(tmp_path / "m.safetensors"), "--device", "cpu"])
+
+
+def test_cli_eval_refuses_a_text_model(tmp_path):
+    gn.save(_text_model("rnn", "ab"), tmp_path / "m.safetensors")
+    with pytest.raises(SystemExit, match="is a character-level model; eval takes image classifiers"):
+        main(["eval", str(tmp_path / "m.safetensors"), "--images", "i.idx", "--labels", "l.idx", "--device", "cpu"])

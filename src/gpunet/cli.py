@@ -149,6 +149,9 @@ def cmd_generate(args) -> int:
 
 def cmd_eval(args) -> int:
     model = gn.load(args.checkpoint)
+    if (model.preprocess or {}).get("kind") == "text":
+        raise SystemExit(f"gpunet eval: {args.checkpoint} is a character-level model; eval takes image classifiers "
+                         "(its validation loss is in the history.json beside it; sample it with gpunet generate)")
     dev = gn.device(args.device)
     model.to(dev)
     images, labels = read_idx(args.images), read_idx(args.labels)

@@ -50,9 +50,14 @@ class ArrayData:
         return x, self.y[indices]
 
 
-def evaluate(model, x, y, loss="softmax_cross_entropy", batch_size: int = 1000) -> dict:
-    """Mean loss (and accuracy for classification) over raw inputs x and targets y."""
+def evaluate(model, x, y, loss="softmax_cross_entropy", batch_size: int | None = None) -> dict:
+    """Mean loss (and accuracy for classification) over raw inputs x and targets y.
+
+    batch_size defaults to 1000 samples, or fewer for sequences (32,768 targets a batch).
+    """
     loss_fn = LOSSES[loss]
+    if batch_size is None:
+        batch_size = max(1, min(1000, 32768 // max(1, int(numpy.prod(y.shape[1:])))))
     was_training = model.training
     model.eval()
     total, correct = 0.0, 0
