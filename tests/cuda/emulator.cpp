@@ -1,0 +1,90 @@
+// Runs gpunet's CUDA kernels on the CPU, so their logic is tested where no GPU is: each CUDA
+// thread of a block is a std::thread, __syncthreads is a std::barrier, __shared__ arrays are
+// statics (one block runs at a time), and a warp shuffle goes through a table with barriers.
+// Built by tests/cuda_emulator.py with g++ -std=c++20; the kernels are #included unchanged.
+#include <math.h>
+
+#include <algorithm>
+#include <barrier>
+#include <thread>
+#include <vector>
+
+struct Dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+inline thread_local Dim3 threadIdx, blockIdx;
+inline Dim3 blockDim, gridDim;
+inline std::barrier<>* block_barrier = nullptr;
+inline float shuffle_table[1024];
+
+inline void __syncthreads() { block_barrier->arrive_and_wait(); }
+
+// Every thread of the block calls this together (the kernels shuffle in uniform loops).
+inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
+  shuffle_table[threadIdx.x] = value;
+  __syncthreads();
+  float other = shuffle_table[threadIdx.x ^ lane_mask];
+  __syncthreads();
+  return other;
+}
+
+using std::max;
+using std::min;
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+#define __restrict__ __restrict
+
+#include "gemm.cu"
+#include "im2col.cu"
+#include "softmax_xent.cu"
+
+template <typename Kernel>
+static void launch(unsigned grid_x, unsigned grid_y, unsigned threads, Kernel kernel) {
+  gridDim = {grid_x, grid_y, 1};
+  blockDim = {threads, 1, 1};
+  for (unsigned by = 0; by < grid_y; ++by)
+    for (unsigned bx = 0; bx < grid_x; ++bx) {
+      std::barrier<> barrier(threads);
+      block_barrier = &barrier;
+      std::vector<std::thread> pool;
+      for (unsigned t = 0; t < threads; ++t)
+        pool.emplace_back([=] {
+          threadIdx = {t, 0, 0};
+          blockIdx = {bx, by, 0};
+          kernel();
+        });
+      for (auto& thread : pool) thread.join();
+    }
+}
+
+#define GEO int n, int c, int h, int w, int kh, int kw, int sh, int sw, int ph, int pw, int oh, int ow
+#define GEO_NAMES n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow
+
+extern "C" {
+void run_gemm_bias_act(unsigned gx, unsigned gy, const float* A, const float* W, const float* bias, float* C, int M,
+                       int N, int K, int has_bias, int act) {
+  launch(gx, gy, 256, [=] { gemm_bias_act(A, W, bias, C, M, N, K, has_bias, act); });
+}
+void run_bias_act_backward(unsigned gx, unsigned gy, const float* dy, const float* z, const float* y, float* dz,
+                           float* partial, int M, int N, int rows, int act, int write_dz) {
+  launch(gx, gy, 256, [=] { bias_act_backward(dy, z, y, dz, partial, M, N, rows, act, write_dz); });
+}
+void run_im2col(unsigned blocks, unsigned threads, const float* x, float* cols, GEO) {
+  launch(blocks, 1, threads, [=] { im2col(x, cols, GEO_NAMES); });
+}
+void run_col2im(unsigned blocks, unsigned threads, const float* cols, float* x, GEO) {
+  launch(blocks, 1, threads, [=] { col2im(cols, x, GEO_NAMES); });
+}
+void run_max_pool(unsigned blocks, unsigned threads, const float* x, float* y, int* argmax, GEO) {
+  launch(blocks, 1, threads, [=] { max_pool(x, y, argmax, GEO_NAMES); });
+}
+void run_max_pool_backward(unsigned blocks, unsigned threads, const float* dy, const int* argmax, float* dx, GEO) {
+  launch(blocks, 1, threads, [=] { max_pool_backward(dy, argmax, dx, GEO_NAMES); });
+}
+void run_softmax_xent(unsigned rows, const float* logits, const long long* labels, float* grad, float* loss, int C,
+                      float inv_n) {
+  launch(rows, 1, 256, [=] { softmax_xent(logits, labels, grad, loss, C, inv_n); });
+}
+}

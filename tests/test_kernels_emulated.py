@@ -1,0 +1,96 @@
+"""The CUDA kernels' logic, run on the CPU by a thread-per-CUDA-thread emulator (g++), against
+the NumPy reference Ops: index arithmetic, tiling edges, padding, strides, reductions.
+On a GPU, tests/test_ops_backends.py runs the same kernels for real."""
+from __future__ import annotations
+
+import numpy
+import pytest
+
+from gpunet.backend.cupy_ops import ACTIVATION_CODES, ROWS_PER_CHUNK
+from gpunet.backend.ops import Ops, pooled_size
+from tests.conftest import rng
+from tests.cuda_emulator import call, library
+
+REFERENCE = Ops()
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    return library(str(tmp_path_factory.mktemp("emulator")))
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATION_CODES))
+@pytest.mark.parametrize("shape", [(1, 1, 1), (70, 33, 130), (64, 16, 64)], ids=lambda s: "x".join(map(str, s)))
+def test_gemm_bias_act(lib, shape, activation):
+    m, k, n = shape
+    r = rng(m * n)
+    x, w, b = (r.standard_normal(s).astype("float32") for s in ((m, k), (n, k), (n,)))
+    out = numpy.full((m, n), numpy.nan, "float32")
+    call(lib, "gemm_bias_act", -(-n // 64), -(-m // 64), x, w, b, out, m, n, k, 1, ACTIVATION_CODES[activation])
+    numpy.testing.assert_allclose(out, REFERENCE.linear(x, w, b, activation), rtol=1e-5, atol=1e-5)
+    call(lib, "gemm_bias_act", -(-n // 64), -(-m // 64), x, w, b, out, m, n, k, 0, ACTIVATION_CODES[activation])
+    numpy.testing.assert_allclose(out, REFERENCE.linear(x, w, None, activation), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATION_CODES))
+def test_bias_act_backward(lib, activation):
+    m, n = 150, 300  # three row chunks, two column blocks
+    r = rng(5)
+    z, dy = r.standard_normal((m, n)).astype("float32"), r.standard_normal((m, n)).astype("float32")
+    y = REFERENCE.activation(activation, z) if activation else z
+    want = REFERENCE.activation_backward(activation, z, y, dy) if activation else dy
+    chunks = -(-m // ROWS_PER_CHUNK)
+    dz, partial = numpy.zeros_like(dy), numpy.zeros((chunks, n), "float32")
+    call(lib, "bias_act_backward", -(-n // 256), chunks, dy, z, y, dz, partial, m, n, ROWS_PER_CHUNK,
+         ACTIVATION_CODES[activation], 1)
+    numpy.testing.assert_allclose(dz, want, rtol=1e-5, atol=1e-6)
+    numpy.testing.assert_allclose(partial.sum(axis=0), want.sum(axis=0), rtol=1e-4, atol=1e-4)
+
+
+GEOMETRIES = [((2, 3, 9, 11), (3, 3), (1, 1), (1, 1)), ((3, 2, 12, 10), (5, 5), (2, 2), (2, 2)),
+              ((1, 2, 7, 6), (2, 3), (3, 2), (0, 1))]
+
+
+@pytest.mark.parametrize("blocks, threads", [(1, 1), (3, 64)])
+@pytest.mark.parametrize("shape, kernel, stride, padding", GEOMETRIES)
+def test_im2col_and_col2im(lib, shape, kernel, stride, padding, blocks, threads):
+    x = rng().standard_normal(shape).astype("float32")
+    oh, ow = pooled_size(shape[2:], kernel, stride, padding)
+    geometry = (*shape, *kernel, *stride, *padding, oh, ow)
+    want = REFERENCE.im2col(x, kernel, stride, padding)
+    cols = numpy.full(want.shape, numpy.nan, "float32")
+    call(lib, "im2col", blocks, threads, x, cols, *geometry)
+    numpy.testing.assert_array_equal(cols, want)
+    dcols = rng(1).standard_normal(want.shape).astype("float32")
+    dx = numpy.full(shape, numpy.nan, "float32")
+    call(lib, "col2im", blocks, threads, dcols, dx, *geometry)
+    numpy.testing.assert_allclose(dx, REFERENCE.col2im(dcols, shape, kernel, stride, padding), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape, kernel, stride", [((2, 3, 8, 8), (2, 2), (2, 2)), ((1, 2, 9, 7), (3, 2), (2, 3))])
+def test_max_pool_and_backward(lib, shape, kernel, stride):
+    x = rng().standard_normal(shape).astype("float32")
+    x[0, 0, 0, :2] = 5.0  # a tie inside one window: the first maximum wins, as in torch
+    oh, ow = pooled_size(shape[2:], kernel, stride)
+    geometry = (*shape, *kernel, *stride, 0, 0, oh, ow)
+    want_y, want_arg = REFERENCE.max_pool(x, kernel, stride)
+    y, arg = numpy.zeros((shape[0], shape[1], oh, ow), "float32"), numpy.zeros((shape[0], shape[1], oh, ow), "int32")
+    call(lib, "max_pool", 2, 32, x, y, arg, *geometry)
+    numpy.testing.assert_array_equal(y, want_y)
+    numpy.testing.assert_array_equal(arg.reshape(-1), want_arg)
+    dy = rng(1).standard_normal(y.shape).astype("float32")
+    dx = numpy.full(shape, numpy.nan, "float32")
+    call(lib, "max_pool_backward", 2, 32, dy, arg, dx, *geometry)
+    numpy.testing.assert_allclose(dx, REFERENCE.max_pool_backward(dy, want_arg, shape, kernel, stride))
+
+
+@pytest.mark.parametrize("rows, classes", [(3, 2), (4, 300), (2, 5000)])
+def test_softmax_xent(lib, rows, classes):
+    logits = (rng().standard_normal((rows, classes)) * 8).astype("float32")
+    logits[0, 0] = 80.0  # exp would overflow without the running maximum
+    labels = rng(1).integers(0, classes, rows).astype("int64")
+    grad, loss = numpy.zeros_like(logits), numpy.zeros(rows, "float32")
+    call(lib, "softmax_xent", rows, logits, labels, grad, loss, classes, 1.0 / rows)
+    want_loss, want_grad = REFERENCE.softmax_cross_entropy(logits, labels)
+    numpy.testing.assert_allclose(loss.mean(), want_loss, rtol=1e-5)
+    numpy.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-7)
