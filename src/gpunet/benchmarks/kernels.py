@@ -11,7 +11,7 @@ from gpunet.benchmarks.twins import import_torch
 
 
 def kernel_cases(case, pair, device: str, tiny: bool) -> list:
-    gemm_sizes = (64,) if tiny else ((128, 512, 2048) if device == "cpu" else (128, 1024, 4096, 8192))
+    gemm_sizes = (64,) if tiny else ((128, 512, 2048, 4096) if device == "cpu" else (128, 1024, 4096, 8192))
     xent = (64, 10) if tiny else ((4096, 1000) if device == "cpu" else (16384, 32000))
     conv = [(4, 2, 3, 8, 3, 1)] if tiny else [(64, 1, 6, 28, 5, 2), (64, 6, 16, 14, 5, 0), (32, 32, 64, 14, 3, 1)]
     out = []
@@ -23,8 +23,11 @@ def kernel_cases(case, pair, device: str, tiny: bool) -> list:
         b, c, o, s, k, p = shape
         out.append(case(f"conv2d-b{b}-c{c}-{o}-{s}px-k{k}", "kernel",
                         lambda shape=shape: pair(*steps.conv_steps(*shape, device=device))))
+    unfold_shape = (4, 2, 6, 6) if tiny else (64, 6, 14, 14)
     out.append(case("im2col-b64-c6-14px-k5" if not tiny else "im2col-tiny", "kernel",
-                    lambda: _unfold(pair, device, (4, 2, 6, 6) if tiny else (64, 6, 14, 14))))
+                    lambda: _unfold(pair, device, unfold_shape)))
+    out.append(case("col2im-b64-c6-14px-k5" if not tiny else "col2im-tiny", "kernel",
+                    lambda: _fold(pair, device, unfold_shape)))
     out += [case("dispatch-add-1", "dispatch", lambda: _tiny_add(pair, device)),
             case("dispatch-matmul-64", "dispatch", lambda: _matmul64(pair, device)),
             case("dispatch-dense-64", "dispatch", lambda: _dense64(pair, device))]
@@ -88,6 +91,18 @@ def _unfold(pair, device, shape):
     def check(got, want):  # torch's unfold lays the same numbers out as (N, C*k*k, L)
         _same_arrays(gn.to_numpy(got).reshape(n, -1, c * 25).transpose(0, 2, 1), want)
     return pair(ours, lambda: torch.nn.functional.unfold(tx, 5), check=check)
+
+
+def _fold(pair, device, shape):
+    """col2im, the adjoint of im2col (torch.nn.functional.fold), from (N*L, C*25) columns."""
+    torch = import_torch()
+    ops = ops_for_device(device)
+    n, c, h, w = shape
+    length = (h - 4) * (w - 4)
+    (cols,), (tcols,) = _arrays(device, (n * length, c * 25))
+    tcols = tcols.reshape(n, length, c * 25).transpose(1, 2).contiguous()  # torch's (N, C*k*k, L)
+    return pair(lambda: ops.col2im(cols, shape, (5, 5), (1, 1), (0, 0)),
+                lambda: torch.nn.functional.fold(tcols, (h, w), 5), check=_same_arrays)
 
 
 def _tiny_add(pair, device):

@@ -66,6 +66,8 @@ def cases(device: str = "cpu", tiny: bool = False) -> list[Case]:
         model("mlp-784-300-100-10-b128", steps.mlp_steps, 128, {}),
         model("lenet-b64", steps.lenet_steps, 64, {}),
         model("lstm-lm-b32-t64-h256", steps.lstm_lm_steps, 32, dict(context=8, hidden=16, embedding=8)),
+        model("attention-block-b16-t128-d256-h4", steps.attention_block_steps, 16, dict(context=8, d_model=16,
+                                                                                           heads=2)),
         model("transformer-2x-b16-t128-d256", steps.transformer_steps, 16, dict(context=8, d_model=16, heads=2)),
     ]
 
@@ -77,7 +79,7 @@ def _model(make, device, batch, **sizes) -> Pair:
 
 def run(device: str = "cpu", only=None, tiny: bool = False, repeats: int | None = None, log=print):
     """Measure the selected cases; returns (results, skipped) with skipped as (name, reason)."""
-    sync = _synchroniser(device)
+    sync = synchroniser(device)
     results, skipped = [], []
     everything = cases(device, tiny)
     selected = [c for c in everything if not only or any(word in c.name for word in only)]
@@ -85,7 +87,7 @@ def run(device: str = "cpu", only=None, tiny: bool = False, repeats: int | None 
         raise ValueError(f"--only {','.join(only)} matches no benchmark; names: {', '.join(c.name for c in everything)}")
     for case in selected:
         pair = case.build()
-        _check_agreement(case.name, pair)
+        check_agreement(case.name, pair)
         rounds = repeats or (3 if tiny else 5)
         inner = 1 if tiny else None
         ours_t, theirs_t = _alternate(pair.ours, pair.theirs, sync, rounds, inner)
@@ -97,27 +99,36 @@ def run(device: str = "cpu", only=None, tiny: bool = False, repeats: int | None 
 
 
 def _alternate(ours, theirs, sync, rounds, inner):
-    """Warm both up, then alternate timed rounds; inner=None sizes each round to ROUND_SECONDS."""
-    calls = {}
-    for fn in (ours, theirs):  # warm-up: compilation, allocator pools, caches
-        for _ in range(2):
-            fn()
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        calls[fn] = inner or max(1, min(5000, int(ROUND_SECONDS / max(time.perf_counter() - start, 1e-7))))
+    """Warm both up, then alternate timed rounds of the two."""
+    calls = {fn: _calls_per_round(fn, sync, inner) for fn in (ours, theirs)}
     times = {ours: [], theirs: []}
     for _ in range(rounds):
         for fn in (ours, theirs):
-            fn()  # untimed: the other library's worker threads may still be spinning on the cores
-            sync()
-            start = time.perf_counter()
-            for _ in range(calls[fn]):
-                fn()
-            sync()
-            times[fn].append((time.perf_counter() - start) / calls[fn])
+            times[fn].append(_round(fn, calls[fn], sync))
     return numpy.array(times[ours]), numpy.array(times[theirs])
+
+
+def _calls_per_round(fn, sync, inner) -> int:
+    """Warm fn up (compilation, allocator pools, caches); inner=None sizes rounds to ROUND_SECONDS."""
+    for _ in range(2):
+        fn()
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return inner or max(1, min(5000, int(ROUND_SECONDS / max(time.perf_counter() - start, 1e-7))))
+
+
+def _round(fn, calls: int, sync) -> float:
+    """Seconds per call over one round."""
+    if calls > 1:
+        fn()  # untimed: the other library's worker threads may still be spinning on the cores
+    sync()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / calls
 
 
 def _summarise(case, pair, ours_t, theirs_t, sync, rounds, inner) -> Result:
@@ -127,7 +138,8 @@ def _summarise(case, pair, ours_t, theirs_t, sync, rounds, inner) -> Result:
     if pair.work:
         result.rate = pair.work / med_ours / 1e9
         if pair.roofline is not None:
-            roof_t, _ = _alternate(pair.roofline, pair.roofline, sync, rounds, inner)
+            calls = _calls_per_round(pair.roofline, sync, inner)
+            roof_t = [_round(pair.roofline, calls, sync) for _ in range(rounds)]
             result.roofline_rate = pair.work / float(numpy.median(roof_t)) / 1e9
             result.percent_of_roofline = 100.0 * result.rate / result.roofline_rate
     if pair.samples:
@@ -141,7 +153,7 @@ def _spread(times) -> float:
     return float((high - low) / numpy.median(times))
 
 
-def _check_agreement(name, pair):
+def check_agreement(name, pair):
     try:
         if pair.check is not None:
             pair.check(pair.ours(), pair.theirs())
@@ -153,11 +165,14 @@ def _check_agreement(name, pair):
         raise RuntimeError(f"benchmark {name}: {exc}; timing them would compare different computations") from None
 
 
-def _synchroniser(device):
+def synchroniser(device):
     if device != "gpu":
         return lambda: None
     import cupy
     import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 on both sides (cuDNN allows TF32 by default)
+    torch.backends.cudnn.allow_tf32 = False
 
     def sync():
         cupy.cuda.get_current_stream().synchronize()

@@ -192,7 +192,6 @@ class GRU(_Recurrent):
         self.final_state = hs[-1].copy()
 
     def _backward_steps(self, ops, dys):
-        xp = ops.xp
         dgi = self._buffer(ops, "dgi", self._gi.shape, self._gi.dtype)
         dgh = self._buffer(ops, "dgh", self._gh.shape, self._gh.dtype)
         dh = None
