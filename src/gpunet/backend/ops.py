@@ -130,11 +130,11 @@ class Ops(SequenceOps):
         xp = self.xp
         n = logits.shape[0]
         rows = xp.arange(n)
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        exp = xp.exp(shifted)
-        total = exp.sum(axis=1, keepdims=True)
-        loss = (xp.log(total[:, 0]) - shifted[rows, labels]).mean()
-        grad = exp
+        grad = logits - logits.max(axis=1, keepdims=True)  # shifted logits, then exp, then the gradient
+        picked = grad[rows, labels]
+        xp.exp(grad, out=grad)
+        total = grad.sum(axis=1, keepdims=True)
+        loss = (xp.log(total[:, 0]) - picked).mean()
         grad *= 1.0 / (total * n)
         grad[rows, labels] -= 1.0 / n
         return loss.astype(logits.dtype), grad
