@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 import types
 
@@ -147,3 +148,19 @@ def test_gpu_out_of_memory_says_to_use_a_smaller_batch():
         gn.fit(model, (x, numpy.zeros(8, "int64")), optimizer=gn.optim.SGD(model, lr=0.1), steps=1, batch_size=8,
                progress=False)
     model.forward = original
+
+
+def test_tf32_is_opt_in(monkeypatch):
+    monkeypatch.delenv("CUPY_TF32", raising=False)
+    monkeypatch.delenv("GPUNET_TF32", raising=False)
+    device_module.cupy_status.cache_clear()
+    device_module.cupy_status()
+    assert "CUPY_TF32" not in os.environ
+    monkeypatch.setenv("GPUNET_TF32", "1")
+    device_module.cupy_status.cache_clear()
+    try:
+        device_module.cupy_status()
+        assert os.environ["CUPY_TF32"] == "1"
+    finally:
+        os.environ.pop("CUPY_TF32", None)
+        device_module.cupy_status.cache_clear()

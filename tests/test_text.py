@@ -134,3 +134,22 @@ def test_cli_eval_refuses_a_text_model(tmp_path):
     gn.save(_text_model("rnn", "ab"), tmp_path / "m.safetensors")
     with pytest.raises(SystemExit, match="is a character-level model; eval takes image classifiers"):
         main(["eval", str(tmp_path / "m.safetensors"), "--images", "i.idx", "--labels", "l.idx", "--device", "cpu"])
+
+
+def test_text_training_resumes_exactly(tmp_path):
+    ids = numpy.random.default_rng(0).integers(0, 10, 3000)
+
+    def train(out, steps, resume=False):
+        gn.manual_seed(0)
+        model = gn.models.char_rnn(10, 4, 8, cell="gru", dropout=0.2)
+        model.preprocess = gn.data.text_preprocess("0123456789")
+        gn.fit(model, gn.data.CharWindows(ids, 16), gn.data.consecutive_windows(ids[:400], 16),
+               optimizer=gn.optim.Adam(model, lr=1e-2), steps=steps, batch_size=4, eval_every=3, out_dir=out,
+               resume=resume, progress=False, restore_best=False, clip_norm=1.0)
+        return model
+
+    straight = train(tmp_path / "a", 6)
+    train(tmp_path / "b", 3)
+    resumed = train(tmp_path / "b", 6, resume=True)
+    for name, value in straight.params.items():
+        numpy.testing.assert_array_equal(resumed.params[name], value, err_msg=name)

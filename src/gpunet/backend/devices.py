@@ -18,7 +18,13 @@ DEVICE_NAMES = ("auto", "cpu", "gpu")
 
 @functools.lru_cache(maxsize=1)
 def cupy_status() -> tuple[object | None, str]:
-    """(cupy module or None, reason it is unusable or '')."""
+    """(cupy module or None, reason it is unusable or '').
+
+    GPUNET_TF32=1 lets cuBLAS use TF32 tensor cores for float32 products (CuPy reads CUPY_TF32
+    when it loads); off by default, so that GPU results match the CPU's to float32 precision.
+    """
+    if os.environ.get("GPUNET_TF32") == "1":
+        os.environ.setdefault("CUPY_TF32", "1")
     try:
         import cupy
     except Exception as exc:  # ImportError, or a broken install raising anything

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Everything a session lent the H200 should run, in one device call (see the device tool's
+# README): the GPU test suite, `gpunet bench --device gpu` and `gpunet parity` for each model.
+# Usage there, from the repository root:  bash scripts/gpu_session.sh "$OUT"
+# The machine has no package registry: it runs from the source tree with PYTHONPATH=src.
+# It writes 8 files, the most a device call brings back.
+set -uo pipefail
+out="${1:-gpu-results}"
+mkdir -p "$out"
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+{
+  date -u +%Y-%m-%dT%H:%M:%SZ
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python3 -c "import cupy, torch, numpy; print('cupy', cupy.__version__, 'torch', torch.__version__, 'numpy', numpy.__version__)"
+  python3 -m gpunet info
+} > "$out/environment.txt" 2>&1
+python3 -m pytest -m gpu -q -ra > "$out/tests.txt" 2>&1
+echo "gpu tests: exit $?" >> "$out/summary.txt"
+python3 -m pytest -q -ra >> "$out/tests.txt" 2>&1
+echo "all tests: exit $?" >> "$out/summary.txt"
+python3 -m gpunet bench --device gpu --json "$out/gpu.json" --markdown "$out/gpu.md" --plot "$out/gpu.png" \
+  > "$out/bench.txt" 2>&1
+echo "bench: exit $?" >> "$out/summary.txt"
+for model in mlp cnn rnn transformer; do
+  python3 -m gpunet parity --model "$model" --steps 50 >> "$out/parity.txt" 2>&1
+  echo "parity $model: exit $?" >> "$out/summary.txt"
+done
+cat "$out/summary.txt"
