@@ -3,6 +3,8 @@
 JSON fields: "date", "device", "machine", "versions", "command", "tiny", "results" (one object
 per benchmark: name, group, gpunet_s, torch_s, ratio, gpunet_spread, torch_spread, rate, unit,
 roofline_rate, percent_of_roofline, samples_per_s, extra) and "skipped" ([name, reason] pairs).
+The roofline of a GEMM row is the plain BLAS (cuBLAS) GEMM of the same size; extra holds
+percent_of_blas_peak, against the fastest BLAS GEMM of the run, and torch_samples_per_s.
 """
 from __future__ import annotations
 

@@ -95,7 +95,17 @@ def run(device: str = "cpu", only=None, tiny: bool = False, repeats: int | None 
         log(f"  {case.name}: gpunet {format_time(result.gpunet_s)}, PyTorch {format_time(result.torch_s)}, "
             f"ratio {result.ratio:.2f}")
         results.append(result)
+    _add_share_of_peak(results)
     return results, skipped
+
+
+def _add_share_of_peak(results) -> None:
+    """For GFLOP/s rows: the rate as a share of the fastest plain BLAS GEMM of this run."""
+    peaks = [r.roofline_rate for r in results if r.unit == "GFLOP/s" and r.roofline_rate]
+    for r in results:
+        if peaks and r.unit == "GFLOP/s" and r.rate is not None:
+            r.extra["percent_of_blas_peak"] = 100.0 * r.rate / max(peaks)
+            r.extra["blas_peak_gflops"] = max(peaks)
 
 
 def _alternate(ours, theirs, sync, rounds, inner):
