@@ -94,3 +94,60 @@ def test_softmax_xent(lib, rows, classes):
     want_loss, want_grad = REFERENCE.softmax_cross_entropy(logits, labels)
     numpy.testing.assert_allclose(loss.mean(), want_loss, rtol=1e-5)
     numpy.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_lstm_cell_and_backward(lib):
+    batch, hidden = 3, 37
+    r = rng(2)
+    xg, hg = (r.standard_normal((batch, 4 * hidden)).astype("float32") for _ in range(2))
+    c_prev = r.standard_normal((batch, hidden)).astype("float32")
+    want = [numpy.zeros((batch, 4 * hidden), "float32")] + [numpy.zeros((batch, hidden), "float32") for _ in range(3)]
+    REFERENCE.lstm_cell(xg, hg, c_prev, *want)
+    got = [numpy.full_like(a, numpy.nan) for a in want]
+    call(lib, "lstm_cell", 2, xg, hg, c_prev, *got, batch, hidden)
+    for g, w in zip(got, want):
+        numpy.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    acts, _, _, tanh_c = want
+    dh = r.standard_normal((batch, hidden)).astype("float32")
+    dc = r.standard_normal((batch, hidden)).astype("float32")
+    want_dc, want_dgates = dc.copy(), numpy.zeros_like(acts)
+    REFERENCE.lstm_cell_backward(dh, want_dc, acts, c_prev, tanh_c, want_dgates)
+    got_dc, got_dgates = dc.copy(), numpy.full_like(acts, numpy.nan)
+    call(lib, "lstm_cell_backward", 2, dh, got_dc, acts, c_prev, tanh_c, got_dgates, batch, hidden)
+    numpy.testing.assert_allclose(got_dgates, want_dgates, rtol=1e-5, atol=1e-6)
+    numpy.testing.assert_allclose(got_dc, want_dc, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("length", [5, 300])
+def test_attention_softmax_and_backward(lib, causal, length):
+    shape = (2, 2, length, length) if length < 10 else (1, 1, length, length)  # rows > 256 wide, few blocks
+    scores = (rng().standard_normal(shape) * 4).astype("float32")
+    blocks = shape[0] * shape[1] * length
+    want = REFERENCE.attention_softmax(scores.copy(), 0.125, causal)
+    got = scores.copy()
+    call(lib, "attention_softmax", blocks, got, length, 0.125, int(causal))
+    numpy.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    dprobs = rng(1).standard_normal(scores.shape).astype("float32")
+    want_d = REFERENCE.attention_softmax_backward(want, dprobs.copy(), 0.125)
+    got_d = dprobs.copy()
+    call(lib, "attention_softmax_backward", blocks, want, got_d, length, 0.125)
+    numpy.testing.assert_allclose(got_d, want_d, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("width", [7, 600])
+def test_layer_norm_and_backward(lib, affine, width):
+    r = rng(4)
+    x = (r.standard_normal((5, width)) * 3 + 1).astype("float32")
+    w, b = r.standard_normal(width).astype("float32"), r.standard_normal(width).astype("float32")
+    want_y, want_xhat, want_rstd = REFERENCE.layer_norm(x, w if affine else None, b if affine else None, 1e-5)
+    y, xhat, rstd = numpy.zeros_like(x), numpy.zeros_like(x), numpy.zeros(5, "float32")
+    call(lib, "layer_norm", 5, x, w, b, y, xhat, rstd, width, 1e-5, int(affine))
+    numpy.testing.assert_allclose(y, want_y, rtol=1e-4, atol=1e-5)
+    numpy.testing.assert_allclose(rstd, want_rstd[:, 0], rtol=1e-5)
+    dy = r.standard_normal(x.shape).astype("float32")
+    want_dx = REFERENCE.layer_norm_backward(dy, want_xhat, want_rstd, w if affine else None)[0]
+    dx = numpy.zeros_like(x)
+    call(lib, "layer_norm_backward", 5, dy, xhat, rstd, w, dx, width, int(affine))
+    numpy.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-5)

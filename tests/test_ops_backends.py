@@ -107,6 +107,63 @@ def test_embedding_backward_adds_repeated_ids(device):
     close(got, want)
 
 
+@pytest.mark.parametrize("batch, hidden", [(1, 1), (32, 256), (5, 300)])
+def test_lstm_cell_and_backward(device, batch, hidden):
+    r = rng(hidden)
+    xg, hg = (r.standard_normal((batch, 4 * hidden)).astype("float32") for _ in range(2))
+    c_prev, dh, dc = (r.standard_normal((batch, hidden)).astype("float32") for _ in range(3))
+    want = [numpy.zeros((batch, 4 * hidden), "float32")] + [numpy.zeros((batch, hidden), "float32") for _ in range(3)]
+    REFERENCE.lstm_cell(xg, hg, c_prev, *want)
+    ops = ops_for_device(device)
+    got = [on(device, numpy.zeros_like(a)) for a in want]
+    ops.lstm_cell(on(device, xg), on(device, hg), on(device, c_prev), *got)
+    for g, w in zip(got, want):
+        close(g, w)
+    acts, _, _, tanh_c = want
+    want_dc, want_dgates = dc.copy(), numpy.zeros_like(acts)
+    REFERENCE.lstm_cell_backward(dh, want_dc, acts, c_prev, tanh_c, want_dgates)
+    got_dc, got_dgates = on(device, dc), on(device, numpy.zeros_like(acts))
+    ops.lstm_cell_backward(on(device, dh), got_dc, on(device, acts), on(device, c_prev), on(device, tanh_c), got_dgates)
+    close(got_dgates, want_dgates)
+    close(got_dc, want_dc)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 4, 130, 130), (2, 1, 300, 300)], ids=lambda s: "x".join(map(str, s)))
+def test_attention_softmax_and_backward(device, shape, causal):
+    scores = (rng().standard_normal(shape) * 4).astype("float32")
+    ops = ops_for_device(device)
+    want = REFERENCE.attention_softmax(scores.copy(), 0.125, causal)
+    probs = ops.attention_softmax(on(device, scores.copy()), 0.125, causal)
+    close(probs, want, atol=1e-7)
+    dprobs = rng(1).standard_normal(shape).astype("float32")
+    expected = REFERENCE.attention_softmax_backward(want, dprobs.copy(), 0.125)  # both work in place
+    close(ops.attention_softmax_backward(on(device, want), on(device, dprobs.copy()), 0.125), expected,
+          rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape", [(3, 1), (4, 9, 256), (2, 1000)], ids=lambda s: "x".join(map(str, s)))
+def test_layer_norm_and_backward(device, shape, affine):
+    r = rng(5)
+    x = (r.standard_normal(shape) * 3 + 1).astype("float32")
+    w, b, dy = r.standard_normal(shape[-1]).astype("float32"), r.standard_normal(shape[-1]).astype("float32"), \
+        r.standard_normal(shape).astype("float32")
+    w, b = (w, b) if affine else (None, None)
+    ops = ops_for_device(device)
+    y, xhat, rstd = ops.layer_norm(on(device, x), on(device, w) if affine else None, on(device, b) if affine else None,
+                                   1e-5)
+    want_y, want_xhat, want_rstd = REFERENCE.layer_norm(x, w, b, 1e-5)
+    close(y, want_y, rtol=1e-4, atol=1e-5)
+    got = ops.layer_norm_backward(on(device, dy), xhat, rstd, on(device, w) if affine else None)
+    want = REFERENCE.layer_norm_backward(dy, want_xhat, want_rstd, w)
+    for g, wnt in zip(got, want):
+        if wnt is None:
+            assert g is None
+        else:
+            close(g, wnt, rtol=1e-4, atol=1e-4)
+
+
 def test_fast_float32_erf_is_within_4e_7_of_math_erf():
     import math
     x = numpy.linspace(-6, 6, 20001).astype("float32")
@@ -125,4 +182,4 @@ def test_kernel_source_compiles_for_sm_90(source, tmp_path):
 
 
 def test_every_kernel_family_is_there():
-    assert [p.stem for p in KERNELS] == ["gemm", "im2col", "softmax_xent"]
+    assert [p.stem for p in KERNELS] == ["gemm", "im2col", "sequence", "softmax_xent"]

@@ -1,6 +1,7 @@
 // Runs gpunet's CUDA kernels on the CPU, so their logic is tested where no GPU is: each CUDA
 // thread of a block is a std::thread, __syncthreads is a std::barrier, __shared__ arrays are
 // statics (one block runs at a time), and a warp shuffle goes through a table with barriers.
+// A kernel that returned early before a __syncthreads would hang here (on a GPU it is undefined).
 // Built by tests/cuda_emulator.py with g++ -std=c++20; the kernels are #included unchanged.
 #include <math.h>
 
@@ -28,6 +29,8 @@ inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
   return other;
 }
 
+inline float rsqrtf(float x) { return 1.f / sqrtf(x); }
+
 using std::max;
 using std::min;
 #define __global__
@@ -39,24 +42,28 @@ using std::min;
 #include "gemm.cu"
 #include "im2col.cu"
 #include "softmax_xent.cu"
+#include "sequence.cu"
 
+// The threads of one block are created once per launch and walk the grid block by block,
+// meeting at a barrier after each block (the statics standing in for __shared__ are reused).
 template <typename Kernel>
 static void launch(unsigned grid_x, unsigned grid_y, unsigned threads, Kernel kernel) {
   gridDim = {grid_x, grid_y, 1};
   blockDim = {threads, 1, 1};
-  for (unsigned by = 0; by < grid_y; ++by)
-    for (unsigned bx = 0; bx < grid_x; ++bx) {
-      std::barrier<> barrier(threads);
-      block_barrier = &barrier;
-      std::vector<std::thread> pool;
-      for (unsigned t = 0; t < threads; ++t)
-        pool.emplace_back([=] {
-          threadIdx = {t, 0, 0};
+  std::barrier<> barrier(threads);
+  block_barrier = &barrier;
+  std::vector<std::thread> pool;
+  for (unsigned t = 0; t < threads; ++t)
+    pool.emplace_back([=, &barrier] {
+      threadIdx = {t, 0, 0};
+      for (unsigned by = 0; by < grid_y; ++by)
+        for (unsigned bx = 0; bx < grid_x; ++bx) {
           blockIdx = {bx, by, 0};
           kernel();
-        });
-      for (auto& thread : pool) thread.join();
-    }
+          barrier.arrive_and_wait();
+        }
+    });
+  for (auto& thread : pool) thread.join();
 }
 
 #define GEO int n, int c, int h, int w, int kh, int kw, int sh, int sw, int ph, int pw, int oh, int ow
@@ -82,6 +89,28 @@ void run_max_pool(unsigned blocks, unsigned threads, const float* x, float* y, i
 }
 void run_max_pool_backward(unsigned blocks, unsigned threads, const float* dy, const int* argmax, float* dx, GEO) {
   launch(blocks, 1, threads, [=] { max_pool_backward(dy, argmax, dx, GEO_NAMES); });
+}
+void run_lstm_cell(unsigned blocks, const float* xg, const float* hg, const float* c_prev, float* acts, float* h,
+                   float* c, float* tanh_c, int batch, int hidden) {
+  launch(blocks, 1, 64, [=] { lstm_cell(xg, hg, c_prev, acts, h, c, tanh_c, batch, hidden); });
+}
+void run_lstm_cell_backward(unsigned blocks, const float* dh, float* dc, const float* acts, const float* c_prev,
+                            const float* tanh_c, float* dgates, int batch, int hidden) {
+  launch(blocks, 1, 64, [=] { lstm_cell_backward(dh, dc, acts, c_prev, tanh_c, dgates, batch, hidden); });
+}
+void run_attention_softmax(unsigned rows, float* scores, int T, float scale, int causal) {
+  launch(rows, 1, BLOCK, [=] { attention_softmax(scores, T, scale, causal); });
+}
+void run_attention_softmax_backward(unsigned rows, const float* probs, float* dprobs, int T, float scale) {
+  launch(rows, 1, BLOCK, [=] { attention_softmax_backward(probs, dprobs, T, scale); });
+}
+void run_layer_norm(unsigned rows, const float* x, const float* w, const float* b, float* y, float* xhat,
+                    float* rstd, int D, float eps, int affine) {
+  launch(rows, 1, BLOCK, [=] { layer_norm(x, w, b, y, xhat, rstd, D, eps, affine); });
+}
+void run_layer_norm_backward(unsigned rows, const float* dy, const float* xhat, const float* rstd, const float* w,
+                             float* dx, int D, int affine) {
+  launch(rows, 1, BLOCK, [=] { layer_norm_backward(dy, xhat, rstd, w, dx, D, affine); });
 }
 void run_softmax_xent(unsigned rows, const float* logits, const long long* labels, float* grad, float* loss, int C,
                       float inv_n) {

@@ -1,5 +1,6 @@
 """GPU backend: CuPy (cuBLAS for plain GEMM) with gpunet's own kernels from kernels/*.cu for
-GEMM with a fused epilogue, im2col/col2im, max pooling and fused softmax cross-entropy.
+GEMM with a fused epilogue, im2col/col2im, max pooling, fused softmax cross-entropy, the LSTM
+cell, the attention softmax and layer normalisation.
 
 Each override takes the kernel path only for what the kernel handles (float32, contiguous)
 and otherwise falls back to the base Ops, which is written against cupy as well.
@@ -101,6 +102,59 @@ class CupyOps(Ops):
         row_loss = xp.empty(n, dtype="float32")
         launch("softmax_xent", "softmax_xent", n, (logits, labels, grad, row_loss, classes, 1.0 / n))
         return row_loss.mean(), grad
+
+    def lstm_cell(self, x_gates, h_gates, c_prev, acts_out, h_out, c_out, tanh_c_out):
+        arrays = (x_gates, h_gates, c_prev, acts_out, h_out, c_out, tanh_c_out)
+        if not _float32(*arrays):
+            return super().lstm_cell(*arrays)
+        batch, hidden = c_prev.shape
+        launch("sequence", "lstm_cell", blocks_for(batch * hidden), (*arrays, batch, hidden))
+
+    def lstm_cell_backward(self, dh, dc, acts, c_prev, tanh_c, dgates_out):
+        arrays = (dh, dc, acts, c_prev, tanh_c, dgates_out)
+        if not _float32(*arrays):
+            return super().lstm_cell_backward(*arrays)
+        batch, hidden = c_prev.shape
+        launch("sequence", "lstm_cell_backward", blocks_for(batch * hidden), (*arrays, batch, hidden))
+
+    def attention_softmax(self, scores, scale, causal):
+        if not _float32(scores):
+            return super().attention_softmax(scores, scale, causal)
+        t = scores.shape[-1]
+        launch("sequence", "attention_softmax", scores.size // t, (scores, t, float(scale), bool(causal)))
+        return scores
+
+    def attention_softmax_backward(self, probs, dprobs, scale):
+        if not _float32(probs, dprobs):
+            return super().attention_softmax_backward(probs, dprobs, scale)
+        t = probs.shape[-1]
+        launch("sequence", "attention_softmax_backward", probs.size // t, (probs, dprobs, t, float(scale)))
+        return dprobs
+
+    def layer_norm(self, x, weight, bias, eps):
+        if not _float32(x, weight, bias):
+            return super().layer_norm(x, weight, bias, eps)
+        width = x.shape[-1]
+        y, xhat = self.xp.empty_like(x), self.xp.empty_like(x)
+        rstd = self.xp.empty(x.shape[:-1] + (1,), dtype="float32")
+        affine = weight is not None
+        launch("sequence", "layer_norm", x.size // width,
+               (x, weight if affine else x, bias if affine else x, y, xhat, rstd, width, float(eps), affine))
+        return y, xhat, rstd
+
+    def layer_norm_backward(self, dy, xhat, rstd, weight):
+        dy = self.xp.ascontiguousarray(dy)
+        if not _float32(dy, xhat, rstd, weight):
+            return super().layer_norm_backward(dy, xhat, rstd, weight)
+        width = dy.shape[-1]
+        dx = self.xp.empty_like(dy)
+        affine = weight is not None
+        launch("sequence", "layer_norm_backward", dy.size // width,
+               (dy, xhat, rstd, weight if affine else dy, dx, width, affine))
+        if not affine:
+            return dx, None, None
+        rows = dy.reshape(-1, width)
+        return dx, (rows * xhat.reshape(-1, width)).sum(axis=0), rows.sum(axis=0)
 
     def embedding_backward(self, ids, dy, grad_weight):
         import cupyx
