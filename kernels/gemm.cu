@@ -101,3 +101,17 @@ extern "C" __global__ void bias_act_backward(const float* __restrict__ dy, const
   }
   partial[(size_t)blockIdx.y * N + col] = sum;
 }
+
+// y = act(x) and dx = dy * act'(x, y), elementwise over n values (the activation layers).
+extern "C" __global__ void activation_forward(const float* __restrict__ x, float* __restrict__ y, long long n,
+                                              int act) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+    y[i] = activate(x[i], act);
+}
+
+extern "C" __global__ void activation_backward(const float* __restrict__ x, const float* __restrict__ y,
+                                               const float* __restrict__ dy, float* __restrict__ dx, long long n,
+                                               int act) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+    dx[i] = dy[i] * derivative(x[i], y[i], act);
+}

@@ -27,7 +27,7 @@ def library(build_dir: str):
 
 
 def call(lib, name: str, *args) -> None:
-    """ints -> int, floats -> float, numpy arrays -> their data pointers."""
+    """ints -> int, numpy.int64 -> long long, floats -> float, numpy arrays -> their data pointers."""
     converted = []
     for a in args:
         if isinstance(a, numpy.ndarray):
@@ -35,6 +35,8 @@ def call(lib, name: str, *args) -> None:
             converted.append(ctypes.c_void_p(a.ctypes.data))
         elif isinstance(a, float):
             converted.append(ctypes.c_float(a))
+        elif isinstance(a, numpy.int64):
+            converted.append(ctypes.c_longlong(int(a)))
         else:
             converted.append(ctypes.c_int(int(a)))
     getattr(lib, f"run_{name}")(*converted)

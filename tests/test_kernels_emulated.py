@@ -151,3 +151,41 @@ def test_layer_norm_and_backward(lib, affine, width):
     dx = numpy.zeros_like(x)
     call(lib, "layer_norm_backward", 5, dy, xhat, rstd, w, dx, width, int(affine))
     numpy.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", [a for a in ACTIVATION_CODES if a])
+def test_activation_forward_and_backward(lib, activation):
+    x, dy = (rng(i).standard_normal(1001).astype("float32") * 3 for i in range(2))
+    y = numpy.full_like(x, numpy.nan)
+    call(lib, "activation_forward", 3, x, y, numpy.int64(x.size), ACTIVATION_CODES[activation])
+    numpy.testing.assert_allclose(y, REFERENCE.activation(activation, x), rtol=1e-5, atol=1e-6)
+    dx = numpy.full_like(x, numpy.nan)
+    call(lib, "activation_backward", 3, x, y, dy, dx, numpy.int64(x.size), ACTIVATION_CODES[activation])
+    numpy.testing.assert_allclose(dx, REFERENCE.activation_backward(activation, x, y, dy), rtol=1e-4, atol=3e-5)
+
+
+@pytest.mark.parametrize("momentum, nesterov, decay, first", [(0.0, False, 0.0, True), (0.9, True, 0.01, False),
+                                                              (0.9, False, 0.0, True)])
+def test_sgd_update(lib, momentum, nesterov, decay, first):
+    r = rng(3)
+    param, grad, velocity = (r.standard_normal(777).astype("float32") for _ in range(3))
+    want_p, want_v = param.copy(), velocity.copy()
+    REFERENCE.sgd_update(want_p, grad, want_v, 0.1, momentum, 0.0, decay, nesterov, first)
+    call(lib, "sgd_update", 2, param, grad, velocity, numpy.int64(param.size), 0.1, momentum, 0.0, decay, int(nesterov),
+         int(first))
+    numpy.testing.assert_allclose(param, want_p, rtol=1e-6, atol=1e-7)
+    if momentum:
+        numpy.testing.assert_allclose(velocity, want_v, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("decoupled, decay", [(False, 0.0), (False, 0.1), (True, 0.1)])
+def test_adam_update(lib, decoupled, decay):
+    r = rng(4)
+    param, grad, m = (r.standard_normal(777).astype("float32") for _ in range(3))
+    v = numpy.abs(r.standard_normal(777)).astype("float32")
+    want = [a.copy() for a in (param, m, v)]
+    REFERENCE.adam_update(want[0], grad, want[1], want[2], 1e-2, 0.9, 0.999, 1e-8, decay, decoupled, 3)
+    call(lib, "adam_update", 2, param, grad, m, v, numpy.int64(param.size), 1e-2, 0.9, 0.999, 1e-8, decay,
+         int(decoupled), float(1 - 0.9**3), float((1 - 0.999**3) ** 0.5))
+    for got, expected in zip((param, m, v), want):
+        numpy.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)

@@ -182,4 +182,4 @@ def test_kernel_source_compiles_for_sm_90(source, tmp_path):
 
 
 def test_every_kernel_family_is_there():
-    assert [p.stem for p in KERNELS] == ["gemm", "im2col", "sequence", "softmax_xent"]
+    assert [p.stem for p in KERNELS] == ["gemm", "im2col", "optim", "sequence", "softmax_xent"]

@@ -43,6 +43,7 @@ using std::min;
 #include "im2col.cu"
 #include "softmax_xent.cu"
 #include "sequence.cu"
+#include "optim.cu"
 
 // The threads of one block are created once per launch and walk the grid block by block,
 // meeting at a barrier after each block (the statics standing in for __shared__ are reused).
@@ -111,6 +112,21 @@ void run_layer_norm(unsigned rows, const float* x, const float* w, const float* 
 void run_layer_norm_backward(unsigned rows, const float* dy, const float* xhat, const float* rstd, const float* w,
                              float* dx, int D, int affine) {
   launch(rows, 1, BLOCK, [=] { layer_norm_backward(dy, xhat, rstd, w, dx, D, affine); });
+}
+void run_activation_forward(unsigned blocks, const float* x, float* y, long long n, int act) {
+  launch(blocks, 1, 64, [=] { activation_forward(x, y, n, act); });
+}
+void run_activation_backward(unsigned blocks, const float* x, const float* y, const float* dy, float* dx, long long n,
+                             int act) {
+  launch(blocks, 1, 64, [=] { activation_backward(x, y, dy, dx, n, act); });
+}
+void run_sgd_update(unsigned blocks, float* p, const float* g, float* v, long long n, float lr, float momentum,
+                    float dampening, float wd, int nesterov, int first) {
+  launch(blocks, 1, 64, [=] { sgd_update(p, g, v, n, lr, momentum, dampening, wd, nesterov, first); });
+}
+void run_adam_update(unsigned blocks, float* p, const float* g, float* m, float* v, long long n, float lr, float b1,
+                     float b2, float eps, float wd, int decoupled, float bias1, float bias2_sqrt) {
+  launch(blocks, 1, 64, [=] { adam_update(p, g, m, v, n, lr, b1, b2, eps, wd, decoupled, bias1, bias2_sqrt); });
 }
 void run_softmax_xent(unsigned rows, const float* logits, const long long* labels, float* grad, float* loss, int C,
                       float inv_n) {

@@ -1,11 +1,15 @@
 """GPU backend: CuPy (cuBLAS for plain GEMM) with gpunet's own kernels from kernels/*.cu for
 GEMM with a fused epilogue, im2col/col2im, max pooling, fused softmax cross-entropy, the LSTM
-cell, the attention softmax and layer normalisation.
+cell, the attention softmax, layer normalisation, activations and the optimizer updates.
 
 Each override takes the kernel path only for what the kernel handles (float32, contiguous)
 and otherwise falls back to the base Ops, which is written against cupy as well.
 """
 from __future__ import annotations
+
+import math
+
+import numpy
 
 from gpunet.backend.cuda_kernels import blocks_for, launch
 from gpunet.backend.devices import cupy_status
@@ -28,6 +32,22 @@ class CupyOps(Ops):
         from cupyx.scipy.special import erf
 
         return erf(x)
+
+    def activation(self, name, x, out=None):
+        if name not in ACTIVATION_CODES or not _float32(x, out):
+            return super().activation(name, x, out)
+        y = out if out is not None else self.xp.empty_like(x)
+        launch("gemm", "activation_forward", blocks_for(x.size), (x, y, numpy.int64(x.size), ACTIVATION_CODES[name]))
+        return y
+
+    def activation_backward(self, name, x, y, dy):
+        x = y if x is None else x  # tanh and sigmoid need only y; relu and gelu always get x
+        if name not in ACTIVATION_CODES or not _float32(x, y, dy):
+            return super().activation_backward(name, x, y, dy)
+        dx = self.xp.empty_like(dy)
+        launch("gemm", "activation_backward", blocks_for(dy.size),
+               (x, y, dy, dx, numpy.int64(dy.size), ACTIVATION_CODES[name]))
+        return dx
 
     def linear(self, x, weight, bias=None, activation=None, out=None):
         if (bias is None and activation is None) or not _float32(x, weight, bias, out):
@@ -155,6 +175,23 @@ class CupyOps(Ops):
             return dx, None, None
         rows = dy.reshape(-1, width)
         return dx, (rows * xhat.reshape(-1, width)).sum(axis=0), rows.sum(axis=0)
+
+    def sgd_update(self, param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov, first_step):
+        if not _float32(param, grad, velocity):
+            return super().sgd_update(param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov,
+                                      first_step)
+        launch("optim", "sgd_update", blocks_for(param.size),
+               (param, grad, velocity if velocity is not None else param, numpy.int64(param.size), float(lr),
+                float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(first_step)))
+
+    def adam_update(self, param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, decoupled, step):
+        if not _float32(param, grad, exp_avg, exp_avg_sq):
+            return super().adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay,
+                                       decoupled, step)
+        launch("optim", "adam_update", blocks_for(param.size),
+               (param, grad, exp_avg, exp_avg_sq, numpy.int64(param.size), float(lr), float(beta1), float(beta2),
+                float(eps), float(weight_decay), bool(decoupled), float(1 - beta1**step),
+                math.sqrt(1 - beta2**step)))
 
     def embedding_backward(self, ids, dy, grad_weight):
         import cupyx
