@@ -3,15 +3,20 @@ GEMM with a fused epilogue, im2col/col2im, max pooling, fused softmax cross-entr
 cell, the attention softmax, layer normalisation, activations and the optimizer updates.
 
 Each override takes the kernel path only for what the kernel handles (float32, contiguous)
-and otherwise falls back to the base Ops, which is written against cupy as well.
+and otherwise falls back to the base Ops, which is written against cupy as well. A product with
+a bias or activation runs as the fused kernel or as cuBLAS plus a separate epilogue, whichever
+was faster when first timed for its size class (gemm_dispatch.py); GPUNET_GEMM=fused|cublas
+forces one.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import numpy
 
-from gpunet.backend.cuda_kernels import blocks_for, launch
+from gpunet.backend.cuda_kernels import blocks_for, launch, source
+from gpunet.backend.gemm_dispatch import GemmDispatch, source_hash
 from gpunet.backend.devices import cupy_status
 from gpunet.backend.ops import Ops, pooled_size
 
@@ -55,9 +60,40 @@ class CupyOps(Ops):
         m, k = x.shape
         n = weight.shape[0]
         y = out if out is not None else self.xp.empty((m, n), dtype="float32")
-        launch("gemm", "gemm_bias_act", (-(-n // 64), -(-m // 64)),
-               (x, weight, bias if bias is not None else y, y, m, n, k, bias is not None, ACTIVATION_CODES[activation]))
+
+        def fused():
+            launch("gemm", "gemm_bias_act", (-(-n // 64), -(-m // 64)),
+                   (x, weight, bias if bias is not None else y, y, m, n, k, bias is not None,
+                    ACTIVATION_CODES[activation]))
+
+        def separate():  # cuBLAS, then the bias and activation as their own passes
+            Ops.linear(self, x, weight, bias, activation, out=y)
+
+        mode = os.environ.get("GPUNET_GEMM", "auto")
+        if mode == "auto":
+            mode = self._gemm_dispatch().choose(m, n, k, activation, {"fused": fused, "cublas": separate})
+        (separate if mode == "cublas" else fused)()
         return y
+
+    def _gemm_dispatch(self):
+        if getattr(self, "_dispatch", None) is None:
+            device = self.xp.cuda.Device()
+            name = self.xp.cuda.runtime.getDeviceProperties(device.id)["name"]
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            self._dispatch = GemmDispatch(f"{name} sm_{device.compute_capability}", source_hash(source("gemm")),
+                                          measure=self._time_on_gpu)
+        return self._dispatch
+
+    def _time_on_gpu(self, fn, warmup: int = 2, repeats: int = 5) -> float:
+        for _ in range(warmup):
+            fn()
+        start, end = self.xp.cuda.Event(), self.xp.cuda.Event()
+        start.record()
+        for _ in range(repeats):
+            fn()
+        end.record()
+        end.synchronize()
+        return self.xp.cuda.get_elapsed_time(start, end) / repeats / 1e3
 
     def linear_act_backward(self, x, weight, z, y, dy, activation, grad_weight, grad_bias=None, need_dx=True):
         if not _float32(x, weight, z, y, dy, grad_weight, grad_bias):

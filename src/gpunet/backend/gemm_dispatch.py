@@ -1,0 +1,87 @@
+"""Choosing, by measurement, how a Dense product with an epilogue runs on the GPU.
+
+For each class of problem (M, N, K rounded up to powers of two, and the epilogue) the first call
+times every candidate (our fused kernel; cuBLAS followed by a separate epilogue) and remembers
+the fastest. Choices persist in a JSON file per device and per version of the kernel sources,
+so a changed kernel is measured again; a damaged file is ignored and rewritten.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+from gpunet.checkpoint import atomic_write
+
+CACHE_ENV = "GPUNET_CACHE"
+
+
+def default_cache_path() -> Path:
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "gpunet")) / "gemm_dispatch.json"
+
+
+def size_class(m: int, n: int, k: int, epilogue) -> str:
+    def up(v):
+        return 1 << max(0, int(v - 1).bit_length())
+    return f"{up(m)}x{up(n)}x{up(k)}:{epilogue or 'bias'}"
+
+
+def source_hash(*sources: str) -> str:
+    return hashlib.sha256("\n".join(sources).encode()).hexdigest()[:16]
+
+
+class GemmDispatch:
+    """choose(m, n, k, epilogue, candidates) -> the name of the fastest candidate for that class.
+
+    candidates: name -> zero-argument callable running the whole product. measure(fn) -> seconds
+    (on the GPU it must synchronise); it defaults to the median of 5 timed calls after 2 warm-ups.
+    """
+
+    def __init__(self, device_key: str, kernels_hash: str, path: Path | None = None, measure=None):
+        self.key = f"{device_key}|{kernels_hash}"
+        self.path = Path(path) if path is not None else default_cache_path()
+        self.measure = measure or _median_time
+        self.choices = self._load()
+
+    def choose(self, m: int, n: int, k: int, epilogue, candidates: dict) -> str:
+        cls = size_class(m, n, k, epilogue)
+        chosen = self.choices.get(cls)
+        if chosen not in candidates:
+            timings = {name: self.measure(fn) for name, fn in candidates.items()}
+            chosen = min(timings, key=timings.get)
+            self.choices[cls] = chosen
+            self._save()
+        return chosen
+
+    def _load(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        choices = data.get(self.key, {}) if isinstance(data, dict) else {}
+        return dict(choices) if isinstance(choices, dict) else {}
+
+    def _save(self) -> None:
+        try:
+            data = json.loads(self.path.read_text())
+            data = data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            data = {}
+        data[self.key] = self.choices
+        try:
+            atomic_write(self.path, json.dumps(data, indent=1, sort_keys=True).encode())
+        except OSError:
+            pass  # a read-only home only costs re-measuring in the next process
+
+
+def _median_time(fn, warmup: int = 2, repeats: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
