@@ -17,7 +17,7 @@ import numpy
 
 from gpunet.backend.cuda_kernels import blocks_for, launch, source
 from gpunet.backend.gemm_dispatch import GemmDispatch, source_hash
-from gpunet.backend.devices import cupy_status
+from gpunet.backend.devices import cupy_status, gpu_name
 from gpunet.backend.ops import Ops, pooled_size
 
 ACTIVATION_CODES = {None: 0, "relu": 1, "sigmoid": 2, "tanh": 3, "gelu": 4, "gelu_tanh": 5}
@@ -78,9 +78,8 @@ class CupyOps(Ops):
     def _gemm_dispatch(self):
         if getattr(self, "_dispatch", None) is None:
             device = self.xp.cuda.Device()
-            name = self.xp.cuda.runtime.getDeviceProperties(device.id)["name"]
-            name = name.decode() if isinstance(name, bytes) else str(name)
-            self._dispatch = GemmDispatch(f"{name} sm_{device.compute_capability}", source_hash(source("gemm")),
+            self._dispatch = GemmDispatch(f"{gpu_name(device.id)} sm_{device.compute_capability}",
+                                          source_hash(source("gemm")),
                                           measure=self._time_on_gpu)
         return self._dispatch
 

@@ -53,6 +53,12 @@ def gpu_status() -> tuple[bool, str]:
     return True, ""
 
 
+def gpu_name(index: int = 0) -> str:
+    """The CUDA device's name, e.g. 'NVIDIA H200' (CuPy gives bytes or str by version)."""
+    name = cupy_status()[0].cuda.runtime.getDeviceProperties(index)["name"]
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
 def has_cupy() -> bool:
     return cupy_status()[0] is not None
 
@@ -124,7 +130,7 @@ def device_info() -> list[str]:
             lines.append(f"CUDA runtime: {runtime // 1000}.{runtime % 1000 // 10}")
             if usable:
                 props = cupy.cuda.runtime.getDeviceProperties(0)
-                lines.append(f"GPU 0: {props['name'].decode()} ({props['totalGlobalMem'] / 2**30:.1f} GiB)")
+                lines.append(f"GPU 0: {gpu_name(0)} ({props['totalGlobalMem'] / 2**30:.1f} GiB)")
         except Exception as exc:
             lines.append(f"CUDA: unavailable ({type(exc).__name__}: {exc})")
     lines.append("GPU usable: yes" if usable else f"GPU usable: no ({why})")

@@ -17,6 +17,7 @@ import sys
 
 import numpy
 
+from gpunet.backend.devices import gpu_name
 from gpunet.checkpoint import atomic_write
 
 COLUMNS = ("benchmark", "gpunet", "PyTorch", "ratio", "spread", "rate", "% of roofline")
@@ -35,7 +36,7 @@ def environment(device: str) -> dict:
         import cupy
 
         versions["cupy"] = cupy.__version__
-        machine["gpu"] = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        machine["gpu"] = gpu_name(0)
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": device, "machine": machine,
             "versions": versions, "command": " ".join(["gpunet", *sys.argv[1:]]) if sys.argv else "gpunet bench"}
 
