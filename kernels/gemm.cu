@@ -103,8 +103,8 @@ extern "C" __global__ void bias_act_backward(const float* __restrict__ dy, const
 }
 
 // y = act(x) and dx = dy * act'(x, y), elementwise over n values (the activation layers).
-extern "C" __global__ void activation_forward(const float* __restrict__ x, float* __restrict__ y, long long n,
-                                              int act) {
+// No __restrict__ on the forward: it also runs in place (y == x).
+extern "C" __global__ void activation_forward(const float* x, float* y, long long n, int act) {
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
     y[i] = activate(x[i], act);
 }
