@@ -3,6 +3,8 @@
 // row of scores) and layer normalisation (one block per row). Gate order i, f, g, o as
 // torch.nn.LSTMCell; layouts as gpunet.backend.sequence_ops and ops.layer_norm.
 
+// NVRTC has no INFINITY (it lives in the host math headers): build the bit pattern.
+#define NEG_INF (-__int_as_float(0x7f800000))
 #define BLOCK 256
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
@@ -80,7 +82,7 @@ extern "C" __global__ void attention_softmax(float* __restrict__ scores, int T, 
   const long long row = blockIdx.x;
   float* s = scores + row * T;
   const int visible = causal ? (int)(row % T) + 1 : T;
-  float top = -INFINITY;
+  float top = NEG_INF;
   for (int k = threadIdx.x; k < visible; k += BLOCK) top = fmaxf(top, s[k] * scale);
   top = block_max(top, scratch);
   float sum = 0.f;

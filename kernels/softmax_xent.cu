@@ -4,11 +4,13 @@
 // also writes the row's loss, log(sum) + max - logit[label]; the mean is a separate reduction.
 // Works for any C from 2 up (each thread strides over the row). Launch: grid N, block 256.
 
+// NVRTC has no INFINITY (it lives in the host math headers): build the bit pattern.
+#define NEG_INF (-__int_as_float(0x7f800000))
 #define THREADS 256
 
 __device__ __forceinline__ void combine(float& m, float& s, float m2, float s2) {
   float top = fmaxf(m, m2);
-  s = (m == -INFINITY ? 0.f : s * expf(m - top)) + (m2 == -INFINITY ? 0.f : s2 * expf(m2 - top));
+  s = (m == NEG_INF ? 0.f : s * expf(m - top)) + (m2 == NEG_INF ? 0.f : s2 * expf(m2 - top));
   m = top;
 }
 
@@ -18,7 +20,7 @@ extern "C" __global__ void softmax_xent(const float* __restrict__ logits, const 
   __shared__ float shared_m[THREADS / 32], shared_s[THREADS / 32];
   const long long row = blockIdx.x;
   const float* x = logits + row * C;
-  float m = -INFINITY, s = 0.f;
+  float m = NEG_INF, s = 0.f;
   for (int c = threadIdx.x; c < C; c += THREADS) combine(m, s, x[c], 1.f);
   for (int offset = 16; offset > 0; offset /= 2)
     combine(m, s, __shfl_xor_sync(0xffffffffu, m, offset), __shfl_xor_sync(0xffffffffu, s, offset));

@@ -181,5 +181,14 @@ def test_kernel_source_compiles_for_sm_90(source, tmp_path):
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.parametrize("source", KERNELS, ids=lambda p: p.name)
+def test_kernel_source_compiles_with_nvrtc_as_cupy_would(source):
+    from tests import nvrtc
+    if nvrtc.library() is None:
+        pytest.skip("libnvrtc is not on this machine (pip install nvidia-cuda-nvrtc, part of the test extra)")
+    compiled, log = nvrtc.compile_source(source.read_text(), source.name)
+    assert compiled, log
+
+
 def test_every_kernel_family_is_there():
     assert [p.stem for p in KERNELS] == ["gemm", "im2col", "optim", "sequence", "softmax_xent"]

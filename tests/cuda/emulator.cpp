@@ -6,6 +6,7 @@
 #include <math.h>
 
 #include <algorithm>
+#include <cstring>
 #include <barrier>
 #include <thread>
 #include <vector>
@@ -30,6 +31,11 @@ inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
 }
 
 inline float rsqrtf(float x) { return 1.f / sqrtf(x); }
+inline float __int_as_float(int bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
 
 using std::max;
 using std::min;
