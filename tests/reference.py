@@ -35,6 +35,15 @@ def assert_matches_torch(y, dx, grads, ty, tx, module, *, strip=0, rtol=1e-4, at
                                       err_msg=name)
 
 
+def compare_with_torch(layer, module, x, device):
+    """run_both after nudging the layer's parameters off their initial values (copied to module)."""
+    if layer.params:
+        for name, value in layer.params.items():
+            value[...] = value + rng(3).uniform(-0.3, 0.3, value.shape).astype("float32")
+        module.load_state_dict({k: torch.from_numpy(numpy.array(v)) for k, v in layer.state_dict().items()})
+    run_both(layer, module, x, device, atol=1e-4, grad_atol=1e-3, seed=4)
+
+
 def recipe_accuracy_on_held_out_fifth(name: str, epochs: int) -> float:
     """Train the CLI's default recipe for `name` on 80% of the embedded sample; accuracy on the rest."""
     from gpunet.data import image_preprocess, load_mnist_sample, split

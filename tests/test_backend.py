@@ -164,3 +164,15 @@ def test_tf32_is_opt_in(monkeypatch):
     finally:
         os.environ.pop("CUPY_TF32", None)
         device_module.cupy_status.cache_clear()
+
+
+def test_kernel_sources_are_found_from_a_source_tree(monkeypatch):
+    from gpunet.backend import cuda_kernels
+
+    def not_installed(name):
+        raise ModuleNotFoundError(f"No module named {name!r}")
+
+    monkeypatch.setattr(cuda_kernels.resources, "files", not_installed)
+    assert "gemm_bias_act" in cuda_kernels.source("gemm")
+    with pytest.raises(FileNotFoundError, match="nothing.cu is missing"):
+        cuda_kernels.source("nothing")

@@ -1,12 +1,10 @@
-"""Conv2D and pooling: finite differences, PyTorch parity over random configurations (hypothesis),
-im2col/col2im adjointness, on every device."""
+"""Conv2D and pooling: finite differences, im2col/col2im adjointness, on every device (PyTorch
+parity over random configurations is in test_conv_random_shapes.py)."""
 from __future__ import annotations
 
 import numpy
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import gpunet as gn
 from gpunet import layers as L
@@ -14,7 +12,7 @@ from gpunet.backend import ops_for_device
 from gpunet.backend.ops import Ops
 from tests.conftest import DEVICES, on, rng
 from tests.gradcheck import check_layer
-from tests.reference import recipe_accuracy_on_held_out_fifth, run_both
+from tests.reference import compare_with_torch, recipe_accuracy_on_held_out_fifth
 
 
 @pytest.mark.parametrize("make, shape", [
@@ -30,46 +28,6 @@ from tests.reference import recipe_accuracy_on_held_out_fifth, run_both
 ])
 def test_gradients_match_finite_differences(make, shape):
     check_layer(make(), rng(2).standard_normal(shape))
-
-
-def torch_pair(kind, c_in, c_out, k, s, p):
-    if kind == "conv":
-        return L.Conv2D(c_in, c_out, k, stride=s, padding=p), torch.nn.Conv2d(c_in, c_out, k, stride=s, padding=p)
-    if kind == "max":
-        return L.MaxPool2D(k, stride=s), torch.nn.MaxPool2d(k, stride=s)
-    if kind == "avg":
-        return L.AvgPool2D(k, stride=s), torch.nn.AvgPool2d(k, stride=s)
-    return L.BatchNorm2d(c_in), torch.nn.BatchNorm2d(c_in)
-
-
-def compare_with_torch(layer, module, x, device):
-    if layer.params:
-        for name, value in layer.params.items():
-            value[...] = value + rng(3).uniform(-0.3, 0.3, value.shape).astype("float32")
-        module.load_state_dict({k: torch.from_numpy(numpy.array(v)) for k, v in layer.state_dict().items()})
-    run_both(layer, module, x, device, atol=1e-4, grad_atol=1e-3, seed=4)
-
-
-configs = st.fixed_dictionaries({
-    "kind": st.sampled_from(["conv", "conv", "max", "avg", "bn"]),
-    "n": st.integers(1, 3), "c_in": st.integers(1, 4), "c_out": st.integers(1, 5),
-    "h": st.integers(7, 13), "w": st.integers(7, 13), "k": st.integers(1, 7),
-    "s": st.integers(1, 3), "p": st.integers(0, 3),
-})
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@settings(max_examples=60, deadline=None)
-@given(cfg=configs)
-def test_matches_pytorch_on_random_shapes(device, cfg):
-    k, p = cfg["k"], min(cfg["p"], cfg["k"] // 2)
-    if cfg["kind"] != "conv":
-        k, p = min(k, 4), 0
-    layer, module = torch_pair(cfg["kind"], cfg["c_in"], cfg["c_out"], k, cfg["s"], p)
-    x = rng(cfg["h"] * cfg["w"]).standard_normal((cfg["n"], cfg["c_in"], cfg["h"], cfg["w"])).astype("float32")
-    if cfg["kind"] == "bn" and cfg["n"] * cfg["h"] * cfg["w"] < 2:
-        return
-    compare_with_torch(layer, module, x, device)
 
 
 def test_max_pool_ties_go_to_the_first_maximum_as_in_torch():

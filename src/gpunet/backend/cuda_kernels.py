@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 from importlib import resources
+from pathlib import Path
 
 import numpy
 
@@ -19,8 +20,20 @@ class KernelCompileError(RuntimeError):
     """NVRTC rejected one of gpunet's kernel sources."""
 
 
+# kernels/ sits at the repository root and is installed as the package gpunet.kernels; running
+# from a source tree (PYTHONPATH=src, as on a machine without a package index) reads it there.
+SOURCE_TREE_KERNELS = Path(__file__).resolve().parents[3] / "kernels"
+
+
 def source(family: str) -> str:
-    return resources.files("gpunet.kernels").joinpath(f"{family}.cu").read_text(encoding="utf-8")
+    try:
+        folder = resources.files("gpunet.kernels")
+    except ModuleNotFoundError:
+        folder = SOURCE_TREE_KERNELS
+    path = folder.joinpath(f"{family}.cu")
+    if not path.is_file():
+        raise FileNotFoundError(f"gpunet's kernel source {family}.cu is missing (looked in {folder})")
+    return path.read_text(encoding="utf-8")
 
 
 @functools.cache
