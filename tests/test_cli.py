@@ -74,3 +74,11 @@ def test_cnn_train_and_eval(tmp_path, capsys):
                  "--labels", str(tmp_path / "l.idx"), "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["samples"] == 200 and result["accuracy"] > 0.5
+
+
+def test_gpu_requested_without_one_exits_with_the_reason():
+    if gn.has_gpu():
+        pytest.skip("a GPU is usable here")
+    for argv in (["train", "--device", "gpu", "--steps", "1"], ["bench", "--device", "gpu", "--tiny"]):
+        with pytest.raises(SystemExit, match=rf"gpunet {argv[0]}: device 'gpu' was requested but no GPU is usable: "):
+            main(argv)

@@ -93,7 +93,7 @@ def cmd_train(args) -> int:
         wanted = "a text dataset (shakespeare)" if r.kind == "text" else "an image dataset (mnist-sample, mnist)"
         raise SystemExit(f"gpunet train: --model {args.model} needs {wanted}, not --dataset {dataset}")
     gn.manual_seed(args.seed)
-    dev = gn.device(args.device)
+    dev = _device(args)
     print(f"device: {dev.name} ({dev.reason})")
     ds = load_dataset(dataset, args.data_dir, args.download, args.val_fraction, args.seed)
     model = r.build(ds)
@@ -138,7 +138,7 @@ def cmd_train(args) -> int:
 
 def cmd_generate(args) -> int:
     model = gn.load(args.checkpoint)
-    model.to(gn.device(args.device))
+    model.to(_device(args))
     try:
         text = generate(model, args.prompt, args.length, args.temperature, args.seed)
     except ValueError as exc:
@@ -152,7 +152,7 @@ def cmd_eval(args) -> int:
     if (model.preprocess or {}).get("kind") == "text":
         raise SystemExit(f"gpunet eval: {args.checkpoint} is a character-level model; eval takes image classifiers "
                          "(its validation loss is in the history.json beside it; sample it with gpunet generate)")
-    dev = gn.device(args.device)
+    dev = _device(args)
     model.to(dev)
     images, labels = read_idx(args.images), read_idx(args.labels)
     if len(images) != len(labels):
@@ -172,7 +172,7 @@ def cmd_bench(args) -> int:
     except ImportError:
         raise SystemExit("gpunet bench: every benchmark compares with PyTorch, which is not installed "
                          "(pip install torch==2.13.0, or pip install -e '.[test]')") from None
-    dev = gn.device(args.device)
+    dev = _device(args)
     skipped = []
     if dev.name == "cpu" and not gn.has_gpu():
         skipped.append(("every GPU comparison", gn.backend.gpu_status()[1]))
@@ -216,6 +216,14 @@ def cmd_info(args) -> int:
     for line in device_info():
         print(line)
     return 0
+
+
+def _device(args):
+    """The requested device; a GPU that was asked for but is unusable ends the command with why."""
+    try:
+        return gn.device(args.device)
+    except RuntimeError as exc:
+        raise SystemExit(f"gpunet {args.command}: {exc}") from None
 
 
 def _positive_int(text: str) -> int:
