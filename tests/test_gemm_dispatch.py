@@ -18,7 +18,7 @@ def fake_timer(times):
 
 def test_picks_the_fastest_and_remembers_it(tmp_path):
     measure, calls = fake_timer({"fused": 2.0, "cublas": 1.0})
-    candidates = {"fused": lambda: "fused", "cublas": lambda: "cublas"}
+    candidates = lambda: {"fused": lambda: "fused", "cublas": lambda: "cublas"}  # noqa: E731
     dispatch = GemmDispatch("H200 sm_90", "abc", tmp_path / "d.json", measure)
     assert dispatch.choose(100, 1000, 300, "relu", candidates) == "cublas"
     assert dispatch.choose(120, 1024, 400, "relu", candidates) == "cublas"  # same class: not measured again
@@ -28,7 +28,7 @@ def test_picks_the_fastest_and_remembers_it(tmp_path):
 
 
 def test_new_kernel_source_or_device_measures_again(tmp_path):
-    candidates = {"fused": lambda: "fused", "cublas": lambda: "cublas"}
+    candidates = lambda: {"fused": lambda: "fused", "cublas": lambda: "cublas"}  # noqa: E731
     GemmDispatch("H200 sm_90", "v1", tmp_path / "d.json", fake_timer({"fused": 2.0, "cublas": 1.0})[0]).choose(
         64, 64, 64, None, candidates)
     measure, calls = fake_timer({"fused": 1.0, "cublas": 2.0})
@@ -42,7 +42,7 @@ def test_damaged_cache_is_ignored_and_rewritten(tmp_path):
     path = tmp_path / "d.json"
     path.write_text("{not json")
     dispatch = GemmDispatch("gpu", "v1", path, fake_timer({"fused": 1.0, "cublas": 2.0})[0])
-    assert dispatch.choose(3, 5, 7, "gelu", {"fused": lambda: "fused", "cublas": lambda: "cublas"}) == "fused"
+    assert dispatch.choose(3, 5, 7, "gelu", lambda: {"fused": lambda: "fused", "cublas": lambda: "cublas"}) == "fused"
     assert json.loads(path.read_text()) == {"gpu|v1": {"4x8x8:gelu": "fused"}}
 
 

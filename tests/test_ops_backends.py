@@ -43,6 +43,18 @@ def test_linear_and_its_backward(device, activation, shape):
     close(got[1], grads[1], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["fused", "cublas"])
+def test_both_gemm_paths_with_an_epilogue(monkeypatch, mode):
+    """The dispatch picks one path per size class by timing; this runs each on purpose."""
+    ops = ops_for_device("gpu")
+    monkeypatch.setattr(ops, "gemm_mode", mode)
+    x, w, b = (rng(i).standard_normal(s).astype("float32") for i, s in enumerate(((300, 130), (200, 130), (200,))))
+    for activation in (None, "relu", "gelu"):
+        close(ops.linear(on("gpu", x), on("gpu", w), on("gpu", b), activation), REFERENCE.linear(x, w, b, activation),
+              rtol=1e-4, atol=1e-5)
+
+
 GEOMETRIES = [((2, 3, 9, 11), (3, 3), (1, 1), (1, 1)), ((5, 4, 28, 28), (5, 5), (2, 2), (2, 2)),
               ((1, 2, 7, 6), (2, 3), (3, 2), (0, 1)), ((64, 6, 14, 14), (5, 5), (1, 1), (0, 0))]
 

@@ -183,10 +183,9 @@ def cmd_bench(args) -> int:
     print(f"gpunet bench on {dev.name}: {report.machine_name(env)}" + (" (tiny sizes)" if args.tiny else ""))
     only = [w for w in args.only.split(",") if w] if args.only else None
     try:
-        results, more = runner.run(dev.name, only, args.tiny, args.repeats)
+        results = runner.run(dev.name, only, args.tiny, args.repeats)
     except ValueError as exc:
         raise SystemExit(f"gpunet bench: {exc}") from None
-    skipped += more
     print(report.table(results, skipped))
     if args.json:
         report.write_text(args.json, report.to_json(results, skipped, env, args.tiny))

@@ -20,7 +20,7 @@ def relative_difference(a, b) -> float:
     return float(numpy.abs(a - b).max() / max(numpy.abs(b).max(), 1e-12)) if a.size else 0.0
 
 
-def batches(name: str, steps: int, batch_size: int | None, seed: int):
+def model_and_batches(name: str, steps: int, batch_size: int | None, seed: int):
     """The recipe's model (built with `seed`) and `steps` training batches of its default dataset."""
     r = recipe(name)
     ds = load_dataset(r.dataset, seed=seed)
@@ -61,7 +61,7 @@ def run(model, data, device: str, lr: float, seed: int):
 
 
 def compare(name: str, steps: int = 20, devices=("cpu", "gpu"), batch_size: int | None = None, seed: int = 0) -> dict:
-    model, data, r = batches(name, steps, batch_size, seed)
+    model, data, r = model_and_batches(name, steps, batch_size, seed)
     first, second = (run(model, data, device, r.lr, seed) for device in devices)
     layers = [f"{i}: {layer.describe()}" for i, layer in enumerate(model.layers)]
     activation_diff = [max(relative_difference(b[1][i], a[1][i]) for a, b in zip(first, second))

@@ -32,6 +32,10 @@ class CupyOps(Ops):
         if cupy is None:
             raise RuntimeError(cupy_status()[1])
         self.xp = cupy
+        self.gemm_mode = os.environ.get("GPUNET_GEMM", "auto")  # auto: whichever was measured faster
+        if self.gemm_mode not in ("auto", "fused", "cublas"):
+            raise ValueError(f"GPUNET_GEMM must be auto, fused or cublas, got {self.gemm_mode!r}")
+        self._dispatch = None  # made on first use: it asks the device for its name
 
     def erf(self, x):
         from cupyx.scipy.special import erf
@@ -57,26 +61,27 @@ class CupyOps(Ops):
     def linear(self, x, weight, bias=None, activation=None, out=None):
         if (bias is None and activation is None) or not _float32(x, weight, bias, out):
             return super().linear(x, weight, bias, activation, out)  # cuBLAS
-        m, k = x.shape
-        n = weight.shape[0]
-        y = out if out is not None else self.xp.empty((m, n), dtype="float32")
-
-        def fused():
-            launch("gemm", "gemm_bias_act", (-(-n // 64), -(-m // 64)),
-                   (x, weight, bias if bias is not None else y, y, m, n, k, bias is not None,
-                    ACTIVATION_CODES[activation]))
-
-        def separate():  # cuBLAS, then the bias and activation as their own passes
-            Ops.linear(self, x, weight, bias, activation, out=y)
-
-        mode = os.environ.get("GPUNET_GEMM", "auto")
+        y = out if out is not None else self.xp.empty((x.shape[0], weight.shape[0]), dtype="float32")
+        args = (x, weight, bias, activation, y)
+        mode = self.gemm_mode
         if mode == "auto":
-            mode = self._gemm_dispatch().choose(m, n, k, activation, {"fused": fused, "cublas": separate})
-        (separate if mode == "cublas" else fused)()
+            mode = self._gemm_dispatch().choose(
+                x.shape[0], weight.shape[0], x.shape[1], activation,
+                lambda: {"fused": lambda: self._fused_linear(*args), "cublas": lambda: self._cublas_linear(*args)})
+        (self._cublas_linear if mode == "cublas" else self._fused_linear)(*args)
         return y
 
+    def _fused_linear(self, x, weight, bias, activation, y):
+        (m, k), n = x.shape, weight.shape[0]
+        launch("gemm", "gemm_bias_act", (-(-n // 64), -(-m // 64)),
+               (x, weight, bias if bias is not None else y, y, m, n, k, bias is not None, ACTIVATION_CODES[activation]))
+
+    def _cublas_linear(self, x, weight, bias, activation, y):
+        """cuBLAS, then the bias and the activation as passes of their own."""
+        Ops.linear(self, x, weight, bias, activation, out=y)
+
     def _gemm_dispatch(self):
-        if getattr(self, "_dispatch", None) is None:
+        if self._dispatch is None:
             device = self.xp.cuda.Device()
             self._dispatch = GemmDispatch(f"{gpu_name(device.id)} sm_{device.compute_capability}",
                                           source_hash(source("gemm")),

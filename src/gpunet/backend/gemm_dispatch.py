@@ -35,8 +35,10 @@ def source_hash(*sources: str) -> str:
 class GemmDispatch:
     """choose(m, n, k, epilogue, candidates) -> the name of the fastest candidate for that class.
 
-    candidates: name -> zero-argument callable running the whole product. measure(fn) -> seconds
-    (on the GPU it must synchronise); it defaults to the median of 5 timed calls after 2 warm-ups.
+    candidates() -> {name: zero-argument callable running the whole product}; it is called only
+    when the class has not been measured yet, so a known class costs a dictionary lookup.
+    measure(fn) -> seconds (on the GPU it must synchronise); by default the median of 5 timed
+    calls after 2 warm-ups.
     """
 
     def __init__(self, device_key: str, kernels_hash: str, path: Path | None = None, measure=None):
@@ -45,11 +47,11 @@ class GemmDispatch:
         self.measure = measure or _median_time
         self.choices = self._load()
 
-    def choose(self, m: int, n: int, k: int, epilogue, candidates: dict) -> str:
+    def choose(self, m: int, n: int, k: int, epilogue, candidates) -> str:
         cls = size_class(m, n, k, epilogue)
         chosen = self.choices.get(cls)
-        if chosen not in candidates:
-            timings = {name: self.measure(fn) for name, fn in candidates.items()}
+        if chosen is None:
+            timings = {name: self.measure(fn) for name, fn in candidates().items()}
             chosen = min(timings, key=timings.get)
             self.choices[cls] = chosen
             self._save()

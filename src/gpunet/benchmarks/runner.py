@@ -78,9 +78,9 @@ def _model(make, device, batch, **sizes) -> Pair:
 
 
 def run(device: str = "cpu", only=None, tiny: bool = False, repeats: int | None = None, log=print):
-    """Measure the selected cases; returns (results, skipped) with skipped as (name, reason)."""
+    """Measure the selected cases; returns their Results in report order."""
     sync = synchroniser(device)
-    results, skipped = [], []
+    results = []
     everything = cases(device, tiny)
     selected = [c for c in everything if not only or any(word in c.name for word in only)]
     if not selected:
@@ -96,7 +96,7 @@ def run(device: str = "cpu", only=None, tiny: bool = False, repeats: int | None 
             f"ratio {result.ratio:.2f}")
         results.append(result)
     _add_share_of_peak(results)
-    return results, skipped
+    return results
 
 
 def _add_share_of_peak(results) -> None:
