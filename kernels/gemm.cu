@@ -36,70 +36,81 @@ __device__ __forceinline__ float derivative(float z, float y, int act) {
 }
 
 // C (M, N) = act(A (M, K) . W (N, K)^T + bias (N)): torch.nn.Linear's layout, all row-major.
-// Launch: grid (ceil(N / 64), ceil(M / 64)), block 256.
+// Launch: grid (ceil(N / 64), min(ceil(M / 64), 65535)), block 256. gridDim.y is capped at
+// 65,535 on every GPU, so each block walks the row tiles blockIdx.y, + gridDim.y, ... (the loop
+// bound depends only on blockIdx.y: every thread of a block takes the same trips, as the
+// __syncthreads inside require).
 extern "C" __global__ void gemm_bias_act(const float* __restrict__ A, const float* __restrict__ W,
                                          const float* __restrict__ bias, float* __restrict__ C,
                                          int M, int N, int K, int has_bias, int act) {
   __shared__ float As[TILE_K][TILE_M + 1];  // +1: the transposing stores hit distinct banks
   __shared__ float Ws[TILE_K][TILE_N + 1];
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  const int row0 = blockIdx.y * TILE_M, col0 = blockIdx.x * TILE_N;
-  float acc[4][4] = {{0.f}};
-  for (int k0 = 0; k0 < K; k0 += TILE_K) {
-    for (int i = threadIdx.x; i < TILE_M * TILE_K; i += THREADS) {
-      int r = i / TILE_K, k = i % TILE_K, gr = row0 + r, gk = k0 + k;
-      As[k][r] = (gr < M && gk < K) ? A[(size_t)gr * K + gk] : 0.f;
+  const int col0 = blockIdx.x * TILE_N;
+  for (long long row0 = (long long)blockIdx.y * TILE_M; row0 < M; row0 += (long long)gridDim.y * TILE_M) {
+    float acc[4][4] = {{0.f}};
+    for (int k0 = 0; k0 < K; k0 += TILE_K) {
+      for (int i = threadIdx.x; i < TILE_M * TILE_K; i += THREADS) {
+        int r = i / TILE_K, k = i % TILE_K, gk = k0 + k;
+        long long gr = row0 + r;
+        As[k][r] = (gr < M && gk < K) ? A[(size_t)gr * K + gk] : 0.f;
+      }
+      for (int i = threadIdx.x; i < TILE_N * TILE_K; i += THREADS) {
+        int c = i / TILE_K, k = i % TILE_K, gc = col0 + c, gk = k0 + k;
+        Ws[k][c] = (gc < N && gk < K) ? W[(size_t)gc * K + gk] : 0.f;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int k = 0; k < TILE_K; ++k) {
+        float a[4], w[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[i] = As[k][ty + 16 * i];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) w[j] = Ws[k][tx + 16 * j];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], w[j], acc[i][j]);
+      }
+      __syncthreads();  // the next tile's loads overwrite As and Ws
     }
-    for (int i = threadIdx.x; i < TILE_N * TILE_K; i += THREADS) {
-      int c = i / TILE_K, k = i % TILE_K, gc = col0 + c, gk = k0 + k;
-      Ws[k][c] = (gc < N && gk < K) ? W[(size_t)gc * K + gk] : 0.f;
-    }
-    __syncthreads();
 #pragma unroll
-    for (int k = 0; k < TILE_K; ++k) {
-      float a[4], w[4];
+    for (int i = 0; i < 4; ++i) {
+      long long r = row0 + ty + 16 * i;
+      if (r >= M) continue;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = As[k][ty + 16 * i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) w[j] = Ws[k][tx + 16 * j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], w[j], acc[i][j]);
-    }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    int r = row0 + ty + 16 * i;
-    if (r >= M) continue;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      int c = col0 + tx + 16 * j;
-      if (c < N) C[(size_t)r * N + c] = activate(acc[i][j] + (has_bias ? bias[c] : 0.f), act);
+      for (int j = 0; j < 4; ++j) {
+        int c = col0 + tx + 16 * j;
+        if (c < N) C[(size_t)r * N + c] = activate(acc[i][j] + (has_bias ? bias[c] : 0.f), act);
+      }
     }
   }
 }
 
 // dz = dy * act'(z, y) (written when write_dz), and per-chunk column sums of dz for the bias
-// gradient: partial[chunk, col] over rows [chunk * rows_per_chunk, ...). No atomics: the host
-// sums the (chunks, N) partials. Launch: grid (ceil(N / 256), chunks), block 256.
+// gradient: partial[chunk, col] over rows [chunk * rows_per_chunk, ...) for each of the
+// ceil(M / rows_per_chunk) chunks. No atomics: the host sums the (chunks, N) partials.
+// Launch: grid (ceil(N / 256), min(chunks, 65535)), block 256; a block walks chunks
+// blockIdx.y, + gridDim.y, ... (gridDim.y is capped at 65,535 on every GPU).
 extern "C" __global__ void bias_act_backward(const float* __restrict__ dy, const float* __restrict__ z,
                                              const float* __restrict__ y, float* __restrict__ dz,
                                              float* __restrict__ partial, int M, int N, int rows_per_chunk,
                                              int act, int write_dz) {
   const int col = blockIdx.x * blockDim.x + threadIdx.x;
-  if (col >= N) return;
-  const int r0 = blockIdx.y * rows_per_chunk;
-  const int r1 = min(M, r0 + rows_per_chunk);
-  float sum = 0.f;
-  for (int r = r0; r < r1; ++r) {
-    size_t idx = (size_t)r * N + col;
-    float g = act ? dy[idx] * derivative(z[idx], y[idx], act) : dy[idx];
-    if (write_dz) dz[idx] = g;
-    sum += g;
+  if (col >= N) return;  // no __syncthreads below: leaving early is safe
+  const long long chunks = ((long long)M + rows_per_chunk - 1) / rows_per_chunk;
+  for (long long chunk = blockIdx.y; chunk < chunks; chunk += gridDim.y) {
+    const long long r0 = chunk * rows_per_chunk;
+    const long long r1 = min((long long)M, r0 + rows_per_chunk);
+    float sum = 0.f;
+    for (long long r = r0; r < r1; ++r) {
+      size_t idx = (size_t)r * N + col;
+      float g = act ? dy[idx] * derivative(z[idx], y[idx], act) : dy[idx];
+      if (write_dz) dz[idx] = g;
+      sum += g;
+    }
+    partial[(size_t)chunk * N + col] = sum;
   }
-  partial[(size_t)blockIdx.y * N + col] = sum;
 }
 
 // y = act(x) and dx = dy * act'(x, y), elementwise over n values (the activation layers).

@@ -1,5 +1,7 @@
 // im2col / col2im for Conv2D and max pooling, NCHW float32. Layouts match gpunet.backend.ops:
 // columns are (N*OH*OW, C*KH*KW) with rows in (n, oh, ow) order and columns in (c, i, j) order.
+// im2col writes them row-major; col2im reads them through element strides, so it takes the
+// transposed (column-major) matrix the conv backward's GEMM produces as it is, without a copy.
 // col2im and the pooling backward are gathers (one thread per input element): no atomics.
 // All kernels use grid-stride loops, so any grid size covers any array.
 
@@ -27,9 +29,12 @@ extern "C" __global__ void im2col(const float* __restrict__ x, float* __restrict
   }
 }
 
-extern "C" __global__ void col2im(const float* __restrict__ cols, float* __restrict__ x, GEOMETRY_ARGS) {
+// cols[row, col] is cols[row * row_stride + col * col_stride]. Consecutive threads take
+// consecutive pixels ww, which (stride 1) read consecutive rows: coalesced when row_stride is 1,
+// the column-major layout of the conv backward's dY W.
+extern "C" __global__ void col2im(const float* __restrict__ cols, float* __restrict__ x, long long row_stride,
+                                  long long col_stride, GEOMETRY_ARGS) {
   GEOMETRY;
-  const long long width = (long long)g.c * g.kh * g.kw;
   const long long total = (long long)g.n * g.c * g.h * g.w;
   for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
        idx += (long long)gridDim.x * blockDim.x) {
@@ -47,7 +52,7 @@ extern "C" __global__ void col2im(const float* __restrict__ cols, float* __restr
         int ow = left / g.sw;
         if (ow >= g.ow) continue;
         long long row = ((long long)n * g.oh + oh) * g.ow + ow;
-        sum += cols[row * width + ((long long)c * g.kh + i) * g.kw + j];
+        sum += cols[row * row_stride + (((long long)c * g.kh + i) * g.kw + j) * col_stride];
       }
     }
     x[idx] = sum;

@@ -3,6 +3,11 @@
 // writes the gradient (softmax - onehot) / N (its reads of the row mostly hit L2). The block
 // also writes the row's loss, log(sum) + max - logit[label]; the mean is a separate reduction.
 // Works for any C from 2 up (each thread strides over the row). Launch: grid N, block 256.
+//
+// A label outside [0, C) is never used as an index: its row gets loss 0 and gradient 0, and the
+// label is folded into label_error[0] (the smallest bad label, start LLONG_MAX) and
+// label_error[1] (the largest, start LLONG_MIN), which the host reads when it next reads the loss
+// (CupyOps.check_errors), so the step itself never waits for the GPU.
 
 // NVRTC has no INFINITY (it lives in the host math headers): build the bit pattern.
 #define NEG_INF (-__int_as_float(0x7f800000))
@@ -16,7 +21,7 @@ __device__ __forceinline__ void combine(float& m, float& s, float m2, float s2) 
 
 extern "C" __global__ void softmax_xent(const float* __restrict__ logits, const long long* __restrict__ labels,
                                         float* __restrict__ grad, float* __restrict__ row_loss,
-                                        int C, float inv_n) {
+                                        long long* __restrict__ label_error, int C, float inv_n) {
   __shared__ float shared_m[THREADS / 32], shared_s[THREADS / 32];
   const long long row = blockIdx.x;
   const float* x = logits + row * C;
@@ -34,8 +39,16 @@ extern "C" __global__ void softmax_xent(const float* __restrict__ logits, const 
   s = shared_s[0];
   for (int w = 1; w < THREADS / 32; ++w) combine(m, s, shared_m[w], shared_s[w]);
   const long long label = labels[row];
+  const bool valid = label >= 0 && label < C;
   const float scale = inv_n / s;
   float* g = grad + row * C;
-  for (int c = threadIdx.x; c < C; c += THREADS) g[c] = expf(x[c] - m) * scale - (c == label ? inv_n : 0.f);
-  if (threadIdx.x == 0) row_loss[row] = logf(s) + m - x[label];
+  for (int c = threadIdx.x; c < C; c += THREADS)
+    g[c] = valid ? expf(x[c] - m) * scale - (c == label ? inv_n : 0.f) : 0.f;
+  if (threadIdx.x == 0) {
+    row_loss[row] = valid ? logf(s) + m - x[label] : 0.f;
+    if (!valid) {
+      atomicMin(&label_error[0], label);
+      atomicMax(&label_error[1], label);
+    }
+  }
 }

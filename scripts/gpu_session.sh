@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Everything a session lent the H200 should run, in one device call (see the device tool's
-# README): the GPU test suite, `gpunet bench --device gpu` and `gpunet parity` for each model.
+# Everything a session lent a GPU should run, in one device call (see the device tool's
+# README): the GPU test suite, compute-sanitizer's memcheck and racecheck over the kernel tests,
+# `gpunet bench --device gpu` and `gpunet parity` for each model.
 # Usage there, from the repository root:  bash scripts/gpu_session.sh "$OUT"
 # The machine has no package registry: it runs from the source tree with PYTHONPATH=src.
 # It writes 8 files, the most a device call brings back.
@@ -18,6 +19,14 @@ python3 -m pytest -m gpu -q -ra > "$out/tests.txt" 2>&1
 echo "gpu tests: exit $?" >> "$out/summary.txt"
 python3 -m pytest -q -ra >> "$out/tests.txt" 2>&1
 echo "all tests: exit $?" >> "$out/summary.txt"
+# Every kernel, every launch configuration CupyOps uses: out-of-bounds accesses, then shared-memory
+# races (racecheck is slow: the op suite only). Appended to tests.txt: a call brings back 8 files.
+for tool in memcheck racecheck; do
+  echo "== compute-sanitizer --tool $tool" >> "$out/tests.txt"
+  compute-sanitizer --tool "$tool" --error-exitcode 3 --target-processes all \
+    python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_ops_backends.py >> "$out/tests.txt" 2>&1
+  echo "compute-sanitizer $tool: exit $?" >> "$out/summary.txt"
+done
 python3 -m gpunet bench --device gpu --json "$out/gpu.json" --markdown "$out/gpu.md" --plot "$out/gpu.png" \
   > "$out/bench.txt" 2>&1
 echo "bench: exit $?" >> "$out/summary.txt"

@@ -1,23 +1,38 @@
-"""Shared fixtures: every device-parametrized test runs on the CPU and, where one is usable,
-on the GPU (marked `gpu`, skipped cleanly otherwise)."""
+"""Shared fixtures: every device-parametrized test runs on the CPU and on the GPU (marked `gpu`):
+a real one when usable, else the CuPy stand-in (tests/gpu_standin), whose kernels run in the
+emulator. Tests marked `real_gpu(reason=...)` need real cuBLAS numerics or timing and run only on
+a real GPU."""
 from __future__ import annotations
+
+import os
+import tempfile
 
 import numpy
 import pytest
 
 import gpunet as gn
+from tests import gpu_standin
 
 DEVICES = ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)]
+# GEMM choices measured by the tests (on the stand-in: meaningless timings) never reach the user's cache.
+os.environ["GPUNET_CACHE"] = tempfile.mkdtemp(prefix="gpunet-test-cache-")
+GPU = gpu_standin.activate()  # "real", "standin", or why neither can run
+ON_STANDIN = GPU == "standin"
+
+
+def pytest_report_header(config):
+    kinds = {"real": "a real GPU", "standin": "the CuPy stand-in (kernels in the CPU emulator)"}
+    return f"gpu tests run on: {kinds.get(GPU, 'nothing: ' + GPU)}"
 
 
 def pytest_collection_modifyitems(config, items):
-    if gn.has_gpu():
-        return
-    reason = gn.backend.gpu_status()[1]
-    skip = pytest.mark.skip(reason=f"no usable GPU: {reason}")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" not in item.keywords:
+            continue
+        if GPU not in ("real", "standin"):
+            item.add_marker(pytest.mark.skip(reason=f"no usable GPU and no stand-in: {GPU}"))
+        elif ON_STANDIN and (marker := item.get_closest_marker("real_gpu")):
+            item.add_marker(pytest.mark.skip(reason=f"needs a real GPU: {marker.kwargs['reason']}"))
 
 
 @pytest.fixture(params=DEVICES)

@@ -1,39 +1,87 @@
-"""The CUDA kernels' logic, run on the CPU by a thread-per-CUDA-thread emulator (g++), against
-the NumPy reference Ops: index arithmetic, tiling edges, padding, strides, reductions.
-On a GPU, tests/test_ops_backends.py runs the same kernels for real."""
+"""gpunet's CUDA kernels run on the CPU by the generic kernel emulator (tests/cuda_emulator.py),
+against the NumPy reference Ops: index arithmetic, tiling edges, padding, strides, reductions;
+then the emulator itself: launch limits, argument checks, warp shuffles, faults, block order.
+On a GPU, tests/test_ops_backends.py runs the same kernels for real. tests/test_kernel_races.py
+runs this whole file again with every module built under ThreadSanitizer (GPUNET_EMULATOR_TSAN=1).
+"""
 from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
 
 import numpy
 import pytest
 
-from gpunet.backend.cupy_ops import ACTIVATION_CODES, ROWS_PER_CHUNK
+from gpunet.backend.cuda_kernels import source
+from gpunet.backend.cupy_ops import ACTIVATION_CODES, NO_LABEL_ERROR, ROWS_PER_CHUNK
 from gpunet.backend.ops import Ops, pooled_size
+from tests import cuda_emulator
 from tests.conftest import rng
-from tests.cuda_emulator import call, library
+from tests.cuda_emulator import KernelFault, LaunchError, build
 
 REFERENCE = Ops()
+TSAN = os.environ.get("GPUNET_EMULATOR_TSAN") == "1"
+DTYPES = {("int", 4): "int32", ("int", 8): "int64", ("uint", 4): "uint32", ("uint", 8): "uint64",
+          ("float", 4): "float32", ("float", 8): "float64", ("bool", 1): "bool"}
 
 
-@pytest.fixture(scope="module")
-def lib(tmp_path_factory):
-    return library(str(tmp_path_factory.mktemp("emulator")))
+def compiled(code: str, name: str):
+    try:
+        return build(code, name=name, tsan=TSAN)
+    except RuntimeError as exc:
+        if "is not on this machine" in str(exc):
+            pytest.skip(str(exc))
+        raise
+
+
+@pytest.fixture(scope="module", autouse=True)
+def load_every_module_first():
+    """Under TSan: its symbolizer only knows the modules loaded at its first report."""
+    if TSAN:
+        for family in ("gemm", "im2col", "optim", "sequence", "softmax_xent"):
+            compiled(source(family), family)
+        probes()
+
+
+def marshal(module, kernel: str, args) -> list[int | bytes]:
+    """NumPy arrays -> their data pointers, None -> null, scalars -> the parameter type's bytes."""
+    params = module.kernels[kernel].params
+    assert len(args) == len(params), f"{kernel} takes {len(params)} arguments"
+    raw = []
+    for param, a in zip(params, args):
+        if param.kind == "pointer":
+            assert a is None or a.flags.c_contiguous, kernel
+            raw.append(0 if a is None else a.ctypes.data)
+        else:
+            raw.append(numpy.array(a, DTYPES[param.kind, param.size]).tobytes())
+    return raw
+
+
+def run(family: str, kernel: str, grid, block, *args) -> None:
+    """Launch kernels/<family>.cu's `kernel`: grid and block are ints or tuples."""
+    module = compiled(source(family), family)
+    module.launch(kernel, grid, block, marshal(module, kernel, args))
 
 
 @pytest.mark.parametrize("activation", list(ACTIVATION_CODES))
 @pytest.mark.parametrize("shape", [(1, 1, 1), (70, 33, 130), (64, 16, 64)], ids=lambda s: "x".join(map(str, s)))
-def test_gemm_bias_act(lib, shape, activation):
+def test_gemm_bias_act(shape, activation):
     m, k, n = shape
     r = rng(m * n)
     x, w, b = (r.standard_normal(s).astype("float32") for s in ((m, k), (n, k), (n,)))
     out = numpy.full((m, n), numpy.nan, "float32")
-    call(lib, "gemm_bias_act", -(-n // 64), -(-m // 64), x, w, b, out, m, n, k, 1, ACTIVATION_CODES[activation])
+    grid = (-(-n // 64), -(-m // 64))
+    run("gemm", "gemm_bias_act", grid, 256, x, w, b, out, m, n, k, 1, ACTIVATION_CODES[activation])
     numpy.testing.assert_allclose(out, REFERENCE.linear(x, w, b, activation), rtol=1e-5, atol=1e-5)
-    call(lib, "gemm_bias_act", -(-n // 64), -(-m // 64), x, w, b, out, m, n, k, 0, ACTIVATION_CODES[activation])
+    out[:] = numpy.nan
+    run("gemm", "gemm_bias_act", (grid[0], 1), 256, x, w, b, out, m, n, k, 0, ACTIVATION_CODES[activation])  # y loop
     numpy.testing.assert_allclose(out, REFERENCE.linear(x, w, None, activation), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("activation", list(ACTIVATION_CODES))
-def test_bias_act_backward(lib, activation):
+@pytest.mark.parametrize("grid_y", [3, 2])  # one block per row chunk, and fewer (a block walks two)
+def test_bias_act_backward(activation, grid_y):
     m, n = 150, 300  # three row chunks, two column blocks
     r = rng(5)
     z, dy = r.standard_normal((m, n)).astype("float32"), r.standard_normal((m, n)).astype("float32")
@@ -41,8 +89,8 @@ def test_bias_act_backward(lib, activation):
     want = REFERENCE.activation_backward(activation, z, y, dy) if activation else dy
     chunks = -(-m // ROWS_PER_CHUNK)
     dz, partial = numpy.zeros_like(dy), numpy.zeros((chunks, n), "float32")
-    call(lib, "bias_act_backward", -(-n // 256), chunks, dy, z, y, dz, partial, m, n, ROWS_PER_CHUNK,
-         ACTIVATION_CODES[activation], 1)
+    run("gemm", "bias_act_backward", (-(-n // 256), grid_y), 256, dy, z, y, dz, partial, m, n, ROWS_PER_CHUNK,
+        ACTIVATION_CODES[activation], 1)
     numpy.testing.assert_allclose(dz, want, rtol=1e-5, atol=1e-6)
     numpy.testing.assert_allclose(partial.sum(axis=0), want.sum(axis=0), rtol=1e-4, atol=1e-4)
 
@@ -53,50 +101,54 @@ GEOMETRIES = [((2, 3, 9, 11), (3, 3), (1, 1), (1, 1)), ((3, 2, 12, 10), (5, 5), 
 
 @pytest.mark.parametrize("blocks, threads", [(1, 1), (3, 64)])
 @pytest.mark.parametrize("shape, kernel, stride, padding", GEOMETRIES)
-def test_im2col_and_col2im(lib, shape, kernel, stride, padding, blocks, threads):
+def test_im2col_and_col2im(shape, kernel, stride, padding, blocks, threads):
     x = rng().standard_normal(shape).astype("float32")
     oh, ow = pooled_size(shape[2:], kernel, stride, padding)
     geometry = (*shape, *kernel, *stride, *padding, oh, ow)
     want = REFERENCE.im2col(x, kernel, stride, padding)
     cols = numpy.full(want.shape, numpy.nan, "float32")
-    call(lib, "im2col", blocks, threads, x, cols, *geometry)
+    run("im2col", "im2col", blocks, threads, x, cols, *geometry)
     numpy.testing.assert_array_equal(cols, want)
     dcols = rng(1).standard_normal(want.shape).astype("float32")
-    dx = numpy.full(shape, numpy.nan, "float32")
-    call(lib, "col2im", blocks, threads, dcols, dx, *geometry)
-    numpy.testing.assert_allclose(dx, REFERENCE.col2im(dcols, shape, kernel, stride, padding), rtol=1e-5, atol=1e-6)
+    want_dx = REFERENCE.col2im(dcols, shape, kernel, stride, padding)
+    rows, width = want.shape
+    for layout, strides in ((dcols, (width, 1)), (numpy.ascontiguousarray(dcols.T), (1, rows))):  # row-, column-major
+        dx = numpy.full(shape, numpy.nan, "float32")
+        run("im2col", "col2im", blocks, threads, layout, dx, *strides, *geometry)
+        numpy.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("shape, kernel, stride", [((2, 3, 8, 8), (2, 2), (2, 2)), ((1, 2, 9, 7), (3, 2), (2, 3))])
-def test_max_pool_and_backward(lib, shape, kernel, stride):
+def test_max_pool_and_backward(shape, kernel, stride):
     x = rng().standard_normal(shape).astype("float32")
     x[0, 0, 0, :2] = 5.0  # a tie inside one window: the first maximum wins, as in torch
     oh, ow = pooled_size(shape[2:], kernel, stride)
     geometry = (*shape, *kernel, *stride, 0, 0, oh, ow)
     want_y, want_arg = REFERENCE.max_pool(x, kernel, stride)
     y, arg = numpy.zeros((shape[0], shape[1], oh, ow), "float32"), numpy.zeros((shape[0], shape[1], oh, ow), "int32")
-    call(lib, "max_pool", 2, 32, x, y, arg, *geometry)
+    run("im2col", "max_pool", 2, 32, x, y, arg, *geometry)
     numpy.testing.assert_array_equal(y, want_y)
     numpy.testing.assert_array_equal(arg.reshape(-1), want_arg)
     dy = rng(1).standard_normal(y.shape).astype("float32")
     dx = numpy.full(shape, numpy.nan, "float32")
-    call(lib, "max_pool_backward", 2, 32, dy, arg, dx, *geometry)
+    run("im2col", "max_pool_backward", 2, 32, dy, arg, dx, *geometry)
     numpy.testing.assert_allclose(dx, REFERENCE.max_pool_backward(dy, want_arg, shape, kernel, stride))
 
 
 @pytest.mark.parametrize("rows, classes", [(3, 2), (4, 300), (2, 5000)])
-def test_softmax_xent(lib, rows, classes):
+def test_softmax_xent(rows, classes):
     logits = (rng().standard_normal((rows, classes)) * 8).astype("float32")
     logits[0, 0] = 80.0  # exp would overflow without the running maximum
     labels = rng(1).integers(0, classes, rows).astype("int64")
-    grad, loss = numpy.zeros_like(logits), numpy.zeros(rows, "float32")
-    call(lib, "softmax_xent", rows, logits, labels, grad, loss, classes, 1.0 / rows)
+    grad, loss, errors = numpy.zeros_like(logits), numpy.zeros(rows, "float32"), NO_LABEL_ERROR.copy()
+    run("softmax_xent", "softmax_xent", rows, 256, logits, labels, grad, loss, errors, classes, 1.0 / rows)
     want_loss, want_grad = REFERENCE.softmax_cross_entropy(logits, labels)
     numpy.testing.assert_allclose(loss.mean(), want_loss, rtol=1e-5)
     numpy.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-7)
+    numpy.testing.assert_array_equal(errors, NO_LABEL_ERROR)
 
 
-def test_lstm_cell_and_backward(lib):
+def test_lstm_cell_and_backward():
     batch, hidden = 3, 37
     r = rng(2)
     xg, hg = (r.standard_normal((batch, 4 * hidden)).astype("float32") for _ in range(2))
@@ -104,7 +156,7 @@ def test_lstm_cell_and_backward(lib):
     want = [numpy.zeros((batch, 4 * hidden), "float32")] + [numpy.zeros((batch, hidden), "float32") for _ in range(3)]
     REFERENCE.lstm_cell(xg, hg, c_prev, *want)
     got = [numpy.full_like(a, numpy.nan) for a in want]
-    call(lib, "lstm_cell", 2, xg, hg, c_prev, *got, batch, hidden)
+    run("sequence", "lstm_cell", 2, 64, xg, hg, c_prev, *got, batch, hidden)
     for g, w in zip(got, want):
         numpy.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
     acts, _, _, tanh_c = want
@@ -113,79 +165,193 @@ def test_lstm_cell_and_backward(lib):
     want_dc, want_dgates = dc.copy(), numpy.zeros_like(acts)
     REFERENCE.lstm_cell_backward(dh, want_dc, acts, c_prev, tanh_c, want_dgates)
     got_dc, got_dgates = dc.copy(), numpy.full_like(acts, numpy.nan)
-    call(lib, "lstm_cell_backward", 2, dh, got_dc, acts, c_prev, tanh_c, got_dgates, batch, hidden)
+    run("sequence", "lstm_cell_backward", 2, 64, dh, got_dc, acts, c_prev, tanh_c, got_dgates, batch, hidden)
     numpy.testing.assert_allclose(got_dgates, want_dgates, rtol=1e-5, atol=1e-6)
     numpy.testing.assert_allclose(got_dc, want_dc, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("length", [5, 300])
-def test_attention_softmax_and_backward(lib, causal, length):
+def test_attention_softmax_and_backward(causal, length):
     shape = (2, 2, length, length) if length < 10 else (1, 1, length, length)  # rows > 256 wide, few blocks
     scores = (rng().standard_normal(shape) * 4).astype("float32")
     blocks = shape[0] * shape[1] * length
     want = REFERENCE.attention_softmax(scores.copy(), 0.125, causal)
     got = scores.copy()
-    call(lib, "attention_softmax", blocks, got, length, 0.125, int(causal))
+    run("sequence", "attention_softmax", blocks, 256, got, length, 0.125, int(causal))
     numpy.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     dprobs = rng(1).standard_normal(scores.shape).astype("float32")
     want_d = REFERENCE.attention_softmax_backward(want, dprobs.copy(), 0.125)
     got_d = dprobs.copy()
-    call(lib, "attention_softmax_backward", blocks, want, got_d, length, 0.125)
+    run("sequence", "attention_softmax_backward", blocks, 256, want, got_d, length, 0.125)
     numpy.testing.assert_allclose(got_d, want_d, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("width", [7, 600])
-def test_layer_norm_and_backward(lib, affine, width):
+def layer_norm_case(module, width: int, affine: bool):
+    """(got, want) for y, rstd and dx of layer_norm and its backward; also used on mutated sources."""
     r = rng(4)
     x = (r.standard_normal((5, width)) * 3 + 1).astype("float32")
     w, b = r.standard_normal(width).astype("float32"), r.standard_normal(width).astype("float32")
     want_y, want_xhat, want_rstd = REFERENCE.layer_norm(x, w if affine else None, b if affine else None, 1e-5)
     y, xhat, rstd = numpy.zeros_like(x), numpy.zeros_like(x), numpy.zeros(5, "float32")
-    call(lib, "layer_norm", 5, x, w, b, y, xhat, rstd, width, 1e-5, int(affine))
-    numpy.testing.assert_allclose(y, want_y, rtol=1e-4, atol=1e-5)
-    numpy.testing.assert_allclose(rstd, want_rstd[:, 0], rtol=1e-5)
+    module.launch("layer_norm", 5, 256, marshal(module, "layer_norm", (x, w, b, y, xhat, rstd, width, 1e-5, affine)))
     dy = r.standard_normal(x.shape).astype("float32")
     want_dx = REFERENCE.layer_norm_backward(dy, want_xhat, want_rstd, w if affine else None)[0]
     dx = numpy.zeros_like(x)
-    call(lib, "layer_norm_backward", 5, dy, xhat, rstd, w, dx, width, int(affine))
-    numpy.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-5)
+    module.launch("layer_norm_backward", 5, 256,
+                  marshal(module, "layer_norm_backward", (dy, xhat, rstd, w, dx, width, affine)))
+    return (y, rstd, dx), (want_y, want_rstd[:, 0], want_dx)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("width", [7, 600])
+def test_layer_norm_and_backward(affine, width):
+    got, want = layer_norm_case(compiled(source("sequence"), "sequence"), width, affine)
+    for g, w, rtol in zip(got, want, (1e-4, 1e-5, 1e-4)):
+        numpy.testing.assert_allclose(g, w, rtol=rtol, atol=1e-5)
 
 
 @pytest.mark.parametrize("activation", [a for a in ACTIVATION_CODES if a])
-def test_activation_forward_and_backward(lib, activation):
+def test_activation_forward_and_backward(activation):
     x, dy = (rng(i).standard_normal(1001).astype("float32") * 3 for i in range(2))
     y = numpy.full_like(x, numpy.nan)
-    call(lib, "activation_forward", 3, x, y, numpy.int64(x.size), ACTIVATION_CODES[activation])
+    run("gemm", "activation_forward", 3, 64, x, y, x.size, ACTIVATION_CODES[activation])
     numpy.testing.assert_allclose(y, REFERENCE.activation(activation, x), rtol=1e-5, atol=1e-6)
     dx = numpy.full_like(x, numpy.nan)
-    call(lib, "activation_backward", 3, x, y, dy, dx, numpy.int64(x.size), ACTIVATION_CODES[activation])
+    run("gemm", "activation_backward", 3, 64, x, y, dy, dx, x.size, ACTIVATION_CODES[activation])
     numpy.testing.assert_allclose(dx, REFERENCE.activation_backward(activation, x, y, dy), rtol=1e-4, atol=3e-5)
 
 
 @pytest.mark.parametrize("momentum, nesterov, decay, first", [(0.0, False, 0.0, True), (0.9, True, 0.01, False),
                                                               (0.9, False, 0.0, True)])
-def test_sgd_update(lib, momentum, nesterov, decay, first):
+def test_sgd_update(momentum, nesterov, decay, first):
     r = rng(3)
     param, grad, velocity = (r.standard_normal(777).astype("float32") for _ in range(3))
     want_p, want_v = param.copy(), velocity.copy()
     REFERENCE.sgd_update(want_p, grad, want_v, 0.1, momentum, 0.0, decay, nesterov, first)
-    call(lib, "sgd_update", 2, param, grad, velocity, numpy.int64(param.size), 0.1, momentum, 0.0, decay, int(nesterov),
-         int(first))
+    run("optim", "sgd_update", 2, 64, param, grad, velocity, param.size, 0.1, momentum, 0.0, decay, nesterov, first)
     numpy.testing.assert_allclose(param, want_p, rtol=1e-6, atol=1e-7)
     if momentum:
         numpy.testing.assert_allclose(velocity, want_v, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("decoupled, decay", [(False, 0.0), (False, 0.1), (True, 0.1)])
-def test_adam_update(lib, decoupled, decay):
+def test_adam_update(decoupled, decay):
     r = rng(4)
     param, grad, m = (r.standard_normal(777).astype("float32") for _ in range(3))
     v = numpy.abs(r.standard_normal(777)).astype("float32")
     want = [a.copy() for a in (param, m, v)]
     REFERENCE.adam_update(want[0], grad, want[1], want[2], 1e-2, 0.9, 0.999, 1e-8, decay, decoupled, 3)
-    call(lib, "adam_update", 2, param, grad, m, v, numpy.int64(param.size), 1e-2, 0.9, 0.999, 1e-8, decay,
-         int(decoupled), float(1 - 0.9**3), float((1 - 0.999**3) ** 0.5))
+    run("optim", "adam_update", 2, 64, param, grad, m, v, param.size, 1e-2, 0.9, 0.999, 1e-8, decay, decoupled,
+        1 - 0.9**3, (1 - 0.999**3) ** 0.5)
     for got, expected in zip((param, m, v), want):
         numpy.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+
+
+# The emulator itself, on small kernels written here.
+PROBES = (Path(__file__).parent / "cuda" / "probes.cu").read_text()
+
+
+def probes():
+    return compiled(PROBES, "probes")
+
+
+def fill_args(module, out):
+    return marshal(module, "fill", (out, out.size, 2.5))
+
+
+@pytest.mark.parametrize("grid, block, shared, message", [
+    ((1, 1, 1), (1025, 1, 1), 0, "blockDim.x = 1025 is over the limit 1024"),
+    ((1, 1, 1), (41, 25, 1), 0, "1025 threads per block is over the limit 1024"),
+    ((1, 1, 1), (1, 1, 65), 0, "blockDim.z = 65 is over the limit 64"),
+    ((1, 65536, 1), (32, 1, 1), 0, "gridDim.y = 65536 is over the limit 65535"),
+    ((2**31, 1, 1), (32, 1, 1), 0, "gridDim.x = 2147483648 is over the limit"),
+    ((0, 1, 1), (32, 1, 1), 0, "must have every dimension >= 1"),
+    ((1, 1, 1), (0, 1, 1), 0, "must have every dimension >= 1"),
+    ((1, 1, 1), (32, 1, 1), 49 * 1024, "50176 bytes of dynamic + 0 of static shared memory is over the limit 49152"),
+])
+def test_launch_limits_refuse_before_running(grid, block, shared, message):
+    module, out = probes(), numpy.zeros(8, "float32")
+    with pytest.raises(LaunchError, match=f"kernel fill: .*{re.escape(message)}"):
+        module.launch("fill", grid, block, fill_args(module, out), shared_mem=shared)
+    assert not out.any()  # nothing ran
+    module.launch("fill", 1, 1024, fill_args(module, out), shared_mem=48 * 1024)  # at the limits: fine
+    numpy.testing.assert_array_equal(out, 2.5)
+
+
+def test_launch_refuses_too_many_registers(monkeypatch):
+    module, out = probes(), numpy.zeros(8, "float32")
+    if module.resources is None:
+        pytest.skip("nvcc is not on this machine: register counts unknown")
+    registers = module.resources["fill"][0]
+    monkeypatch.setitem(cuda_emulator.LIMITS, "max_registers_per_block", registers * 64 - 1)
+    with pytest.raises(LaunchError, match=f"{registers} registers x 64 threads is over the limit"):
+        module.launch("fill", 1, 64, fill_args(module, out))
+    module.launch("fill", 1, 63, fill_args(module, out))
+
+
+@pytest.mark.parametrize("args, message", [
+    (lambda out: [out.ctypes.data, bytes(8), bytes(4)], r"parameter 1 is a 4-byte int: expected 4 bytes, got 8"),
+    (lambda out: [out.ctypes.data, out.ctypes.data, bytes(4)], r"parameter 1 is a 4-byte int: .*got int"),
+    (lambda out: [bytes(8), bytes(4), bytes(4)], r"parameter 0 is a pointer: expected an int address, got bytes"),
+    (lambda out: [out.ctypes.data, bytes(4)], r"kernel fill takes 3 arguments, got 2"),
+])
+def test_arguments_are_checked_against_the_kernel_signature(args, message):
+    module, out = probes(), numpy.zeros(8, "float32")
+    assert [(p.kind, p.size) for p in module.kernels["fill"].params] == [("pointer", 8), ("int", 4), ("float", 4)]
+    with pytest.raises(TypeError, match=message):
+        module.launch("fill", 1, 32, args(out))
+
+
+def test_warp_shuffles_and_votes_match_numpy():
+    module = probes()
+    x = rng(7).standard_normal(128).astype("float32")
+    outs = [numpy.zeros(128, "float32") for _ in range(4)] + [numpy.zeros(128, "int32"), numpy.zeros(128, "uint32")]
+    module.launch("warp_ops", 2, 64, marshal(module, "warp_ops", (x, *outs)))
+    all_sum, lane0_sum, scan, seg8, reversed_ids, ballot = outs
+    warps = x.reshape(4, 32)
+    numpy.testing.assert_allclose(all_sum, numpy.repeat(warps.sum(1), 32), rtol=1e-5, atol=1e-5)
+    numpy.testing.assert_allclose(lane0_sum[::32], warps.sum(1), rtol=1e-5, atol=1e-5)
+    numpy.testing.assert_allclose(scan, numpy.cumsum(warps, axis=1).reshape(-1), rtol=1e-5, atol=1e-5)
+    numpy.testing.assert_allclose(seg8, numpy.repeat(x.reshape(16, 8).sum(1), 8), rtol=1e-5, atol=1e-5)
+    ids = numpy.arange(64)
+    numpy.testing.assert_array_equal(reversed_ids, numpy.tile(ids // 32 * 32 + 31 - ids % 32, 2))
+    bits = [sum(1 << lane for lane in range(32) if w[lane] > 0) for w in warps]
+    numpy.testing.assert_array_equal(ballot, numpy.repeat(numpy.array(bits, "uint32"), 32))
+
+
+@pytest.mark.parametrize("how, block, message", [
+    (0, 64, r"returned while 16 threads wait at __syncthreads|reached __syncthreads \(line \d+\) after"),
+    (1, 64, r"divergent __syncthreads: thread \(\d+,0,0\) waits at line \d+, thread \(\d+,0,0\) reached the one"),
+    (2, 32, r"\(warp 0 lane 3\) returned while lane \d+ waits for it|for lane 3, which has returned"),
+    (3, 16, r"mask 0xffffffff, naming lane 31 beyond the block's 16 threads"),
+    (4, 64, r"deadlock: 33 threads wait at __syncthreads .* 31 in warp collectives; .* for lane 0"),
+    (6, 64, r"thread \(\d+,0,0\): assertion failed: threadIdx.x < 5"),
+])
+def test_misbehaving_kernels_raise_kernel_fault(how, block, message):
+    module, out = probes(), numpy.zeros(64, "float32")
+    with pytest.raises(KernelFault, match=r"faults: block \(0,0,0\) .*" + message):
+        module.launch("faults", 1, block, marshal(module, "faults", (out, how)))
+    module.launch("faults", 1, 64, marshal(module, "faults", (out, 9)))  # the module still works
+    numpy.testing.assert_array_equal(out, numpy.arange(64))
+
+
+@pytest.mark.skipif(TSAN, reason="memory faults are caught in the normal build only")
+def test_invalid_memory_access_and_stack_overflow_raise_kernel_fault():
+    module, out = probes(), numpy.zeros(64, "float32")
+    with pytest.raises(KernelFault, match=r"thread \(\d+,0,0\): invalid memory access at address (0x[0-9a-f]+|\(nil\))"):
+        module.launch("faults", 1, 64, marshal(module, "faults", (out, 5)))
+    with pytest.raises(KernelFault, match=r"overflow: .* thread \(\d+,0,0\): stack overflow \(a thread has 256 KB"):
+        module.launch("overflow", 1, 64, marshal(module, "overflow", (out, 100000)))
+
+
+def test_blocks_run_in_a_shuffled_order_with_the_same_result():
+    module = probes()
+    orders = []
+    for _ in range(2):
+        counter, order, out = numpy.zeros(1, "int32"), numpy.full(16, -1, "int32"), numpy.zeros(16 * 32, "float32")
+        module.launch("record_order", 16, 32, marshal(module, "record_order", (counter, order, out)))
+        assert counter[0] == 16 and sorted(order) == list(range(16))
+        numpy.testing.assert_array_equal(out, (numpy.arange(16)[:, None] * 100 + numpy.arange(32)).ravel())
+        orders.append(order.tolist())
+    assert orders[0] != list(range(16)) and orders[1] != orders[0]  # shuffled, and afresh per launch

@@ -204,3 +204,6 @@ def test_kernel_source_compiles_with_nvrtc_as_cupy_would(source):
 
 def test_every_kernel_family_is_there():
     assert [p.stem for p in KERNELS] == ["gemm", "im2col", "optim", "sequence", "softmax_xent"]
+
+
+# ------------------------------------------------------------------ rows beyond gridDim.y

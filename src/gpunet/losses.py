@@ -1,9 +1,20 @@
 """Losses: each returns (loss, grad) with loss the mean as a 0-d array on the inputs' device
-(float(loss) reads it, so a training step need not wait for the GPU) and grad the gradient of
+(read it with item(loss), so a training step need not wait for the GPU) and grad the gradient of
 that mean with respect to the first argument."""
 from __future__ import annotations
 
-from gpunet.backend import is_cupy_array, ops_for
+from gpunet.backend import ops_for
+
+
+def item(loss) -> float:
+    """The loss as a Python float, after raising any error its computation flagged on the device.
+
+    On the GPU an out-of-range label cannot raise inside the step without making the host wait
+    for the GPU, so the kernel flags it and this read (where the host waits anyway) raises the
+    ValueError the CPU raises at once. float(loss) alone would skip that check.
+    """
+    ops_for(loss, op="item").check_errors()
+    return float(loss)
 
 
 def softmax_cross_entropy(logits, labels):
@@ -29,11 +40,7 @@ def softmax_cross_entropy(logits, labels):
     if labels.shape != logits.shape[:-1]:
         raise ValueError(f"softmax_cross_entropy: labels of shape {tuple(logits.shape[:-1])} expected for "
                          f"logits {tuple(logits.shape)}, got {tuple(labels.shape)}")
-    if not is_cupy_array(labels) and labels.size:  # on the GPU this check would stall the stream
-        low, high = int(labels.min()), int(labels.max())
-        if low < 0 or high >= classes:
-            bad = low if low < 0 else high
-            raise ValueError(f"softmax_cross_entropy: label {bad} is out of range for {classes} classes")
+    # A label outside [0, classes) raises: on the CPU here, on the GPU at item(loss) (Ops.check_labels).
     loss, grad = ops.softmax_cross_entropy(flat, labels.reshape(-1).astype("int64", copy=False))
     return loss, grad.reshape(logits.shape)
 

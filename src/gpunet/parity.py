@@ -1,4 +1,5 @@
-"""`gpunet parity`: the same seeded training run on two devices, compared layer by layer.
+"""`gpunet parity`: the same seeded training run on two devices, compared layer by layer and step
+by step.
 
 Both runs start from the same weights, see the same batches and draw the same dropout masks
 (masks come from the host generator, reseeded identically before each step on each device), so
@@ -12,6 +13,7 @@ import gpunet as gn
 from gpunet.backend import to_device, to_numpy
 from gpunet.data import CharWindows, image_preprocess, load_dataset, text_preprocess
 from gpunet.data.pipeline import apply_preprocess
+from gpunet.layers import Dropout, Sequential, build_layer
 from gpunet.recipes import recipe
 
 
@@ -20,12 +22,15 @@ def relative_difference(a, b) -> float:
     return float(numpy.abs(a - b).max() / max(numpy.abs(b).max(), 1e-12)) if a.size else 0.0
 
 
-def model_and_batches(name: str, steps: int, batch_size: int | None, seed: int):
-    """The recipe's model (built with `seed`) and `steps` training batches of its default dataset."""
+def model_and_batches(name: str, steps: int, batch_size: int | None, seed: int, dropout: float | None = None):
+    """The recipe's model (built with `seed`; see with_dropout) and `steps` training batches of its
+    default dataset."""
     r = recipe(name)
     ds = load_dataset(r.dataset, seed=seed)
     gn.manual_seed(seed)
     model = r.build(ds)
+    if dropout is not None:
+        model = with_dropout(model, dropout)
     batch = batch_size or r.batch_size
     rng = numpy.random.default_rng(seed)
     if r.kind == "text":
@@ -39,8 +44,41 @@ def model_and_batches(name: str, steps: int, batch_size: int | None, seed: int):
     return model, data, r
 
 
+def with_dropout(model: Sequential, p: float) -> Sequential:
+    """The model with dropout rate p, and the same weights and parameter names.
+
+    Every dropout the model has (Dropout layers, a `dropout` argument such as TransformerBlock's)
+    gets rate p. A model with none gets one Dropout on its output, appended so that no layer index,
+    and so no PyTorch-style parameter name ("3.weight"), moves.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {p}")
+    config = model.to_config()
+    if not _set_dropout(config, p):
+        config["layers"].append(Dropout(p).to_config())
+    return _rebuild(config, model)
+
+
+def _set_dropout(config, p: float) -> bool:
+    """Set every dropout rate in a to_config() description to p; False when there is none."""
+    found = False
+    if isinstance(config, dict):
+        args = config.get("args", {})
+        if config.get("type") == "Dropout":
+            args["p"], found = p, True
+        elif "dropout" in args:
+            args["dropout"], found = p, True
+        for value in config.values():
+            found = _set_dropout(value, p) or found
+    elif isinstance(config, list):
+        for value in config:
+            found = _set_dropout(value, p) or found
+    return found
+
+
 def run(model, data, device: str, lr: float, seed: int):
-    """Train a copy of model on device; per step: loss, activations and gradients per layer."""
+    """Train a copy of model on device; per step: loss, activations and gradients per layer, each
+    a host copy taken when it was made (layers and optimizers reuse their buffers in place)."""
     model = _copy(model).to(device)
     optimizer = gn.optim.Adam(model, lr=lr)
     xp = gn.backend.ops_for_device(device).xp
@@ -51,44 +89,66 @@ def run(model, data, device: str, lr: float, seed: int):
         activations = []
         for layer in model.layers:
             out = layer.forward(out)
-            activations.append(to_numpy(out))
+            activations.append(_host_copy(out))
         loss, grad = gn.losses.softmax_cross_entropy(out, to_device(y, device))
         model.backward(grad, input_grad=False)
-        grads = {k: to_numpy(v) for k, v in model.grads.items()}
+        grads = {k: _host_copy(v) for k, v in model.grads.items()}
         optimizer.step()
-        record.append((float(loss), activations, grads))
+        record.append((gn.losses.item(loss), activations, grads))
     return record
 
 
-def compare(name: str, steps: int = 20, devices=("cpu", "gpu"), batch_size: int | None = None, seed: int = 0) -> dict:
-    model, data, r = model_and_batches(name, steps, batch_size, seed)
+def compare(name: str, steps: int = 20, devices=("cpu", "gpu"), batch_size: int | None = None, seed: int = 0,
+            dropout: float | None = None) -> dict:
+    """Train `name` on both devices and compare: per layer and parameter the largest relative
+    difference over all steps (activation_diff, grad_diff), and per step the loss, activation
+    and gradient differences (loss_diff, step_activation_diff, step_grad_diff; the latter two the
+    largest over layers and parameters). dropout: a rate for every dropout of the model (None:
+    the recipe's own), see with_dropout."""
+    model, data, r = model_and_batches(name, steps, batch_size, seed, dropout)
     first, second = (run(model, data, device, r.lr, seed) for device in devices)
     layers = [f"{i}: {layer.describe()}" for i, layer in enumerate(model.layers)]
-    activation_diff = [max(relative_difference(b[1][i], a[1][i]) for a, b in zip(first, second))
-                       for i in range(len(layers))]
-    grad_diff = {k: max(relative_difference(b[2][k], a[2][k]) for a, b in zip(first, second)) for k in first[0][2]}
-    return {"model": name, "devices": list(devices), "layers": layers, "activation_diff": activation_diff,
-            "grad_diff": grad_diff, "losses": [[a[0], b[0]] for a, b in zip(first, second)]}
+    # per step: [layer or parameter] -> relative difference of the second device from the first
+    activations = [[relative_difference(y, x) for x, y in zip(a[1], b[1])] for a, b in zip(first, second)]
+    grads = [{k: relative_difference(b[2][k], a[2][k]) for k in a[2]} for a, b in zip(first, second)]
+    return {"model": name, "devices": list(devices), "dropout": dropout, "layers": layers,
+            "activation_diff": [max(step[i] for step in activations) for i in range(len(layers))],
+            "grad_diff": {k: max(step[k] for step in grads) for k in first[0][2]},
+            "losses": [[a[0], b[0]] for a, b in zip(first, second)],
+            "loss_diff": [relative_difference(b[0], a[0]) for a, b in zip(first, second)],
+            "step_activation_diff": [max(step) for step in activations],
+            "step_grad_diff": [max(step.values(), default=0.0) for step in grads]}
 
 
 def format_report(report: dict) -> str:
     a, b = report["devices"]
-    lines = [f"parity of {report['model']}: {a} vs {b}, {len(report['losses'])} steps (largest relative "
+    dropout = "" if report.get("dropout") is None else f", dropout {report['dropout']}"
+    lines = [f"parity of {report['model']}: {a} vs {b}, {len(report['losses'])} steps{dropout} (largest relative "
              f"difference over all steps)", "", "layer activations:"]
     lines += [f"  {name:<60} {diff:.2e}" for name, diff in zip(report["layers"], report["activation_diff"])]
     lines += ["", "parameter gradients:"]
     lines += [f"  {name:<60} {diff:.2e}" for name, diff in report["grad_diff"].items()]
-    lines += ["", f"{'step':>5}  {'loss on ' + a:>14}  {'loss on ' + b:>14}  relative difference"]
-    for step, (x, y) in enumerate(report["losses"], 1):
-        lines.append(f"{step:>5}  {x:>14.6f}  {y:>14.6f}  {abs(x - y) / max(abs(x), 1e-12):.2e}")
+    lines += ["", f"{'step':>5}  {'loss on ' + a:>14}  {'loss on ' + b:>14}  {'loss diff':>10}  "
+                  f"{'activations':>11}  {'gradients':>10}   (relative differences)"]
+    rows = zip(report["losses"], report["loss_diff"], report["step_activation_diff"], report["step_grad_diff"])
+    for step, ((x, y), loss, act, grad) in enumerate(rows, 1):
+        lines.append(f"{step:>5}  {x:>14.6f}  {y:>14.6f}  {loss:>10.2e}  {act:>11.2e}  {grad:>10.2e}")
     return "\n".join(lines)
+
+
+def _host_copy(a) -> numpy.ndarray:
+    """A host array that later steps cannot change (to_numpy returns a NumPy array itself)."""
+    return numpy.array(to_numpy(a), copy=True)
 
 
 def _copy(model):
     """A model of the same architecture and weights (through the checkpoint's description)."""
-    from gpunet.layers import build_layer
+    return _rebuild(model.to_config(), model)
 
-    twin = build_layer(model.to_config())
+
+def _rebuild(config: dict, model):
+    """The model `config` describes, with model's weights and input preprocessing."""
+    twin = build_layer(config)
     twin.load_state_dict({k: to_numpy(v) for k, v in model.state_dict().items()})
     twin.preprocess = model.preprocess
     return twin

@@ -18,13 +18,7 @@ DEVICE_NAMES = ("auto", "cpu", "gpu")
 
 @functools.lru_cache(maxsize=1)
 def cupy_status() -> tuple[object | None, str]:
-    """(cupy module or None, reason it is unusable or '').
-
-    GPUNET_TF32=1 lets cuBLAS use TF32 tensor cores for float32 products (CuPy reads CUPY_TF32
-    when it loads); off by default, so that GPU results match the CPU's to float32 precision.
-    """
-    if os.environ.get("GPUNET_TF32") == "1":
-        os.environ.setdefault("CUPY_TF32", "1")
+    """(cupy module or None, reason it is unusable or '')."""
     try:
         import cupy
     except Exception as exc:  # ImportError, or a broken install raising anything
@@ -51,6 +45,31 @@ def gpu_status() -> tuple[bool, str]:
     if total != 6.0:
         return False, f"a CUDA device exists but a test kernel returned {total} instead of 6.0"
     return True, ""
+
+
+def configure_tf32(cupy) -> bool:
+    """Put cuBLAS float32 products in the mode GPUNET_TF32 asks for; returns whether TF32 is on.
+
+    TF32 tensor cores round the inputs of float32 products to 10 mantissa bits, so gpunet keeps
+    them off unless GPUNET_TF32=1: GPU results then match the CPU's to float32 precision. CuPy
+    decides by itself from CUPY_TF32, read once at its first float32 product (an inherited
+    CUPY_TF32=1, or a CuPy imported and used before gpunet, would turn TF32 on silently), and keeps
+    the mode in cupy._core's compute type, which can be set at any time: gpunet sets it. A CuPy
+    without that setting leaves CUPY_TF32 in charge, and gpunet says so in one line when it is on.
+    """
+    wanted = os.environ.get("GPUNET_TF32") == "1"
+    core = getattr(cupy, "_core", None)
+    linalg = getattr(core, "_routines_linalg", None)
+    if linalg is not None and hasattr(core, "set_compute_type") and hasattr(core, "get_compute_type"):
+        core.set_compute_type(numpy.float32, linalg.COMPUTE_TYPE_TF32 if wanted else linalg.COMPUTE_TYPE_DEFAULT)
+        # before compute capability 8.0 CuPy falls back to the default: report what is in force
+        return core.get_compute_type(numpy.float32) == linalg.COMPUTE_TYPE_TF32
+    inherited = os.environ.get("CUPY_TF32", "0").strip()
+    on = inherited.lstrip("+").isdigit() and int(inherited) > 0  # as CuPy reads it: int(CUPY_TF32) > 0
+    if on and not wanted:
+        print(f"gpunet: TF32 is on for float32 products on the GPU because CUPY_TF32={inherited} is set "
+              "(this CuPy cannot be told otherwise); unset it for full float32 precision", file=sys.stderr)
+    return on
 
 
 def gpu_name(index: int = 0) -> str:

@@ -53,7 +53,9 @@ def _type_name(t) -> str:
 
 
 def to_numpy(a) -> numpy.ndarray:
-    """A host copy (or the array itself) as numpy.ndarray, from NumPy or CuPy."""
+    """The array on the host as numpy.ndarray: for a CuPy array a new host copy, for a NumPy
+    array the array itself (no copy: later in-place writes show through; numpy.array(...) copies),
+    for anything else numpy.asarray's conversion."""
     if is_cupy_array(a):
         return a.get()
     return numpy.asarray(a)

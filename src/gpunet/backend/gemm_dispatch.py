@@ -2,8 +2,9 @@
 
 For each class of problem (M, N, K rounded up to powers of two, and the epilogue) the first call
 times every candidate (our fused kernel; cuBLAS followed by a separate epilogue) and remembers
-the fastest. Choices persist in a JSON file per device and per version of the kernel sources,
-so a changed kernel is measured again; a damaged file is ignored and rewritten.
+the fastest. Choices persist in a JSON file per device, per version of the kernel sources and per
+TF32 mode (TF32 changes cuBLAS's speed, and so the winner), so a changed kernel or mode is
+measured again; a damaged file is ignored and rewritten.
 """
 from __future__ import annotations
 
@@ -38,11 +39,13 @@ class GemmDispatch:
     candidates() -> {name: zero-argument callable running the whole product}; it is called only
     when the class has not been measured yet, so a known class costs a dictionary lookup.
     measure(fn) -> seconds (on the GPU it must synchronise); by default the median of 5 timed
-    calls after 2 warm-ups.
+    calls after 2 warm-ups. tf32: whether cuBLAS's float32 products run on TF32 tensor cores
+    (devices.configure_tf32), part of the key under which choices are remembered.
     """
 
-    def __init__(self, device_key: str, kernels_hash: str, path: Path | None = None, measure=None):
-        self.key = f"{device_key}|{kernels_hash}"
+    def __init__(self, device_key: str, kernels_hash: str, path: Path | None = None, measure=None, *,
+                 tf32: bool):
+        self.key = f"{device_key}|{'tf32' if tf32 else 'fp32'}|{kernels_hash}"
         self.path = Path(path) if path is not None else default_cache_path()
         self.measure = measure or _median_time
         self.choices = self._load()

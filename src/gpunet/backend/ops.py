@@ -16,6 +16,11 @@ ACTIVATIONS = ("relu", "sigmoid", "tanh", "gelu", "gelu_tanh")
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
+def label_range_error(bad: int, classes: int) -> ValueError:
+    """The one message for a class label outside [0, classes), on every device."""
+    return ValueError(f"softmax_cross_entropy: label {bad} is out of range for {classes} classes")
+
+
 def pooled_size(size, kernel, stride, padding=(0, 0)):
     """Output (height, width) of a convolution or pooling window sliding over size."""
     return tuple((s + 2 * p - k) // st + 1 for s, k, st, p in zip(size, kernel, stride, padding))
@@ -125,10 +130,15 @@ class Ops(SequenceOps):
     def softmax_cross_entropy(self, logits, labels):
         """Mean cross-entropy of (N, C) logits against int labels (N,), and its gradient.
 
-        One pass over the logits gives both: grad = (softmax - onehot) / N.
+        One pass over the logits gives both: grad = (softmax - onehot) / N. A label outside
+        [0, C) raises label_range_error's ValueError: here at once, on the GPU where the host
+        next reads the loss (check_labels, check_errors).
         """
         xp = self.xp
         n = logits.shape[0]
+        labels = self.check_labels(labels, logits.shape[1])
+        if n == 0:  # the mean over no rows is NaN, as in torch
+            return xp.full((), xp.nan, dtype=logits.dtype), xp.empty_like(logits)
         rows = xp.arange(n)
         grad = logits - logits.max(axis=1, keepdims=True)  # shifted logits, then exp, then the gradient
         picked = grad[rows, labels]
@@ -138,6 +148,20 @@ class Ops(SequenceOps):
         grad *= 1.0 / (total * n)
         grad[rows, labels] -= 1.0 / n
         return loss.astype(logits.dtype), grad
+
+    def check_labels(self, labels, classes):
+        """Labels safe to index (N, classes) rows with; raises for one outside [0, classes).
+
+        Reads the labels on the host; CupyOps records the error on the device instead.
+        """
+        if labels.size:
+            low, high = int(labels.min()), int(labels.max())
+            if low < 0 or high >= classes:
+                raise label_range_error(low if low < 0 else high, classes)
+        return labels
+
+    def check_errors(self):
+        """Raise what an earlier op flagged on the device (nothing to do where ops raise at once)."""
 
     def softmax_cross_entropy_soft(self, logits, targets):
         """Mean cross-entropy against probability (or one-hot) targets of the same shape."""
@@ -238,7 +262,7 @@ class Ops(SequenceOps):
     def max_pool_backward(self, dy, argmax, x_shape, kernel, stride):
         n, c, h, w = x_shape
         cols = self.xp.zeros((argmax.size, kernel[0] * kernel[1]), dtype=dy.dtype)
-        cols[self.xp.arange(argmax.size), argmax] = dy.reshape(-1)
+        cols[self.xp.arange(argmax.size), argmax.reshape(-1)] = dy.reshape(-1)  # any backend's argmax layout
         return self.col2im(cols, (n * c, 1, h, w), kernel, stride, (0, 0)).reshape(x_shape)
 
     def avg_pool(self, x, kernel, stride):

@@ -1,0 +1,97 @@
+"""A CuPy stand-in for the test suite, importable as `cupy` where no real GPU is usable.
+
+Arrays are NumPy memory behind CuPy's rules (_ndarray.py); `RawModule` compiles gpunet's .cu
+sources with the kernel emulator and launches them with CuPy's argument marshalling and a real
+GPU's launch limits (_raw.py). Module-level NumPy functions work on device arrays and return
+device arrays; host arrays are refused. tests/gpu_standin/__init__.py decides when it is used.
+"""
+from __future__ import annotations
+
+import numpy
+
+from cupy import cuda  # noqa: F401  (cupy.cuda is an attribute of the real module too)
+from cupy._ndarray import COUNTERS, ndarray, call_numpy, count
+from cupy._raw import RawKernel, RawModule
+
+__version__ = "13.6.0+gpunet.standin"
+STANDIN = True  # how a test tells the stand-in from the real CuPy
+
+# NumPy names that are not functions of arrays: dtypes, constants, helpers that make no array.
+_PASSTHROUGH = {"dtype", "float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16",
+                "uint32", "uint64", "bool_", "complex64", "complex128", "inf", "nan", "pi", "e", "newaxis",
+                "integer", "floating", "number", "generic", "isscalar", "result_type", "promote_types",
+                "can_cast", "iinfo", "finfo", "ndim", "shape", "broadcast_shapes"}
+_NOT_PROVIDED = {"random", "linalg", "fft", "testing", "save", "load", "fromfile", "frombuffer", "loadtxt"}
+
+
+def _creation(name):
+    numpy_function = getattr(numpy, name)
+    launches = name not in ("empty",)  # empty allocates; zeros, ones, full, arange, ... run a kernel
+
+    def make(*args, **kwargs):
+        if launches:
+            count("launches")
+        return ndarray._wrap(numpy_function(*args, **kwargs))
+
+    make.__name__ = name
+    return make
+
+
+empty, zeros, ones, full, arange, linspace, eye, identity = (
+    _creation(n) for n in ("empty", "zeros", "ones", "full", "arange", "linspace", "eye", "identity"))
+
+
+def empty_like(a, dtype=None, order="K", shape=None):
+    return ndarray._wrap(numpy.empty(a.shape if shape is None else shape, dtype=dtype or a.dtype))
+
+
+def asarray(a, dtype=None, order=None, blocking=False):
+    """Device arrays pass through (converted if dtype says so); host data is copied to the device."""
+    if isinstance(a, ndarray):
+        return a if dtype is None or numpy.dtype(dtype) == a.dtype else a.astype(dtype)
+    count("h2d")
+    return ndarray._wrap(numpy.array(a, dtype=dtype, order=order or "K", copy=True))
+
+
+def array(a, dtype=None, copy=True, order="K", ndmin=0, blocking=False):
+    if isinstance(a, ndarray):
+        return a.astype(dtype or a.dtype, copy=True)
+    count("h2d")
+    return ndarray._wrap(numpy.array(a, dtype=dtype, order=order, ndmin=ndmin, copy=True))
+
+
+def ascontiguousarray(a, dtype=None):
+    if not isinstance(a, ndarray):
+        return asarray(numpy.ascontiguousarray(a, dtype=dtype))
+    if a.flags.c_contiguous and (dtype is None or numpy.dtype(dtype) == a.dtype):
+        return a
+    count("launches")
+    return ndarray._wrap(numpy.ascontiguousarray(a._host, dtype=dtype))
+
+
+def asnumpy(a, stream=None, order="C", out=None, blocking=True):
+    return a.get(out=out) if isinstance(a, ndarray) else numpy.asarray(a, order=order)
+
+
+def get_array_module(*args):
+    return __import__(__name__) if any(isinstance(a, ndarray) for a in args) else numpy
+
+
+def __getattr__(name: str):
+    if name in _PASSTHROUGH:
+        return getattr(numpy, name)
+    if name in _NOT_PROVIDED or name.startswith("_"):
+        raise AttributeError(f"the CuPy stand-in has no cupy.{name}")
+    attribute = getattr(numpy, name, None)
+    if isinstance(attribute, numpy.ufunc):
+        return attribute  # called with device arrays, NumPy hands the call to ndarray.__array_ufunc__
+    if callable(attribute) and not isinstance(attribute, type):
+        def device_function(*args, **kwargs):
+            return call_numpy(attribute, args, kwargs, name=name)
+
+        device_function.__name__ = name
+        return device_function
+    raise AttributeError(f"the CuPy stand-in has no cupy.{name}")
+
+
+__all__ = ["COUNTERS", "RawKernel", "RawModule", "ndarray", "asarray", "asnumpy", "cuda"]

@@ -1,0 +1,255 @@
+"""The stand-in's device array: NumPy memory behind CuPy's rules.
+
+What gpunet could get away with on NumPy but not on CuPy fails here as it does on a GPU:
+implicit conversion to a NumPy array is a TypeError, mixing device and host arrays in an op is
+a TypeError, reductions give 0-d device arrays, and only `.get()`, `float()` and friends move
+data to the host. Every op that would be a CuPy kernel (or a cuBLAS call) on a GPU counts one
+launch; every host<->device copy counts one transfer (COUNTERS, read by tests).
+"""
+from __future__ import annotations
+
+import numpy
+from numpy.lib.mixins import NDArrayOperatorsMixin
+
+COUNTERS = {"launches": 0, "raw_launches": 0, "d2h": 0, "h2d": 0}
+IMPLICIT_CONVERSION = ("Implicit conversion to a NumPy array is not allowed. "
+                       "Please use `.get()` to construct a NumPy array explicitly.")
+
+
+def count(kind: str, n: int = 1) -> None:
+    COUNTERS[kind] += n
+
+
+class _Flags:
+    def __init__(self, host: numpy.ndarray):
+        self.c_contiguous = host.flags.c_contiguous
+        self.f_contiguous = host.flags.f_contiguous
+        self.owndata = host.base is None
+
+    def __getitem__(self, name: str) -> bool:
+        return {"C_CONTIGUOUS": self.c_contiguous, "F_CONTIGUOUS": self.f_contiguous, "OWNDATA": self.owndata}[name]
+
+
+class _MemoryPointer:
+    def __init__(self, host: numpy.ndarray):
+        self.ptr = host.ctypes.data
+
+
+class ndarray(NDArrayOperatorsMixin):
+    """A device array; `_host` is the emulated device memory (never handed out uncopied)."""
+
+    __array_priority__ = 100
+
+    def __init__(self, shape, dtype=float, memptr=None, strides=None, order="C"):
+        if memptr is not None or strides is not None:
+            raise NotImplementedError("the CuPy stand-in makes arrays from a shape and dtype only")
+        self._host = numpy.empty(shape, dtype=dtype, order=order)
+
+    @classmethod
+    def _wrap(cls, host: numpy.ndarray) -> "ndarray":
+        out = cls.__new__(cls)
+        out._host = host
+        return out
+
+    # --- attributes ---------------------------------------------------------------------
+    shape = property(lambda self: self._host.shape)
+    dtype = property(lambda self: self._host.dtype)
+    size = property(lambda self: self._host.size)
+    ndim = property(lambda self: self._host.ndim)
+    strides = property(lambda self: self._host.strides)
+    itemsize = property(lambda self: self._host.itemsize)
+    nbytes = property(lambda self: self._host.nbytes)
+    flags = property(lambda self: _Flags(self._host))
+    data = property(lambda self: _MemoryPointer(self._host))
+    T = property(lambda self: ndarray._wrap(self._host.T))
+    base = property(lambda self: None if self._host.base is None else ndarray._wrap(self._host.base))
+
+    # --- host transfers: the only ways out --------------------------------------------------
+    def __array__(self, dtype=None, copy=None):
+        raise TypeError(IMPLICIT_CONVERSION)
+
+    def get(self, stream=None, order="C", out=None, blocking=True) -> numpy.ndarray:
+        count("d2h")
+        if out is not None:
+            numpy.copyto(out, self._host)
+            return out
+        return numpy.array(self._host, order=order, copy=True)
+
+    def set(self, arr, stream=None) -> None:
+        if not isinstance(arr, numpy.ndarray):
+            raise TypeError(f"set() takes a numpy.ndarray, got {type(arr).__name__}")
+        count("h2d")
+        self._host[...] = arr
+
+    def _scalar(self):
+        if self.size != 1:
+            raise TypeError("only size-1 arrays can be converted to Python scalars")
+        count("d2h")
+        return self._host.reshape(()).item()
+
+    def item(self):
+        return self._scalar()
+
+    def tolist(self):
+        count("d2h")
+        return self._host.tolist()
+
+    def __float__(self):
+        return float(self._scalar())
+
+    def __int__(self):
+        return int(self._scalar())
+
+    def __complex__(self):
+        return complex(self._scalar())
+
+    def __bool__(self):
+        if self.size != 1:
+            raise ValueError("The truth value of an array with more than one element is ambiguous.")
+        return bool(self._scalar())
+
+    def __len__(self):
+        return len(self._host)
+
+    def __iter__(self):
+        if self.ndim == 0:
+            raise TypeError("iteration over a 0-d array")
+        return (self[i] for i in range(len(self)))
+
+    def __repr__(self):
+        return f"<cupy stand-in ndarray shape={self.shape} dtype={self.dtype}>"
+
+    # --- views (no launch) and copies (one launch) ------------------------------------------
+    def reshape(self, *shape, order="C"):
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        return _view_or_copy(self._host.reshape(shape, order=order), self._host)
+
+    def ravel(self, order="C"):
+        return _view_or_copy(self._host.ravel(order=order), self._host)
+
+    def transpose(self, *axes):
+        return ndarray._wrap(self._host.transpose(*axes))
+
+    def swapaxes(self, a, b):
+        return ndarray._wrap(self._host.swapaxes(a, b))
+
+    def squeeze(self, axis=None):
+        return ndarray._wrap(self._host.squeeze(axis))
+
+    def view(self, dtype=None):
+        return ndarray._wrap(self._host.view(dtype) if dtype is not None else self._host.view())
+
+    def copy(self, order="C"):
+        count("launches")
+        return ndarray._wrap(self._host.copy(order=order))
+
+    def astype(self, dtype, order="K", casting=None, subok=None, copy=True):
+        if not copy and numpy.dtype(dtype) == self.dtype:
+            return self
+        count("launches")
+        return ndarray._wrap(self._host.astype(dtype, order=order))
+
+    def fill(self, value) -> None:
+        count("launches")
+        self._host.fill(value)
+
+    def __getitem__(self, key):
+        key = _unwrap_index(key)
+        result = self._host[key]
+        if not isinstance(result, numpy.ndarray):  # one element: still a 0-d device array
+            count("launches")
+            return ndarray._wrap(numpy.asarray(result))
+        return _view_or_copy(result, self._host)
+
+    def __setitem__(self, key, value):
+        count("launches")
+        self._host[_unwrap_index(key)] = _operand(value, "__setitem__")
+
+    # --- everything else: NumPy's implementation on the device memory -----------------------
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        return call_numpy(getattr(ufunc, method), inputs, kwargs, name=f"{ufunc.__name__}.{method}")
+
+    def __array_function__(self, func, types, args, kwargs):
+        return call_numpy(func, args, kwargs, name=func.__name__)
+
+
+def _reduction(name):
+    def method(self, *args, **kwargs):
+        return call_numpy(getattr(numpy, name), (self, *args), kwargs, name=name)
+
+    method.__name__ = name
+    return method
+
+
+for _name in ("sum", "mean", "max", "min", "argmax", "argmin", "any", "all", "var", "std", "prod", "cumsum",
+              "clip", "dot", "nonzero", "round", "conj", "repeat", "take", "trace", "diagonal"):
+    setattr(ndarray, _name, _reduction(_name))
+ndarray.__module__ = "cupy"  # gpunet's dispatch tells devices apart by the array type's module
+
+
+def _view_or_copy(result: numpy.ndarray, source: numpy.ndarray) -> ndarray:
+    if not numpy.shares_memory(result, source):
+        count("launches")
+    return ndarray._wrap(result)
+
+
+def _unwrap_index(key):
+    if isinstance(key, tuple):
+        return tuple(_unwrap_index(k) for k in key)
+    if isinstance(key, ndarray):
+        return key._host
+    if isinstance(key, (numpy.ndarray, list)):  # CuPy copies host index arrays to the device
+        count("h2d")
+    return key
+
+
+def _operand(x, name: str):
+    """The device memory of an operand; host arrays are refused as CuPy refuses them."""
+    if isinstance(x, ndarray):
+        return x._host
+    if isinstance(x, numpy.ndarray):
+        raise TypeError(f"{name}: Unsupported type <class 'numpy.ndarray'> (a host array given to a CuPy op)")
+    if isinstance(x, (list, tuple)):
+        return type(x)(_operand(v, name) for v in x)
+    if isinstance(x, dict):
+        return {k: _operand(v, name) for k, v in x.items()}
+    return x
+
+
+def call_numpy(func, args, kwargs, name: str):
+    """Run NumPy's `func` on device memory; results become device arrays (`out=` ones stay theirs)."""
+    outs = kwargs.get("out")
+    host_args = _operand(list(args), name)
+    host_kwargs = _operand(dict(kwargs), name)
+    sources = [a for a in _flatten(host_args) if isinstance(a, numpy.ndarray)]
+    result = func(*host_args, **host_kwargs)
+    if outs is not None:
+        count("launches")
+        if isinstance(outs, tuple):
+            return outs[0] if len(outs) == 1 else outs
+        return outs
+    return _wrap_result(result, sources)
+
+
+def _wrap_result(result, sources):
+    if isinstance(result, tuple):
+        return tuple(_wrap_result(r, sources) for r in result)
+    if isinstance(result, numpy.ndarray):
+        if any(numpy.shares_memory(result, s) for s in sources):
+            return ndarray._wrap(result)  # a view: no kernel on a GPU either
+        count("launches")
+        return ndarray._wrap(result)
+    if isinstance(result, numpy.generic):
+        count("launches")
+        return ndarray._wrap(numpy.asarray(result))
+    if result is None:  # copyto, ufunc.at: run for their effect on a device array
+        count("launches")
+    return result  # shapes and other host facts: no kernel
+
+
+def _flatten(items):
+    for item in items:
+        if isinstance(item, (list, tuple)):
+            yield from _flatten(item)
+        else:
+            yield item

@@ -1,0 +1,110 @@
+"""RawModule / RawKernel for the stand-in: the source compiled by the kernel emulator, each call
+marshalled exactly as CuPy marshals it, then launched through the emulator's generic entry point
+(which enforces a real GPU's launch limits).
+
+CuPy sends a Python int (bool included) as 8 bytes, a float as a double and a NumPy scalar as its
+own type, without looking at the kernel; a GPU then reads whatever bytes it finds. The stand-in
+reads the kernel's parameter list and refuses any argument whose size or kind does not match.
+"""
+from __future__ import annotations
+
+import numpy
+
+from cupy._ndarray import count, ndarray
+from cupy.cuda.compiler import CompileException
+
+_NUMPY_SCALARS = {numpy.dtype(c).type for c in "?bhilqBHILQefdFD"}
+_KINDS = {"int": "iu", "uint": "iu", "float": "f", "bool": "b?iu"}
+
+
+def marshal(x):
+    """("pointer", address) or ("scalar", numpy scalar), as cupy's _pointer() converts arguments."""
+    if x is None:
+        return "pointer", 0
+    if isinstance(x, ndarray):
+        return "pointer", x.data.ptr
+    if isinstance(x, numpy.ndarray):
+        raise TypeError(f"Unsupported type {type(x)}: a host numpy.ndarray cannot be a kernel argument")
+    if type(x) not in _NUMPY_SCALARS:
+        if isinstance(x, int):  # bool too: CuPy tests int first
+            x = numpy.int64(x)
+        elif isinstance(x, float):
+            x = numpy.float64(x)
+        elif isinstance(x, complex):
+            x = numpy.complex128(x)
+        else:
+            raise TypeError(f"Unsupported type {type(x)}")
+    return "scalar", x
+
+
+def _check(kernel: str, index: int, param, kind: str, value) -> bytes | int:
+    where = f"kernel {kernel}, argument {index}"
+    if param.kind == "pointer":
+        if kind != "pointer":
+            raise TypeError(f"{where}: the kernel takes a pointer, got a {value.dtype} scalar")
+        return value
+    if kind == "pointer":
+        raise TypeError(f"{where}: the kernel takes a {param.size}-byte {param.kind}, got an array or None")
+    dtype = value.dtype
+    if dtype.itemsize != param.size or dtype.kind not in _KINDS[param.kind]:
+        raise TypeError(f"{where}: the kernel takes a {param.size}-byte {param.kind}, got {dtype} "
+                        f"({dtype.itemsize} bytes; CuPy sends Python ints and floats as 8 bytes: pass "
+                        f"numpy.int32/numpy.float32)")
+    return value.tobytes()
+
+
+def _dims(value, what: str) -> tuple[int, int, int]:
+    dims = tuple(value) if isinstance(value, tuple) else (value,)
+    if not 1 <= len(dims) <= 3 or not all(isinstance(d, (int, numpy.integer)) for d in dims):
+        raise TypeError(f"{what} must be an int or a tuple of up to 3 ints, got {value!r}")
+    return tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
+
+
+class RawKernel:
+    """One kernel of a compiled module; calling it launches it (synchronously, here)."""
+
+    def __init__(self, module, name: str):
+        self._module, self.name = module, name
+        self._info = module.kernels[name]
+
+    def __call__(self, grid, block, args, *, shared_mem: int = 0, stream=None, enable_cooperative_groups=False):
+        if not isinstance(args, tuple):
+            raise TypeError(f"kernel {self.name}: args must be a tuple, got {type(args).__name__}")
+        params = self._info.params
+        if len(args) != len(params):
+            raise TypeError(f"kernel {self.name} takes {len(params)} arguments, got {len(args)}")
+        raw = [_check(self.name, i, p, *marshal(a)) for i, (p, a) in enumerate(zip(params, args))]
+        self._module.launch(self.name, _dims(grid, "grid"), _dims(block, "block"), raw, shared_mem=int(shared_mem))
+        count("launches")
+        count("raw_launches")
+
+    @property
+    def attributes(self) -> dict:
+        registers, shared = (self._module.resources or {}).get(self.name, (0, 0))
+        return {"num_regs": registers, "shared_size_bytes": shared, "max_threads_per_block": 1024}
+
+
+class RawModule:
+    def __init__(self, code: str | None = None, *, path: str | None = None, options=(), backend="nvrtc",
+                 translate_cucomplex=False, jitify=False, name_expressions=None):
+        if code is None and path is None:
+            raise TypeError("RawModule needs code or path")
+        self.code = code if code is not None else open(path, encoding="utf-8").read()
+        self.options = tuple(options)
+        self._module = None
+
+    def compile(self, log_stream=None):
+        if self._module is None:
+            from tests.cuda_emulator import build  # the emulator lives beside the stand-in in tests/
+
+            try:
+                self._module = build(self.code, name="rawmodule")
+            except RuntimeError as exc:
+                raise CompileException(str(exc)) from None
+        return self
+
+    def get_function(self, name: str) -> RawKernel:
+        self.compile()
+        if name not in self._module.kernels:
+            raise RuntimeError(f"CUDA_ERROR_NOT_FOUND: named symbol not found ({name})")
+        return RawKernel(self._module, name)

@@ -1,0 +1,2 @@
+class CompileException(Exception):
+    """A kernel source the compiler rejected (NVRTC on a GPU, g++ in the emulator)."""

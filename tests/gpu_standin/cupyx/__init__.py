@@ -1,0 +1,18 @@
+"""The parts of cupyx gpunet uses, for the CuPy stand-in."""
+from __future__ import annotations
+
+import numpy
+
+from cupy._ndarray import count, ndarray
+from cupyx import scipy  # noqa: F401
+
+
+def scatter_add(a, slices, value) -> None:
+    """a[slices] += value with repeated indices accumulated (one atomicAdd kernel on a GPU)."""
+    if not isinstance(a, ndarray):
+        raise TypeError(f"scatter_add: a must be a cupy.ndarray, got {type(a).__name__}")
+    index = slices._host if isinstance(slices, ndarray) else slices
+    if isinstance(index, numpy.ndarray) and not isinstance(slices, ndarray):
+        raise TypeError("scatter_add: Unsupported type <class 'numpy.ndarray'> for the indices")
+    count("launches")
+    numpy.add.at(a._host, index, value._host if isinstance(value, ndarray) else value)

@@ -1,0 +1,233 @@
+"""The GPU ops at their edges, from one test definition on every backend: more row tiles than
+gridDim.y allows, the conv backward's column layout read without a copy, labels out of range
+(raised where the loss is read, with no sync inside the step) and zero-size inputs."""
+from __future__ import annotations
+
+import re
+import warnings
+
+import numpy
+import pytest
+
+import gpunet as gn
+from gpunet.backend import ops_for_device
+from gpunet.backend.ops import Ops
+from tests import gpu_standin
+from tests.conftest import ON_STANDIN, on, rng
+from tests.test_ops_backends import close
+
+REFERENCE = Ops()
+
+def _lower_the_grid_y_limit(monkeypatch, limit: int) -> None:
+    """gpunet's cap and, where the emulator has one, the emulated GPU's own limit."""
+    from gpunet.backend import cuda_kernels
+    from tests import cuda_emulator
+
+    monkeypatch.setattr(cuda_kernels, "MAX_GRID_Y", limit)
+    limits = getattr(cuda_emulator, "LIMITS", None)
+    if limits is not None and "max_grid" in limits:
+        x, _, z = limits["max_grid"]
+        monkeypatch.setitem(limits, "max_grid", (x, limit, min(z, limit)))
+
+
+def test_gemm_and_bias_backward_loop_over_row_tiles_beyond_the_grid_limit(device, monkeypatch):
+    """More row tiles than gridDim.y may have: the kernels walk the rest (grid-stride in y).
+
+    A real GPU caps gridDim.y at 65,535, which 64-row tiles reach at about 4.2 million rows; a
+    Dense layer that size (1 GiB of activations per 64 columns) would take hours in the kernel
+    emulator, so the limit is lowered to 2 instead and 6 tiles (and 6 bias chunks) need the loop.
+    """
+    _lower_the_grid_y_limit(monkeypatch, 2)
+    ops = ops_for_device(device)
+    monkeypatch.setattr(ops, "gemm_mode", "fused", raising=False)  # the kernel, not cuBLAS
+    m, k, n = 5 * 64 + 3, 20, 70
+    r = rng(7)
+    x, w, b, dy = (r.standard_normal(s).astype("float32") for s in ((m, k), (n, k), (n,), (m, n)))
+    close(ops.linear(on(device, x), on(device, w), on(device, b), "relu"), REFERENCE.linear(x, w, b, "relu"),
+          rtol=1e-4, atol=1e-5)
+    z = REFERENCE.linear(x, w, b)
+    y = REFERENCE.activation("relu", z)
+    grads = [numpy.zeros((n, k), "float32"), numpy.zeros(n, "float32")]
+    want_dx = REFERENCE.linear_act_backward(x, w, z, y, dy, "relu", *grads)
+    got = [on(device, g) for g in grads]
+    got_dx = ops.linear_act_backward(*(on(device, a) for a in (x, w, z, y, dy)), "relu", *got)
+    close(got_dx, want_dx, rtol=1e-4, atol=1e-4)
+    close(got[0], grads[0], rtol=1e-4, atol=1e-3)
+    close(got[1], grads[1], rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ col2im's input layout
+def test_col2im_reads_the_conv_backward_layout_without_a_copy(device, monkeypatch):
+    """The conv backward hands col2im dY W as the transpose of a row-major GEMM result (a
+    column-major view); the kernel reads it through its strides, with no copy and no other op."""
+    shape, kernel, stride, padding = (2, 3, 9, 11), (3, 3), (1, 1), (1, 1)
+    rows, width = REFERENCE.im2col(numpy.zeros(shape, "float32"), kernel, stride, padding).shape
+    cols_t = rng(3).standard_normal((width, rows)).astype("float32")
+    want = REFERENCE.col2im(cols_t.T, shape, kernel, stride, padding)
+    ops = ops_for_device(device)
+    cols = on(device, cols_t).T
+    if device == "gpu":
+        monkeypatch.setattr(ops.xp, "ascontiguousarray", lambda *a, **k: pytest.fail("col2im copied its input"))
+    if device == "gpu" and ON_STANDIN:
+        with gpu_standin.counting() as done:
+            got = ops.col2im(cols, shape, kernel, stride, padding)
+        assert (done["launches"], done["raw_launches"]) == (1, 1), done
+    else:
+        got = ops.col2im(cols, shape, kernel, stride, padding)
+    close(got, want)
+
+
+# ------------------------------------------------------------------ labels out of range
+@pytest.mark.parametrize("dtype", ["float32", "float64"])  # the fused kernel, and the xp fallback
+@pytest.mark.parametrize("labels, bad", [([-1], -1), ([5], 5), ([3, 7, -1, 9, -3], -3), ([6, 0, 9], 9)],
+                         ids=["minus-one", "classes", "lowest-negative", "highest"])
+def test_a_label_out_of_range_raises_the_cpu_error_where_the_loss_is_read(device, dtype, labels, bad):
+    classes = 5
+    logits = on(device, rng().standard_normal((len(labels), classes)).astype(dtype))
+    message = re.escape(f"softmax_cross_entropy: label {bad} is out of range for {classes} classes")
+    stepped = []
+
+    def step():
+        loss, grad = gn.losses.softmax_cross_entropy(logits, on(device, numpy.array(labels)))
+        stepped.append(grad)  # on the GPU the step goes on: the host has not waited for the kernel
+        return gn.losses.item(loss)
+
+    if device == "gpu" and ON_STANDIN:
+        with gpu_standin.counting() as done:
+            gn.losses.softmax_cross_entropy(logits, on(device, numpy.array(labels)))
+        assert done["d2h"] == 0, "the loss read something back to the host inside the step"
+    with pytest.raises(ValueError, match=message):
+        step()
+    if device == "gpu":
+        assert stepped and numpy.isfinite(gn.to_numpy(stepped[0])).all()  # harmless rows, no stray reads
+    # the error is reported once: the next, valid, step reads cleanly and equals the reference
+    good = rng(1).integers(0, classes, len(labels))
+    loss, grad = gn.losses.softmax_cross_entropy(logits, on(device, good))
+    want_loss, want_grad = REFERENCE.softmax_cross_entropy(gn.to_numpy(logits), good)
+    assert gn.losses.item(loss) == pytest.approx(float(want_loss), rel=1e-6)
+    close(grad, want_grad, atol=1e-8)
+
+
+def test_evaluate_reads_the_loss_through_the_check(device):
+    model = gn.models.mlp((4, 3)).to(device)
+    x, y = rng().standard_normal((6, 4)).astype("float32"), numpy.array([0, 1, 2, 3, 0, 1])
+    with pytest.raises(ValueError, match="label 3 is out of range for 3 classes"):
+        gn.evaluate(model, x, y, batch_size=4)
+
+
+# ------------------------------------------------------------------ empty inputs
+def _zero_size_cases():
+    """name -> (label, run(ops, put)) for every hot op CupyOps overrides, each with a zero-size
+    batch and, where meaningful, zero width; put moves a host array to the device under test."""
+    f32 = lambda *s: rng(len(s)).standard_normal(s).astype("float32")  # noqa: E731
+
+    def linear(m, k, n):
+        return lambda ops, put: [ops.linear(put(f32(m, k)), put(f32(n, k)), put(f32(n)), "relu")]
+
+    def linear_backward(m, k, n):
+        def run(ops, put):
+            grads = [put(numpy.full((n, k), numpy.nan, "float32")), put(numpy.full(n, numpy.nan, "float32"))]
+            z = f32(m, n)
+            dx = ops.linear_act_backward(put(f32(m, k)), put(f32(n, k)), put(z), put(numpy.maximum(z, 0)),
+                                         put(f32(m, n)), "relu", *grads)
+            return [dx, *grads]
+        return run
+
+    def lstm(batch, hidden):
+        def run(ops, put):
+            outs = [put(numpy.zeros((batch, 4 * hidden), "float32"))] + [
+                put(numpy.zeros((batch, hidden), "float32")) for _ in range(3)]
+            ops.lstm_cell(put(f32(batch, 4 * hidden)), put(f32(batch, 4 * hidden)), put(f32(batch, hidden)), *outs)
+            dc, dgates = put(f32(batch, hidden)), put(numpy.zeros((batch, 4 * hidden), "float32"))
+            ops.lstm_cell_backward(put(f32(batch, hidden)), dc, put(f32(batch, 4 * hidden)), put(f32(batch, hidden)),
+                                   put(f32(batch, hidden)), dgates)
+            return [*outs, dc, dgates]
+        return run
+
+    def optimizer(name):
+        def run(ops, put):
+            param, grad, m, v = (put(numpy.zeros(0, "float32")) for _ in range(4))
+            if name == "sgd_update":
+                ops.sgd_update(param, grad, m, 0.1, 0.9, 0.0, 0.01, True, False)
+            else:
+                ops.adam_update(param, grad, m, v, 1e-3, 0.9, 0.999, 1e-8, 0.01, True, 3)
+            return [param, m]
+        return run
+
+    def softmax_cross_entropy(ops, put):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the mean of no rows is NaN, as NumPy's
+            return list(ops.softmax_cross_entropy(put(f32(0, 5)), put(numpy.zeros(0, "int64"))))
+
+    def embedding_backward(ops, put):
+        grad_weight = put(numpy.full((7, 5), 3.0, "float32"))
+        ops.embedding_backward(put(numpy.zeros((0, 4), "int64")), put(f32(0, 4, 5)), grad_weight)
+        return [grad_weight]
+
+    conv = ((3, 3), (1, 1), (1, 1))
+    return {
+        "erf": [("batch", lambda ops, put: [ops.erf(put(f32(0, 5)))])],
+        "activation": [(f"{a}-{s}", lambda ops, put, a=a, s=s: [ops.activation(a, put(f32(*s)))])
+                       for a in ("relu", "gelu") for s in ((0, 5), (3, 0))],
+        "activation_backward": [(s, lambda ops, put, s=s: [ops.activation_backward("relu", put(f32(*s)), put(f32(*s)),
+                                                                                   put(f32(*s)))])
+                                for s in ((0, 5), (3, 0))],
+        "linear": [("batch", linear(0, 5, 3)), ("out", linear(4, 5, 0)), ("in", linear(4, 0, 3))],
+        "linear_act_backward": [("batch", linear_backward(0, 5, 3)), ("out", linear_backward(4, 5, 0)),
+                                ("in", linear_backward(4, 0, 3))],
+        "im2col": [(s, lambda ops, put, s=s: [ops.im2col(put(f32(*s)), *conv)]) for s in ((0, 3, 5, 5), (2, 0, 5, 5))],
+        "col2im": [(s, lambda ops, put, s=s, w=w: [ops.col2im(put(f32(s[0] * 25, w)), s, *conv)])
+                   for s, w in (((0, 3, 5, 5), 27), ((2, 0, 5, 5), 0))],
+        "max_pool": [(s, lambda ops, put, s=s: list(ops.max_pool(put(f32(*s)), (2, 2), (2, 2))))
+                     for s in ((0, 2, 4, 4), (2, 0, 4, 4))],
+        "max_pool_backward": [(s, lambda ops, put, s=s: [ops.max_pool_backward(
+            put(f32(s[0], s[1], 2, 2)), put(numpy.zeros((s[0], s[1], 2, 2), "int32")), s, (2, 2), (2, 2))])
+            for s in ((0, 2, 4, 4), (2, 0, 4, 4))],
+        "softmax_cross_entropy": [("batch", softmax_cross_entropy)],
+        "check_labels": [("batch", lambda ops, put: [ops.check_labels(put(numpy.zeros(0, "int64")), 5)])],
+        "check_errors": [("none", lambda ops, put: [ops.check_errors()])],
+        "lstm_cell": [("batch", lstm(0, 3)), ("hidden", lstm(2, 0))],
+        "lstm_cell_backward": [("batch", lstm(0, 3)), ("hidden", lstm(2, 0))],
+        "attention_softmax": [("batch", lambda ops, put: [ops.attention_softmax(put(f32(0, 2, 4, 4)), 0.5, True)])],
+        "attention_softmax_backward": [("batch", lambda ops, put: [ops.attention_softmax_backward(
+            put(f32(0, 2, 4, 4)), put(f32(0, 2, 4, 4)), 0.5)])],
+        "layer_norm": [("batch", lambda ops, put: list(ops.layer_norm(put(f32(0, 6)), put(f32(6)), put(f32(6)), 1e-5)))],
+        "layer_norm_backward": [("batch", lambda ops, put: list(ops.layer_norm_backward(
+            put(f32(0, 6)), put(f32(0, 6)), put(f32(0, 1)), put(f32(6)))))],
+        "sgd_update": [("empty", optimizer("sgd_update"))],
+        "adam_update": [("empty", optimizer("adam_update"))],
+        "embedding_backward": [("batch", embedding_backward)],
+    }
+
+
+ZERO_SIZE = [(name, label, run) for name, cases in _zero_size_cases().items() for label, run in cases]
+
+
+def test_every_gpu_override_has_a_zero_size_case():
+    from gpunet.backend.cupy_ops import CupyOps
+
+    overrides = {n for n, member in vars(CupyOps).items() if callable(member) and not n.startswith("_")}
+    assert overrides == {name for name, _, _ in ZERO_SIZE}
+
+
+@pytest.mark.parametrize("name, label, run", ZERO_SIZE, ids=[f"{n}-{label}" for n, label, _ in ZERO_SIZE])
+def test_zero_size_inputs_give_the_reference_result(device, monkeypatch, name, label, run):
+    """An empty input must not reach a launch (the driver refuses a grid with no blocks, and
+    blocks_for(0) is 0): each op returns the reference's empty result, zeros where it gives zeros."""
+    ops = ops_for_device(device)
+    monkeypatch.setattr(ops, "gemm_mode", "fused", raising=False)  # the kernel path of linear
+    got = run(ops, lambda a: on(device, a))
+    # The reference's LSTM cell reshapes (B, 4H) with -1, which an empty batch cannot take
+    # (sequence_ops.py): there the CPU backend's result is the reference.
+    reference = ops_for_device("cpu") if name.startswith("lstm") else REFERENCE
+    want = run(reference, lambda a: a)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None
+            continue
+        g, w = gn.to_numpy(g), numpy.asarray(w)
+        if name == "max_pool":  # the backends lay argmax out differently (flat or as y)
+            g, w = g.reshape(-1), w.reshape(-1)
+        assert g.shape == w.shape and g.dtype.kind == w.dtype.kind, (g.shape, g.dtype, w.shape, w.dtype)
+        numpy.testing.assert_array_equal(g, w)
