@@ -2,24 +2,33 @@
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import platform
 import sys
-from pathlib import Path
 
 import numpy
 
 import gpunet as gn
+from gpunet import errors, runs, validate
 from gpunet.backend import device_info
 from gpunet.data import (TEXT_DATASETS, CharWindows, consecutive_windows, image_preprocess, load_dataset, read_idx,
                          text_preprocess)
 from gpunet.generate import generate
+from gpunet.history import strict_json
 from gpunet.recipes import RECIPES, recipe
 from gpunet.summary import summary
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad command line reported in one line (exit status 2)."""
+
+    def error(self, message):
+        raise errors.fail("", f"{self.prog}: {message} (usage: {self.prog} --help)", errors.USAGE)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpunet", description="Train and evaluate gpunet models.")
+    parser = _Parser(prog="gpunet", description="Train and evaluate gpunet models.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also GPUNET_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model and save it with its history")
@@ -35,14 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive_int, default=None)
     t.add_argument("--lr", type=_positive_float, default=None)
     t.add_argument("--optimizer", choices=sorted(gn.optim.OPTIMIZERS), default=None)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--clip-norm", type=float, default=None, metavar="X",
+    t.add_argument("--seed", type=validate.cli_seed, default=0)
+    t.add_argument("--clip-norm", type=validate.cli_non_negative, default=None, metavar="X",
                    help="clip the gradient norm at X; 0 turns it off (default: 1.0 for rnn and transformer, off else)")
-    t.add_argument("--val-fraction", type=float, default=0.1)
+    t.add_argument("--val-fraction", type=validate.cli_fraction, default=0.1)
     t.add_argument("--early-stopping", type=_positive_int, default=None, metavar="EVALS",
                    help="stop after this many evaluations without a better validation loss")
-    t.add_argument("--out", default="runs/latest", help="output folder (default runs/latest)")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
+    t.add_argument("--out", default=None,
+                   help="output folder; refused when it holds a run, unless --resume or --overwrite (default: a new "
+                        "folder runs/DATE-TIME-MODEL, with runs/latest pointing to it)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from OUT/last.safetensors (without --out: the run runs/latest points to)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that holds a run, moving that run into OUT/replaced-DATE-TIME")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     e = sub.add_parser("eval", help="evaluate a saved model on IDX images and labels")
@@ -55,9 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="sample text from a trained character-level model")
     g.add_argument("checkpoint")
     g.add_argument("--prompt", default="\n", help="text to start from (default: a newline)")
-    g.add_argument("--length", type=int, default=300, help="characters to sample after the prompt")
-    g.add_argument("--temperature", type=float, default=0.8, help="below 1 is more conservative; 0 is greedy")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--length", type=validate.cli_non_negative_int, default=300,
+                   help="characters to sample after the prompt")
+    g.add_argument("--temperature", type=validate.cli_non_negative, default=0.8,
+                   help="below 1 is more conservative; 0 is greedy")
+    g.add_argument("--seed", type=validate.cli_seed, default=0)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
 
     b = sub.add_parser("bench", help="time gpunet against PyTorch on this machine (kernels and models)")
@@ -75,15 +91,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, default=20)
     p.add_argument("--batch-size", type=_positive_int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dropout", type=_dropout_rate, default=None, metavar="P",
+                   help="dropout rate for every dropout of the model; one on its output when it has none "
+                        "(default: the recipe's own)")
 
     sub.add_parser("info", help="versions, devices and why a GPU is (un)usable")
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the traceback of an error (also GPUNET_DEBUG=1)")
     return parser
 
 
 def main(argv=None) -> int:
+    """Run one command. Every error ends in one line on stderr (see gpunet.errors): SystemExit
+    with status 2 for a wrong command line, 1 for anything else, 130 after Ctrl-C."""
+    _tolerant_output()
     args = build_parser().parse_args(argv)
-    return {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "bench": cmd_bench,
-            "parity": cmd_parity, "info": cmd_info}[args.command](args)
+    with errors.handled(args.command, errors.debug_enabled(args.debug)):
+        validate.environment()
+        return {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "bench": cmd_bench,
+                "parity": cmd_parity, "info": cmd_info}[args.command](args)
+
+
+def _tolerant_output() -> None:
+    """Paths that are not valid UTF-8 (or not ASCII, on a C locale) print escaped, not as a crash."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):
+            pass
 
 
 def cmd_train(args) -> int:
@@ -91,10 +127,23 @@ def cmd_train(args) -> int:
     dataset = args.dataset or r.dataset
     if (dataset in TEXT_DATASETS) != (r.kind == "text"):
         wanted = "a text dataset (shakespeare)" if r.kind == "text" else "an image dataset (mnist-sample, mnist)"
-        raise SystemExit(f"gpunet train: --model {args.model} needs {wanted}, not --dataset {dataset}")
+        raise errors.UsageError(f"--model {args.model} needs {wanted}, not --dataset {dataset}")
+    if args.resume and args.overwrite:
+        raise errors.UsageError("--resume continues the run in the output folder and --overwrite moves it aside; "
+                                "give one of them")
+    if args.data_dir is not None and os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
+        raise NotADirectoryError(f"--data-dir {args.data_dir} is a file, not a folder")
     gn.manual_seed(args.seed)
     dev = _device(args)
     print(f"device: {dev.name} ({dev.reason})")
+    run = runs.prepare(args.out, args.model, args.resume, args.overwrite)  # before any data is loaded
+    try:
+        return _train(args, r, dataset, dev, run)
+    finally:
+        run.close()
+
+
+def _train(args, r, dataset, dev, run) -> int:
     ds = load_dataset(dataset, args.data_dir, args.download, args.val_fraction, args.seed)
     model = r.build(ds)
     if r.kind == "text":
@@ -116,26 +165,39 @@ def cmd_train(args) -> int:
     print(f"training {args.model} on {ds.name}: {len(train)} train / {len(val[0])} validation "
           f"{'windows' if r.kind == 'text' else 'samples'}, {'%d epochs' % epochs if epochs else '%d steps' % steps}, "
           f"batch {batch}, {type(optimizer).__name__} lr {optimizer.lr}" + (f", gradient clipping at norm {clip}" if clip else ""))
-    out = Path(args.out)
+    out = run.path
+    print(f"run folder: {out}" + (" (resumed)" if args.resume else ""))
+    run.start()
     try:
-        history = gn.fit(model, train, val, optimizer=optimizer, epochs=epochs, steps=steps, batch_size=batch,
-                         eval_every=None if epochs else max(1, steps // evals), schedule=schedule, clip_norm=clip,
-                         early_stopping=args.early_stopping, out_dir=out, resume=args.resume, seed=args.seed,
-                         progress=False if args.no_progress else None)
+        with numpy.errstate(all="ignore"):  # a diverging run is reported once, by fit, not by NumPy warnings
+            history = gn.fit(model, train, val, optimizer=optimizer, epochs=epochs, steps=steps, batch_size=batch,
+                             eval_every=None if epochs else max(1, steps // evals), schedule=schedule, clip_norm=clip,
+                             early_stopping=args.early_stopping, out_dir=out, resume=args.resume, seed=args.seed,
+                             progress=False if args.no_progress else None,
+                             run_config={"model": args.model, "dataset": dataset, "val_fraction": args.val_fraction})
     except gn.train.DeviceOutOfMemory as exc:
         raise SystemExit(f"gpunet train: {exc}") from None
-    best = min(history.records, key=lambda rec: rec["val_loss"])
-    last = history.last()
-    unit = " nats/char" if r.kind == "text" else ""
-    print(f"final: train_loss {last['train_loss']:.4f}  val_loss {last['val_loss']:.4f}{unit}  "
-          f"val_accuracy {last.get('val_accuracy', float('nan')):.4f}")
-    print(f"best (saved): step {best['step']}  val_loss {best['val_loss']:.4f}{unit}  "
-          f"val_accuracy {best.get('val_accuracy', float('nan')):.4f}")
-    print(f"wrote {out / 'model.safetensors'}, {out / 'last.safetensors'}, {out / 'history.json'}, "
-          f"{out / 'metrics.csv'}, {out / 'history.png'}")
+    _report(history, out, " nats/char" if r.kind == "text" else "")
     return 0
 
 
+def _report(history, out, unit: str) -> None:
+    """The final metrics, the best model only when this run saved it, and only files that exist."""
+    def metrics(rec):
+        parts = [f"{k} {rec[k]:.4f}{unit if k.endswith('loss') and k != 'train_loss' else ''}"
+                 for k in ("train_loss", "val_loss", "val_accuracy") if isinstance(rec.get(k), float)]
+        return "  ".join(parts)
+
+    last = history.last()
+    if last:
+        print(f"final: step {last['step']}  {metrics(last)}")
+    best = next((rec for rec in history.records if rec["step"] == history.best_step), None)
+    if best is not None and (out / "model.safetensors").exists():
+        print(f"best (saved): step {best['step']}  {metrics(best)}")
+    else:
+        print("best: no model was saved by this run")
+    written = [p for p in dict.fromkeys(history.written) if p.exists()]
+    print("wrote " + (", ".join(str(p) for p in written) if written else "nothing"))
 def cmd_generate(args) -> int:
     model = gn.load(args.checkpoint)
     model.to(_device(args))
@@ -155,13 +217,30 @@ def cmd_eval(args) -> int:
     dev = _device(args)
     model.to(dev)
     images, labels = read_idx(args.images), read_idx(args.labels)
+    validate.not_empty(len(images), args.images, "images")
     if len(images) != len(labels):
         raise SystemExit(f"gpunet eval: {args.images} has {len(images)} images but {args.labels} has {len(labels)} labels")
+    if labels.ndim != 1:
+        raise ValueError(f"{args.labels}: labels must be one number per image, but the file holds an array of shape "
+                         f"{labels.shape}")
+    validate.images(images, model.preprocess, args.images)
+    validate.class_labels(labels, _num_classes(model, images[:1], dev), args.labels)
     result = gn.evaluate(model, images, labels.astype("int64"), batch_size=args.batch_size)
     print(f"device: {dev.name}; model: {args.checkpoint}")
-    print(json.dumps({"accuracy": round(result["accuracy"], 6), "loss": round(result["loss"], 6),
-                      "samples": result["samples"]}))
+    print(strict_json({"accuracy": round(result["accuracy"], 6), "loss": round(result["loss"], 6),
+                       "samples": result["samples"]}))
     return 0
+
+
+def _num_classes(model, sample, dev) -> int:
+    """The number of outputs (classes) of model, from one sample."""
+    was_training = model.training
+    model.eval()
+    try:
+        x = gn.data.apply_preprocess(model.preprocess, gn.backend.to_device(sample, dev.name), dev.xp)
+        return int(model.forward(x).shape[-1])
+    finally:
+        model.train(was_training)
 
 
 def cmd_bench(args) -> int:
@@ -202,9 +281,12 @@ def cmd_bench(args) -> int:
 def cmd_parity(args) -> int:
     from gpunet import parity
 
-    if not gn.has_gpu():
-        raise SystemExit(f"gpunet parity compares the CPU with the GPU, and no GPU is usable: {gn.backend.gpu_status()[1]}")
-    print(parity.format_report(parity.compare(args.model, args.steps, ("cpu", "gpu"), args.batch_size, args.seed)))
+    try:
+        gn.device("gpu")
+    except RuntimeError as exc:
+        raise SystemExit(f"gpunet parity compares the CPU with the GPU: {exc}") from None
+    report = parity.compare(args.model, args.steps, ("cpu", "gpu"), args.batch_size, args.seed, args.dropout)
+    print(parity.format_report(report))
     return 0
 
 
@@ -226,17 +308,18 @@ def _device(args):
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return validate.cli_positive_int(text)
+
+
+def _dropout_rate(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
+    return validate.cli_positive(text)
 
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy
 
+from gpunet import validate
 from gpunet.backend import to_device, to_numpy
 from gpunet.data.text import decode, encode
 from gpunet.layers.embedding import PositionalEmbedding
@@ -22,8 +23,9 @@ def generate(model, prompt: str, length: int = 300, temperature: float = 0.8, se
                          "this model has no text vocabulary")
     if not prompt:
         raise ValueError("generate: the prompt must hold at least one character")
-    if length < 0 or temperature < 0:
-        raise ValueError(f"generate: length and temperature must be non-negative, got {length} and {temperature}")
+    validate.non_negative_int("generate: length", length)
+    validate.finite("generate: temperature", temperature, low=0)
+    validate.seed("generate: seed", seed)
     vocabulary = spec["vocabulary"]
     ids = list(encode(prompt, vocabulary))
     rng = numpy.random.default_rng(seed)
@@ -71,9 +73,14 @@ def _window_sampler(model):
 
 def _sample(logits, temperature: float, rng: numpy.random.Generator) -> int:
     logits = logits.astype("float64")
+    if not numpy.isfinite(logits).all():
+        raise ValueError("the model's output holds NaN or Inf (are its weights finite?); nothing can be sampled")
     if temperature == 0:
         return int(logits.argmax())
-    scaled = logits / temperature
+    with numpy.errstate(over="ignore"):
+        scaled = logits / temperature
+    if not numpy.isfinite(scaled).all():  # a temperature so small it is greedy
+        return int(logits.argmax())
     p = numpy.exp(scaled - scaled.max())
     cumulative = numpy.cumsum(p / p.sum())
     return int(min(numpy.searchsorted(cumulative, rng.random(), side="right"), len(p) - 1))

@@ -1,12 +1,44 @@
-"""Training history: records of evaluations, written as history.json, metrics.csv and a PNG."""
+"""Training history: records of evaluations, written as history.json, metrics.csv and a PNG.
+
+history.json is strict JSON: a value that is not a finite number is written as null and its
+record is marked "diverged": true.
+"""
 from __future__ import annotations
 
 import csv
 import io
 import json
+import math
 from pathlib import Path
 
-from gpunet.checkpoint import atomic_write
+from gpunet.files import atomic_write
+
+
+def strict_record(record: dict) -> dict:
+    """The record with NaN/Inf replaced by None, and "diverged": True when there were any."""
+    out, bad = {}, False
+    for key, value in record.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            value, bad = None, True
+        out[key] = value
+    if bad:
+        out["diverged"] = True
+    return out
+
+
+def strict_json(value, **kwargs) -> str:
+    """json.dumps that never writes NaN or Infinity (they become null)."""
+    return json.dumps(_finite_or_none(value), allow_nan=False, **kwargs)
+
+
+def _finite_or_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 class History:
@@ -28,37 +60,51 @@ class History:
     def last(self) -> dict:
         return self.records[-1] if self.records else {}
 
-    def write(self, out_dir) -> None:
+    def write(self, out_dir) -> list[Path]:
+        """history.json (strict JSON) and metrics.csv, atomically; returns their paths."""
         out = Path(out_dir)
-        atomic_write(out / "history.json", json.dumps(self.records, indent=1).encode())
-        keys = list(dict.fromkeys(k for r in self.records for k in r))
+        records = [strict_record(r) for r in self.records]
+        atomic_write(out / "history.json", json.dumps(records, indent=1, allow_nan=False).encode())
+        keys = list(dict.fromkeys(k for r in records for k in r))
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=keys)
         writer.writeheader()
-        writer.writerows(self.records)
+        writer.writerows(records)
         atomic_write(out / "metrics.csv", text.getvalue().encode())
+        return [out / "history.json", out / "metrics.csv"]
 
     def plot(self, path) -> None:
-        """Loss curves (and validation accuracy when present) against the step."""
-        import matplotlib
+        """Loss curves (and validation accuracy when present) against the step, as a PNG written
+        atomically. matplotlib's global backend and state are untouched (no pyplot)."""
+        buffer = io.BytesIO()
+        self.figure().savefig(buffer, format="png", dpi=100)
+        atomic_write(path, buffer.getvalue())
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    def figure(self):
+        """The plot as a matplotlib Figure of its own; a single evaluation is drawn as points."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
         steps = self["step"]
+        style = {"marker": "o"} if len(steps) < 2 else {}
         has_acc = any(a is not None for a in self["val_accuracy"])
-        fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(10 if has_acc else 5, 4), squeeze=False)
+        fig = Figure(figsize=(10 if has_acc else 5, 4))
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(1, 2 if has_acc else 1, squeeze=False)
         ax = axes[0][0]
-        ax.plot(steps, self["train_loss"], label="train loss")
+        ax.plot(steps, _floats(self["train_loss"]), label="train loss", **style)
         if any(v is not None for v in self["val_loss"]):
-            ax.plot(steps, self["val_loss"], label="val loss")
+            ax.plot(steps, _floats(self["val_loss"]), label="val loss", **style)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.legend()
         if has_acc:
-            axes[0][1].plot(steps, self["val_accuracy"], color="tab:green")
+            axes[0][1].plot(steps, _floats(self["val_accuracy"]), color="tab:green", **style)
             axes[0][1].set_xlabel("step")
             axes[0][1].set_ylabel("val accuracy")
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        return fig
+
+
+def _floats(values) -> list[float]:
+    return [math.nan if v is None else float(v) for v in values]

@@ -7,13 +7,25 @@ from __future__ import annotations
 
 import math
 
+from gpunet import validate
 from gpunet.backend import ops_for, to_device, to_numpy
 
 
 class Optimizer:
     def __init__(self, model, lr: float, **hyper):
-        if lr <= 0:
-            raise ValueError(f"{type(self).__name__}: lr must be positive, got {lr}")
+        name = type(self).__name__
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"{name}: lr must be positive and finite, got {lr!r}")
+        for key, value in hyper.items():
+            if key in ("momentum", "weight_decay", "dampening"):
+                validate.finite(f"{name}: {key}", value, low=0)
+            elif key == "eps":
+                validate.finite(f"{name}: eps", value, low=0, low_open=True)
+            elif key == "betas":
+                if len(value) != 2:
+                    raise ValueError(f"{name}: betas must be two numbers, got {value!r}")
+                for i, beta in enumerate(value):
+                    validate.finite(f"{name}: betas[{i}]", beta, low=0, high=1, high_open=True)
         self.model, self.lr, self.hyper = model, float(lr), hyper
         self.step_count = 0
         self.state: dict[str, dict] = {}
@@ -92,6 +104,8 @@ class StepLR:
     """Multiply the learning rate by gamma every step_size calls of step()."""
 
     def __init__(self, optimizer, step_size: int, gamma: float = 0.1):
+        validate.positive_int(f"{type(self).__name__}: step_size", step_size)
+        validate.finite(f"{type(self).__name__}: gamma", gamma, low=0, low_open=True)
         self.optimizer, self.step_size, self.gamma = optimizer, step_size, gamma
         self.base_lr, self.count = optimizer.lr, 0
 
@@ -108,6 +122,10 @@ class CosineLR(StepLR):
     torch.optim.lr_scheduler.CosineAnnealingLR's closed form; optional linear warm-up."""
 
     def __init__(self, optimizer, t_max: int, eta_min: float = 0.0, warmup: int = 0):
+        validate.finite("CosineLR: eta_min", eta_min, low=0)
+        validate.non_negative_int("CosineLR: warmup", warmup)
+        if isinstance(t_max, bool) or not isinstance(t_max, int):
+            raise ValueError(f"CosineLR: t_max must be an integer, got {t_max!r}")
         super().__init__(optimizer, step_size=1)
         self.t_max, self.eta_min, self.warmup = max(1, t_max), eta_min, warmup
         if warmup:
@@ -123,6 +141,7 @@ class CosineLR(StepLR):
 def clip_grad_norm(model, max_norm: float):
     """Scale all gradients so their global L2 norm is at most max_norm; returns the norm
     before clipping as a 0-d array (on the device: no host synchronisation)."""
+    validate.finite("clip_grad_norm: max_norm", max_norm, low=0, low_open=True)
     grads = list(model.grads.values())
     if not grads:
         return 0.0

@@ -1,13 +1,21 @@
-"""MNIST: the four official files, downloaded only when asked, md5-checked, written atomically."""
+"""MNIST: the four official files, downloaded only when asked, md5-checked, written atomically.
+
+A cached file (downloaded, or copied in by hand) is verified, size and md5, on its first use and
+again whenever its size or modification time changes; what was verified is remembered in
+`.verified.json` beside the files, so later runs do not re-read them.
+"""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-import tempfile
 import urllib.request
 from pathlib import Path
 
 from gpunet.data.idx import read_idx
+from gpunet.files import atomic_write, tmp_name
+
+VERIFIED = ".verified.json"
 
 # name -> (bytes, md5) of the official files
 MNIST_FILES = {
@@ -51,7 +59,8 @@ def download_file(name: str, directory: Path, mirror_list=None, timeout: float =
     errors = []
     for base in mirror_list or mirrors():
         url = base.rstrip("/") + "/" + name
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".part")
+        tmp = tmp_name(target)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
                 for block in iter(lambda: response.read(1 << 20), b""):
@@ -84,6 +93,49 @@ def load_mnist(data_dir=None, download: bool = False):
                     f"MNIST file {path} is missing. Run with --download (or download=True) to fetch the "
                     f"official files into {directory}, or set GPUNET_DATA / --data-dir to where they are.")
             download_file(name, directory)
+        verify_cached(path)
         arrays[name] = read_idx(path)
     return ((arrays["train-images-idx3-ubyte.gz"], arrays["train-labels-idx1-ubyte.gz"]),
             (arrays["t10k-images-idx3-ubyte.gz"], arrays["t10k-labels-idx1-ubyte.gz"]))
+
+
+def _fingerprint(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _verified(directory: Path) -> dict:
+    try:
+        data = json.loads((directory / VERIFIED).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _remember(directory: Path, name: str, path: Path) -> None:
+    known = _verified(directory)
+    known[name] = _fingerprint(path)
+    try:
+        atomic_write(directory / VERIFIED, json.dumps(known, indent=1).encode())
+    except OSError:  # a read-only cache still works; it is verified again next time
+        pass
+
+
+def verify_cached(path) -> None:
+    """Refuse an official MNIST file whose size or md5 is not the official one. Checked on first
+    use and after any change to the file; remembered in .verified.json otherwise."""
+    path = Path(path)
+    if path.name not in MNIST_FILES:
+        return
+    size, md5 = MNIST_FILES[path.name]
+    if _verified(path.parent).get(path.name) == _fingerprint(path):
+        return
+    actual = path.stat().st_size
+    if actual != size:
+        raise ValueError(f"{path}: {actual} bytes, but the official file has {size}; it is damaged or not "
+                         f"the official file (delete it and run with --download to fetch it again)")
+    got = md5sum(path)
+    if got != md5:
+        raise ValueError(f"{path}: md5 {got} does not match the official {md5}; it is damaged or not the "
+                         f"official file (delete it and run with --download to fetch it again)")
+    _remember(path.parent, path.name, path)

@@ -38,13 +38,15 @@ def apply_preprocess(spec: dict | None, x, xp=numpy):
     return out
 
 
-def minibatches(n: int, batch_size: int, rng: numpy.random.Generator | None, start: int = 0):
+def minibatches(n: int, batch_size: int, rng: numpy.random.Generator | None, start: int = 0,
+                offset: int | None = None):
     """Index arrays of successive batches of a (seeded, shuffled when rng is given) order,
-    from batch number `start` on; the last batch may be smaller."""
+    from batch number `start` on, or from sample `offset` of the order when given (a resumed
+    run with another batch size goes on from the same sample); the last batch may be smaller."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     order = rng.permutation(n) if rng is not None else numpy.arange(n)
-    for begin in range(start * batch_size, n, batch_size):
+    for begin in range(start * batch_size if offset is None else offset, n, batch_size):
         yield order[begin : begin + batch_size]
 
 

@@ -1,0 +1,102 @@
+"""User errors on the command line: one line on stderr naming what and where, no traceback.
+
+Exit status 2 when the command line itself is wrong (a flag's value, flags that do not go
+together), 1 for everything else (files, data, environment variables, a diverged run), 130 after
+an interrupt. `--debug` or GPUNET_DEBUG=1 prints the traceback before the line.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sys
+import traceback
+
+USAGE = 2
+FAILURE = 1
+INTERRUPTED = 130
+
+
+class UsageError(ValueError):
+    """The command line is wrong: exit status 2."""
+
+
+class Exit(SystemExit):
+    """Ends the command with `code` after its one-line message went to stderr; str() is the
+    message, so callers (and tests) can read what was said."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(code)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def debug_enabled(flag: bool = False) -> bool:
+    return bool(flag) or os.environ.get("GPUNET_DEBUG", "").strip() not in ("", "0")
+
+
+def one_line(text: str) -> str:
+    """Several lines joined by '; ', surrounding space removed."""
+    return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+_OS_MESSAGES = {
+    errno.ENOENT: "no such file or folder",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EISDIR: "is a folder, not a file",
+    errno.ENOTDIR: "a part of this path is a file, not a folder",
+    errno.ENOSPC: "no space left on the device",
+    errno.EROFS: "the file system is read-only",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.EEXIST: "already exists",
+}
+
+
+def describe(exc: BaseException) -> str:
+    """What went wrong, in one line, for a user."""
+    if isinstance(exc, OSError) and exc.errno is not None and exc.filename is not None:
+        what = _OS_MESSAGES.get(exc.errno) or (exc.strerror or str(exc)).lower()
+        return one_line(f"{os.fsdecode(exc.filename)}: {what}")
+    if isinstance(exc, MemoryError) and not str(exc):
+        return "out of memory"
+    if isinstance(exc, UnicodeError):
+        return one_line(f"text that is not valid UTF-8 or cannot be shown ({exc})")
+    if isinstance(exc, (OSError, ValueError, TypeError, RuntimeError, MemoryError)) and str(exc):
+        return one_line(str(exc))  # gpunet's own messages name what and where
+    return one_line(f"internal error: {type(exc).__name__}: {exc} "
+                    "(run again with --debug for the traceback, and please report it)")
+
+
+def fail(command: str, message: str, code: int = FAILURE) -> Exit:
+    """Print `gpunet COMMAND: message` on stderr and return the Exit to raise."""
+    prefix = f"gpunet {command}: " if command else "gpunet: "
+    message = one_line(message)
+    line = message if message.startswith("gpunet") else prefix + message
+    print(line, file=sys.stderr, flush=True)
+    return Exit(code, line)
+
+
+@contextlib.contextmanager
+def handled(command: str, debug: bool = False):
+    """Turn every exception of a command into one line on stderr and an exit status."""
+    try:
+        yield
+    except Exit:
+        raise
+    except SystemExit as exc:
+        if isinstance(exc.code, str):  # raise SystemExit("gpunet cmd: what went wrong")
+            raise fail(command, exc.code) from None
+        raise
+    except KeyboardInterrupt as exc:
+        if debug:
+            traceback.print_exc()
+        raise fail(command, str(exc) or "interrupted", INTERRUPTED) from None
+    except Exception as exc:  # noqa: BLE001 - every error ends in one line
+        if debug:
+            traceback.print_exc()
+        code = USAGE if isinstance(exc, UsageError) else FAILURE
+        raise fail(command, describe(exc), code) from None

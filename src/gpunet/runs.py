@@ -1,0 +1,258 @@
+"""Run folders: a new folder per run, `runs/latest` pointing to the newest, a lock per folder,
+and the refusal to write over a run that is already there.
+
+A run folder holds the files of one training run (RUN_FILES). `gpunet train` without --out
+makes `runs/YYYYmmdd-HHMMSS-MODEL` and points the symlink `runs/latest` at it; an explicit --out
+that already holds a run is refused unless --resume, or --overwrite, which moves the old run
+into a sub-folder `replaced-YYYYmmdd-HHMMSS` (nothing is ever deleted). While a run trains, the
+folder's `.lock` is held (an OS lock, released even by kill -9), so a second run into the same
+folder fails at once; the temporaries a dead run left are removed when the next one starts.
+"""
+from __future__ import annotations
+
+import datetime
+import errno
+import os
+import socket
+from pathlib import Path
+
+from gpunet.files import clean_stale_tmp
+
+RUN_FILES = ("model.safetensors", "last.safetensors", "history.json", "metrics.csv", "history.png")
+LOCK_NAME = ".lock"
+RUNS_ROOT = Path("runs")
+LATEST = "latest"
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+
+class RunExists(FileExistsError):
+    """The output folder already holds a run."""
+
+
+class RunLocked(RuntimeError):
+    """Another live process trains into the folder."""
+
+
+def holds_run(folder) -> list[str]:
+    """The run files already in folder (empty when there is none)."""
+    folder = Path(folder)
+    return [name for name in RUN_FILES if (folder / name).exists()] if folder.is_dir() else []
+
+
+def _stamp(now=None) -> str:
+    return (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")
+
+
+# ---------------------------------------------------------------- the lock
+_held: dict[str, "RunLock"] = {}
+
+
+class RunLock:
+    """An exclusive lock on a run folder: `.lock` inside it, locked with flock, so it dies with
+    its process. Re-entrant within a process (fit inside `gpunet train` takes it again)."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.fd = None
+        self.depth = 0
+
+    def acquire(self) -> "RunLock":
+        key = os.path.realpath(self.folder)
+        if key in _held:
+            _held[key].depth += 1
+            return _held[key]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    break  # a file system without locks (ENOLCK): go on unlocked rather than refuse
+                owner = _read_owner(fd)
+                os.close(fd)
+                raise RunLocked(f"{self.folder} is in use by another training run{owner}; wait for it to end "
+                                f"or choose another --out") from None
+            try:  # the file we locked must still be the one at the path (the last owner may have removed it)
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {_stamp()}\n".encode())
+        self.fd, self.depth = fd, 1
+        _held[key] = self
+        return self
+
+    def release(self) -> None:
+        key = os.path.realpath(self.folder)
+        if _held.get(key) is not self:
+            if key in _held:
+                _held[key].release()
+            return
+        self.depth -= 1
+        if self.depth:
+            return
+        del _held[key]
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)  # closing releases the flock
+        self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _read_owner(fd) -> str:
+    try:
+        text = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+    return f" ({text})" if text else ""
+
+
+# ---------------------------------------------------------------- folders
+def new_run_folder(model: str, root=RUNS_ROOT, now=None) -> Path:
+    """A new, empty folder root/STAMP-MODEL (-2, -3, ... when that name is taken)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    base = f"{_stamp(now)}-{model}"
+    for n in range(1, 10000):
+        folder = root / (base if n == 1 else f"{base}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise RunExists(f"{root}: could not find a free name for a new run folder near {base}")
+
+
+def point_latest(folder, root=RUNS_ROOT) -> str | None:
+    """Make root/latest a symlink to folder (atomically). A real folder or file named latest
+    (left by older gpunet versions) is moved aside first, never deleted; returns a note then."""
+    root, folder = Path(root), Path(folder)
+    latest = root / LATEST
+    note = None
+    if latest.exists() and not latest.is_symlink():
+        aside = _free_name(root, f"latest-before-{_stamp()}")
+        os.rename(latest, aside)
+        note = f"moved the earlier {latest} (a folder, not a link) to {aside}"
+    tmp = root / f".{LATEST}.{os.getpid()}.tmp"
+    try:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        os.symlink(folder.name if folder.parent.resolve() == root.resolve() else os.path.abspath(folder), tmp)
+        os.replace(tmp, latest)
+    except OSError as exc:  # no symlinks here: say where the run is instead
+        if tmp.is_symlink():
+            tmp.unlink()
+        return (note + "; " if note else "") + f"could not point {latest} at {folder} ({exc.strerror or exc})"
+    return note
+
+
+def _free_name(parent: Path, base: str) -> Path:
+    candidate, n = parent / base, 1
+    while candidate.exists() or candidate.is_symlink():
+        n += 1
+        candidate = parent / f"{base}-{n}"
+    return candidate
+
+
+def move_aside(folder) -> Path:
+    """Move the run files in folder into folder/replaced-STAMP and return that sub-folder."""
+    folder = Path(folder)
+    aside = _free_name(folder, f"replaced-{_stamp()}")
+    aside.mkdir()
+    for name in RUN_FILES:
+        if (folder / name).exists():
+            os.rename(folder / name, aside / name)
+    return aside
+
+
+def check_out_folder(folder) -> None:
+    """Refuse an --out that cannot be a run folder, before any work."""
+    folder = Path(folder)
+    if str(folder).strip() == "":
+        raise ValueError("--out is empty; give a folder")
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"--out {folder} is a file, not a folder")
+    for parent in folder.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"--out {folder}: {parent} is a file, not a folder")
+            break
+
+
+class RunFolder:
+    """The locked folder of one `gpunet train`. A folder made for this run (no --out) becomes
+    runs/latest once training starts; if the command fails before that, the still-empty folder
+    is removed again, so failed starts leave nothing behind."""
+
+    def __init__(self, path: Path, lock: RunLock, fresh: bool):
+        self.path, self.lock, self.fresh, self.started = path, lock, fresh, False
+
+    def start(self, say=print) -> None:
+        self.started = True
+        if self.fresh:
+            note = point_latest(self.path)
+            if note:
+                say(f"note: {note}")
+
+    def close(self) -> None:
+        self.lock.release()
+        if self.fresh and not self.started:
+            try:
+                self.path.rmdir()  # only succeeds while empty
+            except OSError:
+                pass
+
+
+def prepare(out, model: str, resume: bool = False, overwrite: bool = False, say=print) -> RunFolder:
+    """The folder a `gpunet train` writes to, created and locked, with the checks of the module
+    docstring done before any data is loaded."""
+    fresh = False
+    if out is None:
+        latest = RUNS_ROOT / LATEST
+        if resume:
+            if not latest.exists():
+                raise FileNotFoundError(f"--resume without --out continues {latest}, and there is no such run "
+                                        "(give --out DIR)")
+            out = latest.resolve()
+        else:
+            out, fresh = new_run_folder(model), True
+    out = Path(out)
+    check_out_folder(out)
+    lock = RunLock(out).acquire()
+    try:
+        removed = clean_stale_tmp(out, RUN_FILES)
+        if removed:
+            say(f"removed {len(removed)} temporary file(s) an interrupted run left in {out}")
+        existing = holds_run(out)
+        if resume:
+            if not (out / "last.safetensors").exists():
+                raise FileNotFoundError(f"--resume: {out / 'last.safetensors'} does not exist, so there is "
+                                        "nothing to resume" + (f" (the folder holds {', '.join(existing)})"
+                                                               if existing else ""))
+        elif existing:
+            if not overwrite:
+                raise RunExists(f"{out} already holds a run ({', '.join(existing)}); continue it with --resume, "
+                                f"move it aside with --overwrite, or choose another --out")
+            aside = move_aside(out)
+            say(f"moved the earlier run in {out} to {aside}")
+    except BaseException:
+        RunFolder(out, lock, fresh).close()
+        raise
+    return RunFolder(out, lock, fresh)
