@@ -1,20 +1,30 @@
 // GEMM with a fused epilogue, and the fused backward epilogue, for Dense layers.
 // Compiled at run time by NVRTC through cupy.RawModule (gpunet/backend/cuda_kernels.py); CI
-// compiles this file with `nvcc -arch=sm_90 -c` as well. Activation codes: 0 none, 1 relu,
-// 2 sigmoid, 3 tanh, 4 gelu (erf), 5 gelu (tanh approximation).
-
-#define TILE_M 64
-#define TILE_N 64
-#define TILE_K 16
-#define THREADS 256  // 16 x 16 threads, each holding a 4 x 4 block of the 64 x 64 output tile
+// compiles this file with `nvcc -arch=sm_90 -c` as well. Launched only through the wrappers in
+// gpunet/backend/cuda_wrappers.py.
+//
+// The constants come from gpunet/backend/cuda_kernels.py as -D flags (DEFINES), never from here:
+// THREADS (threads per block), TILE_M x TILE_N (the tile of C a block computes), TILE_K (the
+// depth of a staged tile), ROWS_PER_CHUNK (rows one block of bias_act_backward sums), and the
+// activation codes ACT_NONE (0), ACT_RELU, ACT_SIGMOID, ACT_TANH, ACT_GELU (erf), ACT_GELU_TANH.
+#if !defined(THREADS) || !defined(TILE_M) || !defined(TILE_N) || !defined(TILE_K) || !defined(ROWS_PER_CHUNK) || \
+    !defined(ACT_NONE) || !defined(ACT_RELU) || !defined(ACT_SIGMOID) || !defined(ACT_TANH) || !defined(ACT_GELU) || \
+    !defined(ACT_GELU_TANH)
+#error gemm.cu needs -DTHREADS -DTILE_M -DTILE_N -DTILE_K -DROWS_PER_CHUNK -DACT_NONE -DACT_RELU -DACT_SIGMOID \
+  -DACT_TANH -DACT_GELU -DACT_GELU_TANH (gpunet/backend/cuda_kernels.py)
+#endif
+static_assert(THREADS == 16 * 16 && TILE_M == 16 * 4 && TILE_N == 16 * 4,
+              "gemm_bias_act's 16 x 16 threads each compute a 4 x 4 block of the TILE_M x TILE_N tile of C");
+static_assert(ACT_NONE == 0, "bias_act_backward reads act as a flag: no activation must be 0");
 
 __device__ __forceinline__ float activate(float z, int act) {
   switch (act) {
-    case 1: return z > 0.f ? z : 0.f;
-    case 2: return 1.f / (1.f + expf(-z));
-    case 3: return tanhf(z);
-    case 4: return 0.5f * z * (1.f + erff(z * 0.70710678118654752f));
-    case 5: return 0.5f * z * (1.f + tanhf(0.79788456080286536f * (z + 0.044715f * z * z * z)));
+    case ACT_RELU: return z <= 0.f ? 0.f : z;  // NaN passes through, as on the CPU and in torch
+    case ACT_SIGMOID: return 1.f / (1.f + expf(-z));
+    case ACT_TANH: return tanhf(z);
+    case ACT_GELU: return 0.5f * z * (1.f + erff(z * 0.70710678118654752f));
+    case ACT_GELU_TANH:
+      return 0.5f * z * (1.f + tanhf(0.79788456080286536f * (z + 0.044715f * z * z * z)));
     default: return z;
   }
 }
@@ -22,11 +32,11 @@ __device__ __forceinline__ float activate(float z, int act) {
 // d activation / dz from the pre-activation z and the output y (whichever the formula needs).
 __device__ __forceinline__ float derivative(float z, float y, int act) {
   switch (act) {
-    case 1: return z > 0.f ? 1.f : 0.f;
-    case 2: return y * (1.f - y);
-    case 3: return 1.f - y * y;
-    case 4: return 0.5f * (1.f + erff(z * 0.70710678118654752f)) + z * 0.39894228040143268f * expf(-0.5f * z * z);
-    case 5: {
+    case ACT_RELU: return z > 0.f ? 1.f : 0.f;
+    case ACT_SIGMOID: return y * (1.f - y);
+    case ACT_TANH: return 1.f - y * y;
+    case ACT_GELU: return 0.5f * (1.f + erff(z * 0.70710678118654752f)) + z * 0.39894228040143268f * expf(-0.5f * z * z);
+    case ACT_GELU_TANH: {
       float u = 0.79788456080286536f * (z + 0.044715f * z * z * z);
       float t = tanhf(u);
       return 0.5f * (1.f + t) + 0.5f * z * (1.f - t * t) * 0.79788456080286536f * (1.f + 0.134145f * z * z);
@@ -36,10 +46,10 @@ __device__ __forceinline__ float derivative(float z, float y, int act) {
 }
 
 // C (M, N) = act(A (M, K) . W (N, K)^T + bias (N)): torch.nn.Linear's layout, all row-major.
-// Launch: grid (ceil(N / 64), min(ceil(M / 64), 65535)), block 256. gridDim.y is capped at
-// 65,535 on every GPU, so each block walks the row tiles blockIdx.y, + gridDim.y, ... (the loop
-// bound depends only on blockIdx.y: every thread of a block takes the same trips, as the
-// __syncthreads inside require).
+// Launch: grid (ceil(N / TILE_N), min(ceil(M / TILE_M), 65535)), block THREADS. gridDim.y is
+// capped at 65,535 on every GPU, so each block walks the row tiles blockIdx.y, + gridDim.y, ...
+// (the loop bound depends only on blockIdx.y: every thread of a block takes the same trips, as
+// the __syncthreads inside require).
 extern "C" __global__ void gemm_bias_act(const float* __restrict__ A, const float* __restrict__ W,
                                          const float* __restrict__ bias, float* __restrict__ C,
                                          int M, int N, int K, int has_bias, int act) {
@@ -88,20 +98,19 @@ extern "C" __global__ void gemm_bias_act(const float* __restrict__ A, const floa
 }
 
 // dz = dy * act'(z, y) (written when write_dz), and per-chunk column sums of dz for the bias
-// gradient: partial[chunk, col] over rows [chunk * rows_per_chunk, ...) for each of the
-// ceil(M / rows_per_chunk) chunks. No atomics: the host sums the (chunks, N) partials.
-// Launch: grid (ceil(N / 256), min(chunks, 65535)), block 256; a block walks chunks
+// gradient: partial[chunk, col] over rows [chunk * ROWS_PER_CHUNK, ...) for each of the
+// ceil(M / ROWS_PER_CHUNK) chunks. No atomics: the host sums the (chunks, N) partials.
+// Launch: grid (ceil(N / THREADS), min(chunks, 65535)), block THREADS; a block walks chunks
 // blockIdx.y, + gridDim.y, ... (gridDim.y is capped at 65,535 on every GPU).
 extern "C" __global__ void bias_act_backward(const float* __restrict__ dy, const float* __restrict__ z,
                                              const float* __restrict__ y, float* __restrict__ dz,
-                                             float* __restrict__ partial, int M, int N, int rows_per_chunk,
-                                             int act, int write_dz) {
+                                             float* __restrict__ partial, int M, int N, int act, int write_dz) {
   const int col = blockIdx.x * blockDim.x + threadIdx.x;
   if (col >= N) return;  // no __syncthreads below: leaving early is safe
-  const long long chunks = ((long long)M + rows_per_chunk - 1) / rows_per_chunk;
+  const long long chunks = ((long long)M + ROWS_PER_CHUNK - 1) / ROWS_PER_CHUNK;
   for (long long chunk = blockIdx.y; chunk < chunks; chunk += gridDim.y) {
-    const long long r0 = chunk * rows_per_chunk;
-    const long long r1 = min((long long)M, r0 + rows_per_chunk);
+    const long long r0 = chunk * ROWS_PER_CHUNK;
+    const long long r1 = min((long long)M, r0 + ROWS_PER_CHUNK);
     float sum = 0.f;
     for (long long r = r0; r < r1; ++r) {
       size_t idx = (size_t)r * N + col;

@@ -3,19 +3,24 @@
 // row of scores) and layer normalisation (one block per row). Gate order i, f, g, o as
 // torch.nn.LSTMCell; layouts as gpunet.backend.sequence_ops and ops.layer_norm.
 
+// THREADS, the threads per block, comes from gpunet/backend/cuda_kernels.py as a -D flag.
+#ifndef THREADS
+#error sequence.cu needs -DTHREADS (gpunet/backend/cuda_kernels.py)
+#endif
+static_assert(THREADS % 32 == 0 && THREADS <= 1024, "the block reductions take whole warps");
+
 // NVRTC has no INFINITY (it lives in the host math headers): build the bit pattern.
 #define NEG_INF (-__int_as_float(0x7f800000))
-#define BLOCK 256
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
 
-// Sum over the block; every thread gets the total. scratch holds BLOCK / 32 floats.
+// Sum over the block; every thread gets the total. scratch holds THREADS / 32 floats.
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
   for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
   if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
   __syncthreads();
   float total = 0.f;
-  for (int w = 0; w < BLOCK / 32; ++w) total += scratch[w];
+  for (int w = 0; w < THREADS / 32; ++w) total += scratch[w];
   __syncthreads();  // scratch may be reused by the caller's next reduction
   return total;
 }
@@ -25,7 +30,7 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
   if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
   __syncthreads();
   float top = scratch[0];
-  for (int w = 1; w < BLOCK / 32; ++w) top = fmaxf(top, scratch[w]);
+  for (int w = 1; w < THREADS / 32; ++w) top = fmaxf(top, scratch[w]);
   __syncthreads();
   return top;
 }
@@ -76,36 +81,36 @@ extern "C" __global__ void lstm_cell_backward(const float* __restrict__ dh, floa
 }
 
 // In place over rows of T scores: softmax(scale * s) with, when causal, keys after the query
-// (position row % T) masked to exactly 0. Launch: grid rows, block BLOCK.
+// (position row % T) masked to exactly 0. Launch: grid rows, block THREADS.
 extern "C" __global__ void attention_softmax(float* __restrict__ scores, int T, float scale, int causal) {
-  __shared__ float scratch[BLOCK / 32];
+  __shared__ float scratch[THREADS / 32];
   const long long row = blockIdx.x;
   float* s = scores + row * T;
   const int visible = causal ? (int)(row % T) + 1 : T;
   float top = NEG_INF;
-  for (int k = threadIdx.x; k < visible; k += BLOCK) top = fmaxf(top, s[k] * scale);
+  for (int k = threadIdx.x; k < visible; k += THREADS) top = fmaxf(top, s[k] * scale);
   top = block_max(top, scratch);
   float sum = 0.f;
-  for (int k = threadIdx.x; k < visible; k += BLOCK) {
+  for (int k = threadIdx.x; k < visible; k += THREADS) {
     float e = expf(s[k] * scale - top);
     s[k] = e;
     sum += e;
   }
   const float inv = 1.f / block_sum(sum, scratch);
-  for (int k = threadIdx.x; k < T; k += BLOCK) s[k] = k < visible ? s[k] * inv : 0.f;
+  for (int k = threadIdx.x; k < T; k += THREADS) s[k] = k < visible ? s[k] * inv : 0.f;
 }
 
-// d scores = scale * p * (dp - sum(dp * p)), written over dp. Launch: grid rows, block BLOCK.
+// d scores = scale * p * (dp - sum(dp * p)), written over dp. Launch: grid rows, block THREADS.
 extern "C" __global__ void attention_softmax_backward(const float* __restrict__ probs, float* __restrict__ dprobs,
                                                       int T, float scale) {
-  __shared__ float scratch[BLOCK / 32];
+  __shared__ float scratch[THREADS / 32];
   const long long row = blockIdx.x;
   const float* p = probs + row * T;
   float* d = dprobs + row * T;
   float dot = 0.f;
-  for (int k = threadIdx.x; k < T; k += BLOCK) dot += d[k] * p[k];
+  for (int k = threadIdx.x; k < T; k += THREADS) dot += d[k] * p[k];
   dot = block_sum(dot, scratch);
-  for (int k = threadIdx.x; k < T; k += BLOCK) d[k] = scale * p[k] * (d[k] - dot);
+  for (int k = threadIdx.x; k < T; k += THREADS) d[k] = scale * p[k] * (d[k] - dot);
 }
 
 // y = xhat * weight + bias with xhat = (x - mean) * rstd over rows of D. Launch: grid rows.
@@ -113,20 +118,20 @@ extern "C" __global__ void layer_norm(const float* __restrict__ x, const float* 
                                       const float* __restrict__ bias, float* __restrict__ y,
                                       float* __restrict__ xhat, float* __restrict__ rstd, int D, float eps,
                                       int affine) {
-  __shared__ float scratch[BLOCK / 32];
+  __shared__ float scratch[THREADS / 32];
   const long long row = blockIdx.x;
   const float* xr = x + row * D;
   float sum = 0.f;
-  for (int k = threadIdx.x; k < D; k += BLOCK) sum += xr[k];
+  for (int k = threadIdx.x; k < D; k += THREADS) sum += xr[k];
   const float mean = block_sum(sum, scratch) / D;
   float sq = 0.f;
-  for (int k = threadIdx.x; k < D; k += BLOCK) {
+  for (int k = threadIdx.x; k < D; k += THREADS) {
     float centered = xr[k] - mean;
     sq += centered * centered;
   }
   const float r = rsqrtf(block_sum(sq, scratch) / D + eps);
   if (threadIdx.x == 0) rstd[row] = r;
-  for (int k = threadIdx.x; k < D; k += BLOCK) {
+  for (int k = threadIdx.x; k < D; k += THREADS) {
     float h = (xr[k] - mean) * r;
     xhat[row * D + k] = h;
     y[row * D + k] = affine ? h * weight[k] + bias[k] : h;
@@ -137,12 +142,12 @@ extern "C" __global__ void layer_norm(const float* __restrict__ x, const float* 
 extern "C" __global__ void layer_norm_backward(const float* __restrict__ dy, const float* __restrict__ xhat,
                                                const float* __restrict__ rstd, const float* __restrict__ weight,
                                                float* __restrict__ dx, int D, int affine) {
-  __shared__ float scratch[BLOCK / 32];
+  __shared__ float scratch[THREADS / 32];
   const long long row = blockIdx.x;
   const float* d = dy + row * D;
   const float* h = xhat + row * D;
   float sum_g = 0.f, sum_gh = 0.f;
-  for (int k = threadIdx.x; k < D; k += BLOCK) {
+  for (int k = threadIdx.x; k < D; k += THREADS) {
     float g = affine ? d[k] * weight[k] : d[k];
     sum_g += g;
     sum_gh += g * h[k];
@@ -150,7 +155,7 @@ extern "C" __global__ void layer_norm_backward(const float* __restrict__ dy, con
   const float mean_g = block_sum(sum_g, scratch) / D;
   const float mean_gh = block_sum(sum_gh, scratch) / D;
   const float r = rstd[row];
-  for (int k = threadIdx.x; k < D; k += BLOCK) {
+  for (int k = threadIdx.x; k < D; k += THREADS) {
     float g = affine ? d[k] * weight[k] : d[k];
     dx[row * D + k] = r * (g - mean_g - h[k] * mean_gh);
   }

@@ -2,16 +2,21 @@
 // (N, C) logits. Pass 1 reads the row once with an online max and sum of exponentials; pass 2
 // writes the gradient (softmax - onehot) / N (its reads of the row mostly hit L2). The block
 // also writes the row's loss, log(sum) + max - logit[label]; the mean is a separate reduction.
-// Works for any C from 2 up (each thread strides over the row). Launch: grid N, block 256.
+// Works for any C from 2 up (each thread strides over the row). Launch: grid N, block THREADS.
 //
 // A label outside [0, C) is never used as an index: its row gets loss 0 and gradient 0, and the
 // label is folded into label_error[0] (the smallest bad label, start LLONG_MAX) and
 // label_error[1] (the largest, start LLONG_MIN), which the host reads when it next reads the loss
 // (CupyOps.check_errors), so the step itself never waits for the GPU.
 
+// THREADS, the threads per block, comes from gpunet/backend/cuda_kernels.py as a -D flag.
+#ifndef THREADS
+#error softmax_xent.cu needs -DTHREADS (gpunet/backend/cuda_kernels.py)
+#endif
+static_assert(THREADS % 32 == 0 && THREADS <= 1024, "the block reduction takes whole warps");
+
 // NVRTC has no INFINITY (it lives in the host math headers): build the bit pattern.
 #define NEG_INF (-__int_as_float(0x7f800000))
-#define THREADS 256
 
 __device__ __forceinline__ void combine(float& m, float& s, float m2, float s2) {
   float top = fmaxf(m, m2);

@@ -6,6 +6,8 @@ warp; blocks and warps run in a seeded, shuffled order (tests/cuda/runtime.h has
 Launch limits are sm_90's and checked here, before anything runs, as a GPU refuses a launch.
 With tsan=True the module is built with ThreadSanitizer, which then reports data races between
 the emulated threads (the process must have the TSan runtime preloaded: tsan_environment()).
+`defines` are -DNAME=value flags, given to g++ (and nvcc) as NVRTC gets them from gpunet
+(gpunet.backend.cuda_kernels.DEFINE_FLAGS for gpunet's kernels).
 """
 from __future__ import annotations
 
@@ -53,15 +55,17 @@ class KernelFault(RuntimeError):
     """The kernel misbehaved while running (a divergent barrier, a shuffle with a missing lane...)."""
 
 
-_built: dict[tuple[str, bool], "EmulatedModule"] = {}
+_built: dict[tuple[str, bool, tuple[str, ...]], "EmulatedModule"] = {}
 _launch_lock = threading.Lock()  # the runtime's state and its signal handlers are per process
 _tsan_fibers = (ctypes.c_void_p * 2048)()  # TSan contexts, shared by every tsan=True module (runtime.h)
 
 
-def build(source: str, *, name: str = "module", tsan: bool = False) -> "EmulatedModule":
-    """The kernels of `source` (a .cu text, unchanged), compiled for the CPU; cached in this
-    process and on disk (by a hash of the source, the runtime and the flags)."""
-    key = (source, tsan)
+def build(source: str, *, name: str = "module", tsan: bool = False, defines=()) -> "EmulatedModule":
+    """The kernels of `source` (a .cu text, unchanged), compiled for the CPU with the -DNAME=value
+    flags `defines`; cached in this process and on disk (by a hash of the source, the runtime and
+    the flags)."""
+    defines = _define_flags(defines)
+    key = (source, tsan, defines)
     if key not in _built:
         compiler = shutil.which("g++")
         if compiler is None:
@@ -69,14 +73,22 @@ def build(source: str, *, name: str = "module", tsan: bool = False) -> "Emulated
         if tsan and not tsan_loaded():
             raise RuntimeError("a tsan=True module needs the ThreadSanitizer runtime loaded first: run Python with "
                                "tsan_environment() (LD_PRELOAD of libtsan)")
-        resources = _nvcc_resources(source, name)  # started first: nvcc runs while g++ does
+        resources = _nvcc_resources(source, name, defines)  # started first: nvcc runs while g++ does
         try:
-            library = ctypes.CDLL(str(_compile(compiler, source, kernel_names(source), name, tsan)))
+            library = ctypes.CDLL(str(_compile(compiler, source, kernel_names(source), name, tsan, defines)))
         except BaseException:
             resources(check=False)  # the g++ error is the one to see
             raise
         _built[key] = EmulatedModule(library, name, resources())
     return _built[key]
+
+
+def _define_flags(defines) -> tuple[str, ...]:
+    flags = tuple(defines)
+    for flag in flags:
+        if not re.fullmatch(r"-D[A-Za-z_]\w*(=\S*)?", flag):
+            raise ValueError(f"defines are -DNAME or -DNAME=value flags, got {flag!r}")
+    return flags
 
 
 def kernel_names(source: str) -> list[str]:
@@ -117,9 +129,9 @@ def _compiler_version(compiler: str) -> str:
     return subprocess.run([compiler, "--version"], capture_output=True, text=True, env=_tool_environment()).stdout
 
 
-def _compile(compiler: str, source: str, names: list[str], name: str, tsan: bool) -> Path:
+def _compile(compiler: str, source: str, names: list[str], name: str, tsan: bool, defines: tuple[str, ...]) -> Path:
     unit = _translation_unit(source, names, re.sub(r"\W", "_", name))
-    flags = _flags(tsan)
+    flags = _flags(tsan) + list(defines)
     digest = hashlib.sha256("\0".join([unit, *flags, _compiler_version(compiler),
                                        *((RUNTIME / f).read_text() for f in RUNTIME_FILES)]).encode()).hexdigest()
     folder, stem = cache_dir(), re.sub(r"[^\w.-]", "_", name)
@@ -138,20 +150,20 @@ def _compile(compiler: str, source: str, names: list[str], name: str, tsan: bool
     return target
 
 
-def _nvcc_resources(source: str, name: str):
+def _nvcc_resources(source: str, name: str, defines: tuple[str, ...] = ()):
     """Starts `nvcc --resource-usage -arch=sm_90` on the source; returns a function that waits
     for it and gives {kernel: (registers per thread, static shared bytes)}, or None without nvcc."""
     nvcc = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
     if nvcc is None:
         return lambda check=True: None
-    digest = hashlib.sha256((source + _compiler_version(nvcc)).encode()).hexdigest()[:20]
+    digest = hashlib.sha256("\0".join([source, *defines, _compiler_version(nvcc)]).encode()).hexdigest()[:20]
     cached = cache_dir() / f"resources-{digest}.txt"
     if cached.exists():
         return lambda check=True: parse_resource_usage(cached.read_text())
     scratch = tempfile.TemporaryDirectory()
     path = Path(scratch.name) / "source.cu"
     path.write_text(source)
-    process = subprocess.Popen([nvcc, "--resource-usage", "-arch=sm_90", "-c", str(path), "-o", os.devnull],
+    process = subprocess.Popen([nvcc, "--resource-usage", "-arch=sm_90", *defines, "-c", str(path), "-o", os.devnull],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=scratch.name,
                                env=_tool_environment())
 
@@ -298,7 +310,7 @@ def _dims(value, what: str) -> tuple[int, int, int]:
     return tuple(operator.index(d) for d in dims) + (1,) * (3 - len(dims))
 
 
-if __name__ == "__main__":  # python -m tests.cuda_emulator FILE.cu: list the kernels and resources
-    module = build(Path(sys.argv[1]).read_text(), name=Path(sys.argv[1]).stem)
+if __name__ == "__main__":  # python -m tests.cuda_emulator FILE.cu [-DNAME=value ...]: kernels and resources
+    module = build(Path(sys.argv[1]).read_text(), name=Path(sys.argv[1]).stem, defines=sys.argv[2:])
     for kernel, info in module.kernels.items():
         print(kernel, [f"{p.kind}{p.size * 8}" for p in info.params], (module.resources or {}).get(kernel))

@@ -76,12 +76,31 @@ def test_kernel_arguments_are_marshalled_as_cupy_does(axpb):
     # A Python int is 8 bytes and a Python float a double: a GPU would read garbage; here it is an error.
     for args, what in [((x, y, numpy.float32(2.0), 5, numpy.int64(32)), "argument 3: the kernel takes a 4-byte int"),
                        ((x, y, 2.0, numpy.int32(5), numpy.int64(32)), "argument 2: the kernel takes a 4-byte float"),
-                       ((x, y, numpy.float32(2.0), True, numpy.int64(32)), "got int64"),
+                       ((x, y, numpy.float32(2.0), True, numpy.int64(32)), "Python bool"),
+                       ((x, None, numpy.float32(2.0), numpy.int32(5), numpy.int64(32)), "None as a kernel argument"),
                        ((x, y, numpy.float32(2.0), numpy.float32(5), numpy.int64(32)), "got float32"),
                        ((x, numpy.zeros(5, "float32"), numpy.float32(2), numpy.int32(5), 32), "host numpy.ndarray"),
                        ((x, y, numpy.float32(2.0), numpy.int32(5)), "takes 5 arguments, got 4")]:
         with pytest.raises(TypeError, match=what):
             axpb((1,), (32,), args)
+
+
+def test_grid_and_block_must_be_tuples_as_in_cupy(axpb):
+    x, y = device_array([1.0]), device_array([0.0])
+    with pytest.raises(TypeError, match="grid and block must be tuples"):
+        axpb(1, (32,), (x, y, numpy.float32(1), numpy.int32(1), numpy.int64(1)))
+
+
+def test_cupy_functions_refuse_host_arrays_and_keep_layouts():
+    import cupy
+
+    host = numpy.ones((2, 3), "float32")
+    for call in (lambda: cupy.exp(host), lambda: cupy.add.at(host, [0], 1.0), lambda: cupy.ascontiguousarray(host),
+                 lambda: cupy.empty_like(host)):
+        with pytest.raises(TypeError, match="Unsupported type"):
+            call()
+    fortran = cupy.asarray(numpy.asfortranarray(host))
+    assert cupy.empty_like(fortran).flags.f_contiguous and not cupy.empty_like(fortran).flags.c_contiguous
 
 
 @pytest.mark.parametrize("grid, block, shared, limit", [
@@ -101,3 +120,20 @@ def test_gpunet_takes_the_stand_in_as_its_gpu():
     assert dev.name == "gpu" and dev.xp.STANDIN
     assert "stand-in" in gn.backend.devices.gpu_name()
     assert any("GPU usable: yes" in line for line in gn.backend.device_info())
+
+
+def test_a_kernel_reading_past_the_end_of_an_array_faults():
+    import cupy
+    from tests.cuda_emulator import KernelFault
+
+    read_at = cupy.RawModule(code=r"""
+extern "C" __global__ void read_at(const float* x, float* y, int i) { y[0] = x[i]; }
+""").get_function("read_at")
+    x, y = device_array([1.0, 2.0, 3.0, 4.0, 5.0]), device_array([0.0])
+    read_at((1,), (1,), (x, y, numpy.int32(4)))
+    assert float(y[0]) == 5.0
+    with pytest.raises(KernelFault, match="invalid memory access"):
+        read_at((1,), (1,), (x, y, numpy.int32(5)))  # one past the end: the buffer's guard page
+    for result in (x * 2, cupy.empty((3, 2), dtype=cupy.float32), x.copy()):  # op results are guarded too
+        with pytest.raises(KernelFault, match="invalid memory access"):
+            read_at((1,), (1,), (result, y, numpy.int32(result.size)))

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy
 import pytest
 
-from gpunet.backend.cuda_kernels import source
+from gpunet.backend.cuda_kernels import DEFINE_FLAGS, THREADS, TILE_M, TILE_N, source
 from tests.conftest import rng
 from tests.cuda_emulator import build, kernel_names, tsan_environment, tsan_runtime
 from tests.test_kernels_emulated import compiled, layer_norm_case, marshal
@@ -42,11 +42,11 @@ def gemm_mutant() -> str:  # the tile is used before every thread has loaded its
 
 
 def gemm_case(module):
-    """(got, want) of one fused GEMM with a bias over 6 blocks and 3 K tiles."""
-    m, k, n = 70, 33, 130
+    """(got, want) of one fused GEMM with a bias over 6 blocks (3 x 2 tiles) and 3 K tiles."""
+    m, k, n = TILE_M + 6, 33, 2 * TILE_N + 2
     x, w, b = (rng(1).standard_normal(s).astype("float32") for s in ((m, k), (n, k), (n,)))
     out = numpy.full((m, n), numpy.nan, "float32")
-    module.launch("gemm_bias_act", (3, 2), 256, marshal(module, "gemm_bias_act", (x, w, b, out, m, n, k, 1, 0)))
+    module.launch("gemm_bias_act", (3, 2), THREADS, marshal(module, "gemm_bias_act", (x, w, b, out, m, n, k, 1, 0)))
     return out, x @ w.T + b
 
 
@@ -96,7 +96,7 @@ extern "C" __global__ void same_address(float* out) {
 def tsan_module(name: str):
     code = {"sequence_no_barrier": block_sum_mutant, "gemm_no_barrier": gemm_mutant, "tsan_model": lambda: MODEL,
             "sequence": lambda: source("sequence"), "gemm": lambda: source("gemm")}[name]()
-    return build(code, name=name, tsan=True)
+    return build(code, name=name, tsan=True, defines=DEFINE_FLAGS)
 
 
 def model_case(kernel: str, args: tuple):

@@ -1,8 +1,12 @@
-"""Every kernel in kernels/*.cu fits the blocks gpunet launches it with, by ptxas' own count
-(`nvcc --resource-usage -arch=sm_90`): registers x threads and static shared memory within one
+"""Every kernel in kernels/*.cu fits the block its wrapper launches it with (cuda_wrappers.KERNELS,
+sized by cuda_kernels.THREADS), by ptxas' own count (`nvcc --resource-usage -arch=sm_90`, with the
+-D constants gpunet compiles with): registers x threads and static shared memory within one
 block's limits. A kernel over them would fail only at launch on a GPU ("too many resources
 requested"); here it fails on any machine with nvcc. The kernel emulator reports the same numbers
-(EmulatedModule.resources) and refuses such launches as a GPU would."""
+(EmulatedModule.resources) and refuses such launches as a GPU would.
+
+Each of those constants is defined once, in cuda_kernels.py, and is what the kernels get; each
+kernel has one wrapper, declared with the parameter types its source has."""
 from __future__ import annotations
 
 import re
@@ -10,12 +14,17 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy
 import pytest
 
-from gpunet.backend.cuda_kernels import THREADS
+from gpunet.backend.cuda_kernels import ACTIVATION_CODES, DEFINE_FLAGS, DEFINES, THREADS, source
+from gpunet.backend.cuda_wrappers import KERNELS as WRAPPED
+from gpunet.backend.ops import ACTIVATIONS
 from tests.cuda_emulator import LIMITS, build, kernel_names, parse_resource_usage
+from tests.test_kernels_emulated import compiled, marshal
 
-KERNELS = Path(__file__).parents[1] / "kernels"
+ROOT = Path(__file__).parents[1]
+KERNELS = ROOT / "kernels"
 FAMILIES = sorted(path.stem for path in KERNELS.glob("*.cu"))
 
 
@@ -25,8 +34,9 @@ def usage() -> dict[str, dict[str, tuple[int, int]]]:
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc is not on this machine: no register or shared memory counts to check")
-    runs = {family: subprocess.Popen([nvcc, "--resource-usage", "-arch=sm_90", "-c", str(KERNELS / f"{family}.cu"),
-                                      "-o", "/dev/null"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    runs = {family: subprocess.Popen([nvcc, "--resource-usage", "-arch=sm_90", *DEFINE_FLAGS, "-c",
+                                      str(KERNELS / f"{family}.cu"), "-o", "/dev/null"], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
             for family in FAMILIES}  # all at once: nvcc takes about a second a file
     counts = {}
     for family, run in runs.items():
@@ -51,23 +61,77 @@ def test_kernels_fit_the_blocks_gpunet_launches(usage, family):
     kernels = kernel_names((KERNELS / f"{family}.cu").read_text())
     assert sorted(usage[family]) == sorted(kernels)  # ptxas counted every kernel
     for kernel, (registers, shared) in usage[family].items():
-        assert registers * THREADS <= LIMITS["max_registers_per_block"], f"{kernel}: {registers} registers"
+        threads = WRAPPED[kernel].block  # the block its wrapper launches it with
+        assert registers * threads <= LIMITS["max_registers_per_block"], f"{kernel}: {registers} x {threads}"
         assert shared <= LIMITS["max_shared_bytes"], f"{kernel}: {shared} bytes of shared memory"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_kernels_written_for_a_block_size_match_gpunets(family):
-    """A kernel that sizes its reductions by a block-size macro assumes gpunet's THREADS."""
-    for macro, value in re.findall(r"#define\s+(THREADS|BLOCK)\s+(\d+)", (KERNELS / f"{family}.cu").read_text()):
-        assert int(value) == THREADS, f"{family}.cu: {macro} {value}, but gpunet launches {THREADS} threads"
+def test_no_kernel_source_defines_a_constant_python_hands_it(family):
+    """The kernels get THREADS, the tiles and the activation codes only as -D flags from
+    cuda_kernels.DEFINES: a .cu file that #defined one would silently hold a second value."""
+    defined = re.findall(r"^\s*#\s*define\s+(\w+)", (KERNELS / f"{family}.cu").read_text(), flags=re.M)
+    assert sorted(set(defined) & set(DEFINES)) == []
+
+
+def test_python_assigns_each_kernel_constant_once():
+    """Outside cuda_kernels.py no module of gpunet (nor a kernel test) gives a kernel constant a
+    value of its own: they import it."""
+    names = "|".join([*DEFINES, "ACTIVATION_CODES", "BLOCK", "GEMM_TILE"])
+    assignment = re.compile(rf"^\s*({names})\s*(:[^=]*)?=[^=]", flags=re.M)
+    owners = {}
+    for path in sorted([*(ROOT / "src" / "gpunet").rglob("*.py"), *(ROOT / "tests").glob("test_kernel*.py")]):
+        for match in assignment.finditer(path.read_text()):
+            owners.setdefault(match.group(1), []).append(path.relative_to(ROOT).as_posix())
+    assert owners == {name: ["src/gpunet/backend/cuda_kernels.py"] for name in [*DEFINES, "ACTIVATION_CODES"]
+                      if not name.startswith("ACT_")}
+
+
+def test_the_gemm_kernels_have_a_code_for_every_activation_of_ops():
+    assert set(ACTIVATION_CODES) == {None, *ACTIVATIONS}
+    assert sorted(ACTIVATION_CODES.values()) == list(range(len(ACTIVATION_CODES))) and ACTIVATION_CODES[None] == 0
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_emulator_reports_the_same_resources(usage, family):
     try:
-        module = build((KERNELS / f"{family}.cu").read_text(), name=family)
+        module = build((KERNELS / f"{family}.cu").read_text(), name=family, defines=DEFINE_FLAGS)
     except RuntimeError as exc:
         if "is not on this machine" in str(exc):
             pytest.skip(str(exc))
         raise
     assert module.resources == usage[family]
+
+
+def test_the_kernels_get_the_constants_python_defines():
+    """Each constant of cuda_kernels.DEFINES reaches the compiled code with its Python value."""
+    names = list(DEFINES)
+    code = ('extern "C" __global__ void constants(long long* out) {\n'
+            + "".join(f"  out[{i}] = {name};\n" for i, name in enumerate(names)) + "}\n")
+    module, out = compiled(code, "constants"), numpy.zeros(len(names), "int64")
+    module.launch("constants", 1, 1, marshal(module, "constants", (out,)))
+    assert dict(zip(names, out.tolist())) == DEFINES
+    assert DEFINES["THREADS"] == THREADS and DEFINES["ACT_GELU_TANH"] == ACTIVATION_CODES["gelu_tanh"]
+
+
+@pytest.mark.parametrize("family, missing", [("gemm", "-DTHREADS -DTILE_M"), ("sequence", "-DTHREADS"),
+                                             ("softmax_xent", "-DTHREADS")])
+def test_a_kernel_built_without_the_constants_stops_naming_them(family, missing):
+    with pytest.raises(RuntimeError, match=f"{family}.cu needs {missing}"):
+        compiled(source(family), f"{family}_undefined", defines=())
+
+
+def test_every_kernel_has_one_wrapper_declared_as_its_source_declares_it():
+    """cuda_wrappers declares each kernel's parameter types; the emulator's build (which sees
+    through macros such as im2col's GEOMETRY_ARGS) reads the real ones from the source."""
+    as_compiled = {"int": ("int", 4), "long long": ("int", 8), "float": ("float", 4)}
+    declared = set()
+    for family in FAMILIES:
+        module = compiled(source(family), family)
+        for name, info in module.kernels.items():
+            kernel = WRAPPED[name]
+            assert kernel.family == family
+            want = [("pointer", 8) if p.endswith("*") else as_compiled[p] for p in kernel.signature]
+            assert want == [(p.kind, p.size) for p in info.params], name
+            declared.add(name)
+    assert declared == set(WRAPPED)

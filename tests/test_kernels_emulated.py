@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy
 import pytest
 
-from gpunet.backend.cuda_kernels import source
-from gpunet.backend.cupy_ops import ACTIVATION_CODES, NO_LABEL_ERROR, ROWS_PER_CHUNK
+from gpunet.backend.cuda_kernels import ACTIVATION_CODES, DEFINE_FLAGS, ROWS_PER_CHUNK, THREADS, TILE_M, TILE_N, source
+from gpunet.backend.cuda_wrappers import NO_LABEL_ERROR
 from gpunet.backend.ops import Ops, pooled_size
 from tests import cuda_emulator
 from tests.conftest import rng
@@ -26,9 +26,10 @@ DTYPES = {("int", 4): "int32", ("int", 8): "int64", ("uint", 4): "uint32", ("uin
           ("float", 4): "float32", ("float", 8): "float64", ("bool", 1): "bool"}
 
 
-def compiled(code: str, name: str):
+def compiled(code: str, name: str, defines=DEFINE_FLAGS):
+    """The module built as gpunet builds its kernels: with its -D constants."""
     try:
-        return build(code, name=name, tsan=TSAN)
+        return build(code, name=name, tsan=TSAN, defines=defines)
     except RuntimeError as exc:
         if "is not on this machine" in str(exc):
             pytest.skip(str(exc))
@@ -65,31 +66,31 @@ def run(family: str, kernel: str, grid, block, *args) -> None:
 
 
 @pytest.mark.parametrize("activation", list(ACTIVATION_CODES))
-@pytest.mark.parametrize("shape", [(1, 1, 1), (70, 33, 130), (64, 16, 64)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(1, 1, 1), (70, 33, 130), (TILE_M, 16, TILE_N)], ids=lambda s: "x".join(map(str, s)))
 def test_gemm_bias_act(shape, activation):
     m, k, n = shape
     r = rng(m * n)
     x, w, b = (r.standard_normal(s).astype("float32") for s in ((m, k), (n, k), (n,)))
     out = numpy.full((m, n), numpy.nan, "float32")
-    grid = (-(-n // 64), -(-m // 64))
-    run("gemm", "gemm_bias_act", grid, 256, x, w, b, out, m, n, k, 1, ACTIVATION_CODES[activation])
+    grid, code = (-(-n // TILE_N), -(-m // TILE_M)), ACTIVATION_CODES[activation]
+    run("gemm", "gemm_bias_act", grid, THREADS, x, w, b, out, m, n, k, 1, code)
     numpy.testing.assert_allclose(out, REFERENCE.linear(x, w, b, activation), rtol=1e-5, atol=1e-5)
     out[:] = numpy.nan
-    run("gemm", "gemm_bias_act", (grid[0], 1), 256, x, w, b, out, m, n, k, 0, ACTIVATION_CODES[activation])  # y loop
+    run("gemm", "gemm_bias_act", (grid[0], 1), THREADS, x, w, b, out, m, n, k, 0, code)  # one row of blocks: the y loop
     numpy.testing.assert_allclose(out, REFERENCE.linear(x, w, None, activation), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("activation", list(ACTIVATION_CODES))
 @pytest.mark.parametrize("grid_y", [3, 2])  # one block per row chunk, and fewer (a block walks two)
 def test_bias_act_backward(activation, grid_y):
-    m, n = 150, 300  # three row chunks, two column blocks
+    m, n = 2 * ROWS_PER_CHUNK + 22, THREADS + 44  # three row chunks, two column blocks
     r = rng(5)
     z, dy = r.standard_normal((m, n)).astype("float32"), r.standard_normal((m, n)).astype("float32")
     y = REFERENCE.activation(activation, z) if activation else z
     want = REFERENCE.activation_backward(activation, z, y, dy) if activation else dy
     chunks = -(-m // ROWS_PER_CHUNK)
     dz, partial = numpy.zeros_like(dy), numpy.zeros((chunks, n), "float32")
-    run("gemm", "bias_act_backward", (-(-n // 256), grid_y), 256, dy, z, y, dz, partial, m, n, ROWS_PER_CHUNK,
+    run("gemm", "bias_act_backward", (-(-n // THREADS), grid_y), THREADS, dy, z, y, dz, partial, m, n,
         ACTIVATION_CODES[activation], 1)
     numpy.testing.assert_allclose(dz, want, rtol=1e-5, atol=1e-6)
     numpy.testing.assert_allclose(partial.sum(axis=0), want.sum(axis=0), rtol=1e-4, atol=1e-4)
@@ -141,7 +142,7 @@ def test_softmax_xent(rows, classes):
     logits[0, 0] = 80.0  # exp would overflow without the running maximum
     labels = rng(1).integers(0, classes, rows).astype("int64")
     grad, loss, errors = numpy.zeros_like(logits), numpy.zeros(rows, "float32"), NO_LABEL_ERROR.copy()
-    run("softmax_xent", "softmax_xent", rows, 256, logits, labels, grad, loss, errors, classes, 1.0 / rows)
+    run("softmax_xent", "softmax_xent", rows, THREADS, logits, labels, grad, loss, errors, classes, 1.0 / rows)
     want_loss, want_grad = REFERENCE.softmax_cross_entropy(logits, labels)
     numpy.testing.assert_allclose(loss.mean(), want_loss, rtol=1e-5)
     numpy.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-7)
@@ -173,17 +174,17 @@ def test_lstm_cell_and_backward():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("length", [5, 300])
 def test_attention_softmax_and_backward(causal, length):
-    shape = (2, 2, length, length) if length < 10 else (1, 1, length, length)  # rows > 256 wide, few blocks
+    shape = (2, 2, length, length) if length < 10 else (1, 1, length, length)  # rows wider than a block
     scores = (rng().standard_normal(shape) * 4).astype("float32")
     blocks = shape[0] * shape[1] * length
     want = REFERENCE.attention_softmax(scores.copy(), 0.125, causal)
     got = scores.copy()
-    run("sequence", "attention_softmax", blocks, 256, got, length, 0.125, int(causal))
+    run("sequence", "attention_softmax", blocks, THREADS, got, length, 0.125, int(causal))
     numpy.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     dprobs = rng(1).standard_normal(scores.shape).astype("float32")
     want_d = REFERENCE.attention_softmax_backward(want, dprobs.copy(), 0.125)
     got_d = dprobs.copy()
-    run("sequence", "attention_softmax_backward", blocks, 256, want, got_d, length, 0.125)
+    run("sequence", "attention_softmax_backward", blocks, THREADS, want, got_d, length, 0.125)
     numpy.testing.assert_allclose(got_d, want_d, rtol=1e-4, atol=1e-6)
 
 
@@ -194,11 +195,12 @@ def layer_norm_case(module, width: int, affine: bool):
     w, b = r.standard_normal(width).astype("float32"), r.standard_normal(width).astype("float32")
     want_y, want_xhat, want_rstd = REFERENCE.layer_norm(x, w if affine else None, b if affine else None, 1e-5)
     y, xhat, rstd = numpy.zeros_like(x), numpy.zeros_like(x), numpy.zeros(5, "float32")
-    module.launch("layer_norm", 5, 256, marshal(module, "layer_norm", (x, w, b, y, xhat, rstd, width, 1e-5, affine)))
+    module.launch("layer_norm", 5, THREADS,
+                  marshal(module, "layer_norm", (x, w, b, y, xhat, rstd, width, 1e-5, affine)))
     dy = r.standard_normal(x.shape).astype("float32")
     want_dx = REFERENCE.layer_norm_backward(dy, want_xhat, want_rstd, w if affine else None)[0]
     dx = numpy.zeros_like(x)
-    module.launch("layer_norm_backward", 5, 256,
+    module.launch("layer_norm_backward", 5, THREADS,
                   marshal(module, "layer_norm_backward", (dy, xhat, rstd, w, dx, width, affine)))
     return (y, rstd, dx), (want_y, want_rstd[:, 0], want_dx)
 

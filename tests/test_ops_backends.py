@@ -3,6 +3,7 @@ test definition: on "cpu" that checks NumpyOps' Numba kernels, on "gpu" CupyOps'
 Shapes are odd and large enough to need many thread blocks; some inputs are non-contiguous."""
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy
 import pytest
 
 import gpunet as gn
-from gpunet.backend import ops_for_device
+from gpunet.backend import cuda_kernels, ops_for_device
 from gpunet.backend.ops import Ops
 from tests.conftest import on, rng
 
@@ -188,18 +189,34 @@ def test_kernel_source_compiles_for_sm_90(source, tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc is not on this machine")
-    result = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-c", str(source), "-o", str(tmp_path / "k.o")],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", *cuda_kernels.DEFINE_FLAGS, "-c", str(source), "-o",
+                             str(tmp_path / "k.o")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+def nvrtc_compile(source: Path, options: tuple[str, ...]) -> tuple[bool, str]:
+    from tests import nvrtc
+    if nvrtc.library() is None:
+        pytest.skip("libnvrtc is not on this machine (pip install nvidia-cuda-nvrtc, part of the test extra)")
+    return nvrtc.compile_source(source.read_text(), source.name, options=(*options, "--gpu-architecture=sm_90"))
 
 
 @pytest.mark.parametrize("source", KERNELS, ids=lambda p: p.name)
 def test_kernel_source_compiles_with_nvrtc_as_cupy_would(source):
-    from tests import nvrtc
-    if nvrtc.library() is None:
-        pytest.skip("libnvrtc is not on this machine (pip install nvidia-cuda-nvrtc, part of the test extra)")
-    compiled, log = nvrtc.compile_source(source.read_text(), source.name)
+    compiled, log = nvrtc_compile(source, cuda_kernels.NVRTC_OPTIONS)  # the options CupyOps hands RawModule
     assert compiled, log
+
+
+@pytest.mark.parametrize("source", KERNELS, ids=lambda p: p.name)
+def test_a_kernel_source_without_the_defines_stops_naming_each_it_uses(source):
+    code = re.sub(r"//[^\n]*|/\*.*?\*/", " ", source.read_text(), flags=re.S)
+    used = [name for name in cuda_kernels.DEFINES if re.search(rf"\b{name}\b", code)]
+    compiled, log = nvrtc_compile(source, ("--std=c++17",))
+    if not used:  # im2col.cu and optim.cu size nothing by a constant
+        assert compiled, log
+        return
+    assert not compiled and f"{source.name} needs" in log, log
+    assert [name for name in used if f"-D{name}" not in log] == [], log
 
 
 def test_every_kernel_family_is_there():

@@ -3,14 +3,16 @@ gridDim.y allows, the conv backward's column layout read without a copy, labels 
 (raised where the loss is read, with no sync inside the step) and zero-size inputs."""
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
+from contextlib import nullcontext
 
 import numpy
 import pytest
 
 import gpunet as gn
-from gpunet.backend import ops_for_device
+from gpunet.backend import cuda_kernels, ops_for_device
 from gpunet.backend.ops import Ops
 from tests import gpu_standin
 from tests.conftest import ON_STANDIN, on, rng
@@ -20,7 +22,6 @@ REFERENCE = Ops()
 
 def _lower_the_grid_y_limit(monkeypatch, limit: int) -> None:
     """gpunet's cap and, where the emulator has one, the emulated GPU's own limit."""
-    from gpunet.backend import cuda_kernels
     from tests import cuda_emulator
 
     monkeypatch.setattr(cuda_kernels, "MAX_GRID_Y", limit)
@@ -231,3 +232,102 @@ def test_zero_size_inputs_give_the_reference_result(device, monkeypatch, name, l
             g, w = g.reshape(-1), w.reshape(-1)
         assert g.shape == w.shape and g.dtype.kind == w.dtype.kind, (g.shape, g.dtype, w.shape, w.dtype)
         numpy.testing.assert_array_equal(g, w)
+
+
+# ------------------------------------------------------------------ the typed kernel boundary
+def test_the_typed_boundary_converts_scalars_exactly_and_refuses_wrong_arrays():
+    params = cuda_kernels.Kernel("k", "k", "float*, strided float*, long long*, int, long long, float")._params
+    f32, i64 = numpy.zeros((3, 4), "float32"), numpy.zeros(2, "int64")
+    arrays = (f32, f32.T, i64)  # the strided parameter takes a transposed view as it is
+    args = cuda_kernels.marshal("k", "k", (*arrays, True, 7, 2), params)
+    assert all(a is b for a, b in zip(args, arrays))
+    assert [(type(a), a) for a in args[3:]] == [(numpy.int32, 1), (numpy.int64, 7), (numpy.float32, 2.0)]
+    refused = [((f32.astype("float64"), f32, i64, 1, 2, 0.5), r"argument 0: expected a C-contiguous float32 array, "
+                                                              r"got a float64 array"),
+               ((f32.T, f32, i64, 1, 2, 0.5), r"argument 0: .*got a non-contiguous float32 array"),
+               ((f32, f32, i64.astype("int32"), 1, 2, 0.5), r"argument 2: expected a C-contiguous int64 array"),
+               ((f32, f32, i64, 1.5, 2, 0.5), r"argument 3: expected an integer \(sent as int32\), got float"),
+               ((f32, f32, i64, f32, 2, 0.5), r"argument 3: expected an integer \(sent as int32\), got ndarray"),
+               ((f32, f32, 3, 1, 2, 0.5), r"argument 2: expected a C-contiguous int64 array, got int"),
+               ((f32, None, i64, 1, 2, 0.5), r"argument 1: expected a float32 array, got NoneType"),  # see marshal
+               ((f32, f32, i64, 1, 2), r"kernel k.k takes 6 arguments, got 5")]
+    for args, message in refused:
+        with pytest.raises(TypeError, match=message):
+            cuda_kernels.marshal("k", "k", args, params)
+    with pytest.raises(OverflowError):
+        cuda_kernels.marshal("k", "k", (f32, f32, i64, 2**31, 2, 0.5), params)
+    with pytest.raises(ValueError, match=r"unknown parameter types \['double'\]"):
+        cuda_kernels.Kernel("k", "k", "float*, double")
+
+
+@pytest.mark.gpu
+def test_a_kernel_wrapper_refuses_arrays_its_kernel_would_misread():
+    """CupyOps falls back before a wrapper for what a kernel cannot take; called directly, a
+    wrapper refuses it rather than launch the kernel on the wrong bytes."""
+    from gpunet.backend import cuda_wrappers as kernels
+
+    doubles = on("gpu", rng().standard_normal((4, 6)))
+    transposed = on("gpu", rng().standard_normal((6, 4)).astype("float32")).T
+    labels = on("gpu", numpy.zeros(4, "int32"))
+    with gpu_standin.counting() if ON_STANDIN else nullcontext({}) as done:
+        with pytest.raises(TypeError, match=r"kernel gemm.activation_forward, argument 0: expected a C-contiguous "
+                                            r"float32 array, got a float64 array"):
+            kernels.activation_forward(doubles, "relu")
+        with pytest.raises(TypeError, match=r"kernel gemm.gemm_bias_act, argument 0: .*got a non-contiguous float32"):
+            kernels.gemm_bias_act(transposed, transposed, None, None, on("gpu", numpy.zeros((4, 4), "float32")))
+        with pytest.raises(TypeError, match=r"kernel softmax_xent.softmax_xent, argument 1: expected a C-contiguous "
+                                            r"int64 array, got an int32 array"):
+            kernels.softmax_xent(on("gpu", numpy.zeros((4, 3), "float32")), labels, on("gpu", numpy.zeros(2, "int64")))
+    assert not ON_STANDIN or done["launches"] == 0
+
+
+@pytest.mark.gpu
+def test_a_kernel_wrapper_passes_an_array_where_its_launch_reads_nothing():
+    """No kernel argument is None (CuPy 13 and 14 pass it differently): unused ones get an array."""
+    from gpunet.backend import cuda_wrappers as kernels
+
+    host = rng(1).standard_normal((70, 3)).astype("float32")
+    dy = on("gpu", host)
+    dz, partial = kernels.bias_act_backward(dy, None, None, None)  # no activation: z and y unread
+    assert dz is dy
+    close(partial.sum(axis=0), host.sum(axis=0), rtol=1e-5)
+    close(kernels.activation_backward(None, dy, dy, "tanh"), host * (1 - host * host), rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_the_gemm_choices_are_keyed_by_the_kernel_source_and_its_constants(monkeypatch):
+    from gpunet.backend.cupy_ops import CupyOps
+    from gpunet.backend.gemm_dispatch import source_hash
+
+    version = CupyOps()._gemm_dispatch().key.split("|")[-1]
+    assert version == source_hash(cuda_kernels.source("gemm"), *cuda_kernels.DEFINE_FLAGS)
+    retiled = tuple(f"-DTILE_K={2 * cuda_kernels.TILE_K}" if f.startswith("-DTILE_K=") else f
+                    for f in cuda_kernels.DEFINE_FLAGS)
+    monkeypatch.setattr(cuda_kernels, "DEFINE_FLAGS", retiled)
+    assert CupyOps()._gemm_dispatch().key.split("|")[-1] != version  # measured afresh for other tiles
+
+
+def test_a_plain_product_backward_skips_the_epilogue_kernel(device):
+    """No activation and no bias: dZ is dY, so no epilogue kernel runs (one product each for dW and dX)."""
+    x, w, dy = (rng(i).standard_normal(s).astype("float32") for i, s in enumerate(((70, 33), (20, 33), (70, 20))))
+    grad_w = numpy.zeros((20, 33), "float32")
+    want_dx = REFERENCE.linear_act_backward(x, w, x @ w.T, None, dy, None, grad_w)
+    got_w = on(device, numpy.zeros((20, 33), "float32"))
+    with gpu_standin.counting() if device == "gpu" and ON_STANDIN else contextlib.nullcontext({}) as launched:
+        got_dx = ops_for_device(device).linear_act_backward(*(on(device, a) for a in (x, w, x @ w.T)), None,
+                                                            on(device, dy), None, got_w)
+    close(got_dx, want_dx, rtol=1e-4, atol=1e-4)
+    close(got_w, grad_w, rtol=1e-4, atol=1e-4)
+    if launched:
+        assert launched["raw_launches"] == 0 and launched["launches"] == 2, launched
+
+
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh", "gelu", "gelu_tanh"])
+def test_a_nan_passes_through_every_activation_as_on_the_cpu(device, activation):
+    """A NaN must reach the loss on every device, or a GPU run diverges later than the CPU's."""
+    x = numpy.array([[numpy.nan, -1.0, 2.0]], "float32")
+    ops = ops_for_device(device)
+    assert numpy.isnan(gn.to_numpy(ops.activation(activation, on(device, x)))[0, 0])
+    fused = ops.linear(on(device, x), on(device, numpy.eye(3, dtype="float32")), on(device, numpy.zeros(3, "float32")),
+                       activation)
+    assert numpy.isnan(gn.to_numpy(fused)[0, 0])

@@ -95,5 +95,6 @@ def test_bad_hyperparameters():
     model, _ = twins()
     with pytest.raises(ValueError, match="lr must be positive"):
         gn.optim.SGD(model, lr=0)
+    assert gn.optim.SGD(model, lr=numpy.float32(0.25)).lr == 0.25  # any real number, NumPy's too
     with pytest.raises(ValueError, match="Nesterov"):
         gn.optim.SGD(model, lr=0.1, nesterov=True)

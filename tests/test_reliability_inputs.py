@@ -274,3 +274,58 @@ def test_an_unexpected_error_is_still_one_line_and_says_how_to_see_more(monkeypa
     code, _, err = cli(["info"], capsys)
     assert code == 1 and one_error_line(err) == ("gpunet info: internal error: KeyError: 'vocabulary' (run again with "
                                                  "--debug for the traceback, and please report it)")
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("GPUNET_GEMM", "FUSED", "fused"), ("GPUNET_GEMM", " cuBLAS ", "cublas"), ("GPUNET_GEMM", None, "auto"),
+    ("GPUNET_TF32", " 1", "1"), ("GPUNET_TF32", "", "0"), ("GPUNET_DEVICE", "CPU\n", "cpu"),
+    ("GPUNET_DEBUG", "1 ", "1"), ("GPUNET_DEBUG", "  ", "0"),
+])
+def test_environment_choices_are_read_by_one_rule(monkeypatch, name, value, expected):
+    from gpunet import validate
+
+    if value is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, value)
+    validate.environment()  # what validation lets through...
+    assert validate.env_choice(name) == expected  # ...is what every reader gets
+
+
+def test_an_environment_choice_out_of_range_is_the_one_line_error(monkeypatch):
+    from gpunet import validate
+
+    monkeypatch.setenv("GPUNET_DEBUG", "true")
+    with pytest.raises(ValueError) as exc:
+        validate.env_choice("GPUNET_DEBUG")
+    assert str(exc.value) == ("environment variable GPUNET_DEBUG='true' is not one of 0, 1 (unset it or set one of "
+                              "those)")
+
+
+def test_gpunet_tf32_with_spaces_turns_tf32_on(monkeypatch):
+    from gpunet.backend import devices
+    from tests.test_backend import FakeComputeTypes
+
+    monkeypatch.setenv("GPUNET_TF32", " 1")
+    monkeypatch.delenv("CUPY_TF32", raising=False)
+    ampere = FakeComputeTypes(used=False)
+    assert devices.configure_tf32(ampere.module) is True and ampere.mode == 7
+
+
+@pytest.mark.parametrize("value, debug", [(" 1", True), ("true", False)])
+def test_gpunet_debug_is_read_as_validation_reads_it(tmp_path, monkeypatch, capsys, value, debug):
+    monkeypatch.setenv("GPUNET_DEBUG", value)
+    code, _, err = cli(["eval", tmp_path / "nope.safetensors", "--images", "i", "--labels", "l", "--device", "cpu"],
+                       capsys)
+    assert code == 1 and ("Traceback" in err) == debug
+    if not debug:
+        assert one_error_line(err) == ("gpunet eval: environment variable GPUNET_DEBUG='true' is not one of 0, 1 "
+                                       "(unset it or set one of those)")
+
+
+@pytest.mark.gpu
+def test_gpunet_gemm_in_capitals_is_taken_by_the_gpu_backend(monkeypatch):
+    from gpunet.backend.cupy_ops import CupyOps
+
+    monkeypatch.setenv("GPUNET_GEMM", "FUSED")
+    assert CupyOps().gemm_mode == "fused"

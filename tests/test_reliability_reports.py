@@ -13,6 +13,8 @@ import pytest
 
 import gpunet as gn
 from gpunet.divergence import DivergenceWatch, first_non_finite_tensor
+from tests import gpu_standin
+from tests.conftest import ON_STANDIN
 from tests.reliability import cli, one_error_line, snapshot
 
 TRAIN = ["train", "--steps", "2", "--device", "cpu", "--no-progress"]
@@ -84,19 +86,6 @@ def test_divergence_after_an_evaluation_keeps_the_last_finite_checkpoint(tmp_pat
     gn.load(out / "model.safetensors")  # still a good model
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_an_earlier_runs_checkpoint_is_named_as_such(tmp_path):
-    x, y = problem()
-    train(tmp_path, Data(x, y), steps=2)
-    before = snapshot(tmp_path)
-    with pytest.raises(gn.TrainingDiverged, match=r"at step 1 .*last good checkpoint: .*last.safetensors "
-                                                   r"\(of an earlier run in this folder, not this one\)"):
-        train(tmp_path, Data(x, y, poison_at=1), steps=2)
-    after = snapshot(tmp_path)
-    assert after["last.safetensors"] == before["last.safetensors"]
-    assert after["model.safetensors"] == before["model.safetensors"]
-
-
 def test_the_device_watch_records_the_first_bad_step_without_reading_the_loss():
     fake_xp = types.SimpleNamespace(zeros=numpy.zeros, where=numpy.where, isfinite=numpy.isfinite)  # not numpy:
     watch = DivergenceWatch(fake_xp)  # takes the device code path, written against xp
@@ -107,6 +96,46 @@ def test_the_device_watch_records_the_first_bad_step_without_reading_the_loss():
     for step, loss in enumerate([1.0, numpy.nan, numpy.inf], start=1):
         host.observe(numpy.float32(loss), step)
     assert host.first_bad()[0] == 2 and numpy.isnan(host.first_bad()[1])
+
+
+def fit_on(device, data, out=None, steps=10, **kw):
+    """An SGD fit of a linear classifier on device; with 300 samples and batches of 16 its only
+    evaluation is the last step (10), so a divergence is seen by the watch, not by a periodic read.
+    (Linear: a NaN input gives a NaN loss on every device, whatever an activation does with NaN.)"""
+    gn.manual_seed(0)
+    model = gn.models.mlp((6, 2))
+    model.to(device)
+    x, y = problem(32, seed=1)
+    return gn.fit(model, data, (x, y), optimizer=gn.optim.SGD(model, lr=0.1), steps=steps, batch_size=16,
+                  out_dir=out, progress=False, restore_best=False, **kw)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("interrupt_at", [None, 5], ids=["to-the-end", "ctrl-c-after"])
+def test_divergence_names_the_first_bad_step_on_every_device(device, tmp_path, interrupt_at):
+    x, y = problem(300)
+    out = tmp_path / "run"
+    with pytest.raises(gn.TrainingDiverged) as exc:
+        try:
+            fit_on(device, Data(x, y, poison_at=3, interrupt_at=interrupt_at), out)
+        except gn.train.TrainingInterrupted as stopped:  # a KeyboardInterrupt: it would end the whole session
+            pytest.fail(f"Ctrl-C saved nothing instead of naming the bad step: {stopped}")
+    assert str(exc.value).startswith("loss became nan at step 3 (epoch 1); training stopped; no checkpoint was saved")
+    records = json.loads((out / "history.json").read_text(), parse_constant=pytest.fail)
+    assert records == [{"step": 3, "epoch": 1, "train_loss": None, "val_loss": None, "diverged": True}]
+    assert not (out / "last.safetensors").exists() and not (out / "model.safetensors").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_STANDIN, reason="counts transfers on the CuPy stand-in")
+def test_the_divergence_watch_adds_no_device_to_host_read_per_step():
+    x, y = problem(400)  # 25 batches of 16: neither run reaches a periodic read or an epoch end
+    reads = []
+    for steps in (10, 20):
+        with gpu_standin.counting() as done:
+            fit_on("gpu", Data(x, y), steps=steps)
+        reads.append(done["d2h"])
+    assert reads[0] == reads[1]  # the reads are those of the last evaluation, whatever the number of steps
 
 
 def test_non_finite_weights_are_found_by_name():
@@ -183,12 +212,38 @@ def test_resume_with_a_new_batch_size_goes_on_from_the_same_sample(tmp_path):
     assert [len(s) for s in second.served[:8]] == [10] * 6 + [4, 10]
 
 
+def test_resume_with_a_new_batch_size_keeps_the_epochs_asked_for(tmp_path):
+    x, y = problem(200)
+    out, said = tmp_path / "run", []
+
+    def fit(data, batch_size, resume):
+        gn.manual_seed(0)
+        model = gn.models.mlp((6, 8, 2))
+        vx, vy = problem(32, seed=1)
+        return gn.fit(model, data, (vx, vy), optimizer=gn.optim.SGD(model, lr=0.1), epochs=2, batch_size=batch_size,
+                      out_dir=out, resume=resume, progress=False, restore_best=False, log=said.append)
+
+    first = Data(x, y, interrupt_at=5)
+    with pytest.raises(gn.train.TrainingInterrupted, match="interrupted at step 5"):
+        fit(first, 20, False)  # 100 of epoch 0's 200 samples served, no evaluation yet
+    second = Data(x, y)
+    history = fit(second, 10, True)
+    assert said == ["resume: applying changed settings from step 5: batch_size: 20 -> 10"]
+    served = first.served + second.served
+    assert sum(len(s) for s in served) == 2 * 200  # two epochs, not more
+    assert sorted(numpy.concatenate(served[:15]).tolist()) == list(range(200))  # epoch 0: 5 x 20 + 10 x 10
+    assert sorted(numpy.concatenate(served[15:]).tolist()) == list(range(200))  # epoch 1: 20 x 10
+    assert [(r["step"], r["epoch"]) for r in history.records] == [(15, 1), (35, 2)]  # at each epoch end
+
+
 def test_saved_is_only_said_for_files_this_run_wrote(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli(TRAIN + ["--out", out], capsys)[0] == 0
     before = snapshot(out)
     code, text, _ = cli(TRAIN + ["--out", out, "--resume"], capsys)  # already at step 2: nothing to train
     assert code == 0 and "nothing to train" in text
+    assert "best (saved)" not in text
+    assert f"best: step 2 " in text and f"(saved before this run in {out / 'model.safetensors'})" in text
     wrote = next(line for line in text.splitlines() if line.startswith("wrote "))
     assert "model.safetensors" not in wrote and "last.safetensors" not in wrote
     after = snapshot(out)
@@ -221,11 +276,39 @@ def test_a_last_checkpoint_from_before_this_change_still_resumes_exactly(tmp_pat
         meta = f.metadata()
     training = json.loads(meta["training"])
     del training["config"]
-    for key in ("sample", "best_step", "last_step"):
+    for key in ("sample", "best_step", "last_step", "running", "running_count"):
         del training["state"][key]
+    training["state"]["best_val"] = training["state"].pop("best_loss")  # its older name
     meta["training"] = json.dumps(training)
     del meta["checksums"]
     save_file(load_file(str(last)), str(last), metadata=meta)  # as an older gpunet wrote it
     resumed, _, _ = train(tmp_path / "b", Data(x, y), steps=6, resume=True)
     for name, value in straight.params.items():
         numpy.testing.assert_array_equal(resumed.params[name], value, err_msg=name)
+
+
+def test_an_evaluation_interval_an_older_gpunet_derived_is_not_a_change(tmp_path):
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    x, y = problem()  # 96 samples: 6 batches of 16 an epoch
+    said = []
+
+    def fit(steps, resume):
+        gn.manual_seed(0)
+        model = gn.models.mlp((6, 8, 2))
+        return gn.fit(model, Data(x, y), optimizer=gn.optim.SGD(model, lr=0.1), steps=steps, batch_size=16,
+                      out_dir=tmp_path, resume=resume, progress=False, log=said.append)
+
+    fit(3, False)
+    last = tmp_path / "last.safetensors"
+    with safe_open(str(last), "np") as f:
+        meta = f.metadata()
+    training = json.loads(meta["training"])
+    assert training["config"]["eval_every"] is None  # saved as given: at each epoch end
+    training["config"]["eval_every"] = 6  # as an older gpunet saved it: the batches of an epoch, derived
+    meta["training"] = json.dumps(training)
+    del meta["checksums"]
+    save_file(load_file(str(last)), str(last), metadata=meta)
+    history = fit(8, True)
+    assert said == [] and [r["step"] for r in history.records] == [3, 6, 8]  # then the epoch end and the end

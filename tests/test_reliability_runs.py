@@ -8,8 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy
 import pytest
 
+import gpunet as gn
 from gpunet import runs
 from tests.reliability import cli, one_error_line, snapshot
 
@@ -96,6 +98,15 @@ def test_resume_without_a_run_names_the_missing_file(tmp_path, monkeypatch, caps
     assert code == 1 and "--resume without --out continues runs/latest, and there is no such run" in one_error_line(err)
     code, _, err = cli(TRAIN + ["--resume", "--out", "nothing-here"], capsys)
     assert code == 1 and "nothing-here/last.safetensors does not exist" in one_error_line(err)
+    code, _, err = cli(TRAIN + ["--resume", "--out", "a/b/c"], capsys)
+    assert code == 1 and "a/b/c/last.safetensors does not exist" in one_error_line(err)
+    assert sorted(os.listdir(tmp_path)) == []  # no folder left behind, not even a parent it made
+
+
+def test_a_failed_resume_keeps_a_folder_it_did_not_make(tmp_path, capsys):
+    (tmp_path / "mine").mkdir()
+    code, _, _ = cli(TRAIN + ["--resume", "--out", tmp_path / "mine"], capsys)
+    assert code == 1 and (tmp_path / "mine").is_dir() and list((tmp_path / "mine").iterdir()) == []
 
 
 def test_a_failed_start_leaves_no_empty_run_folder(tmp_path, monkeypatch, capsys):
@@ -104,6 +115,53 @@ def test_a_failed_start_leaves_no_empty_run_folder(tmp_path, monkeypatch, capsys
     code, _, err = cli(["train", "--dataset", "mnist", "--device", "cpu", "--steps", "1"], capsys)
     assert code == 1 and "Run with --download" in one_error_line(err)
     assert not (tmp_path / "runs" / "latest").exists() and list((tmp_path / "runs").iterdir()) == []
+
+
+def fit(out, log=None, lr=0.1, **kw):
+    """A small fit into out (lr=1e30 makes it diverge before its first evaluation)."""
+    r = numpy.random.default_rng(0)
+    x = r.standard_normal((64, 6)).astype("float32")
+    y = (x[:, 0] > 0).astype("int64")
+    gn.manual_seed(0)
+    model = gn.models.mlp((6, 8, 2))
+    data = (x, y)
+    with numpy.errstate(all="ignore"):
+        return gn.fit(model, data, (x[:16], y[:16]), optimizer=gn.optim.SGD(model, lr=lr), steps=4, batch_size=16,
+                      eval_every=2, out_dir=out, progress=False, log=log or (lambda *a: None), **kw)
+
+
+@pytest.mark.parametrize("second", ["diverges", "improves"])
+def test_fit_refuses_a_folder_that_holds_a_run_and_changes_nothing(tmp_path, second):
+    fit(tmp_path)
+    before = snapshot(tmp_path)
+    assert {"history.json", "model.safetensors", "last.safetensors"} <= set(before)
+    with pytest.raises(runs.RunExists) as exc:
+        fit(tmp_path, lr=1e30 if second == "diverges" else 0.2)
+    assert str(exc.value) == (f"{tmp_path} already holds a run (model.safetensors, last.safetensors, history.json, "
+                              "metrics.csv, history.png); continue it with resume=True, move it aside with "
+                              "overwrite=True, or choose another out_dir")
+    assert snapshot(tmp_path) == before  # history.json and the best model of the first run included
+
+
+def test_fit_overwrite_moves_the_earlier_run_aside(tmp_path):
+    fit(tmp_path)
+    before = snapshot(tmp_path)
+    said = []
+    with pytest.raises(gn.TrainingDiverged, match="no checkpoint was saved"):
+        fit(tmp_path, lr=1e30, overwrite=True, log=said.append)
+    aside = next(tmp_path.glob("replaced-*"))
+    assert said == [f"moved the earlier run in {tmp_path} to {aside}"]
+    assert snapshot(aside) == before  # nothing of the earlier run lost
+    with pytest.raises(ValueError, match="fit: resume=True continues the run in out_dir and overwrite=True moves it "
+                                         "aside; give one of them"):
+        fit(tmp_path, resume=True, overwrite=True)
+
+
+def test_fit_resume_into_a_missing_folder_leaves_nothing(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"resume=True: .*new/last.safetensors does not exist, so there is "
+                                                r"nothing to resume"):
+        fit(tmp_path / "new", resume=True)
+    assert list(tmp_path.iterdir()) == []
 
 
 HOLD_LOCK = ("import sys; from gpunet.runs import RunLock; RunLock(sys.argv[1]).acquire(); "

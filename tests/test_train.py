@@ -72,7 +72,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
     run(tmp_path, epochs=1)
     good = (tmp_path / "last.safetensors").read_bytes()
     with pytest.raises(gn.TrainingDiverged, match=r"loss became (nan|inf) at step \d+ .*last good checkpoint: .*last.safetensors"):
-        run(tmp_path, epochs=3, lr=1e30, dropout=0.0)
+        run(tmp_path, epochs=3, lr=1e30, resume=True)  # the same run, continued at a rate that diverges
     assert (tmp_path / "last.safetensors").read_bytes() == good
 
 
@@ -88,6 +88,35 @@ def test_early_stopping():
     assert len(history) < 30
     losses = history["val_loss"]
     assert min(losses[-2:]) >= min(losses)
+
+
+def test_early_stopping_carries_across_a_resume(tmp_path):
+    _, straight = run(tmp_path / "a", epochs=30, lr=0.5, early_stopping=2)
+    assert len(straight) < 30
+    run(tmp_path / "b", epochs=len(straight) - 1, lr=0.5, early_stopping=2)
+    _, resumed = run(tmp_path / "b", epochs=30, lr=0.5, early_stopping=2, resume=True)
+    assert resumed["val_loss"] == straight["val_loss"] and resumed.best_step == straight.best_step
+
+
+def test_without_validation_data_the_train_loss_picks_the_saved_model(tmp_path):
+    gn.manual_seed(0)
+    model = gn.models.mlp((10, 16, 3))
+    x, y = small_problem()
+    history = gn.fit(model, (x, y), optimizer=gn.optim.SGD(model, lr=0.05), epochs=4, batch_size=32,
+                     out_dir=tmp_path, progress=False)
+    assert history["val_loss"] == [None] * 4
+    best = min(history.records, key=lambda r: r["train_loss"])
+    assert history.best_step == best["step"] and (tmp_path / "model.safetensors").exists()
+
+
+def test_loop_state_reads_the_names_an_older_gpunet_saved():
+    from gpunet.resume import LoopState
+
+    old = {"step": 7, "epoch": 1, "batch": 2, "sample": 64, "best_val": 0.25, "stale": 1, "best_step": 5,
+           "last_step": 7}
+    state = LoopState.from_json(old)
+    assert (state.step, state.sample, state.best_loss, state.stale, state.best_step) == (7, 64, 0.25, 1, 5)
+    assert LoopState.from_json(state.to_json()) == state
 
 
 def test_fit_argument_errors():

@@ -20,7 +20,7 @@ from gpunet.backend import to_numpy
 from gpunet.files import atomic_write
 from gpunet.layers.base import build_layer
 
-__all__ = ["atomic_write", "load", "read_checkpoint", "save"]
+__all__ = ["load", "read_checkpoint", "save"]
 
 FORMAT = "gpunet"
 FORMAT_VERSION = "1"

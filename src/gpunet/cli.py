@@ -39,16 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--download", action="store_true", help="download the dataset if it is missing")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
     length = t.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=_positive_int, default=None)
-    length.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps instead of epochs")
-    t.add_argument("--batch-size", type=_positive_int, default=None)
-    t.add_argument("--lr", type=_positive_float, default=None)
+    length.add_argument("--epochs", type=validate.cli_positive_int, default=None)
+    length.add_argument("--steps", type=validate.cli_positive_int, default=None, help="optimizer steps instead of epochs")
+    t.add_argument("--batch-size", type=validate.cli_positive_int, default=None)
+    t.add_argument("--lr", type=validate.cli_positive, default=None)
     t.add_argument("--optimizer", choices=sorted(gn.optim.OPTIMIZERS), default=None)
     t.add_argument("--seed", type=validate.cli_seed, default=0)
     t.add_argument("--clip-norm", type=validate.cli_non_negative, default=None, metavar="X",
                    help="clip the gradient norm at X; 0 turns it off (default: 1.0 for rnn and transformer, off else)")
     t.add_argument("--val-fraction", type=validate.cli_fraction, default=0.1)
-    t.add_argument("--early-stopping", type=_positive_int, default=None, metavar="EVALS",
+    t.add_argument("--early-stopping", type=validate.cli_positive_int, default=None, metavar="EVALS",
                    help="stop after this many evaluations without a better validation loss")
     t.add_argument("--out", default=None,
                    help="output folder; refused when it holds a run, unless --resume or --overwrite (default: a new "
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--images", required=True)
     e.add_argument("--labels", required=True)
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
-    e.add_argument("--batch-size", type=_positive_int, default=1000)
+    e.add_argument("--batch-size", type=validate.cli_positive_int, default=1000)
 
     g = sub.add_parser("generate", help="sample text from a trained character-level model")
     g.add_argument("checkpoint")
@@ -83,15 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", default=None, metavar="FILE")
     b.add_argument("--markdown", default=None, metavar="FILE")
     b.add_argument("--plot", default=None, metavar="FILE", help="bar chart of the ratios (PNG)")
-    b.add_argument("--repeats", type=_positive_int, default=None, help="timed rounds per side (default 7)")
+    b.add_argument("--repeats", type=validate.cli_positive_int, default=None, help="timed rounds per side (default 7)")
     b.add_argument("--tiny", action="store_true", help="smallest sizes and 3 rounds: checks the harness in seconds")
 
     p = sub.add_parser("parity", help="train on the CPU and on the GPU from one seed and compare them")
     p.add_argument("--model", default="mlp", choices=sorted(RECIPES))
-    p.add_argument("--steps", type=_positive_int, default=20)
-    p.add_argument("--batch-size", type=_positive_int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dropout", type=_dropout_rate, default=None, metavar="P",
+    p.add_argument("--steps", type=validate.cli_positive_int, default=20)
+    p.add_argument("--batch-size", type=validate.cli_positive_int, default=None)
+    p.add_argument("--seed", type=validate.cli_seed, default=0)
+    p.add_argument("--dropout", type=validate.cli_dropout, default=None, metavar="P",
                    help="dropout rate for every dropout of the model; one on its output when it has none "
                         "(default: the recipe's own)")
 
@@ -107,10 +107,19 @@ def main(argv=None) -> int:
     with status 2 for a wrong command line, 1 for anything else, 130 after Ctrl-C."""
     _tolerant_output()
     args = build_parser().parse_args(argv)
-    with errors.handled(args.command, errors.debug_enabled(args.debug)):
+    with errors.handled(args.command, _debug(args.debug)):
         validate.environment()
         return {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "bench": cmd_bench,
                 "parity": cmd_parity, "info": cmd_info}[args.command](args)
+
+
+def _debug(flag: bool) -> bool:
+    """--debug, or GPUNET_DEBUG=1 as validation reads it (gpunet.errors, a leaf, reads no settings). A value
+    validation refuses is not on: the command then ends in the one line saying so."""
+    try:
+        return flag or validate.env_choice("GPUNET_DEBUG") == "1"
+    except ValueError:
+        return False
 
 
 def _tolerant_output() -> None:
@@ -192,12 +201,17 @@ def _report(history, out, unit: str) -> None:
     if last:
         print(f"final: step {last['step']}  {metrics(last)}")
     best = next((rec for rec in history.records if rec["step"] == history.best_step), None)
-    if best is not None and (out / "model.safetensors").exists():
+    saved = out / "model.safetensors"
+    if best is not None and saved in history.written and saved.exists():
         print(f"best (saved): step {best['step']}  {metrics(best)}")
+    elif best is not None and saved.exists():  # a --resume that did not improve on the run's earlier part
+        print(f"best: step {best['step']}  {metrics(best)} (saved before this run in {saved})")
     else:
         print("best: no model was saved by this run")
     written = [p for p in dict.fromkeys(history.written) if p.exists()]
     print("wrote " + (", ".join(str(p) for p in written) if written else "nothing"))
+
+
 def cmd_generate(args) -> int:
     model = gn.load(args.checkpoint)
     model.to(_device(args))
@@ -305,22 +319,6 @@ def _device(args):
         return gn.device(args.device)
     except RuntimeError as exc:
         raise SystemExit(f"gpunet {args.command}: {exc}") from None
-
-
-def _positive_int(text: str) -> int:
-    return validate.cli_positive_int(text)
-
-
-def _dropout_rate(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    return validate.cli_positive(text)
-
 
 
 if __name__ == "__main__":

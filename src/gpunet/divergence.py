@@ -3,8 +3,9 @@
 On the CPU the loss of each step is a host number, so the first bad step is known at once. On
 a GPU, reading the loss each step would make the host wait for the device, so the watch keeps
 the first bad step in a device scalar, updated by one tiny elementwise kernel per step (no
-transfer), and the host reads it where it reads the loss anyway (every few steps and at each
-evaluation): the report names the exact step without a synchronisation per step.
+transfer), and the host reads it where it reads the loss anyway (every few steps, before each
+evaluation, the last one included, and on Ctrl-C): the report names the exact step without a
+synchronisation per step.
 """
 from __future__ import annotations
 

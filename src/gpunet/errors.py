@@ -33,10 +33,6 @@ class Exit(SystemExit):
         return self.message
 
 
-def debug_enabled(flag: bool = False) -> bool:
-    return bool(flag) or os.environ.get("GPUNET_DEBUG", "").strip() not in ("", "0")
-
-
 def one_line(text: str) -> str:
     """Several lines joined by '; ', surrounding space removed."""
     return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())

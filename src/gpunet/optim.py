@@ -6,6 +6,7 @@ construction is fine) and keep their state per parameter name, with PyTorch's se
 from __future__ import annotations
 
 import math
+import numbers
 
 from gpunet import validate
 from gpunet.backend import ops_for, to_device, to_numpy
@@ -14,7 +15,7 @@ from gpunet.backend import ops_for, to_device, to_numpy
 class Optimizer:
     def __init__(self, model, lr: float, **hyper):
         name = type(self).__name__
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"{name}: lr must be positive and finite, got {lr!r}")
         for key, value in hyper.items():
             if key in ("momentum", "weight_decay", "dampening"):

@@ -2,7 +2,7 @@
 hyperparameters that earn its accuracy on the default dataset. CLI flags override them."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from gpunet import models
 
@@ -17,13 +17,13 @@ class Recipe:
     steps: int | None = None
     kind: str = "image"  # "image" (classifiers on mnist-sample/mnist) or "text" (character models)
     dataset: str = "mnist-sample"
+    # a name in gpunet.optim.OPTIMIZERS, built with `lr` and that optimizer's defaults for the rest
+    # (weight decay: none, or 0.01 for adamw), as `gpunet train --optimizer NAME` builds it
     optimizer: str = "adam"
-    weight_decay: float = 0.0
     schedule: str = "cosine"
     shift: int = 0  # random image shifts of up to this many pixels
     clip_norm: float | None = None
     context: int | None = None  # characters per training window, for text
-    extra: dict = field(default_factory=dict)
 
     @property
     def input_dtype(self) -> str:

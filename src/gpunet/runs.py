@@ -4,7 +4,8 @@ and the refusal to write over a run that is already there.
 A run folder holds the files of one training run (RUN_FILES). `gpunet train` without --out
 makes `runs/YYYYmmdd-HHMMSS-MODEL` and points the symlink `runs/latest` at it; an explicit --out
 that already holds a run is refused unless --resume, or --overwrite, which moves the old run
-into a sub-folder `replaced-YYYYmmdd-HHMMSS` (nothing is ever deleted). While a run trains, the
+into a sub-folder `replaced-YYYYmmdd-HHMMSS` (nothing is ever deleted); gn.fit(out_dir=...) makes
+the same check (check_existing, with its resume= and overwrite=). While a run trains, the
 folder's `.lock` is held (an OS lock, released even by kill -9), so a second run into the same
 folder fails at once; the temporaries a dead run left are removed when the next one starts.
 """
@@ -91,6 +92,11 @@ class RunLock:
         self.fd, self.depth = fd, 1
         _held[key] = self
         return self
+
+    def remove_stale_tmp(self) -> list[Path]:
+        """Remove the temporaries of run files a dead run left in the folder; returns them. Only
+        while the lock is held is it sure that no live writer owns them."""
+        return clean_stale_tmp(self.folder, RUN_FILES)
 
     def release(self) -> None:
         key = os.path.realpath(self.folder)
@@ -182,27 +188,73 @@ def move_aside(folder) -> Path:
     return aside
 
 
-def check_out_folder(folder) -> None:
-    """Refuse an --out that cannot be a run folder, before any work."""
+def check_out_folder(folder, option: str = "--out") -> None:
+    """Refuse an --out (or out_dir: option) that cannot be a run folder, before any work."""
+    if str(folder).strip() == "":  # before Path(), which reads "" as "."
+        raise ValueError(f"{option} is empty; give a folder")
     folder = Path(folder)
-    if str(folder).strip() == "":
-        raise ValueError("--out is empty; give a folder")
     if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(f"--out {folder} is a file, not a folder")
+        raise NotADirectoryError(f"{option} {folder} is a file, not a folder")
     for parent in folder.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise NotADirectoryError(f"--out {folder}: {parent} is a file, not a folder")
+                raise NotADirectoryError(f"{option} {folder}: {parent} is a file, not a folder")
             break
 
 
-class RunFolder:
-    """The locked folder of one `gpunet train`. A folder made for this run (no --out) becomes
-    runs/latest once training starts; if the command fails before that, the still-empty folder
-    is removed again, so failed starts leave nothing behind."""
+# how a refusal names the options: on the command line, and as arguments of gn.fit
+CLI_OPTIONS = {"resume": "--resume", "overwrite": "--overwrite", "out": "--out"}
+FIT_OPTIONS = {"resume": "resume=True", "overwrite": "overwrite=True", "out": "out_dir"}
 
-    def __init__(self, path: Path, lock: RunLock, fresh: bool):
+
+def check_existing(out, resume: bool = False, overwrite: bool = False, say=print, options=FIT_OPTIONS) -> None:
+    """The one refusal to lose a run, for `gpunet train` and gn.fit alike: resume needs
+    out/last.safetensors; without it, a folder that holds a run (holds_run) is refused, or with
+    overwrite its run files are moved into out/replaced-STAMP (said). Call it with out's lock held."""
+    out = Path(out)
+    existing = holds_run(out)
+    if resume:
+        if not (out / "last.safetensors").exists():
+            raise FileNotFoundError(f"{options['resume']}: {out / 'last.safetensors'} does not exist, so there is "
+                                    "nothing to resume" + (f" (the folder holds {', '.join(existing)})"
+                                                           if existing else ""))
+    elif existing:
+        if not overwrite:
+            raise RunExists(f"{out} already holds a run ({', '.join(existing)}); continue it with "
+                            f"{options['resume']}, move it aside with {options['overwrite']}, or choose another "
+                            f"{options['out']}")
+        aside = move_aside(out)
+        say(f"moved the earlier run in {out} to {aside}")
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """folder and those of its parents that do not exist yet, deepest first: what mkdir(parents=True) makes."""
+    missing = []
+    for path in (folder, *folder.parents):
+        if path.exists() or path.is_symlink():
+            break
+        missing.append(path)
+    return missing
+
+
+def _remove_empty(folders) -> None:
+    """rmdir each of folders (deepest first) while they are empty: a run that wrote anything keeps its folder."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+class RunFolder:
+    """The locked folder of one run. A folder made for this run (no --out) becomes runs/latest once
+    training starts; if the command fails before that, the still-empty folder is removed again, as
+    are the folders this run created for an --out (or out_dir) while they are empty: failed starts
+    leave nothing behind."""
+
+    def __init__(self, path: Path, lock: RunLock, fresh: bool, created=()):
         self.path, self.lock, self.fresh, self.started = path, lock, fresh, False
+        self.created = list(created)  # deepest first
 
     def start(self, say=print) -> None:
         self.started = True
@@ -218,6 +270,36 @@ class RunFolder:
                 self.path.rmdir()  # only succeeds while empty
             except OSError:
                 pass
+        _remove_empty(self.created)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_run(out, resume: bool = False, overwrite: bool = False, say=print, options=FIT_OPTIONS,
+             fresh: bool = False) -> RunFolder:
+    """out, created when missing, locked, cleared of a dead run's temporaries, and checked by
+    check_existing; on a refusal the lock is released and what this call created is removed."""
+    check_out_folder(out, options["out"])
+    out = Path(out)
+    created = [] if fresh else _missing_folders(out)
+    try:
+        folder = RunFolder(out, RunLock(out).acquire(), fresh, created)
+    except BaseException:
+        _remove_empty(created)
+        raise
+    try:
+        removed = folder.lock.remove_stale_tmp()
+        if removed:
+            say(f"removed {len(removed)} temporary file(s) an interrupted run left in {out}")
+        check_existing(out, resume, overwrite, say, options)
+    except BaseException:
+        folder.close()
+        raise
+    return folder
 
 
 def prepare(out, model: str, resume: bool = False, overwrite: bool = False, say=print) -> RunFolder:
@@ -233,26 +315,4 @@ def prepare(out, model: str, resume: bool = False, overwrite: bool = False, say=
             out = latest.resolve()
         else:
             out, fresh = new_run_folder(model), True
-    out = Path(out)
-    check_out_folder(out)
-    lock = RunLock(out).acquire()
-    try:
-        removed = clean_stale_tmp(out, RUN_FILES)
-        if removed:
-            say(f"removed {len(removed)} temporary file(s) an interrupted run left in {out}")
-        existing = holds_run(out)
-        if resume:
-            if not (out / "last.safetensors").exists():
-                raise FileNotFoundError(f"--resume: {out / 'last.safetensors'} does not exist, so there is "
-                                        "nothing to resume" + (f" (the folder holds {', '.join(existing)})"
-                                                               if existing else ""))
-        elif existing:
-            if not overwrite:
-                raise RunExists(f"{out} already holds a run ({', '.join(existing)}); continue it with --resume, "
-                                f"move it aside with --overwrite, or choose another --out")
-            aside = move_aside(out)
-            say(f"moved the earlier run in {out} to {aside}")
-    except BaseException:
-        RunFolder(out, lock, fresh).close()
-        raise
-    return RunFolder(out, lock, fresh)
+    return open_run(out, resume, overwrite, say, CLI_OPTIONS, fresh)

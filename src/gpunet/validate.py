@@ -70,10 +70,11 @@ cli_seed = _argtype(lambda v: seed("value", v), f"an integer from 0 to {MAX_SEED
 cli_positive = _argtype(lambda v: finite("value", v, low=0, low_open=True), "positive and finite", float)
 cli_non_negative = _argtype(lambda v: finite("value", v, low=0), "non-negative and finite", float)
 cli_fraction = _argtype(lambda v: finite("value", v, 0, 1, True, True), "a number strictly between 0 and 1", float)
+cli_dropout = _argtype(lambda v: finite("value", v, 0, 1, high_open=True), "a dropout rate in [0, 1)", float)
 
 
 # ---------------------------------------------------------------- environment variables
-ENVIRONMENT = {
+ENVIRONMENT = {  # name -> the values it may take, its default (when unset or blank) first
     "GPUNET_DEVICE": ("auto", "cpu", "gpu"),
     "GPUNET_TF32": ("0", "1"),
     "GPUNET_GEMM": ("auto", "fused", "cublas"),
@@ -81,14 +82,24 @@ ENVIRONMENT = {
 }
 
 
+def env_choice(name: str, env=None) -> str:
+    """The value of the gpunet environment variable `name` as every reader takes it: surrounding
+    space removed and lower case, its default when unset or blank; a value outside ENVIRONMENT[name]
+    raises the one-line ValueError. The only place these variables are read."""
+    allowed = ENVIRONMENT[name]
+    value = (os.environ if env is None else env).get(name)
+    choice = (value or "").strip().lower() or allowed[0]
+    if choice not in allowed:
+        raise ValueError(f"environment variable {name}={value!r} is not one of {', '.join(allowed)} "
+                         f"(unset it or set one of those)")
+    return choice
+
+
 def environment(env=None) -> None:
     """Refuse a gpunet environment variable with a value gpunet does not understand."""
     env = os.environ if env is None else env
-    for name, allowed in ENVIRONMENT.items():
-        value = env.get(name)
-        if value is not None and value.strip() and value.strip().lower() not in allowed:
-            raise ValueError(f"environment variable {name}={value!r} is not one of {', '.join(allowed)} "
-                             f"(unset it or set one of those)")
+    for name in ENVIRONMENT:
+        env_choice(name, env)
     data = env.get("GPUNET_DATA")
     if data is not None:
         if not data.strip():

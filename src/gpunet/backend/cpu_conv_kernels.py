@@ -5,10 +5,18 @@ Layouts match Ops: im2col rows are output pixels in (n, oh, ow) order, columns (
 from __future__ import annotations
 
 import functools
+from typing import Callable, NamedTuple
+
+
+class ConvKernels(NamedTuple):
+    im2col_t: Callable  # (x, kh, kw, sh, sw, ph, pw, oh, ow, cols_t): the columns, transposed
+    col2im_t: Callable  # (cols_t, kh, kw, sh, sw, ph, pw, oh, ow, out): their sum back into out
+    max_pool: Callable  # (x, kh, kw, sh, sw, y, arg)
+    max_pool_backward: Callable  # (dy, arg, kw, sh, sw, dx)
 
 
 @functools.cache
-def kernels():
+def kernels() -> ConvKernels:
     import numba
 
     # Columns are written transposed, (c*kh*kw, n*oh*ow): the inner loop then runs along an
@@ -79,4 +87,4 @@ def kernels():
                         k = arg[b, ch, p, q]
                         dx[b, ch, p * sh + k // kw, q * sw + k % kw] += dy[b, ch, p, q]
 
-    return im2col_t, col2im_t, max_pool, max_pool_backward
+    return ConvKernels(im2col_t, col2im_t, max_pool, max_pool_backward)

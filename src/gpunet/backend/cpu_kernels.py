@@ -3,12 +3,23 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Callable, NamedTuple
 
 import numpy
 
 
+class ErfUfuncs(NamedTuple):
+    erf32: Callable
+    erf64: Callable
+
+
+class OptimizerKernels(NamedTuple):
+    sgd: Callable  # (param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov, first_step)
+    adam: Callable  # (param, grad, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, bias1, bias2_sqrt)
+
+
 @functools.cache
-def _erf_ufuncs():
+def _erf_ufuncs() -> ErfUfuncs:
     import numba
 
     f32 = numba.float32
@@ -36,16 +47,16 @@ def _erf_ufuncs():
     def erf64(x):
         return math.erf(x)
 
-    return erf32, erf64
+    return ErfUfuncs(erf32, erf64)
 
 
 def erf(x: numpy.ndarray) -> numpy.ndarray:
-    erf32, erf64 = _erf_ufuncs()
-    return erf32(x) if x.dtype == numpy.float32 else erf64(x)
+    ufuncs = _erf_ufuncs()
+    return ufuncs.erf32(x) if x.dtype == numpy.float32 else ufuncs.erf64(x)
 
 
 @functools.cache
-def _optimizer_kernels():
+def _optimizer_kernels() -> OptimizerKernels:
     import numba
 
     # error_model="numpy": no division-by-zero checks, which would keep LLVM from vectorising.
@@ -74,19 +85,19 @@ def _optimizer_kernels():
             v[i] = vi
             param[i] = p - (lr / bias1) * mi / (numpy.sqrt(vi) / bias2_sqrt + eps)
 
-    return sgd, adam
+    return OptimizerKernels(sgd, adam)
 
 
 def sgd_update(param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov, first_step):
     """Fused SGD step over flat views; velocity may be None when momentum is 0."""
-    sgd = _optimizer_kernels()[0]
+    sgd = _optimizer_kernels().sgd
     flat_v = velocity.reshape(-1) if velocity is not None else param.reshape(-1)[:0]
     sgd(param.reshape(-1), grad.reshape(-1), flat_v, *_scalars(param.dtype, lr, momentum, dampening, weight_decay),
         bool(nesterov), bool(first_step))
 
 
 def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, bias1, bias2_sqrt):
-    adam = _optimizer_kernels()[1]
+    adam = _optimizer_kernels().adam
     adam(param.reshape(-1), grad.reshape(-1), m.reshape(-1), v.reshape(-1),
          *_scalars(param.dtype, lr, beta1, beta2, eps, weight_decay), bool(decoupled),
          *_scalars(param.dtype, bias1, bias2_sqrt))

@@ -9,10 +9,17 @@ error_model="numpy" drops the division-by-zero checks that would stop vectorisat
 from __future__ import annotations
 
 import functools
+from typing import Callable, NamedTuple
+
+
+class SequenceKernels(NamedTuple):
+    lstm_cell: Callable  # (x_gates, h_gates, c_prev, acts_out, h_out, c_out, tanh_c_out)
+    lstm_cell_backward: Callable  # (dh, dc, acts, c_prev, tanh_c, dgates): dc becomes d c_prev
+    embedding_backward: Callable  # (ids, dy, grad): grad = the scatter-add of dy's rows at ids
 
 
 @functools.cache
-def kernels():
+def kernels() -> SequenceKernels:
     import numba
 
     f32 = numba.float32
@@ -82,4 +89,4 @@ def kernels():
             for j in range(dst.size):
                 dst[j] += src[j]
 
-    return lstm_cell, lstm_cell_backward, embedding_backward
+    return SequenceKernels(lstm_cell, lstm_cell_backward, embedding_backward)

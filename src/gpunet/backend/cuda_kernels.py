@@ -1,12 +1,19 @@
-"""gpunet's CUDA kernels: the sources in gpunet/kernels/*.cu (one file per family), compiled by
-NVRTC through cupy.RawModule on first use and cached for the process (CuPy also caches the
-binaries on disk). A source that does not compile raises one KernelCompileError naming the file.
+"""gpunet's CUDA kernels: the sources in gpunet/kernels/*.cu (one file per family), the constants
+they are compiled with, their compilation (NVRTC through cupy.RawModule, on first use, cached
+for the process; CuPy also caches the binaries on disk) and the one launch path. A source that
+does not compile raises one KernelCompileError naming the file.
 
-`launch` is the one place that turns Python arguments into kernel arguments and checks the grid.
+Each compile-time constant is defined once, below, and reaches every compiler as -DNAME=value
+(DEFINE_FLAGS): NVRTC here, nvcc and the kernel emulator in the tests. The .cu files use the
+macros without defining them (each stops with an #error naming a missing one), and the flags
+are part of what a family's compiled code depends on (compile_inputs), which keys the
+GEMM-choice cache. The kernels themselves are called through the typed wrappers of
+cuda_wrappers.py, one per kernel.
 """
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -14,7 +21,18 @@ import numpy
 
 from gpunet.backend.devices import cupy_status
 
-THREADS = 256
+THREADS = 256  # threads per block of every kernel; the block reductions size their scratch by it
+TILE_M = 64  # rows of C per block of gemm_bias_act (16 x 16 threads, each a 4 x 4 block of C)
+TILE_N = 64  # columns of C per block of gemm_bias_act
+TILE_K = 16  # depth of the A and W tiles gemm_bias_act stages in shared memory
+ROWS_PER_CHUNK = 64  # rows summed by one block of bias_act_backward
+ACTIVATION_CODES = {None: 0, "relu": 1, "sigmoid": 2, "tanh": 3, "gelu": 4, "gelu_tanh": 5}  # codes of gemm.cu
+
+DEFINES = {"THREADS": THREADS, "TILE_M": TILE_M, "TILE_N": TILE_N, "TILE_K": TILE_K, "ROWS_PER_CHUNK": ROWS_PER_CHUNK,
+           **{f"ACT_{(name or 'none').upper()}": code for name, code in ACTIVATION_CODES.items()}}
+DEFINE_FLAGS = tuple(f"-D{name}={value}" for name, value in DEFINES.items())
+NVRTC_OPTIONS = ("--std=c++17", *DEFINE_FLAGS)
+
 MAX_BLOCKS = 65536  # grid-stride kernels cover any size with at most this many blocks
 # gridDim.y (and z) is at most 65,535 on every CUDA GPU; kernels with a 2-D grid loop over the
 # row tiles beyond it (grid-stride in y), so every launch caps y through grid_2d() below.
@@ -41,13 +59,18 @@ def source(family: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
+def compile_inputs(family: str) -> tuple[str, ...]:
+    """Everything the compiled code of a family depends on: its source and the -D flags."""
+    return (source(family), *DEFINE_FLAGS)
+
+
 @functools.cache
 def module(family: str):
     cupy = cupy_status()[0]
     if cupy is None:
         raise RuntimeError(cupy_status()[1])
     try:
-        compiled = cupy.RawModule(code=source(family), options=("--std=c++17",))
+        compiled = cupy.RawModule(code=source(family), options=NVRTC_OPTIONS)
         compiled.compile()
     except cupy.cuda.compiler.CompileException as exc:
         raise KernelCompileError(f"NVRTC could not compile gpunet/kernels/{family}.cu: {exc}") from None
@@ -66,15 +89,93 @@ def clear_caches() -> None:
     module.cache_clear()
 
 
-def launch(family: str, name: str, grid, args, block: int = THREADS) -> None:
-    """Run kernel `name` of `family`; Python ints and bools become int32, floats float32.
+@dataclass(frozen=True)
+class ArrayParam:
+    """A pointer parameter: the array's dtype, and whether the kernel needs it C-contiguous."""
+    dtype: numpy.dtype
+    contiguous: bool = True
 
-    (CuPy itself would send a Python int as 8 bytes and a float as a double, which the kernels'
-    int and float parameters would misread.) A grid with no blocks is an error: the CUDA driver
-    refuses it, so every op returns early on empty inputs instead.
+
+# A parameter type spelt as in the .cu file -> what its argument must be.
+F32, I32, I64 = numpy.dtype("float32"), numpy.dtype("int32"), numpy.dtype("int64")
+PARAMETER_TYPES = {"float*": ArrayParam(F32), "strided float*": ArrayParam(F32, contiguous=False),
+                   "int*": ArrayParam(I32), "long long*": ArrayParam(I64),
+                   "int": numpy.int32, "long long": numpy.int64, "float": numpy.float32}
+_INTEGERS = (int, numpy.integer, numpy.bool_)  # what an int or long long parameter takes (a bool is 0 or 1)
+_NUMBERS = (int, float, numpy.integer, numpy.floating, numpy.bool_)  # what a float parameter takes
+
+
+class Kernel:
+    """Kernel `name` of kernels/<family>.cu with its parameter types, spelt as the .cu declares
+    them ("float*, int*, long long*, int, long long, float"; "strided float*" for an array the
+    kernel reads through its strides, in any layout). kernel(grid, *args) launches it with
+    `block` threads; its arguments are checked and converted by those types (marshal)."""
+
+    __slots__ = ("family", "name", "signature", "block", "_params")
+
+    def __init__(self, family: str, name: str, signature: str, block: int = THREADS):
+        self.family, self.name, self.block = family, name, block
+        self.signature = tuple(part.strip() for part in signature.split(","))
+        unknown = [p for p in self.signature if p not in PARAMETER_TYPES]
+        if unknown:
+            raise ValueError(f"kernel {family}.{name}: unknown parameter types {unknown} "
+                             f"(known: {list(PARAMETER_TYPES)})")
+        self._params = tuple(PARAMETER_TYPES[p] for p in self.signature)
+
+    def __call__(self, grid, *args) -> None:
+        launch(self.family, self.name, grid, args, self.block, self._params)
+
+    def __repr__(self) -> str:
+        return f"Kernel({self.family}.{self.name}({', '.join(self.signature)}), block={self.block})"
+
+
+def marshal(family: str, name: str, args: tuple, params: tuple | None = None) -> tuple:
+    """The arguments as the kernel must receive them: the one place scalars are converted.
+
+    With the kernel's parameter types (Kernel), each scalar becomes exactly its parameter's type
+    (numpy.int32, int64 or float32) and each array must have its parameter's dtype and layout.
+    Without them, Python ints and bools become int32 and floats float32. (CuPy itself would send
+    a Python int as 8 bytes and a float as a double, which the kernels' int and float parameters
+    would misread; a bool as 8 bytes or 1 depending on its version.) No argument may be None,
+    which CuPy versions pass differently: a parameter a launch does not read gets any array of
+    its dtype.
     """
-    converted = tuple(numpy.int32(a) if isinstance(a, (bool, int)) else numpy.float32(a) if isinstance(a, float)
-                      else a for a in args)
+    if params is None:
+        return tuple(numpy.int32(a) if isinstance(a, (bool, int)) else numpy.float32(a) if isinstance(a, float)
+                     else a for a in args)
+    if len(args) != len(params):
+        raise TypeError(f"kernel {family}.{name} takes {len(params)} arguments, got {len(args)}")
+    converted = []
+    for index, (param, value) in enumerate(zip(params, args)):
+        if type(param) is ArrayParam:
+            if getattr(value, "dtype", None) != param.dtype or (param.contiguous and not value.flags.c_contiguous):
+                raise _refused(family, name, index, param, value)
+        elif isinstance(value, _INTEGERS if param is not numpy.float32 else _NUMBERS):
+            value = param(value)  # (an int over the parameter's range raises OverflowError)
+        else:
+            raise _refused(family, name, index, param, value)
+        converted.append(value)
+    return tuple(converted)
+
+
+def _refused(family: str, name: str, index: int, param, value) -> TypeError:
+    got = type(value).__name__
+    if isinstance(param, ArrayParam):
+        if hasattr(value, "dtype") and hasattr(value, "flags"):
+            got = f"{'' if value.flags.c_contiguous else 'non-contiguous '}{value.dtype} array"
+            got = f"{'an' if got[0] in 'aeiou' else 'a'} {got}"
+        want = f"a {'C-contiguous ' if param.contiguous else ''}{param.dtype} array"
+    else:
+        want = f"{'a number' if param is numpy.float32 else 'an integer'} (sent as {param.__name__})"
+    return TypeError(f"kernel {family}.{name}, argument {index}: expected {want}, got {got}")
+
+
+def launch(family: str, name: str, grid, args, block: int = THREADS, params: tuple | None = None) -> None:
+    """Run kernel `name` of `family` with its arguments marshalled (marshal). A grid with no
+    blocks is an error here, not at the driver: CuPy rounds each grid dimension up to 1, so an
+    empty input would run one block over memory the op does not own. Every op returns early on
+    empty inputs instead (the test suite's CuPy stand-in refuses such launches too)."""
+    converted = marshal(family, name, args, params)
     grid = grid if isinstance(grid, tuple) else (grid,)
     if not all(isinstance(g, (int, numpy.integer)) and g >= 1 for g in grid):
         raise ValueError(f"kernel {family}.{name}: grid {grid} has no blocks; the op must return early on empty "
@@ -84,9 +185,9 @@ def launch(family: str, name: str, grid, args, block: int = THREADS) -> None:
     kernel(family, name)(grid, (block,), converted)
 
 
-def blocks_for(total: int) -> int:
-    """Blocks of THREADS for a grid-stride loop over `total` items: 0 for none (launch refuses it)."""
-    return min(MAX_BLOCKS, -(-total // THREADS))
+def blocks_for(total: int, block: int = THREADS) -> int:
+    """Blocks for a grid-stride loop over `total` items: 0 for none (launch refuses it)."""
+    return min(MAX_BLOCKS, -(-total // block))
 
 
 def grid_2d(x_blocks: int, y_tiles: int) -> tuple[int, int]:

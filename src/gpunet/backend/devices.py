@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy
 
+from gpunet.validate import env_choice
+
 DEVICE_NAMES = ("auto", "cpu", "gpu")
 
 
@@ -57,7 +59,7 @@ def configure_tf32(cupy) -> bool:
     the mode in cupy._core's compute type, which can be set at any time: gpunet sets it. A CuPy
     without that setting leaves CUPY_TF32 in charge, and gpunet says so in one line when it is on.
     """
-    wanted = os.environ.get("GPUNET_TF32") == "1"
+    wanted = env_choice("GPUNET_TF32") == "1"
     core = getattr(cupy, "_core", None)
     linalg = getattr(core, "_routines_linalg", None)
     if linalg is not None and hasattr(core, "set_compute_type") and hasattr(core, "get_compute_type"):
@@ -97,11 +99,6 @@ class Device:
     def xp(self):
         return numpy if self.name == "cpu" else cupy_status()[0]
 
-    @property
-    def ops(self):
-        from gpunet.backend.dispatch import ops_for_device
-        return ops_for_device(self.name)
-
     def __str__(self) -> str:
         return self.name
 
@@ -119,9 +116,7 @@ def device(name: str | Device | None = "auto") -> Device:
     if requested not in DEVICE_NAMES:
         raise ValueError(f"unknown device {name!r}; choose one of {', '.join(DEVICE_NAMES)}")
     if requested == "auto":
-        env = os.environ.get("GPUNET_DEVICE", "").strip().lower()
-        if env and env not in DEVICE_NAMES:
-            raise ValueError(f"GPUNET_DEVICE={env!r} is not one of {', '.join(DEVICE_NAMES)}")
+        env = env_choice("GPUNET_DEVICE")
         if env in ("cpu", "gpu"):
             resolved = device(env)
             return Device(resolved.name, f"GPUNET_DEVICE={env}")
@@ -153,6 +148,7 @@ def device_info() -> list[str]:
         except Exception as exc:
             lines.append(f"CUDA: unavailable ({type(exc).__name__}: {exc})")
     lines.append("GPU usable: yes" if usable else f"GPU usable: no ({why})")
-    env = os.environ.get("GPUNET_DEVICE")
-    lines.append(f"auto picks: {'gpu' if usable else 'cpu'}" + (f" (GPUNET_DEVICE={env} overrides it)" if env else ""))
+    env = env_choice("GPUNET_DEVICE")
+    lines.append(f"auto picks: {'gpu' if usable else 'cpu'}"
+                 + (f" (GPUNET_DEVICE={env} overrides it)" if env != "auto" else ""))
     return lines

@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from gpunet.checkpoint import atomic_write
+from gpunet.files import atomic_write
 
 CACHE_ENV = "GPUNET_CACHE"
 

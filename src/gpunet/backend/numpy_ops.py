@@ -22,44 +22,44 @@ class NumpyOps(Ops):
         n, c = x.shape[:2]
         oh, ow = pooled_size(x.shape[2:], kernel, stride, padding)
         cols_t = numpy.empty((c * kernel[0] * kernel[1], n * oh * ow), dtype=x.dtype)
-        conv_kernels()[0](numpy.ascontiguousarray(x), *kernel, *stride, *padding, oh, ow, cols_t)
+        conv_kernels().im2col_t(numpy.ascontiguousarray(x), *kernel, *stride, *padding, oh, ow, cols_t)
         return cols_t.T
 
     def col2im(self, cols, x_shape, kernel, stride, padding):
         oh, ow = pooled_size(x_shape[2:], kernel, stride, padding)
         out = numpy.empty(x_shape, dtype=cols.dtype)
-        conv_kernels()[1](numpy.ascontiguousarray(cols.T), *kernel, *stride, *padding, oh, ow, out)
+        conv_kernels().col2im_t(numpy.ascontiguousarray(cols.T), *kernel, *stride, *padding, oh, ow, out)
         return out
 
     def max_pool(self, x, kernel, stride):
         n, c = x.shape[:2]
         y = numpy.empty((n, c, *pooled_size(x.shape[2:], kernel, stride)), dtype=x.dtype)
         arg = numpy.empty(y.shape, dtype=numpy.int32)
-        conv_kernels()[2](x, *kernel, *stride, y, arg)
+        conv_kernels().max_pool(x, *kernel, *stride, y, arg)
         return y, arg
 
     def max_pool_backward(self, dy, argmax, x_shape, kernel, stride):
         dx = numpy.empty(x_shape, dtype=dy.dtype)
-        conv_kernels()[3](numpy.ascontiguousarray(dy), argmax, kernel[1], *stride, dx)
+        conv_kernels().max_pool_backward(numpy.ascontiguousarray(dy), argmax, kernel[1], *stride, dx)
         return dx
 
     def lstm_cell(self, x_gates, h_gates, c_prev, acts_out, h_out, c_out, tanh_c_out):
         arrays = (x_gates, h_gates, c_prev, acts_out, h_out, c_out, tanh_c_out)
         if not _fusable(*arrays) or x_gates.dtype != numpy.float32:
             return super().lstm_cell(*arrays)
-        sequence_kernels()[0](*arrays)
+        sequence_kernels().lstm_cell(*arrays)
 
     def lstm_cell_backward(self, dh, dc, acts, c_prev, tanh_c, dgates_out):
         arrays = (dh, dc, acts, c_prev, tanh_c, dgates_out)
         if not _fusable(*arrays) or dh.dtype != numpy.float32:
             return super().lstm_cell_backward(*arrays)
-        sequence_kernels()[1](*arrays)
+        sequence_kernels().lstm_cell_backward(*arrays)
 
     def embedding_backward(self, ids, dy, grad_weight):
         dy2 = dy.reshape(-1, grad_weight.shape[1])
         if not _fusable(dy2, grad_weight):
             return super().embedding_backward(ids, dy, grad_weight)
-        sequence_kernels()[2](ids.reshape(-1), dy2, grad_weight)
+        sequence_kernels().embedding_backward(ids.reshape(-1), dy2, grad_weight)
 
     def sgd_update(self, param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov, first_step):
         if not _fusable(param, grad, velocity):

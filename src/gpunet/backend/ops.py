@@ -2,7 +2,8 @@
 
 Subclasses (NumpyOps, CupyOps) override only the hot ops and keep the base signatures
 (tests/test_backend.py checks that). Arrays are (N, features) unless said otherwise; ops that
-take `out=` write into it so layers can reuse buffers between steps.
+take `out=` write into it so layers can reuse buffers between steps. The math of the sequence
+layers' ops is in sequence_ops.py, as functions of xp; the methods here hand it self.xp.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import math
 
 import numpy
 
-from gpunet.backend.sequence_ops import SequenceOps
+from gpunet.backend import sequence_ops
 
 ACTIVATIONS = ("relu", "sigmoid", "tanh", "gelu", "gelu_tanh")
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -26,7 +27,7 @@ def pooled_size(size, kernel, stride, padding=(0, 0)):
     return tuple((s + 2 * p - k) // st + 1 for s, k, st, p in zip(size, kernel, stride, padding))
 
 
-class Ops(SequenceOps):
+class Ops:
     name = "base"
     xp = numpy
 
@@ -275,6 +276,32 @@ class Ops(SequenceOps):
         area = kernel[0] * kernel[1]
         cols = self.xp.repeat(dy.reshape(-1, 1) * (1.0 / area), area, axis=1).astype(dy.dtype, copy=False)
         return self.col2im(cols, (n * c, 1, h, w), kernel, stride, (0, 0)).reshape(x_shape)
+
+    # ---------------------------------------------------------------- sequence layers (see sequence_ops.py)
+    def lstm_cell(self, x_gates, h_gates, c_prev, acts_out, h_out, c_out, tanh_c_out):
+        """One LSTM step, gates in torch.nn.LSTMCell's order i, f, g, o."""
+        return sequence_ops.lstm_cell(self.xp, x_gates, h_gates, c_prev, acts_out, h_out, c_out, tanh_c_out)
+
+    def lstm_cell_backward(self, dh, dc, acts, c_prev, tanh_c, dgates_out):
+        return sequence_ops.lstm_cell_backward(self.xp, dh, dc, acts, c_prev, tanh_c, dgates_out)
+
+    def gru_cell(self, gi, gh, h_prev, h_out):
+        """One GRU step, gates in torch.nn.GRUCell's order r, z, n."""
+        return sequence_ops.gru_cell(self.xp, gi, gh, h_prev, h_out)
+
+    def gru_cell_backward(self, dh, acts, gh, h_prev, dgi_out, dgh_out):
+        return sequence_ops.gru_cell_backward(self.xp, dh, acts, gh, h_prev, dgi_out, dgh_out)
+
+    def attention_softmax(self, scores, scale, causal):
+        """softmax(scale * scores) over the last axis, in place; causal masks future keys."""
+        return sequence_ops.attention_softmax(self.xp, scores, scale, causal)
+
+    def attention_softmax_backward(self, probs, dprobs, scale):
+        return sequence_ops.attention_softmax_backward(self.xp, probs, dprobs, scale)
+
+    def embedding_backward(self, ids, dy, grad_weight):
+        """grad_weight = sum of dy rows per id, in place."""
+        return sequence_ops.embedding_backward(self.xp, ids, dy, grad_weight)
 
     # ---------------------------------------------------------------- optimizer updates
     def sgd_update(self, param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov, first_step):

@@ -1,105 +1,107 @@
-"""Ops of the sequence layers (recurrent cells, attention, embeddings), written against `xp`.
+"""The math of the sequence layers' ops (recurrent cells, attention softmax, embedding
+gradients), as functions of the array module `xp` (numpy or cupy).
 
-A mixin of the Ops base, kept in its own file for size: the same rules hold (subclasses
-override only hot ops and keep these signatures). Recurrent cells work on one time step of a
-batch, (B, G*H) gate blocks in PyTorch's order; `out=` buffers are written in place so a layer
-can keep all time steps in one preallocated array for backpropagation through time.
+Ops exposes each as a method of the same name and arguments (less xp), which a backend may
+override with a fused kernel; these functions are the reference every backend falls back to.
+Recurrent cells work on one time step of a batch, (B, G*H) gate blocks in PyTorch's order;
+`out=` buffers are written in place so a layer can keep all time steps in one preallocated
+array for backpropagation through time.
 """
 from __future__ import annotations
 
 
-class SequenceOps:
-    xp = None  # set by Ops
+# ---------------------------------------------------------------- LSTM
+def lstm_cell(xp, x_gates, h_gates, c_prev, acts_out, h_out, c_out, tanh_c_out):
+    """One LSTM step from the pre-activation gates x_gates + h_gates (B, 4H), in the order
+    i, f, g, o of torch.nn.LSTMCell. acts_out receives the activated gates (for backward)."""
+    xp.add(x_gates, h_gates, out=acts_out)
+    v = acts_out.reshape(acts_out.shape[0], 4, -1)
+    # sigmoid(x) = (1 + tanh(x / 2)) / 2: one tanh pass covers all four gates
+    v[:, :2] *= 0.5
+    v[:, 3] *= 0.5
+    xp.tanh(acts_out, out=acts_out)
+    for block in (v[:, :2], v[:, 3]):
+        block *= 0.5
+        block += 0.5
+    i, f, g, o = v[:, 0], v[:, 1], v[:, 2], v[:, 3]
+    xp.multiply(f, c_prev, out=c_out)
+    c_out += i * g
+    xp.tanh(c_out, out=tanh_c_out)
+    xp.multiply(o, tanh_c_out, out=h_out)
 
-    # ---------------------------------------------------------------- LSTM
-    def lstm_cell(self, x_gates, h_gates, c_prev, acts_out, h_out, c_out, tanh_c_out):
-        """One LSTM step from the pre-activation gates x_gates + h_gates (B, 4H), in the order
-        i, f, g, o of torch.nn.LSTMCell. acts_out receives the activated gates (for backward)."""
-        xp = self.xp
-        xp.add(x_gates, h_gates, out=acts_out)
-        v = acts_out.reshape(acts_out.shape[0], 4, -1)
-        # sigmoid(x) = (1 + tanh(x / 2)) / 2: one tanh pass covers all four gates
-        v[:, :2] *= 0.5
-        v[:, 3] *= 0.5
-        xp.tanh(acts_out, out=acts_out)
-        for block in (v[:, :2], v[:, 3]):
-            block *= 0.5
-            block += 0.5
-        i, f, g, o = v[:, 0], v[:, 1], v[:, 2], v[:, 3]
-        xp.multiply(f, c_prev, out=c_out)
-        c_out += i * g
-        xp.tanh(c_out, out=tanh_c_out)
-        xp.multiply(o, tanh_c_out, out=h_out)
 
-    def lstm_cell_backward(self, dh, dc, acts, c_prev, tanh_c, dgates_out):
-        """Writes the pre-activation gradient (B, 4H) from dh and dc (w.r.t. the step's h and c);
-        dc is overwritten with the gradient w.r.t. c_prev."""
-        v = acts.reshape(acts.shape[0], 4, -1)
-        d = dgates_out.reshape(v.shape)
-        i, f, g, o = v[:, 0], v[:, 1], v[:, 2], v[:, 3]
-        dc += dh * o * (1 - tanh_c * tanh_c)
-        self.xp.multiply(dh * tanh_c, o * (1 - o), out=d[:, 3])
-        self.xp.multiply(dc * g, i * (1 - i), out=d[:, 0])
-        self.xp.multiply(dc * c_prev, f * (1 - f), out=d[:, 1])
-        self.xp.multiply(dc * i, 1 - g * g, out=d[:, 2])
-        dc *= f
+def lstm_cell_backward(xp, dh, dc, acts, c_prev, tanh_c, dgates_out):
+    """Writes the pre-activation gradient (B, 4H) from dh and dc (w.r.t. the step's h and c);
+    dc is overwritten with the gradient w.r.t. c_prev."""
+    v = acts.reshape(acts.shape[0], 4, -1)
+    d = dgates_out.reshape(v.shape)
+    i, f, g, o = v[:, 0], v[:, 1], v[:, 2], v[:, 3]
+    dc += dh * o * (1 - tanh_c * tanh_c)
+    xp.multiply(dh * tanh_c, o * (1 - o), out=d[:, 3])
+    xp.multiply(dc * g, i * (1 - i), out=d[:, 0])
+    xp.multiply(dc * c_prev, f * (1 - f), out=d[:, 1])
+    xp.multiply(dc * i, 1 - g * g, out=d[:, 2])
+    dc *= f
 
-    # ---------------------------------------------------------------- GRU
-    def gru_cell(self, gi, gh, h_prev, h_out):
-        """One GRU step, torch.nn.GRUCell: gi = W_ih x + b_ih and gh = W_hh h + b_hh, (B, 3H) in
-        order r, z, n. gi is overwritten with the activated gates r, z, n."""
-        xp = self.xp
-        v = gi.reshape(gi.shape[0], 3, -1)
-        w = gh.reshape(v.shape)
-        v[:, :2] += w[:, :2]
-        v[:, :2] *= 0.5
-        xp.tanh(v[:, :2], out=v[:, :2])
-        v[:, :2] *= 0.5
-        v[:, :2] += 0.5
-        r, z, n = v[:, 0], v[:, 1], v[:, 2]
-        n += r * w[:, 2]
-        xp.tanh(n, out=n)
-        xp.subtract(h_prev, n, out=h_out)  # h = n + z (h_prev - n) = (1 - z) n + z h_prev
-        h_out *= z
-        h_out += n
 
-    def gru_cell_backward(self, dh, acts, gh, h_prev, dgi_out, dgh_out):
-        """Writes the gradients of gi and gh (B, 3H) from dh; returns the part of the gradient
-        w.r.t. h_prev that does not pass through W_hh (dh * z)."""
-        v = acts.reshape(acts.shape[0], 3, -1)
-        r, z, n = v[:, 0], v[:, 1], v[:, 2]
-        di, dg = dgi_out.reshape(v.shape), dgh_out.reshape(v.shape)
-        dn = dh * (1 - z) * (1 - n * n)
-        di[:, 2] = dn
-        self.xp.multiply(dn, r, out=dg[:, 2])
-        self.xp.multiply(dn * gh.reshape(v.shape)[:, 2], r * (1 - r), out=di[:, 0])
-        self.xp.multiply(dh * (h_prev - n), z * (1 - z), out=di[:, 1])
-        dg[:, :2] = di[:, :2]
-        return dh * z
+# ---------------------------------------------------------------- GRU
+def gru_cell(xp, gi, gh, h_prev, h_out):
+    """One GRU step, torch.nn.GRUCell: gi = W_ih x + b_ih and gh = W_hh h + b_hh, (B, 3H) in
+    order r, z, n. gi is overwritten with the activated gates r, z, n."""
+    v = gi.reshape(gi.shape[0], 3, -1)
+    w = gh.reshape(v.shape)
+    v[:, :2] += w[:, :2]
+    v[:, :2] *= 0.5
+    xp.tanh(v[:, :2], out=v[:, :2])
+    v[:, :2] *= 0.5
+    v[:, :2] += 0.5
+    r, z, n = v[:, 0], v[:, 1], v[:, 2]
+    n += r * w[:, 2]
+    xp.tanh(n, out=n)
+    xp.subtract(h_prev, n, out=h_out)  # h = n + z (h_prev - n) = (1 - z) n + z h_prev
+    h_out *= z
+    h_out += n
 
-    # ---------------------------------------------------------------- attention
-    def attention_softmax(self, scores, scale, causal):
-        """softmax(scale * scores) over the last axis, in place, for (..., T, T) scores; with
-        causal, query t sees keys 0..t only (masked entries come out exactly 0)."""
-        xp = self.xp
-        scores *= scale
-        if causal:
-            t = scores.shape[-1]
-            scores += xp.triu(xp.full((t, t), -xp.inf, dtype=scores.dtype), 1)
-        scores -= scores.max(axis=-1, keepdims=True)
-        xp.exp(scores, out=scores)
-        scores /= scores.sum(axis=-1, keepdims=True)
-        return scores
 
-    def attention_softmax_backward(self, probs, dprobs, scale):
-        """Gradient w.r.t. the unscaled scores, written over dprobs; masked entries give 0."""
-        dprobs -= (dprobs * probs).sum(axis=-1, keepdims=True)
-        dprobs *= probs
-        dprobs *= scale
-        return dprobs
+def gru_cell_backward(xp, dh, acts, gh, h_prev, dgi_out, dgh_out):
+    """Writes the gradients of gi and gh (B, 3H) from dh; returns the part of the gradient
+    w.r.t. h_prev that does not pass through W_hh (dh * z)."""
+    v = acts.reshape(acts.shape[0], 3, -1)
+    r, z, n = v[:, 0], v[:, 1], v[:, 2]
+    di, dg = dgi_out.reshape(v.shape), dgh_out.reshape(v.shape)
+    dn = dh * (1 - z) * (1 - n * n)
+    di[:, 2] = dn
+    xp.multiply(dn, r, out=dg[:, 2])
+    xp.multiply(dn * gh.reshape(v.shape)[:, 2], r * (1 - r), out=di[:, 0])
+    xp.multiply(dh * (h_prev - n), z * (1 - z), out=di[:, 1])
+    dg[:, :2] = di[:, :2]
+    return dh * z
 
-    # ---------------------------------------------------------------- embeddings
-    def embedding_backward(self, ids, dy, grad_weight):
-        """grad_weight = sum of dy rows per id (a scatter-add), written in place."""
-        grad_weight[...] = 0
-        self.xp.add.at(grad_weight, ids.reshape(-1), dy.reshape(-1, grad_weight.shape[1]))
+
+# ---------------------------------------------------------------- attention
+def attention_softmax(xp, scores, scale, causal):
+    """softmax(scale * scores) over the last axis, in place, for (..., T, T) scores; with
+    causal, query t sees keys 0..t only (masked entries come out exactly 0)."""
+    scores *= scale
+    if causal:
+        t = scores.shape[-1]
+        scores += xp.triu(xp.full((t, t), -xp.inf, dtype=scores.dtype), 1)
+    scores -= scores.max(axis=-1, keepdims=True)
+    xp.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    return scores
+
+
+def attention_softmax_backward(xp, probs, dprobs, scale):
+    """Gradient w.r.t. the unscaled scores, written over dprobs; masked entries give 0."""
+    dprobs -= (dprobs * probs).sum(axis=-1, keepdims=True)
+    dprobs *= probs
+    dprobs *= scale
+    return dprobs
+
+
+# ---------------------------------------------------------------- embeddings
+def embedding_backward(xp, ids, dy, grad_weight):
+    """grad_weight = sum of dy rows per id (a scatter-add), written in place."""
+    grad_weight[...] = 0
+    xp.add.at(grad_weight, ids.reshape(-1), dy.reshape(-1, grad_weight.shape[1]))

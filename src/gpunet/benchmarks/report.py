@@ -18,7 +18,7 @@ import sys
 import numpy
 
 from gpunet.backend.devices import gpu_name
-from gpunet.checkpoint import atomic_write
+from gpunet.files import atomic_write
 
 COLUMNS = ("benchmark", "gpunet", "PyTorch", "ratio", "spread", "rate", "% of roofline")
 

@@ -47,6 +47,8 @@ def _module(layer):
         "Dense": lambda: nn.Linear(c["in_features"], c["out_features"], bias=c["bias"]),
         "Conv2D": lambda: nn.Conv2d(c["in_channels"], c["out_channels"], c["kernel_size"], c["stride"],
                                     c["padding"], bias=c["bias"]),
+        "Conv1D": lambda: nn.Conv1d(c["in_channels"], c["out_channels"], c["kernel_size"], c["stride"], c["padding"],
+                                    c["dilation"], bias=c["bias"]),
         "MaxPool2D": lambda: nn.MaxPool2d(c["kernel_size"], c["stride"]),
         "AvgPool2D": lambda: nn.AvgPool2d(c["kernel_size"], c["stride"]),
         "BatchNorm1d": lambda: nn.BatchNorm1d(c["num_features"], c["eps"], c["momentum"]),

@@ -1,8 +1,9 @@
 """Layers with explicit forward/backward; names and layouts follow PyTorch."""
 from gpunet.layers.activations import GELU, Identity, ReLU, Sigmoid, Softmax, Tanh
 from gpunet.layers.attention import MultiHeadAttention
-from gpunet.layers.base import Composite, Layer, Sequential, build_layer
+from gpunet.layers.base import LAYER_TYPES, Composite, Layer, Sequential, build_layer, register
 from gpunet.layers.conv import AvgPool2D, Conv2D, MaxPool2D
+from gpunet.layers.conv1d import Conv1D
 from gpunet.layers.dense import Dense
 from gpunet.layers.dropout import Dropout
 from gpunet.layers.embedding import Embedding, PositionalEmbedding
@@ -12,8 +13,8 @@ from gpunet.layers.shape import Flatten
 from gpunet.layers.transformer import TransformerBlock
 
 __all__ = [
-    "AvgPool2D", "BatchNorm1d", "BatchNorm2d", "Composite", "Conv2D", "Dense", "Dropout", "Embedding", "Flatten",
-    "GELU", "GRU", "Identity", "LSTM", "Layer", "LayerNorm", "MaxPool2D", "MultiHeadAttention",
-    "PositionalEmbedding", "RNN", "ReLU", "Sequential", "Sigmoid", "Softmax", "Tanh", "TransformerBlock",
-    "build_layer",
+    "LAYER_TYPES", "AvgPool2D", "BatchNorm1d", "BatchNorm2d", "Composite", "Conv1D", "Conv2D", "Dense", "Dropout",
+    "Embedding", "Flatten", "GELU", "GRU", "Identity", "LSTM", "Layer", "LayerNorm", "MaxPool2D",
+    "MultiHeadAttention", "PositionalEmbedding", "RNN", "ReLU", "Sequential", "Sigmoid", "Softmax", "Tanh",
+    "TransformerBlock", "build_layer", "register",
 ]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from gpunet.backend import ops_for
-from gpunet.layers.base import Layer
+from gpunet.layers.base import Layer, register
 
 
 class _Activation(Layer):
@@ -11,26 +11,30 @@ class _Activation(Layer):
     def forward(self, x):
         ops = ops_for(x, op=f"{type(self).__name__}.forward")
         y = ops.activation(self.kind, x)
-        self._x, self._y = x, y
+        self.save_for_backward(x=x, y=y)  # relu', sigmoid' and tanh' read y; gelu' reads x
         return y
 
-    def backward(self, dy):
+    def backprop(self, dy, saved, need_dx):
         ops = ops_for(dy, op=f"{type(self).__name__}.backward")
-        return ops.activation_backward(self.kind, self._x, self._y, dy)
+        return ops.activation_backward(self.kind, saved.x, saved.y, dy)
 
 
+@register("ReLU")
 class ReLU(_Activation):
     kind = "relu"
 
 
+@register("Sigmoid")
 class Sigmoid(_Activation):
     kind = "sigmoid"
 
 
+@register("Tanh")
 class Tanh(_Activation):
     kind = "tanh"
 
 
+@register("GELU")
 class GELU(_Activation):
     """GELU as torch.nn.GELU: approximate="none" (erf, the default) or "tanh"."""
 
@@ -41,6 +45,7 @@ class GELU(_Activation):
         self.kind = "gelu" if approximate == "none" else "gelu_tanh"
 
 
+@register("Softmax")
 class Softmax(Layer):
     """Softmax over `dim` (default the last axis)."""
 
@@ -49,16 +54,19 @@ class Softmax(Layer):
         self.dim = dim
 
     def forward(self, x):
-        self._y = ops_for(x, op="Softmax.forward").softmax(x, axis=self.dim)
-        return self._y
+        y = ops_for(x, op="Softmax.forward").softmax(x, axis=self.dim)
+        self.save_for_backward(y=y)
+        return y
 
-    def backward(self, dy):
-        return ops_for(dy, op="Softmax.backward").softmax_backward(self._y, dy, axis=self.dim)
+    def backprop(self, dy, saved, need_dx):
+        return ops_for(dy, op="Softmax.backward").softmax_backward(saved.y, dy, axis=self.dim)
 
 
+@register("Identity")
 class Identity(Layer):
     def forward(self, x):
+        self.save_for_backward()
         return x
 
-    def backward(self, dy):
+    def backprop(self, dy, saved, need_dx):
         return dy

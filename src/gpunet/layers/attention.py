@@ -12,10 +12,11 @@ import numpy
 
 from gpunet import init as initialisers
 from gpunet.backend import ops_for
-from gpunet.layers.base import Layer
+from gpunet.layers.base import Layer, register
 from gpunet.layers.checks import check_float_input, check_last_dim, check_ndim
 
 
+@register("MultiHeadAttention")
 class MultiHeadAttention(Layer):
     """Self-attention on (B, T, d); with causal=True position t attends to positions <= t."""
 
@@ -30,7 +31,6 @@ class MultiHeadAttention(Layer):
         self.add_param("in_proj_bias", numpy.zeros(3 * d_model, dtype="float32"))
         self.add_param("out_proj.weight", initialisers.torch_default((d_model, d_model)))
         self.add_param("out_proj.bias", numpy.zeros(d_model, dtype="float32"))
-        self._cache = None
 
     def forward(self, x):
         w = self.params["in_proj_weight"]
@@ -47,24 +47,16 @@ class MultiHeadAttention(Layer):
         scale = 1.0 / math.sqrt(d // heads)
         probs = ops.attention_softmax(ops.matmul(q, k.swapaxes(-1, -2)), scale, self.causal)
         mixed = xp.ascontiguousarray(ops.matmul(probs, v).transpose(0, 2, 1, 3)).reshape(b * t, d)
-        self._cache = (x2, q, k, v, probs, mixed, scale)
+        self.save_for_backward(x2=x2, q=q, k=k, v=v, probs=probs, mixed=mixed, scale=scale)
         return ops.linear(mixed, self.params["out_proj.weight"], self.params["out_proj.bias"]).reshape(b, t, d)
 
-    def backward(self, dy):
-        return self._backward(dy, need_dx=True)
-
-    def backward_params(self, dy) -> None:
-        self._backward(dy, need_dx=False)
-
-    def _backward(self, dy, need_dx):
-        if self._cache is None:
-            raise RuntimeError(f"{self.describe()}: backward called before forward")
-        x2, q, k, v, probs, mixed, scale = self._cache
+    def backprop(self, dy, saved, need_dx):
+        q, k, v, probs, scale = saved.q, saved.k, saved.v, saved.probs, saved.scale
         ops = ops_for(dy, self.params["in_proj_weight"], op="MultiHeadAttention.backward")
         xp = ops.xp
         b, heads, t, dh = q.shape
         g = self.grads
-        dmixed = ops.linear_backward(mixed, self.params["out_proj.weight"], dy.reshape(b * t, -1),
+        dmixed = ops.linear_backward(saved.mixed, self.params["out_proj.weight"], dy.reshape(b * t, -1),
                                      g["out_proj.weight"], g["out_proj.bias"])
         dmixed = xp.ascontiguousarray(dmixed.reshape(b, t, heads, dh).transpose(0, 2, 1, 3))
         dqkv = xp.empty((b, t, 3, heads, dh), dtype=dy.dtype)
@@ -73,6 +65,6 @@ class MultiHeadAttention(Layer):
         dscores = ops.attention_softmax_backward(probs, ops.matmul(dmixed, v.swapaxes(-1, -2)), scale)
         dqkv_heads[0] = ops.matmul(dscores, k)
         dqkv_heads[1] = ops.matmul(dscores.swapaxes(-1, -2), q)
-        dx = ops.linear_backward(x2, self.params["in_proj_weight"], dqkv.reshape(b * t, -1),
+        dx = ops.linear_backward(saved.x2, self.params["in_proj_weight"], dqkv.reshape(b * t, -1),
                                  g["in_proj_weight"], g["in_proj_bias"], need_dx)
         return None if dx is None else dx.reshape(b, t, -1)

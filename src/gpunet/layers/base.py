@@ -1,42 +1,99 @@
-"""Layer, the composite tree of layers, and Sequential.
+"""Layer, the layer protocol; Composite, a layer made of child layers; Sequential.
 
 Every layer keeps `params` and `grads` (same keys, PyTorch state_dict names and layouts),
 `buffers` for non-trained state (batch-norm running statistics), and explicit
 `forward(x)` / `backward(dy)`: backward writes the parameter gradients into `grads` (they are
 overwritten, not accumulated) and returns the gradient with respect to the last forward's input.
+
+The protocol a layer implements (the README's "Writing a layer" walks through one):
+- `__init__`: `super().__init__(**constructor_args)` (saved checkpoints rebuild the layer from
+  them), then `self.add_param(name, array)` per parameter, in state_dict order.
+- `forward(x)`: computes y and calls `self.save_for_backward(name=value, ...)` with what the
+  backward needs (with nothing if it needs nothing: the call also records that forward ran).
+- `backprop(dy, saved, need_dx)`: the one backward hook. `saved` holds what forward saved, as
+  attributes; the hook writes `self.grads[...]` and returns dx (it may return None when
+  need_dx is False: only parameter gradients are wanted, as for a model's first layer).
+`backward(dy)` and `backward_params(dy)` are written once, here, over that hook; called before
+any forward they raise "LayerName: backward called before forward" (for a composite, the error
+of the child that has not run).
+
+A Composite's children register themselves on attribute assignment (`self.ln1 = LayerNorm(d)`,
+as DeZero's Layer.__setattr__), in assignment order, which is the order of its parameter names.
+Parameters are added by name instead (add_param): their names are state_dict keys, some with
+dots (attention's "out_proj.weight"), and `.to()` and checkpoint loading replace the arrays in
+`params`, where an attribute would keep the old one.
+Layer types that checkpoints may name are registered under an explicit name with @register.
 """
 from __future__ import annotations
 
 from collections.abc import MutableMapping
+from types import SimpleNamespace
 
 import numpy
 
 from gpunet.backend import device as resolve_device
 from gpunet.backend import to_device
 
-LAYER_TYPES: dict[str, type] = {}
+LAYER_TYPES: dict[str, type] = {}  # name in a checkpoint's architecture -> layer class
+
+
+def register(name: str, *, replace: bool = False):
+    """Class decorator: `@register("Conv1D")` makes checkpoints that name "Conv1D" build this class.
+
+    A name already held by another class is refused unless replace=True, so a user's layer never
+    silently takes the place of a built-in one (re-running a class definition, as a notebook or a
+    module reload does, replaces its older self)."""
+    def decorate(cls):
+        old = LAYER_TYPES.get(name)
+        same = old is not None and (old.__module__, old.__qualname__) == (cls.__module__, cls.__qualname__)
+        if old is not None and old is not cls and not same and not replace:
+            raise ValueError(f"layer type name {name!r} is already registered to {old.__module__}.{old.__qualname__}; "
+                             f"register {cls.__qualname__} under another name, or pass replace=True")
+        LAYER_TYPES[name] = cls
+        return cls
+    return decorate
+
+
+def registered_name(cls: type) -> str:
+    for name, registered in LAYER_TYPES.items():
+        if registered is cls:
+            return name
+    raise TypeError(f"{cls.__qualname__} is not a registered layer type, so a checkpoint could not rebuild it; "
+                    f"decorate it with @gpunet.layers.register({cls.__name__!r})")
 
 
 class Layer:
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        LAYER_TYPES[cls.__name__] = cls
-
     def __init__(self, **config):
-        self.config = config  # constructor arguments: enough to rebuild the layer
+        self._setup(config)
         self.params: dict = {}
         self.grads: dict = {}
         self.buffers: dict = {}
+
+    def _setup(self, config: dict) -> None:
+        self.config = config  # constructor arguments: enough to rebuild the layer
         self.training = True
         self.device = "cpu"
+        self._children: dict[str, Layer] = {}
+        self._saved: SimpleNamespace | None = None
 
-    # -- parameters
+    def __setattr__(self, name, value):
+        if isinstance(value, Layer) and not name.startswith("_"):  # a _name holds a layer without owning it
+            self.add_child(name, value)
+        elif name in self.__dict__.get("_children", ()):
+            raise TypeError(f"{type(self).__name__}: child layer '{name}' can only be replaced by a layer")
+        object.__setattr__(self, name, value)
+
+    # -- parameters and children
     def add_param(self, name: str, value: numpy.ndarray) -> None:
         self.params[name] = value
         self.grads[name] = numpy.zeros_like(value)
 
+    def add_child(self, name: str, layer: "Layer") -> None:
+        raise TypeError(f"{type(self).__name__}: only a Composite has child layers; derive from Composite "
+                        f"to hold '{name}' (or name the attribute '_{name}' to keep a layer it does not own)")
+
     def children(self) -> list[tuple[str, "Layer"]]:
-        return []
+        return list(self._children.items())
 
     def state_dict(self) -> dict:
         """Parameters and buffers by PyTorch state_dict name."""
@@ -63,7 +120,7 @@ class Layer:
     # -- modes and devices
     def train(self, mode: bool = True) -> "Layer":
         self.training = mode
-        for _, child in self.children():
+        for child in self._children.values():
             child.train(mode)
         return self
 
@@ -73,25 +130,46 @@ class Layer:
     def to(self, device=None, dtype=None) -> "Layer":
         """Move parameters, gradients and buffers to a device ("cpu"/"gpu"/Device) and/or dtype."""
         name = resolve_device(device).name if device is not None else self.device
-        for store in (self.params, self.grads, self.buffers) if not self.children() else ():
+        for store in self._own_stores():
             for key, value in store.items():
                 keep = value.dtype if (dtype is None or value.dtype.kind != "f") else dtype
                 store[key] = to_device(value, name).astype(keep, copy=False)
-        for _, child in self.children():
+        for child in self._children.values():
             child.to(name, dtype)
         self.device = name
+        self._saved = None  # the last forward's arrays live on the old device or dtype
         return self
+
+    def _own_stores(self) -> tuple:
+        return self.params, self.grads, self.buffers
 
     # -- running
     def forward(self, x):
         raise NotImplementedError
 
-    def backward(self, dy):
-        raise NotImplementedError
+    def save_for_backward(self, **values) -> None:
+        """Keep what backprop needs from this forward (replacing the previous forward's)."""
+        self._saved = SimpleNamespace(**values)
+
+    @property
+    def saved(self) -> SimpleNamespace:
+        if self._saved is None:
+            raise RuntimeError(f"{type(self).__name__}: backward called before forward")
+        return self._saved
+
+    def backprop(self, dy, saved: SimpleNamespace, need_dx: bool):
+        """The backward hook: write self.grads, return dx (or None when not need_dx)."""
+        raise NotImplementedError(f"{type(self).__name__} has no backward")
+
+    def backward(self, dy, input_grad: bool = True):
+        """Gradient w.r.t. the last forward's input; parameter gradients go to self.grads.
+        With input_grad=False only the parameter gradients are computed and None is returned."""
+        dx = self.backprop(dy, self.saved, input_grad)
+        return dx if input_grad else None
 
     def backward_params(self, dy) -> None:
         """Parameter gradients only: for a first layer, whose input gradient nobody reads."""
-        self.backward(dy)
+        self.backward(dy, input_grad=False)
 
     def __call__(self, x):
         return self.forward(x)
@@ -100,10 +178,11 @@ class Layer:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
         return f"{type(self).__name__}({args})"
 
-    __repr__ = describe
+    def __repr__(self) -> str:
+        return self.describe()
 
     def to_config(self) -> dict:
-        return {"type": type(self).__name__, "args": dict(self.config)}
+        return {"type": registered_name(type(self)), "args": dict(self.config)}
 
     @classmethod
     def from_config(cls, config: dict) -> "Layer":
@@ -114,9 +193,19 @@ class Composite(Layer):
     """A layer made of named child layers; its dicts are live views keyed 'child.name'."""
 
     def __init__(self, **config):
-        self.config = config
-        self.training = True
-        self.device = "cpu"
+        self._setup(config)  # no parameters of its own: those of the children are its own
+
+    def add_child(self, name: str, layer: Layer) -> None:
+        self._children[name] = layer  # a replaced child keeps its place, and so its names' order
+
+    def _own_stores(self) -> tuple:
+        return ()
+
+    @property
+    def saved(self) -> SimpleNamespace:
+        """What this composite saved, if anything: its children keep, and check, their own (so a
+        caller may also run the children's forwards one by one, as `gpunet parity` does)."""
+        return self._saved if self._saved is not None else SimpleNamespace()
 
     params = property(lambda self: TreeView(self, "params"))
     grads = property(lambda self: TreeView(self, "grads"))
@@ -131,10 +220,10 @@ class TreeView(MutableMapping):
 
     def _route(self, key: str):
         prefix, _, rest = key.partition(".")
-        for name, child in self.layer.children():
-            if name == prefix and rest:
-                return getattr(child, self.kind), rest
-        raise KeyError(key)
+        child = self.layer._children.get(prefix)
+        if child is None or not rest:
+            raise KeyError(key)
+        return getattr(child, self.kind), rest
 
     def __getitem__(self, key):
         store, rest = self._route(key)
@@ -150,14 +239,15 @@ class TreeView(MutableMapping):
         raise TypeError("parameters cannot be deleted from a model")
 
     def __iter__(self):
-        for name, child in self.layer.children():
+        for name, child in self.layer._children.items():
             for key in getattr(child, self.kind):
                 yield f"{name}.{key}"
 
     def __len__(self):
-        return sum(len(getattr(child, self.kind)) for _, child in self.layer.children())
+        return sum(len(getattr(child, self.kind)) for child in self.layer._children.values())
 
 
+@register("Sequential")
 class Sequential(Composite):
     """Layers applied in order; parameters keyed "0.weight", "2.bias", ... as in torch."""
 
@@ -166,40 +256,33 @@ class Sequential(Composite):
         for i, layer in enumerate(layers):
             if not isinstance(layer, Layer):
                 raise TypeError(f"Sequential: item {i} is {type(layer).__name__}, not a gpunet layer")
-        self.layers = list(layers)
+            self.add_child(str(i), layer)
         self.preprocess: dict | None = None  # input preprocessing saved with the model
 
-    def children(self):
-        return [(str(i), layer) for i, layer in enumerate(self.layers)]
+    @property
+    def layers(self) -> list[Layer]:
+        return list(self._children.values())
 
     def forward(self, x):
-        for layer in self.layers:
+        for layer in self._children.values():
             x = layer.forward(x)
         return x
 
-    def backward(self, dy, input_grad: bool = True):
-        """Backpropagate dy; with input_grad=False the first layer skips its input gradient."""
-        for i in range(len(self.layers) - 1, -1, -1):
-            if i == 0 and not input_grad:
-                self.layers[0].backward_params(dy)
-                return None
-            dy = self.layers[i].backward(dy)
-        return dy
-
-    def backward_params(self, dy) -> None:
-        self.backward(dy, input_grad=False)
+    def backprop(self, dy, saved, need_dx):
+        layers = self.layers
+        for layer in reversed(layers[1:]):
+            dy = layer.backward(dy)
+        return layers[0].backward(dy, input_grad=need_dx) if layers else dy
 
     def __getitem__(self, i):
         return self.layers[i]
 
     def __len__(self):
-        return len(self.layers)
+        return len(self._children)
 
     def describe(self) -> str:
         inner = "\n".join(f"  ({i}): {layer.describe()}" for i, layer in enumerate(self.layers))
         return f"Sequential(\n{inner}\n)"
-
-    __repr__ = describe
 
     def to_config(self) -> dict:
         return {"type": "Sequential", "layers": [layer.to_config() for layer in self.layers]}
@@ -213,7 +296,8 @@ def build_layer(config: dict) -> Layer:
     """Rebuild a layer (or a whole model) from its to_config() description."""
     kind = config.get("type") if isinstance(config, dict) else None
     if kind not in LAYER_TYPES:
-        raise ValueError(f"unknown layer type {kind!r} in model description")
+        raise ValueError(f"unknown layer type {kind!r} in model description (a layer of your own must be "
+                         "registered with gpunet.layers.register before loading)")
     return LAYER_TYPES[kind].from_config(config)
 
 

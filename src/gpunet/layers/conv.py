@@ -8,8 +8,8 @@ from __future__ import annotations
 from gpunet import init as initialisers
 from gpunet.backend import ops_for
 from gpunet.backend.ops import pooled_size
-from gpunet.layers.base import Layer
-from gpunet.layers.checks import check_float_input, check_ndim
+from gpunet.layers.base import Layer, register
+from gpunet.layers.checks import check_channels_first, check_ndim
 
 
 def pair(value) -> tuple[int, int]:
@@ -24,6 +24,7 @@ def check_window(layer, x, kernel, stride, padding) -> tuple[int, int]:
     return out
 
 
+@register("Conv2D")
 class Conv2D(Layer):
     """torch.nn.Conv2d: weight (out, in, kh, kw), bias (out,), zero padding, NCHW."""
 
@@ -45,27 +46,18 @@ class Conv2D(Layer):
 
     def forward(self, x):
         w = self.params["weight"]
-        check_ndim(self, x, (4,), "(N, C, H, W)")
-        if x.shape[1] != w.shape[1]:
-            raise ValueError(f"{self.describe()}: expected {w.shape[1]} input channels, got shape {tuple(x.shape)}")
-        check_float_input(self, x, w.dtype)
+        check_channels_first(self, x, w.shape[1], w.dtype, "(N, C, H, W)")
         check_window(self, x, self.kernel, self.stride, self.padding)
         ops = ops_for(x, w, op="Conv2D.forward")
-        y, self._cols = ops.conv2d(x, w, self.params.get("bias"), self.stride, self.padding)
-        self._x_shape = x.shape
+        y, cols = ops.conv2d(x, w, self.params.get("bias"), self.stride, self.padding)
+        self.save_for_backward(cols=cols, x_shape=x.shape)
         return y
 
-    def _backward(self, dy, need_dx: bool):
+    def backprop(self, dy, saved, need_dx):
         w = self.params["weight"]
         ops = ops_for(dy, w, op="Conv2D.backward")
-        return ops.conv2d_backward(dy, self._cols, self._x_shape, w, self.grads["weight"], self.grads.get("bias"),
+        return ops.conv2d_backward(dy, saved.cols, saved.x_shape, w, self.grads["weight"], self.grads.get("bias"),
                                    self.stride, self.padding, need_dx)
-
-    def backward(self, dy):
-        return self._backward(dy, True)
-
-    def backward_params(self, dy) -> None:
-        self._backward(dy, False)
 
 
 class _Pool(Layer):
@@ -77,28 +69,31 @@ class _Pool(Layer):
     def _check(self, x):
         check_ndim(self, x, (4,), "(N, C, H, W)")
         check_window(self, x, self.kernel, self.stride, (0, 0))
-        self._x_shape = x.shape
         return ops_for(x, op=f"{type(self).__name__}.forward")
 
 
+@register("MaxPool2D")
 class MaxPool2D(_Pool):
     """torch.nn.MaxPool2d without padding: the gradient goes to the first maximum of each window."""
 
     def forward(self, x):
-        y, self._argmax = self._check(x).max_pool(x, self.kernel, self.stride)
+        y, argmax = self._check(x).max_pool(x, self.kernel, self.stride)
+        self.save_for_backward(argmax=argmax, x_shape=x.shape)
         return y
 
-    def backward(self, dy):
+    def backprop(self, dy, saved, need_dx):
         ops = ops_for(dy, op="MaxPool2D.backward")
-        return ops.max_pool_backward(dy, self._argmax, self._x_shape, self.kernel, self.stride)
+        return ops.max_pool_backward(dy, saved.argmax, saved.x_shape, self.kernel, self.stride)
 
 
+@register("AvgPool2D")
 class AvgPool2D(_Pool):
     """torch.nn.AvgPool2d without padding."""
 
     def forward(self, x):
-        return self._check(x).avg_pool(x, self.kernel, self.stride)
+        y = self._check(x).avg_pool(x, self.kernel, self.stride)
+        self.save_for_backward(x_shape=x.shape)
+        return y
 
-    def backward(self, dy):
-        return ops_for(dy, op="AvgPool2D.backward").avg_pool_backward(dy, self._x_shape, self.kernel, self.stride)
-
+    def backprop(self, dy, saved, need_dx):
+        return ops_for(dy, op="AvgPool2D.backward").avg_pool_backward(dy, saved.x_shape, self.kernel, self.stride)

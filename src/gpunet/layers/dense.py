@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from gpunet import init as initialisers
 from gpunet.backend import ops_for
-from gpunet.layers.base import Layer
+from gpunet.layers.base import Layer, register
 from gpunet.layers.checks import check_float_input, check_last_dim
 
 
+@register("Dense")
 class Dense(Layer):
     """y = x W^T + b over the last axis of x, optionally followed by a fused activation.
 
@@ -27,7 +28,6 @@ class Dense(Layer):
         if bias:
             self.add_param("bias", initialisers.bias(init, in_features, out_features))
         self.activation = activation
-        self._x = self._z = self._y = None
 
     def describe(self) -> str:
         c = self.config
@@ -46,21 +46,12 @@ class Dense(Layer):
             y = ops.activation(self.activation, z)
         else:  # relu'(z) can be read off y = relu(z); sigmoid' and tanh' are functions of y
             y = z = ops.linear(x2, w, b, self.activation)
-        self._x, self._z, self._y = x2, z, y
+        self.save_for_backward(x=x2, z=z, y=y)
         return y.reshape(*x.shape[:-1], w.shape[0])
 
-    def _backward(self, dy, need_dx: bool):
-        if self._x is None:
-            raise RuntimeError(f"{self.describe()}: backward called before forward")
+    def backprop(self, dy, saved, need_dx):
         w = self.params["weight"]
         ops = ops_for(dy, w, op="Dense.backward")
-        dx = ops.linear_act_backward(self._x, w, self._z, self._y, dy.reshape(-1, w.shape[0]), self.activation,
+        dx = ops.linear_act_backward(saved.x, w, saved.z, saved.y, dy.reshape(-1, w.shape[0]), self.activation,
                                      self.grads["weight"], self.grads.get("bias"), need_dx)
         return None if dx is None else dx.reshape(*dy.shape[:-1], w.shape[1])
-
-    def backward(self, dy):
-        return self._backward(dy, need_dx=True)
-
-    def backward_params(self, dy) -> None:
-        self._backward(dy, need_dx=False)
-

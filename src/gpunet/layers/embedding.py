@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from gpunet import init as initialisers
 from gpunet.backend import is_cupy_array, ops_for
-from gpunet.layers.base import Layer
+from gpunet.layers.base import Layer, register
 from gpunet.layers.checks import check_float_input, check_ndim
 
 
+@register("Embedding")
 class Embedding(Layer):
     """Integer ids (any shape) -> vectors (*shape, dim); weight (num_embeddings, dim).
 
@@ -18,7 +19,6 @@ class Embedding(Layer):
             raise ValueError(f"Embedding: sizes must be positive, got num={num_embeddings}, dim={embedding_dim}")
         super().__init__(num_embeddings=num_embeddings, embedding_dim=embedding_dim, std=std)
         self.add_param("weight", initialisers.normal((num_embeddings, embedding_dim), std))
-        self._ids = None
 
     def forward(self, ids):
         w = self.params["weight"]
@@ -30,17 +30,16 @@ class Embedding(Layer):
             if low < 0 or high >= w.shape[0]:
                 raise ValueError(f"{self.describe()}: id {low if low < 0 else high} is out of range "
                                  f"[0, {w.shape[0]})")
-        self._ids = ids
+        self.save_for_backward(ids=ids)
         return w[ids]
 
-    def backward(self, dy):
-        if self._ids is None:
-            raise RuntimeError(f"{self.describe()}: backward called before forward")
+    def backprop(self, dy, saved, need_dx):
         ops = ops_for(dy, self.params["weight"], op="Embedding.backward")
-        ops.embedding_backward(self._ids, dy, self.grads["weight"])
+        ops.embedding_backward(saved.ids, dy, self.grads["weight"])
         return None  # ids have no gradient
 
 
+@register("PositionalEmbedding")
 class PositionalEmbedding(Layer):
     """Adds a learned vector per position to (B, T, dim) inputs; weight (max_len, dim)."""
 
@@ -55,9 +54,10 @@ class PositionalEmbedding(Layer):
         if x.shape[1] > w.shape[0] or x.shape[2] != w.shape[1]:
             raise ValueError(f"{self.describe()}: input of shape {tuple(x.shape)} needs at most {w.shape[0]} "
                              f"positions of size {w.shape[1]}")
+        self.save_for_backward()  # the positions used are dy's
         return x + w[: x.shape[1]]
 
-    def backward(self, dy):
+    def backprop(self, dy, saved, need_dx):
         t = dy.shape[1]
         grad = self.grads["weight"]
         grad[t:] = 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy
 
 from gpunet.backend import ops_for
-from gpunet.layers.base import Layer
+from gpunet.layers.base import Layer, register
 from gpunet.layers.checks import check_float_input, check_last_dim, check_ndim
 
 
@@ -55,13 +55,13 @@ class _BatchNorm(Layer):
             centered = x - self.buffers["running_mean"].reshape(shape)
         rstd = (1.0 / xp.sqrt(var + self.eps)).reshape(shape).astype(x.dtype)
         xhat = centered * rstd
-        self._xhat, self._rstd, self._axes = xhat, rstd, axes
+        self.save_for_backward(xhat=xhat, rstd=rstd, axes=axes, training=self.training)
         if "weight" in self.params:
             return xhat * self.params["weight"].reshape(shape) + self.params["bias"].reshape(shape)
         return xhat
 
-    def backward(self, dy):
-        xhat, rstd, axes = self._xhat, self._rstd, self._axes
+    def backprop(self, dy, saved, need_dx):
+        xhat, rstd, axes = saved.xhat, saved.rstd, saved.axes
         shape = rstd.shape
         if "weight" in self.params:
             self.grads["weight"][...] = (dy * xhat).sum(axis=axes)
@@ -69,21 +69,24 @@ class _BatchNorm(Layer):
             g = dy * self.params["weight"].reshape(shape)
         else:
             g = dy
-        if not self.training:
+        if not saved.training:  # running statistics are constants: the normalisation is affine
             return g * rstd
         return rstd * (g - g.mean(axis=axes, keepdims=True) - xhat * (g * xhat).mean(axis=axes, keepdims=True))
 
 
+@register("BatchNorm1d")
 class BatchNorm1d(_BatchNorm):
     ndims = (2, 3)
     layout = "(N, C) or (N, C, L)"
 
 
+@register("BatchNorm2d")
 class BatchNorm2d(_BatchNorm):
     ndims = (4,)
     layout = "(N, C, H, W)"
 
 
+@register("LayerNorm")
 class LayerNorm(Layer):
     """Normalise over the last axis of size d, with weight (d,) and bias (d,)."""
 
@@ -101,12 +104,13 @@ class LayerNorm(Layer):
     def forward(self, x):
         check_last_dim(self, x, self.config["normalized_shape"])
         ops = ops_for(x, op="LayerNorm.forward")
-        y, self._xhat, self._rstd = ops.layer_norm(x, self.params.get("weight"), self.params.get("bias"), self.eps)
+        y, xhat, rstd = ops.layer_norm(x, self.params.get("weight"), self.params.get("bias"), self.eps)
+        self.save_for_backward(xhat=xhat, rstd=rstd)
         return y
 
-    def backward(self, dy):
+    def backprop(self, dy, saved, need_dx):
         ops = ops_for(dy, op="LayerNorm.backward")
-        dx, dw, db = ops.layer_norm_backward(dy, self._xhat, self._rstd, self.params.get("weight"))
+        dx, dw, db = ops.layer_norm_backward(dy, saved.xhat, saved.rstd, self.params.get("weight"))
         if dw is not None:
             self.grads["weight"][...] = dw
             self.grads["bias"][...] = db

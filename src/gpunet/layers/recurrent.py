@@ -15,11 +15,15 @@ import math
 
 from gpunet import init as initialisers
 from gpunet.backend import ops_for
-from gpunet.layers.base import Layer
+from gpunet.layers.base import Layer, register
 from gpunet.layers.checks import check_float_input, check_last_dim, check_ndim
 
 
 class _Recurrent(Layer):
+    """The sequence loop shared by the cells. A cell supplies _forward(ops, xs, hs, state), which
+    runs the steps and returns the arrays its backward reads (saved with xs and hs), and
+    _backward_steps(ops, saved, dys) -> (dgates_ih, dgates_hh), time-major."""
+
     blocks = 1  # gate blocks of size H in the weights
     state_parts = 1  # h, or (h, c) for the LSTM
 
@@ -36,6 +40,7 @@ class _Recurrent(Layer):
             self.add_param(name, initialisers.uniform(shape, bound))
         self.final_state = None  # state after the last step of the last forward
         self.state_grad = None  # gradient w.r.t. the initial state, after a backward with a given state
+        self._work = {}  # work arrays kept between calls (see _buffer); what backward reads is saved
 
     def describe(self) -> str:
         c = self.config
@@ -53,22 +58,14 @@ class _Recurrent(Layer):
         xs[...] = x.transpose(1, 0, 2)
         hs = self._buffer(ops, "hs", (t + 1, b, self.config["hidden_size"]), x.dtype)
         initial = self._initial_state(ops, state, b, x.dtype)
-        self._xs, self._hs, self._state_given = xs, hs, state is not None
-        self._forward(ops, xs, hs, initial)
+        cell = self._forward(ops, xs, hs, initial)  # the cell's own arrays for its backward
+        self.save_for_backward(xs=xs, hs=hs, state_given=state is not None, **cell)
         return ops.xp.ascontiguousarray(hs[1:].transpose(1, 0, 2))
 
-    def backward(self, dy):
-        return self._backward(dy, need_dx=True)
-
-    def backward_params(self, dy) -> None:
-        self._backward(dy, need_dx=False)
-
-    def _backward(self, dy, need_dx):
-        if getattr(self, "_xs", None) is None:
-            raise RuntimeError(f"{self.describe()}: backward called before forward")
+    def backprop(self, dy, saved, need_dx):
         ops = ops_for(dy, self.params["weight_hh"], op=f"{type(self).__name__}.backward")
-        dgi, dgh = self._backward_steps(ops, ops.xp.ascontiguousarray(dy.transpose(1, 0, 2)))
-        return self._weight_grads(ops, dgi, dgh, need_dx)
+        dgi, dgh = self._backward_steps(ops, saved, ops.xp.ascontiguousarray(dy.transpose(1, 0, 2)))
+        return self._weight_grads(ops, saved, dgi, dgh, need_dx)
 
     def _initial_state(self, ops, state, batch, dtype):
         shape = (batch, self.config["hidden_size"])
@@ -81,10 +78,9 @@ class _Recurrent(Layer):
 
     def _buffer(self, ops, name, shape, dtype):
         """A work array kept between calls: fresh memory for every step costs page faults."""
-        buffers = self.__dict__.setdefault("_work", {})
-        array = buffers.get(name)
+        array = self._work.get(name)
         if array is None or array.shape != shape or array.dtype != dtype or not isinstance(array, ops.xp.ndarray):
-            array = buffers[name] = ops.xp.empty(shape, dtype=dtype)
+            array = self._work[name] = ops.xp.empty(shape, dtype=dtype)
         return array
 
     def _input_projection(self, ops, xs, with_hidden_bias):
@@ -96,25 +92,26 @@ class _Recurrent(Layer):
         out = self._buffer(ops, "x_gates", (t * b, self.blocks * self.config["hidden_size"]), xs.dtype)
         return ops.linear(xs.reshape(t * b, f), self.params["weight_ih"], bias, out=out).reshape(t, b, -1)
 
-    def _weight_grads(self, ops, dgi, dgh, need_dx):
-        t, b, f = self._xs.shape
+    def _weight_grads(self, ops, saved, dgi, dgh, need_dx):
+        t, b, f = saved.xs.shape
         g, hidden = self.grads, self.config["hidden_size"]
         shared = dgi is dgh  # RNN and LSTM: both biases get the same gradient; sum it once
-        ops.linear_backward(self._hs[:-1].reshape(t * b, hidden), self.params["weight_hh"],
+        ops.linear_backward(saved.hs[:-1].reshape(t * b, hidden), self.params["weight_hh"],
                             dgh.reshape(t * b, -1), g["weight_hh"], g.get("bias_hh"), need_dx=False)
-        dxs = ops.linear_backward(self._xs.reshape(t * b, f), self.params["weight_ih"], dgi.reshape(t * b, -1),
+        dxs = ops.linear_backward(saved.xs.reshape(t * b, f), self.params["weight_ih"], dgi.reshape(t * b, -1),
                                   g["weight_ih"], None if shared else g.get("bias_ih"), need_dx)
         if shared and "bias_ih" in g:
             g["bias_ih"][...] = g["bias_hh"]
         return None if dxs is None else dxs.reshape(t, b, f).transpose(1, 0, 2)
 
-    def _recurrent_grad(self, ops, dgates_t, t):
+    def _recurrent_grad(self, ops, saved, dgates_t, t):
         """dh_{t-1} through W_hh, or None at t = 0 when nobody needs the initial state's gradient."""
-        if t == 0 and not self._state_given:
+        if t == 0 and not saved.state_given:
             return None
         return ops.matmul(dgates_t, self.params["weight_hh"])
 
 
+@register("RNN")
 class RNN(_Recurrent):
     """Elman RNN: h_t = tanh(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)."""
 
@@ -126,18 +123,20 @@ class RNN(_Recurrent):
             pre[t] += ops.matmul(hs[t], w_hh_t)
             ops.activation("tanh", pre[t], out=hs[t + 1])
         self.final_state = hs[-1].copy()
+        return {}
 
-    def _backward_steps(self, ops, dys):
-        hs, dpre = self._hs, self._buffer(ops, "dpre", dys.shape, dys.dtype)
+    def _backward_steps(self, ops, saved, dys):
+        hs, dpre = saved.hs, self._buffer(ops, "dpre", dys.shape, dys.dtype)
         dh = None
         for t in range(len(dys) - 1, -1, -1):
             dh_t = dys[t] if dh is None else dys[t] + dh
             dpre[t] = ops.activation_backward("tanh", None, hs[t + 1], dh_t)
-            dh = self._recurrent_grad(ops, dpre[t], t)
+            dh = self._recurrent_grad(ops, saved, dpre[t], t)
         self.state_grad = dh
         return dpre, dpre
 
 
+@register("LSTM")
 class LSTM(_Recurrent):
     """Long short-term memory, gates i, f, g, o as torch.nn.LSTMCell; state (h, c)."""
 
@@ -156,20 +155,21 @@ class LSTM(_Recurrent):
         for t in range(len(xs)):
             ops.matmul(hs[t], w_hh_t, out=h_gates)
             ops.lstm_cell(x_gates[t], h_gates, cs[t], gates[t], hs[t + 1], cs[t + 1], tanh_c[t])
-        self._gates, self._cs, self._tanh_c = gates, cs, tanh_c
         self.final_state = (hs[-1].copy(), cs[-1].copy())
+        return {"gates": gates, "cs": cs, "tanh_c": tanh_c}
 
-    def _backward_steps(self, ops, dys):
-        dgates = self._buffer(ops, "dgates", self._gates.shape, self._gates.dtype)
+    def _backward_steps(self, ops, saved, dys):
+        dgates = self._buffer(ops, "dgates", saved.gates.shape, saved.gates.dtype)
         dh, dc = None, ops.zeros(dys.shape[1:], dys.dtype)
         for t in range(len(dys) - 1, -1, -1):
             dh_t = dys[t] if dh is None else dys[t] + dh
-            ops.lstm_cell_backward(dh_t, dc, self._gates[t], self._cs[t], self._tanh_c[t], dgates[t])
-            dh = self._recurrent_grad(ops, dgates[t], t)
+            ops.lstm_cell_backward(dh_t, dc, saved.gates[t], saved.cs[t], saved.tanh_c[t], dgates[t])
+            dh = self._recurrent_grad(ops, saved, dgates[t], t)
         self.state_grad = None if dh is None else (dh, dc)
         return dgates, dgates
 
 
+@register("GRU")
 class GRU(_Recurrent):
     """Gated recurrent unit, gates r, z, n as torch.nn.GRUCell:
     n = tanh(W_in x + b_in + r * (W_hn h + b_hn)), h' = (1 - z) * n + z * h."""
@@ -188,17 +188,17 @@ class GRU(_Recurrent):
             if b_hh is not None:
                 gh[t] += b_hh
             ops.gru_cell(gi[t], gh[t], hs[t], hs[t + 1])
-        self._gi, self._gh = gi, gh
         self.final_state = hs[-1].copy()
+        return {"gi": gi, "gh": gh}
 
-    def _backward_steps(self, ops, dys):
-        dgi = self._buffer(ops, "dgi", self._gi.shape, self._gi.dtype)
-        dgh = self._buffer(ops, "dgh", self._gh.shape, self._gh.dtype)
+    def _backward_steps(self, ops, saved, dys):
+        dgi = self._buffer(ops, "dgi", saved.gi.shape, saved.gi.dtype)
+        dgh = self._buffer(ops, "dgh", saved.gh.shape, saved.gh.dtype)
         dh = None
         for t in range(len(dys) - 1, -1, -1):
             dh_t = dys[t] if dh is None else dys[t] + dh
-            direct = ops.gru_cell_backward(dh_t, self._gi[t], self._gh[t], self._hs[t], dgi[t], dgh[t])
-            through = self._recurrent_grad(ops, dgh[t], t)
+            direct = ops.gru_cell_backward(dh_t, saved.gi[t], saved.gh[t], saved.hs[t], dgi[t], dgh[t])
+            through = self._recurrent_grad(ops, saved, dgh[t], t)
             dh = direct if through is None else direct + through
-        self.state_grad = dh if self._state_given else None
+        self.state_grad = dh if saved.state_given else None
         return dgi, dgh

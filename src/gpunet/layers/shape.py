@@ -1,9 +1,10 @@
 """Layers that only change the shape of their input."""
 from __future__ import annotations
 
-from gpunet.layers.base import Layer
+from gpunet.layers.base import Layer, register
 
 
+@register("Flatten")
 class Flatten(Layer):
     """Flatten all axes from start_dim on, as torch.nn.Flatten."""
 
@@ -12,8 +13,8 @@ class Flatten(Layer):
         self.start_dim = start_dim
 
     def forward(self, x):
-        self._shape = x.shape
+        self.save_for_backward(shape=x.shape)
         return x.reshape(*x.shape[: self.start_dim], -1)
 
-    def backward(self, dy):
-        return dy.reshape(self._shape)
+    def backprop(self, dy, saved, need_dx):
+        return dy.reshape(saved.shape)

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from gpunet.layers.activations import GELU
 from gpunet.layers.attention import MultiHeadAttention
-from gpunet.layers.base import Composite, Sequential
+from gpunet.layers.base import Composite, Sequential, register
 from gpunet.layers.dense import Dense
 from gpunet.layers.dropout import Dropout
 from gpunet.layers.norm import LayerNorm
 
 
+@register("TransformerBlock")
 class TransformerBlock(Composite):
     """y = h + Dropout(MLP(LN2(h))) with h = x + Dropout(Attention(LN1(x))) on (B, T, d).
 
     Parameters: ln1.*, attn.* (torch.nn.MultiheadAttention names), ln2.*, mlp.0.* and mlp.2.*
-    (an nn.Sequential(Linear(d, ratio*d), GELU(), Linear(ratio*d, d))).
+    (an nn.Sequential(Linear(d, ratio*d), GELU(), Linear(ratio*d, d))), in that order: the
+    order in which the children are assigned below.
     """
 
     def __init__(self, d_model: int, num_heads: int, mlp_ratio: int = 4, dropout: float = 0.0,
@@ -27,21 +29,15 @@ class TransformerBlock(Composite):
         self.mlp = Sequential(Dense(d_model, mlp_ratio * d_model), GELU(), Dense(mlp_ratio * d_model, d_model))
         self.drop2 = Dropout(dropout)
 
-    def children(self):
-        return [("ln1", self.ln1), ("attn", self.attn), ("drop1", self.drop1), ("ln2", self.ln2),
-                ("mlp", self.mlp), ("drop2", self.drop2)]
-
     def describe(self) -> str:
         c = self.config
         return (f"TransformerBlock(d_model={c['d_model']}, num_heads={c['num_heads']}, "
                 f"mlp_ratio={c['mlp_ratio']}, dropout={c['dropout']}, causal={c['causal']})")
 
-    __repr__ = describe
-
     def forward(self, x):
         h = x + self.drop1.forward(self.attn.forward(self.ln1.forward(x)))
         return h + self.drop2.forward(self.mlp.forward(self.ln2.forward(h)))
 
-    def backward(self, dy):
+    def backprop(self, dy, saved, need_dx):
         dh = dy + self.ln2.backward(self.mlp.backward(self.drop2.backward(dy)))
         return dh + self.ln1.backward(self.attn.backward(self.drop1.backward(dh)))

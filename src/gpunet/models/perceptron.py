@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import numpy
 
-from gpunet.layers.base import Layer
+from gpunet.layers.base import Layer, register
 
 
+@register("Perceptron")
 class Perceptron(Layer):
     """y = sign(w . x + b) in {-1, +1}; params "weight" (1, in) and "bias" (1,).
 
@@ -20,9 +21,10 @@ class Perceptron(Layer):
 
     def forward(self, x):
         score = x @ self.params["weight"][0] + self.params["bias"][0]
+        self.save_for_backward()
         return numpy.where(score >= 0, 1, -1).astype("int8")
 
-    def backward(self, dy):
+    def backprop(self, dy, saved, need_dx):
         raise TypeError("Perceptron is trained by the perceptron rule (fit), not by backpropagation")
 
     def fit(self, x, y, epochs: int = 100, lr: float = 1.0) -> list[int]:

@@ -42,7 +42,9 @@ empty, zeros, ones, full, arange, linspace, eye, identity = (
 
 
 def empty_like(a, dtype=None, order="K", shape=None):
-    return ndarray._wrap(numpy.empty(a.shape if shape is None else shape, dtype=dtype or a.dtype))
+    if not isinstance(a, ndarray):
+        raise TypeError(f"empty_like: Unsupported type {type(a)}")
+    return ndarray._wrap(numpy.empty_like(a._host, dtype=dtype, order=order, shape=shape))
 
 
 def asarray(a, dtype=None, order=None, blocking=False):
@@ -61,8 +63,8 @@ def array(a, dtype=None, copy=True, order="K", ndmin=0, blocking=False):
 
 
 def ascontiguousarray(a, dtype=None):
-    if not isinstance(a, ndarray):
-        return asarray(numpy.ascontiguousarray(a, dtype=dtype))
+    if not isinstance(a, ndarray):  # CuPy's takes device arrays only: no silent host-to-device copy
+        raise TypeError(f"ascontiguousarray: Unsupported type {type(a)}")
     if a.flags.c_contiguous and (dtype is None or numpy.dtype(dtype) == a.dtype):
         return a
     count("launches")
@@ -77,6 +79,34 @@ def get_array_module(*args):
     return __import__(__name__) if any(isinstance(a, ndarray) for a in args) else numpy
 
 
+class DeviceUfunc:
+    """A NumPy ufunc as a CuPy ufunc: device arrays in, device arrays out; a host array is refused
+    (without this wrapper, cupy.exp(host_array) would quietly return a NumPy array)."""
+
+    def __init__(self, ufunc):
+        self._ufunc = ufunc
+        self.__name__ = ufunc.__name__
+
+    def _refuse_host(self, args):
+        if not any(isinstance(a, ndarray) for a in args):
+            raise TypeError(f"{self.__name__}: Unsupported type: no cupy.ndarray among the arguments")
+
+    def __call__(self, *args, **kwargs):
+        self._refuse_host(args)
+        return call_numpy(self._ufunc, args, kwargs, name=self.__name__)
+
+    def __getattr__(self, method):  # at, reduce, accumulate, outer
+        numpy_method = getattr(self._ufunc, method)
+        if not callable(numpy_method):
+            return numpy_method
+
+        def device_method(*args, **kwargs):
+            self._refuse_host(args)
+            return call_numpy(numpy_method, args, kwargs, name=f"{self.__name__}.{method}")
+
+        return device_method
+
+
 def __getattr__(name: str):
     if name in _PASSTHROUGH:
         return getattr(numpy, name)
@@ -84,7 +114,7 @@ def __getattr__(name: str):
         raise AttributeError(f"the CuPy stand-in has no cupy.{name}")
     attribute = getattr(numpy, name, None)
     if isinstance(attribute, numpy.ufunc):
-        return attribute  # called with device arrays, NumPy hands the call to ndarray.__array_ufunc__
+        return DeviceUfunc(attribute)
     if callable(attribute) and not isinstance(attribute, type):
         def device_function(*args, **kwargs):
             return call_numpy(attribute, args, kwargs, name=name)

@@ -8,6 +8,9 @@ launch; every host<->device copy counts one transfer (COUNTERS, read by tests).
 """
 from __future__ import annotations
 
+import ctypes
+import mmap
+
 import numpy
 from numpy.lib.mixins import NDArrayOperatorsMixin
 
@@ -18,6 +21,45 @@ IMPLICIT_CONVERSION = ("Implicit conversion to a NumPy array is not allowed. "
 
 def count(kind: str, n: int = 1) -> None:
     COUNTERS[kind] += n
+
+
+_PAGE = mmap.PAGESIZE
+_libc = ctypes.CDLL(None, use_errno=True)
+_PROT_NONE = 0
+
+
+def guarded_empty(shape, dtype, order="C") -> numpy.ndarray:
+    """Device memory: a buffer that ends where a PROT_NONE page begins, so a kernel reading or
+    writing even one element past the end of its array faults (the emulator reports it as a KernelFault) instead
+    of silently touching a neighbour in NumPy's heap, as a GPU would corrupt memory silently."""
+    dtype = numpy.dtype(dtype)
+    shape = (shape,) if isinstance(shape, (int, numpy.integer)) else tuple(shape)
+    # The array ends exactly at the guard page, so its start is aligned only to its element size:
+    # enough for gpunet's kernels, which make no vector (float4) loads.
+    padded = int(numpy.prod(shape, dtype=numpy.int64)) * dtype.itemsize
+    pages = max(1, -(-padded // _PAGE))
+    buffer = mmap.mmap(-1, (pages + 1) * _PAGE)
+    start = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+    if _libc.mprotect(ctypes.c_void_p(start + pages * _PAGE), ctypes.c_size_t(_PAGE), _PROT_NONE) != 0:
+        raise OSError(ctypes.get_errno(), "mprotect of a guard page failed")
+    return numpy.ndarray(shape, dtype, buffer=buffer, offset=pages * _PAGE - padded, order=order)
+
+
+def _in_device_memory(host: numpy.ndarray) -> bool:
+    root = host
+    while isinstance(root, numpy.ndarray) and root.base is not None:
+        root = root.base
+    return isinstance(root, mmap.mmap)
+
+
+def _to_device_memory(host: numpy.ndarray) -> numpy.ndarray:
+    """host itself when it lives in (is a view of) device memory, else a guarded copy of it."""
+    if _in_device_memory(host):
+        return host
+    order = "F" if host.flags.f_contiguous and not host.flags.c_contiguous else "C"
+    device = guarded_empty(host.shape, host.dtype, order)
+    device[...] = host
+    return device
 
 
 class _Flags:
@@ -43,12 +85,12 @@ class ndarray(NDArrayOperatorsMixin):
     def __init__(self, shape, dtype=float, memptr=None, strides=None, order="C"):
         if memptr is not None or strides is not None:
             raise NotImplementedError("the CuPy stand-in makes arrays from a shape and dtype only")
-        self._host = numpy.empty(shape, dtype=dtype, order=order)
+        self._host = guarded_empty(shape, dtype, order)
 
     @classmethod
     def _wrap(cls, host: numpy.ndarray) -> "ndarray":
         out = cls.__new__(cls)
-        out._host = host
+        out._host = _to_device_memory(host)
         return out
 
     # --- attributes ---------------------------------------------------------------------

@@ -18,15 +18,22 @@ _KINDS = {"int": "iu", "uint": "iu", "float": "f", "bool": "b?iu"}
 
 
 def marshal(x):
-    """("pointer", address) or ("scalar", numpy scalar), as cupy's _pointer() converts arguments."""
+    """("pointer", address) or ("scalar", numpy scalar), as cupy's _pointer() converts arguments.
+
+    Refused although some CuPy accepts them, because what the kernel receives differs between
+    CuPy versions (pyproject allows 13 and later): None (13 passes a NULL argument pointer, so the
+    driver reads the argument from address 0; 14 passes a null pointer value) and a Python bool
+    (8 bytes in 13, 1 byte in 14)."""
     if x is None:
-        return "pointer", 0
+        raise TypeError("None as a kernel argument: CuPy 13 and 14 pass different things; pass an array")
+    if isinstance(x, bool):
+        raise TypeError("a Python bool as a kernel argument: CuPy 13 sends 8 bytes, CuPy 14 one; pass numpy.int32")
     if isinstance(x, ndarray):
         return "pointer", x.data.ptr
     if isinstance(x, numpy.ndarray):
         raise TypeError(f"Unsupported type {type(x)}: a host numpy.ndarray cannot be a kernel argument")
     if type(x) not in _NUMPY_SCALARS:
-        if isinstance(x, int):  # bool too: CuPy tests int first
+        if isinstance(x, int):
             x = numpy.int64(x)
         elif isinstance(x, float):
             x = numpy.float64(x)
@@ -53,13 +60,6 @@ def _check(kernel: str, index: int, param, kind: str, value) -> bytes | int:
     return value.tobytes()
 
 
-def _dims(value, what: str) -> tuple[int, int, int]:
-    dims = tuple(value) if isinstance(value, tuple) else (value,)
-    if not 1 <= len(dims) <= 3 or not all(isinstance(d, (int, numpy.integer)) for d in dims):
-        raise TypeError(f"{what} must be an int or a tuple of up to 3 ints, got {value!r}")
-    return tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
-
-
 class RawKernel:
     """One kernel of a compiled module; calling it launches it (synchronously, here)."""
 
@@ -74,7 +74,9 @@ class RawKernel:
         if len(args) != len(params):
             raise TypeError(f"kernel {self.name} takes {len(params)} arguments, got {len(args)}")
         raw = [_check(self.name, i, p, *marshal(a)) for i, (p, a) in enumerate(zip(params, args))]
-        self._module.launch(self.name, _dims(grid, "grid"), _dims(block, "block"), raw, shared_mem=int(shared_mem))
+        if not isinstance(grid, tuple) or not isinstance(block, tuple):  # Function.__call__(tuple grid, tuple block, ...)
+            raise TypeError(f"kernel {self.name}: grid and block must be tuples, got {grid!r} and {block!r}")
+        self._module.launch(self.name, grid, block, raw, shared_mem=int(shared_mem))
         count("launches")
         count("raw_launches")
 
@@ -98,7 +100,8 @@ class RawModule:
             from tests.cuda_emulator import build  # the emulator lives beside the stand-in in tests/
 
             try:
-                self._module = build(self.code, name="rawmodule")
+                self._module = build(self.code, name="rawmodule",
+                                     defines=[o for o in self.options if o.startswith("-D")])
             except RuntimeError as exc:
                 raise CompileException(str(exc)) from None
         return self
