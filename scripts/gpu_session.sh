@@ -24,7 +24,7 @@ echo "all tests: exit $?" >> "$out/summary.txt"
 for tool in memcheck racecheck; do
   echo "== compute-sanitizer --tool $tool" >> "$out/tests.txt"
   compute-sanitizer --tool "$tool" --error-exitcode 3 --target-processes all \
-    python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_ops_backends.py >> "$out/tests.txt" 2>&1
+    python3 -m pytest -q -m gpu -p no:cacheprovider tests/backend/test_ops.py >> "$out/tests.txt" 2>&1
   echo "compute-sanitizer $tool: exit $?" >> "$out/summary.txt"
 done
 python3 -m gpunet bench --device gpu --json "$out/gpu.json" --markdown "$out/gpu.md" --plot "$out/gpu.png" \

@@ -7,17 +7,13 @@ from __future__ import annotations
 import os
 import tempfile
 
-import numpy
 import pytest
 
 import gpunet as gn
-from tests import gpu_standin
 
-DEVICES = ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)]
 # GEMM choices measured by the tests (on the stand-in: meaningless timings) never reach the user's cache.
 os.environ["GPUNET_CACHE"] = tempfile.mkdtemp(prefix="gpunet-test-cache-")
-GPU = gpu_standin.activate()  # "real", "standin", or why neither can run
-ON_STANDIN = GPU == "standin"
+from tests.support.arrays import DEVICES, GPU, ON_STANDIN  # noqa: E402  (activates the stand-in)
 
 
 def pytest_report_header(config):
@@ -44,12 +40,3 @@ def device(request):
 def _seed():
     gn.manual_seed(1234)
     yield
-
-
-def on(device, a):
-    """An array on the device (host NumPy input)."""
-    return gn.backend.to_device(numpy.asarray(a), device)
-
-
-def rng(seed=0):
-    return numpy.random.default_rng(seed)

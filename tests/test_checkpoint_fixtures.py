@@ -11,7 +11,7 @@ import pytest
 import gpunet as gn
 from gpunet import layers as L
 from gpunet.models import char_rnn, lenet, mlp, transformer, wide_cnn
-from tests.conftest import on
+from tests.support.arrays import on
 
 FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints"
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import gpunet as gn
-from tests.conftest import on, rng
-from tests.gradcheck import numeric_gradient, sample_indices
+from tests.support.arrays import on, rng
+from tests.support.gradcheck import numeric_gradient, sample_indices
 
 
 def check(loss, grad, tlogits, tloss, rtol=1e-5, atol=1e-6):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gpunet as gn
-from tests.conftest import on, rng
+from tests.support.arrays import on, rng
 
 
 def twins():

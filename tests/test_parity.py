@@ -10,7 +10,7 @@ import gpunet as gn
 from gpunet import parity
 from gpunet.backend import devices, ops_for_device
 from gpunet.cli import main
-from tests.conftest import ON_STANDIN
+from tests.support.arrays import ON_STANDIN
 
 MODELS = ["mlp", "cnn", "rnn", "transformer"]
 # Small for the stand-in, whose kernels run in the CPU emulator; the same sizes on a real GPU.

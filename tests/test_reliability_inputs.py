@@ -10,7 +10,7 @@ import pytest
 
 import gpunet as gn
 from gpunet.generate import generate
-from tests.reliability import cli, one_error_line, snapshot
+from tests.support.reliability import cli, one_error_line, snapshot
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -304,7 +304,7 @@ def test_an_environment_choice_out_of_range_is_the_one_line_error(monkeypatch):
 
 def test_gpunet_tf32_with_spaces_turns_tf32_on(monkeypatch):
     from gpunet.backend import devices
-    from tests.test_backend import FakeComputeTypes
+    from tests.backend.test_devices import FakeComputeTypes
 
     monkeypatch.setenv("GPUNET_TF32", " 1")
     monkeypatch.delenv("CUPY_TF32", raising=False)

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 import gpunet as gn
 from gpunet.data import mnist
-from tests.reliability import cli, one_error_line, snapshot
+from tests.support.reliability import cli, one_error_line, snapshot
 
 TRAIN = ["train", "--steps", "2", "--device", "cpu", "--no-progress"]
 

@@ -14,8 +14,8 @@ import pytest
 import gpunet as gn
 from gpunet.divergence import DivergenceWatch, first_non_finite_tensor
 from tests import gpu_standin
-from tests.conftest import ON_STANDIN
-from tests.reliability import cli, one_error_line, snapshot
+from tests.support.arrays import ON_STANDIN
+from tests.support.reliability import cli, one_error_line, snapshot
 
 TRAIN = ["train", "--steps", "2", "--device", "cpu", "--no-progress"]
 

@@ -13,7 +13,7 @@ import pytest
 
 import gpunet as gn
 from gpunet import runs
-from tests.reliability import cli, one_error_line, snapshot
+from tests.support.reliability import cli, one_error_line, snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ["train", "--steps", "2", "--device", "cpu", "--no-progress"]

@@ -8,7 +8,7 @@ import pytest
 
 import gpunet as gn
 from gpunet.recipes import recipe
-from tests.reference import recipe_accuracy_on_held_out_fifth
+from tests.support.reference import recipe_accuracy_on_held_out_fifth
 
 
 def small_problem(n=300, seed=0):

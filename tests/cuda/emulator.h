@@ -1,7 +1,7 @@
 // What a CUDA kernel source sees when g++ compiles it for the emulator: the CUDA keywords and
 // built-in variables, barriers, warp shuffles and votes, atomics and the common intrinsics. The
 // generated translation unit is this header, the .cu source verbatim, then the kernel registry
-// (EMU_KERNEL below), all written by tests/cuda_emulator.py. Semantics: tests/cuda/runtime.h.
+// (EMU_KERNEL below), all written by tests/cuda/emulator.py. Semantics: tests/cuda/runtime.h.
 //
 // Not emulated: dynamic shared memory (`extern __shared__`: a compile error here), textures,
 // cooperative groups, __constant__ written from the host, half precision.
@@ -212,7 +212,7 @@ inline long long __double_as_longlong(double x) { return emu_bit_cast<long long>
 // The registry: each kernel's parameter sizes and kinds come from its function type, and its
 // launcher copies each argument out of the caller's bytes into a value of the parameter's type.
 namespace emu {
-enum Kind { kPointer, kInt, kUint, kFloat, kBool };  // the order of KINDS in cuda_emulator.py
+enum Kind { kPointer, kInt, kUint, kFloat, kBool };  // the order of KINDS in emulator.py
 template <class T>
 constexpr int kind_of() {
   if constexpr (std::is_pointer_v<T>) return kPointer;

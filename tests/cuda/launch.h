@@ -3,7 +3,7 @@
 // memory faults turned into reports. Included at the end of runtime.h.
 #pragma once
 
-// The kernels of the module, generated after the .cu source (tests/cuda_emulator.py).
+// The kernels of the module, generated after the .cu source (tests/cuda/emulator.py).
 extern const emu::KernelEntry emu_registry[];
 extern const int emu_registry_size;
 

@@ -1,4 +1,4 @@
-// Small kernels that exercise the kernel emulator itself (tests/test_kernels_emulated.py): warp
+// Small kernels that exercise the kernel emulator itself (tests/kernels/test_emulated.py): warp
 // shuffles and votes, block order, and kernels that misbehave on purpose (`faults`, by `how`).
 #include <assert.h>
 

@@ -1,6 +1,6 @@
 // The kernel emulator's scheduler: a launch runs its blocks one at a time, in a shuffled order,
 // and the threads of a block as fibers (fiber.h), warp by warp. Faults are recorded in a message
-// and returned to Python (tests/cuda_emulator.py), never abort()ed.
+// and returned to Python (tests/cuda/emulator.py), never abort()ed.
 //
 // Schedule (deterministic for a seed, adversarial on purpose): blocks in a seeded permutation of
 // the grid; within a block, warps (32 consecutive linear thread ids) in a shuffled order, each

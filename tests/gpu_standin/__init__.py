@@ -12,11 +12,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+KIND: str | None = None  # what activate() decided, once
 
 
 def activate() -> str:
     """"real" when CuPy sees a usable GPU, "standin" once the stand-in is in place, or the reason
-    neither can run (no g++ to build the emulated kernels)."""
+    neither can run (no g++ to build the emulated kernels). Decided once per process."""
+    global KIND
+    if KIND is None:
+        KIND = _activate()
+    return KIND
+
+
+def _activate() -> str:
     from gpunet.backend import devices, dispatch
 
     if devices.has_gpu():

@@ -1,7 +1,7 @@
 """The Ops base class: every op written once against `xp` (numpy or cupy).
 
 Subclasses (NumpyOps, CupyOps) override only the hot ops and keep the base signatures
-(tests/test_backend.py checks that). Arrays are (N, features) unless said otherwise; ops that
+(tests/backend/test_devices.py checks that). Arrays are (N, features) unless said otherwise; ops that
 take `out=` write into it so layers can reuse buffers between steps. The math of the sequence
 layers' ops is in sequence_ops.py, as functions of xp; the methods here hand it self.xp.
 """

@@ -97,7 +97,7 @@ class RawModule:
 
     def compile(self, log_stream=None):
         if self._module is None:
-            from tests.cuda_emulator import build  # the emulator lives beside the stand-in in tests/
+            from tests.cuda.emulator import build  # the emulator lives beside the stand-in in tests/
 
             try:
                 self._module = build(self.code, name="rawmodule",

@@ -6,7 +6,7 @@ import time
 
 from cupy.cuda import compiler, memory, runtime  # noqa: F401
 
-COMPUTE_CAPABILITY = "90"  # the kernels are checked against sm_90's limits (tests/cuda_emulator.py)
+COMPUTE_CAPABILITY = "90"  # the kernels are checked against sm_90's limits (tests/cuda/emulator.py)
 
 
 class Device:

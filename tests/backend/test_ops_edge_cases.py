@@ -15,14 +15,14 @@ import gpunet as gn
 from gpunet.backend import cuda_kernels, ops_for_device
 from gpunet.backend.ops import Ops
 from tests import gpu_standin
-from tests.conftest import ON_STANDIN, on, rng
-from tests.test_ops_backends import close
+from tests.support.arrays import ON_STANDIN, on, rng
+from tests.backend.test_ops import close
 
 REFERENCE = Ops()
 
 def _lower_the_grid_y_limit(monkeypatch, limit: int) -> None:
     """gpunet's cap and, where the emulator has one, the emulated GPU's own limit."""
-    from tests import cuda_emulator
+    from tests.cuda import emulator as cuda_emulator
 
     monkeypatch.setattr(cuda_kernels, "MAX_GRID_Y", limit)
     limits = getattr(cuda_emulator, "LIMITS", None)

@@ -26,7 +26,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-RUNTIME = Path(__file__).parent / "cuda"
+RUNTIME = Path(__file__).parent
 RUNTIME_FILES = ("emulator.h", "runtime.h", "launch.h", "fiber.h")
 KINDS = ("pointer", "int", "uint", "float", "bool")  # the order of emu::Kind in emulator.h
 
@@ -310,7 +310,7 @@ def _dims(value, what: str) -> tuple[int, int, int]:
     return tuple(operator.index(d) for d in dims) + (1,) * (3 - len(dims))
 
 
-if __name__ == "__main__":  # python -m tests.cuda_emulator FILE.cu [-DNAME=value ...]: kernels and resources
+if __name__ == "__main__":  # python -m tests.cuda.emulator FILE.cu [-DNAME=value ...]: kernels and resources
     module = build(Path(sys.argv[1]).read_text(), name=Path(sys.argv[1]).stem, defines=sys.argv[2:])
     for kernel, info in module.kernels.items():
         print(kernel, [f"{p.kind}{p.size * 8}" for p in info.params], (module.resources or {}).get(kernel))

@@ -14,10 +14,10 @@ import pytest
 import gpunet as gn
 from gpunet.backend import cuda_kernels, ops_for_device
 from gpunet.backend.ops import Ops
-from tests.conftest import on, rng
+from tests.support.arrays import on, rng
 
 REFERENCE = Ops()
-KERNELS = sorted((Path(__file__).parents[1] / "kernels").glob("*.cu"))
+KERNELS = sorted((Path(__file__).parents[2] / "kernels").glob("*.cu"))
 
 
 def close(got, want, rtol=1e-5, atol=1e-6):
@@ -195,7 +195,7 @@ def test_kernel_source_compiles_for_sm_90(source, tmp_path):
 
 
 def nvrtc_compile(source: Path, options: tuple[str, ...]) -> tuple[bool, str]:
-    from tests import nvrtc
+    from tests.support import nvrtc
     if nvrtc.library() is None:
         pytest.skip("libnvrtc is not on this machine (pip install nvidia-cuda-nvrtc, part of the test extra)")
     return nvrtc.compile_source(source.read_text(), source.name, options=(*options, "--gpu-architecture=sm_90"))

@@ -8,9 +8,9 @@ import torch
 
 import gpunet as gn
 from gpunet import layers as L
-from tests.conftest import on, rng
-from tests.gradcheck import check_layer, numeric_gradient
-from tests.reference import assert_matches_torch
+from tests.support.arrays import on, rng
+from tests.support.gradcheck import check_layer, numeric_gradient
+from tests.support.reference import assert_matches_torch
 
 GRADCHECK_CASES = {
     "positional_embedding": (lambda: L.PositionalEmbedding(7, 6, std=0.5), (2, 5, 6)),

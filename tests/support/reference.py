@@ -5,7 +5,7 @@ import numpy
 import torch
 
 import gpunet as gn
-from tests.conftest import on, rng
+from tests.support.arrays import on, rng
 
 
 def run_both(layer, module, x, device, *, rtol=1e-4, atol=1e-5, grad_atol=1e-5, seed=2):

@@ -9,9 +9,9 @@ import torch
 
 import gpunet as gn
 from gpunet import layers as L
-from tests.conftest import on, rng
-from tests.gradcheck import check_layer
-from tests.reference import run_both
+from tests.support.arrays import on, rng
+from tests.support.gradcheck import check_layer
+from tests.support.reference import run_both
 
 # ------------------------------------------------------------------ gradient checks (float64)
 

@@ -10,9 +10,9 @@ import gpunet as gn
 from gpunet import layers as L
 from gpunet.backend import ops_for_device
 from gpunet.backend.ops import Ops
-from tests.conftest import DEVICES, on, rng
-from tests.gradcheck import check_layer
-from tests.reference import compare_with_torch, recipe_accuracy_on_held_out_fifth
+from tests.support.arrays import DEVICES, on, rng
+from tests.support.gradcheck import check_layer
+from tests.support.reference import compare_with_torch, recipe_accuracy_on_held_out_fifth
 
 
 @pytest.mark.parametrize("make, shape", [

@@ -1,5 +1,5 @@
 """Data races in gpunet's CUDA kernels, looked for by ThreadSanitizer in the kernel emulator
-(tests/cuda_emulator.py, tsan=True), and proof that the checks bite: kernels with one barrier
+(tests/cuda/emulator.py, tsan=True), and proof that the checks bite: kernels with one barrier
 removed give wrong results in the normal emulator and a TSan report in the TSan one.
 
 TSan needs its runtime preloaded, so the TSan runs are child processes: sys.executable itself
@@ -17,11 +17,11 @@ import numpy
 import pytest
 
 from gpunet.backend.cuda_kernels import DEFINE_FLAGS, THREADS, TILE_M, TILE_N, source
-from tests.conftest import rng
-from tests.cuda_emulator import build, kernel_names, tsan_environment, tsan_runtime
-from tests.test_kernels_emulated import compiled, layer_norm_case, marshal
+from tests.support.arrays import rng
+from tests.cuda.emulator import build, kernel_names, tsan_environment, tsan_runtime
+from tests.kernels.test_emulated import compiled, layer_norm_case, marshal
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 RACE = "WARNING: ThreadSanitizer: data race"
 
 
@@ -51,8 +51,8 @@ def gemm_case(module):
 
 
 def test_every_kernel_has_an_emulated_case():
-    """The TSan run below covers every kernel only if test_kernels_emulated.py launches each."""
-    cases = (ROOT / "tests" / "test_kernels_emulated.py").read_text()
+    """The TSan run below covers every kernel only if kernels/test_emulated.py launches each."""
+    cases = (ROOT / "tests" / "kernels" / "test_emulated.py").read_text()
     for path in sorted((ROOT / "kernels").glob("*.cu")):
         for kernel in kernel_names(path.read_text()):
             assert f'"{kernel}"' in cases, f"{path.name}: {kernel} is never launched there"
@@ -140,7 +140,7 @@ def tsan_python(args: list[str], halt_on_error: bool, timeout: int, **variables)
 @pytest.fixture(scope="module")
 def tsan_reports() -> dict[str, str]:
     """Each case's stderr from one TSan child process."""
-    result = tsan_python(["-c", "import sys; from tests.test_kernel_races import child; child(sys.argv[1:])",
+    result = tsan_python(["-c", "import sys; from tests.kernels.test_races import child; child(sys.argv[1:])",
                           *CASES], halt_on_error=False, timeout=600)
     assert MARK + list(CASES)[-1] in result.stderr, result.stderr[-5000:]
     assert "Traceback" not in result.stderr, result.stderr[-5000:]
@@ -162,8 +162,8 @@ def test_tsan_reports_exactly_the_planted_races(tsan_reports, name):
 
 @pytest.mark.slow
 def test_every_kernel_family_is_race_free_under_tsan():
-    """test_kernels_emulated.py, every case, with every module built under TSan."""
-    result = tsan_python(["-m", "pytest", "tests/test_kernels_emulated.py", "-q", "-x", "-p", "no:cacheprovider"],
+    """kernels/test_emulated.py, every case, with every module built under TSan."""
+    result = tsan_python(["-m", "pytest", "tests/kernels/test_emulated.py", "-q", "-x", "-p", "no:cacheprovider"],
                          halt_on_error=True, timeout=900, GPUNET_EMULATOR_TSAN="1")
     output = result.stdout + result.stderr
     assert "ThreadSanitizer" not in output, output[-8000:]

@@ -7,7 +7,7 @@ import numpy
 import pytest
 
 import gpunet as gn
-from tests.conftest import ON_STANDIN
+from tests.support.arrays import ON_STANDIN
 
 pytestmark = pytest.mark.skipif(not ON_STANDIN, reason="tests the CuPy stand-in, which a real GPU replaces")
 
@@ -107,7 +107,7 @@ def test_cupy_functions_refuse_host_arrays_and_keep_layouts():
     ((1,), (1025,), 0, "1025"), ((1, 65536), (32,), 0, "65536"), ((0,), (32,), 0, "0"), ((1,), (0,), 0, "0"),
     ((1,), (32,), 49 * 1024, "50176")])
 def test_launches_a_gpu_would_refuse_are_refused(axpb, grid, block, shared, limit):
-    from tests.cuda_emulator import LaunchError
+    from tests.cuda.emulator import LaunchError
 
     x, y = device_array([1.0]), device_array([0.0])
     with pytest.raises(LaunchError, match=limit):
@@ -124,7 +124,7 @@ def test_gpunet_takes_the_stand_in_as_its_gpu():
 
 def test_a_kernel_reading_past_the_end_of_an_array_faults():
     import cupy
-    from tests.cuda_emulator import KernelFault
+    from tests.cuda.emulator import KernelFault
 
     read_at = cupy.RawModule(code=r"""
 extern "C" __global__ void read_at(const float* x, float* y, int i) { y[0] = x[i]; }

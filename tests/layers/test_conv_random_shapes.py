@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from gpunet import layers as L
-from tests.conftest import DEVICES, rng
-from tests.reference import compare_with_torch
+from tests.support.arrays import DEVICES, rng
+from tests.support.reference import compare_with_torch
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not installed (it is in the test extra)")
 given, settings, st = hypothesis.given, hypothesis.settings, hypothesis.strategies

@@ -20,10 +20,10 @@ import pytest
 from gpunet.backend.cuda_kernels import ACTIVATION_CODES, DEFINE_FLAGS, DEFINES, THREADS, source
 from gpunet.backend.cuda_wrappers import KERNELS as WRAPPED
 from gpunet.backend.ops import ACTIVATIONS
-from tests.cuda_emulator import LIMITS, build, kernel_names, parse_resource_usage
-from tests.test_kernels_emulated import compiled, marshal
+from tests.cuda.emulator import LIMITS, build, kernel_names, parse_resource_usage
+from tests.kernels.test_emulated import compiled, marshal
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 KERNELS = ROOT / "kernels"
 FAMILIES = sorted(path.stem for path in KERNELS.glob("*.cu"))
 

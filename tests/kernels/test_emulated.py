@@ -1,7 +1,7 @@
-"""gpunet's CUDA kernels run on the CPU by the generic kernel emulator (tests/cuda_emulator.py),
+"""gpunet's CUDA kernels run on the CPU by the generic kernel emulator (tests/cuda/emulator.py),
 against the NumPy reference Ops: index arithmetic, tiling edges, padding, strides, reductions;
 then the emulator itself: launch limits, argument checks, warp shuffles, faults, block order.
-On a GPU, tests/test_ops_backends.py runs the same kernels for real. tests/test_kernel_races.py
+On a GPU, tests/backend/test_ops.py runs the same kernels for real. tests/kernels/test_races.py
 runs this whole file again with every module built under ThreadSanitizer (GPUNET_EMULATOR_TSAN=1).
 """
 from __future__ import annotations
@@ -16,9 +16,9 @@ import pytest
 from gpunet.backend.cuda_kernels import ACTIVATION_CODES, DEFINE_FLAGS, ROWS_PER_CHUNK, THREADS, TILE_M, TILE_N, source
 from gpunet.backend.cuda_wrappers import NO_LABEL_ERROR
 from gpunet.backend.ops import Ops, pooled_size
-from tests import cuda_emulator
-from tests.conftest import rng
-from tests.cuda_emulator import KernelFault, LaunchError, build
+from tests.cuda import emulator as cuda_emulator
+from tests.support.arrays import rng
+from tests.cuda.emulator import KernelFault, LaunchError, build
 
 REFERENCE = Ops()
 TSAN = os.environ.get("GPUNET_EMULATOR_TSAN") == "1"
@@ -251,7 +251,7 @@ def test_adam_update(decoupled, decay):
 
 
 # The emulator itself, on small kernels written here.
-PROBES = (Path(__file__).parent / "cuda" / "probes.cu").read_text()
+PROBES = (Path(__file__).parents[1] / "cuda" / "probes.cu").read_text()
 
 
 def probes():

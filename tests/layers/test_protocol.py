@@ -9,7 +9,7 @@ import pytest
 import gpunet as gn
 from gpunet import layers as L
 from gpunet.layers import LAYER_TYPES, Composite, Layer, register
-from tests.conftest import rng
+from tests.support.arrays import rng
 
 FLOAT = "float32"
 CASES = {  # every registered built-in layer: a constructor and an input
@@ -130,7 +130,7 @@ def test_children_register_in_assignment_order_and_name_the_parameters():
 
 
 def test_a_composite_trains_and_moves_its_children():
-    from tests.gradcheck import check_layer
+    from tests.support.gradcheck import check_layer
     block = Residual(3)
     check_layer(block, rng().standard_normal((4, 3)))  # float64 finite differences, after .to(dtype=)
     assert block.inner[0].params["weight"].dtype == numpy.float64

@@ -10,9 +10,9 @@ import torch
 
 import gpunet as gn
 from gpunet import layers as L
-from tests.conftest import on, rng
-from tests.gradcheck import check_layer
-from tests.reference import compare_with_torch
+from tests.support.arrays import on, rng
+from tests.support.gradcheck import check_layer
+from tests.support.reference import compare_with_torch
 
 CONFIGS = [  # in, out, kernel, stride, padding, dilation, bias; input (N, C, L)
     ((3, 4, 3, 1, 0, 1, True), (2, 3, 9)),
@@ -76,7 +76,7 @@ def test_bad_arguments_are_refused():
 
 def test_the_readme_shows_the_layer_as_it_is():
     from pathlib import Path
-    root = Path(__file__).parent.parent
+    root = Path(__file__).parents[2]
     source = (root / "src/gpunet/layers/conv1d.py").read_text().splitlines()
     readme = (root / "README.md").read_text()
     start = source.index('@register("Conv1D")')
