@@ -1,5 +1,15 @@
-// Optimizer updates, one launch per parameter, with torch.optim's semantics (the reference is
-// gpunet.backend.ops.Ops.sgd_update / adam_update). Each reads and writes every value once.
+// Optimizer updates with torch.optim's semantics (the reference is gpunet.backend.ops.Ops.sgd_update /
+// adam_update), one launch over a model's flat parameter buffer (gpunet.layers.flat). Each reads
+// and writes every value once. Gradient clipping in two launches, without the host: sum_squares
+// writes one partial sum of squares per block; clip_by_norm adds them up again in every block,
+// scales the gradients by min(1, max_norm / (norm + 1e-6)) and has block 0 write the norm.
+
+// THREADS, the threads per block, comes from gpunet/backend/cuda_kernels.py as a -D flag.
+#ifndef THREADS
+#error optim.cu needs -DTHREADS (gpunet/backend/cuda_kernels.py)
+#endif
+static_assert(THREADS % 32 == 0 && THREADS <= 1024 && (THREADS & (THREADS - 1)) == 0,
+              "the block reductions halve whole blocks");
 
 extern "C" __global__ void sgd_update(float* __restrict__ param, const float* __restrict__ grad,
                                       float* __restrict__ velocity, long long n, float lr, float momentum,
@@ -32,4 +42,46 @@ extern "C" __global__ void adam_update(float* __restrict__ param, const float* _
     v[i] = vi;
     param[i] = p - (lr / bias1) * mi / (sqrtf(vi) / bias2_sqrt + eps);
   }
+}
+
+// The sum of the block's shared values (THREADS of them), in a fixed order; every thread gets it.
+__device__ __forceinline__ double block_sum(double* shared, double value) {
+  shared[threadIdx.x] = value;
+  __syncthreads();
+  for (int half = THREADS / 2; half > 0; half /= 2) {
+    if (threadIdx.x < half) shared[threadIdx.x] += shared[threadIdx.x + half];
+    __syncthreads();
+  }
+  return shared[0];
+}
+
+// partial[blockIdx.x] = the sum of x[i]^2 over this block's grid-stride share, in double.
+// Launch: block THREADS, any number of blocks (the partials clip_by_norm reads).
+extern "C" __global__ void sum_squares(const float* __restrict__ x, long long n, double* __restrict__ partial) {
+  __shared__ double shared[THREADS];
+  double sum = 0.0;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x) {
+    const double v = x[i];
+    sum += v * v;
+  }
+  sum = block_sum(shared, sum);
+  if (threadIdx.x == 0) partial[blockIdx.x] = sum;
+}
+
+// x *= min(1, max_norm / (sqrt(sum of partial) + 1e-6)) as float (a NaN norm gives NaN, as torch);
+// norm[0] = the norm. Launch: block THREADS, grid-stride over x.
+extern "C" __global__ void clip_by_norm(float* __restrict__ x, long long n, const double* __restrict__ partial,
+                                        int partials, float max_norm, double* __restrict__ norm) {
+  __shared__ double shared[THREADS];
+  double sum = 0.0;
+  for (int i = threadIdx.x; i < partials; i += THREADS) sum += partial[i];
+  const double total = sqrt(block_sum(shared, sum));
+  if (blockIdx.x == 0 && threadIdx.x == 0) norm[0] = total;
+  const double ratio = (double)max_norm / (total + 1e-6);
+  const float scale = ratio >= 1.0 ? 1.f : (float)ratio;
+  if (scale == 1.f) return;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x)
+    x[i] *= scale;
 }

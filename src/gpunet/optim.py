@@ -1,7 +1,11 @@
 """Optimizers (SGD, Adam, AdamW), learning-rate schedules and gradient clipping.
 
-Optimizers read `model.params` and `model.grads` at every step (so `.to(device)` after
-construction is fine) and keep their state per parameter name, with PyTorch's semantics.
+Optimizers update the model's flat buffers (gpunet.layers.flat): every parameter of a device and
+dtype in one launch on the GPU, one vectorised pass on the CPU. Their state (momentum buffers, Adam's
+moments) lives in buffers of the same layout; `state[name][slot]` are views of them, so state_dict
+and checkpoints keep their per-parameter names and PyTorch's semantics. The model's buffers are
+looked up at every step (so `.to(device)` or `load_state_dict` after construction is fine: state
+of the same layout is kept on the same device, and starts from zero on another, as it always did).
 """
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ import math
 import numbers
 
 from gpunet import validate
-from gpunet.backend import ops_for, to_device, to_numpy
+from gpunet.backend import ops_for, ops_for_device, to_device, to_numpy
+from gpunet.layers.flat import flat_parameters
 
 
 class Optimizer:
@@ -29,19 +34,44 @@ class Optimizer:
                     validate.finite(f"{name}: betas[{i}]", beta, low=0, high=1, high_open=True)
         self.model, self.lr, self.hyper = model, float(lr), hyper
         self.step_count = 0
-        self.state: dict[str, dict] = {}
+        self.state: dict[str, dict] = {}  # name -> slot -> array (views of the flat state buffers)
+        self._buffers = None  # (the FlatParameters they are laid out for, [{slot: buffer} per group])
+        self._fresh: set[str] = set()  # parameters whose state started from zero at the last rebuild
+        flat_parameters(model)  # the model's params and grads become views of its flat buffers now
+
+    def slots(self) -> tuple[str, ...]:
+        """The names of the state this optimizer keeps per parameter."""
+        return ()
 
     def step(self) -> None:
         self.step_count += 1
-        grads = self.model.grads
-        for name, param in self.model.params.items():
-            self._update(name, param, grads[name])
+        flat = flat_parameters(self.model)
+        for group, state in zip(flat.groups, self._state_buffers(flat)):
+            self._update(group, state)
+        self._fresh.clear()
 
-    def _slot(self, name, param, slot):
-        slots = self.state.setdefault(name, {})
-        if slot not in slots or slots[slot].shape != param.shape or type(slots[slot]) is not type(param):
-            slots[slot] = ops_for(param).zeros(param.shape, dtype=param.dtype)
-        return slots[slot]
+    def _state_buffers(self, flat) -> list[dict]:
+        """The state buffers laid out as flat's groups: kept while the layout and device are the
+        same, else rebuilt with each parameter's state copied in (zero where it has none, or has
+        it on another device, or of another shape)."""
+        if self._buffers is not None and self._buffers[0] is flat:
+            return self._buffers[1]
+        buffers = []
+        for group in flat.groups:
+            xp = ops_for_device(group.device).xp
+            state = {}
+            for slot in self.slots():
+                buffer = state[slot] = xp.zeros(group.size, dtype=group.dtype)
+                for i, name in enumerate(group.names):
+                    view, old = group.view(buffer, i), self.state.get(name, {}).get(slot)
+                    if old is not None and old.shape == view.shape and type(old) is type(view):
+                        view[...] = old
+                    elif old is None:  # (state on another device restarts from zero, but is not new)
+                        self._fresh.add(name)
+                    self.state.setdefault(name, {})[slot] = view
+            buffers.append(state)
+        self._buffers = (flat, buffers)
+        return buffers
 
     def state_dict(self) -> tuple[dict, dict]:
         """(arrays keyed 'name/slot' as NumPy, JSON-able hyperparameters and step count)."""
@@ -51,7 +81,7 @@ class Optimizer:
     def load_state_dict(self, arrays: dict, meta: dict) -> None:
         device = self.model.device
         self.step_count, self.lr = int(meta["step"]), float(meta["lr"])
-        self.state = {}
+        self.state, self._buffers = {}, None  # the flat buffers are rebuilt from these at the next step
         for key, value in arrays.items():
             name, _, slot = key.rpartition("/")
             self.state.setdefault(name, {})[slot] = to_device(value, device)
@@ -66,12 +96,20 @@ class SGD(Optimizer):
         super().__init__(model, lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                          dampening=dampening)
 
-    def _update(self, name, param, grad):
+    def slots(self):
+        return ("momentum_buffer",) if self.hyper["momentum"] else ()
+
+    def _update(self, group, state):
         h = self.hyper
-        first = name not in self.state
-        velocity = self._slot(name, param, "momentum_buffer") if h["momentum"] else None
-        ops_for(param, grad, op="SGD.step").sgd_update(
-            param, grad, velocity, self.lr, h["momentum"], h["dampening"], h["weight_decay"], h["nesterov"], first)
+        velocity = state.get("momentum_buffer")
+        fresh = [name in self._fresh for name in group.names]
+        args = (self.lr, h["momentum"], h["dampening"], h["weight_decay"], h["nesterov"])
+        ops = ops_for(group.param, group.grad, op="SGD.step")
+        if velocity is None or all(fresh) or not any(fresh):  # one pass over every parameter
+            ops.sgd_update(group.param, group.grad, velocity, *args, velocity is not None and all(fresh))
+            return
+        for i, first in enumerate(fresh):  # some momentum loaded, some new (a partial state_dict): one by one
+            ops.sgd_update(group.view(group.param, i), group.view(group.grad, i), group.view(velocity, i), *args, first)
 
 
 class Adam(Optimizer):
@@ -82,10 +120,13 @@ class Adam(Optimizer):
     def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(model, lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
 
-    def _update(self, name, param, grad):
+    def slots(self):
+        return ("exp_avg", "exp_avg_sq")
+
+    def _update(self, group, state):
         h = self.hyper
-        ops_for(param, grad, op=f"{type(self).__name__}.step").adam_update(
-            param, grad, self._slot(name, param, "exp_avg"), self._slot(name, param, "exp_avg_sq"),
+        ops_for(group.param, group.grad, op=f"{type(self).__name__}.step").adam_update(
+            group.param, group.grad, state["exp_avg"], state["exp_avg_sq"],
             self.lr, h["betas"][0], h["betas"][1], h["eps"], h["weight_decay"], self.decoupled, self.step_count)
 
 
@@ -141,14 +182,11 @@ class CosineLR(StepLR):
 
 def clip_grad_norm(model, max_norm: float):
     """Scale all gradients so their global L2 norm is at most max_norm; returns the norm
-    before clipping as a 0-d array (on the device: no host synchronisation)."""
+    before clipping as a 0-d array (on the device: no host synchronisation). One reduction over
+    the model's flat gradient buffer; on a GPU the scale is computed and applied on the device."""
     validate.finite("clip_grad_norm: max_norm", max_norm, low=0, low_open=True)
-    grads = list(model.grads.values())
-    if not grads:
+    groups = flat_parameters(model).groups
+    if not groups:
         return 0.0
-    xp = ops_for(*grads, op="clip_grad_norm").xp
-    total = xp.sqrt(sum((g.astype("float64") ** 2).sum() for g in grads))
-    scale = xp.minimum(1.0, max_norm / (total + 1e-6)).astype(grads[0].dtype)
-    for g in grads:
-        g *= scale
-    return total
+    grads = [group.grad for group in groups]
+    return ops_for(*grads, op="clip_grad_norm").clip_grad_norm(grads, max_norm)

@@ -1,9 +1,9 @@
 """`gpunet parity`: the same seeded training run on two devices, compared layer by layer and step
 by step.
 
-Both runs start from the same weights, see the same batches and draw the same dropout masks
-(masks come from the host generator, reseeded identically before each step on each device), so
-any difference comes from the arithmetic of the two backends.
+Both runs start from the same weights, see the same batches and apply the same dropout masks
+(counter-based: a function of the seed, the step, the layer and the element, computed on each
+device, see gpunet.random), so any difference comes from the arithmetic of the two backends.
 """
 from __future__ import annotations
 
@@ -83,8 +83,9 @@ def run(model, data, device: str, lr: float, seed: int):
     optimizer = gn.optim.Adam(model, lr=lr)
     xp = gn.backend.ops_for_device(device).xp
     record = []
+    gn.manual_seed(seed)  # the dropout masks' key
     for step, (x, y) in enumerate(data):
-        gn.manual_seed(seed + step)
+        gn.random.set_step(step)
         out = apply_preprocess(model.preprocess, to_device(x, device), xp)
         activations = []
         for layer in model.layers:

@@ -1,19 +1,99 @@
-"""One seeded random stream for initialisation and dropout, drawn on the host.
+"""Seeded randomness: a host stream for initialisation, and counter-based bits for dropout.
 
-Drawing on the host and moving the result to the device gives the same numbers on the CPU and
-on the GPU, so a seeded run follows the same trajectory on both.
+Weights are drawn on the host (a NumPy generator) and moved to the device, so a seeded model
+starts from the same weights on the CPU and the GPU. Dropout masks are not drawn at all: they
+are a pure function of (seed, step, layer, element), Philox4x32-10 (Salmon et al., "Parallel
+random numbers: as easy as 1, 2, 3", SC11; as in cuRAND and Random123), computed here with
+NumPy (or CuPy, written against `xp`) and on the GPU by kernels/random.cu, bit for bit alike.
+The bits of element i of dropout layer L at training step s under seed k are word i % 4 of
+philox4x32_10(counter=(i // 4, s, L, draw), key=(k mod 2^32, k // 2^32 mod 2^32)); draw counts
+the layer's forwards since the last set_step or manual_seed (0 when it runs once per step, as in
+fit and parity).
+`fit` and `gpunet parity` set the step (set_step); manual_seed sets the seed k.
 """
 from __future__ import annotations
 
 import numpy
 
 _generator = numpy.random.default_rng(0)
+_key = 0  # the Philox key of dropout masks: the seed, modulo 2^64
+_step = 0  # the training step whose dropout masks are drawn (fit and parity set it)
+_epoch = 0  # counts manual_seed and set_step calls: a layer's forwards are counted (draw) from the last one
+
+# Philox4x32-10's constants (Random123's PHILOX_M4x32_0/1 and PHILOX_W32_0/1)
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+MASK_BITS = 24  # a dropout keep test compares the top 24 bits of a word with dropout_threshold(p)
 
 
 def manual_seed(seed: int) -> None:
-    """Seed the generator used for weight initialisation and dropout masks."""
-    global _generator
+    """Seed the generator used for weight initialisation and the key of dropout masks."""
+    global _generator, _key, _epoch
     _generator = numpy.random.default_rng(seed)
+    _key = int(seed) % 2**64
+    _epoch += 1
+
+
+def seed_key() -> int:
+    """The key of dropout masks (the last manual_seed, modulo 2^64)."""
+    return _key
+
+
+def set_step(step: int) -> None:
+    """The training step whose dropout masks the next forwards use (fit and parity set it)."""
+    global _step, _epoch
+    _step = int(step)
+    _epoch += 1
+
+
+def current_step() -> int:
+    return _step
+
+
+def draw_epoch() -> int:
+    """Changes with every manual_seed and set_step: a layer counts its forwards (the counter's
+    draw word) since the last change, so after either its masks start again from draw 0."""
+    return _epoch
+
+
+def philox4x32_10(counter, key, xp=numpy):
+    """Philox4x32-10 of counters (4 uint32 arrays or ints, broadcast together) under key (2 uint32
+    ints): the 4 uint32 output words, as arrays. The 32x32-bit products are taken in uint64 and
+    split into their high and low words."""
+    c = [xp.asarray(w, dtype=xp.uint32) for w in counter]
+    c = list(xp.broadcast_arrays(*c)) if len(set(w.shape for w in c)) > 1 else c
+    k0, k1 = int(key[0]) & 0xFFFFFFFF, int(key[1]) & 0xFFFFFFFF
+    m0, m1 = xp.uint64(PHILOX_M[0]), xp.uint64(PHILOX_M[1])
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + PHILOX_W[0]) & 0xFFFFFFFF, (k1 + PHILOX_W[1]) & 0xFFFFFFFF
+        p0 = c[0].astype(xp.uint64) * m0
+        p1 = c[2].astype(xp.uint64) * m1
+        hi0, lo0 = (p0 >> xp.uint64(32)).astype(xp.uint32), p0.astype(xp.uint32)
+        hi1, lo1 = (p1 >> xp.uint64(32)).astype(xp.uint32), p1.astype(xp.uint32)
+        c = [hi1 ^ c[1] ^ xp.uint32(k0), lo1, hi0 ^ c[3] ^ xp.uint32(k1), lo0]
+    return c
+
+
+def dropout_threshold(p: float) -> int:
+    """An element is kept when the top MASK_BITS bits of its word are >= this: probability 1 - p
+    (to 2^-24), by an integer comparison, the same on every device."""
+    return int(round(p * 2**MASK_BITS))
+
+
+MAX_DROPOUT_ELEMENTS = 2**34  # 4 words per counter, and the counter's block index is 32 bits
+
+
+def dropout_keep(size: int, p: float, stream: tuple, xp=numpy):
+    """Whether each of `size` elements is kept, for stream (seed key, step, layer, draw): bool array."""
+    if size >= MAX_DROPOUT_ELEMENTS:
+        raise ValueError(f"dropout: {size} elements is over the {MAX_DROPOUT_ELEMENTS} one mask can cover")
+    key, step, layer, draw = stream
+    blocks = xp.arange(-(-size // 4), dtype=xp.uint32)
+    words = philox4x32_10((blocks, step & 0xFFFFFFFF, layer & 0xFFFFFFFF, draw & 0xFFFFFFFF),
+                          (key & 0xFFFFFFFF, key >> 32), xp)
+    bits = xp.stack(words, axis=1).reshape(-1)[:size]  # element i: word i % 4 of block i // 4
+    return (bits >> xp.uint32(32 - MASK_BITS)) >= xp.uint32(dropout_threshold(p))
 
 
 def generator() -> numpy.random.Generator:
@@ -21,9 +101,13 @@ def generator() -> numpy.random.Generator:
 
 
 def get_state() -> dict:
-    """The generator's state as plain JSON-able data (for exact resume)."""
-    return _generator.bit_generator.state
+    """The generator's state and the dropout key as plain JSON-able data (for exact resume; the
+    step is the loop's own, saved with it)."""
+    return {**_generator.bit_generator.state, "dropout_key": _key}
 
 
 def set_state(state: dict) -> None:
+    global _key
+    state = dict(state)
+    _key = int(state.pop("dropout_key", _key))  # (a run saved before dropout had a key keeps the current one)
     _generator.bit_generator.state = state

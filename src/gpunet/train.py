@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy
 from tqdm.auto import tqdm
 
-from gpunet import checkpoint, resume as resuming, validate
+from gpunet import checkpoint, random, resume as resuming, validate
 from gpunet.backend import ops_for_device, to_device
 from gpunet.data.pipeline import apply_preprocess, minibatches, random_shift
 from gpunet.divergence import DivergenceWatch, first_non_finite_tensor
@@ -271,6 +271,7 @@ class _Run:
         """One optimizer step on the samples idx; returns the loss (a device scalar on a GPU)."""
         s, model = self.state, self.model
         xb, yb = self.data.get(idx, numpy.random.default_rng([self.seed, s.epoch, s.batch]))
+        random.set_step(s.step)  # dropout masks: a function of (seed, step, layer, element), so a resume redraws them
         try:
             xb = apply_preprocess(model.preprocess, to_device(xb, model.device), xp)
             value, grad = LOSSES[self.loss](model.forward(xb), to_device(yb, model.device))

@@ -212,7 +212,7 @@ def test_a_kernel_source_without_the_defines_stops_naming_each_it_uses(source):
     code = re.sub(r"//[^\n]*|/\*.*?\*/", " ", source.read_text(), flags=re.S)
     used = [name for name in cuda_kernels.DEFINES if re.search(rf"\b{name}\b", code)]
     compiled, log = nvrtc_compile(source, ("--std=c++17",))
-    if not used:  # im2col.cu and optim.cu size nothing by a constant
+    if not used:  # im2col.cu sizes nothing by a constant
         assert compiled, log
         return
     assert not compiled and f"{source.name} needs" in log, log
@@ -220,7 +220,20 @@ def test_a_kernel_source_without_the_defines_stops_naming_each_it_uses(source):
 
 
 def test_every_kernel_family_is_there():
-    assert [p.stem for p in KERNELS] == ["gemm", "im2col", "optim", "sequence", "softmax_xent"]
+    assert [p.stem for p in KERNELS] == ["gemm", "im2col", "optim", "random", "sequence", "softmax_xent"]
+
+
+@pytest.mark.parametrize("shape, residual", [((7,), False), ((9, 130), True), ((2, 3, 65), False)])
+def test_dropout_and_its_backward(device, shape, residual):
+    """Counter-based masks: the same bits on every device (see also tests/test_random.py)."""
+    x, r, dy = (rng(i).standard_normal(shape).astype("float32") for i in range(3))
+    stream = (99, 5, 2, 0)
+    ops = ops_for_device(device)
+    y, mask = ops.dropout(on(device, x), 0.25, stream, on(device, r) if residual else None)
+    want, want_mask = REFERENCE.dropout(x, 0.25, stream, r if residual else None)
+    numpy.testing.assert_array_equal(gn.to_numpy(y), want)
+    numpy.testing.assert_array_equal(gn.to_numpy(ops.dropout_backward(on(device, dy), 0.25, stream, mask)),
+                                     dy * want_mask)
 
 
 # ------------------------------------------------------------------ rows beyond gridDim.y

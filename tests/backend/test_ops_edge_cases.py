@@ -197,7 +197,11 @@ def _zero_size_cases():
             put(f32(0, 6)), put(f32(0, 6)), put(f32(0, 1)), put(f32(6)))))],
         "sgd_update": [("empty", optimizer("sgd_update"))],
         "adam_update": [("empty", optimizer("adam_update"))],
+        "clip_grad_norm": [("empty", lambda ops, put: [ops.clip_grad_norm([g := put(numpy.zeros(0, "float32"))], 1.0),
+                                                       g])],
         "embedding_backward": [("batch", embedding_backward)],
+        "dropout": [(s, lambda ops, put, s=s: [ops.dropout(put(f32(*s)), 0.5, (1, 2, 3, 0))[0]]) for s in ((0, 5), (3, 0))],
+        "dropout_backward": [("batch", lambda ops, put: [ops.dropout_backward(put(f32(0, 5)), 0.5, (1, 2, 3, 0), None)])],
     }
 
 

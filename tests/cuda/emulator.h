@@ -189,6 +189,7 @@ inline float __powf(float x, float y) { return powf(x, y); }
 inline float __fdividef(float x, float y) { return x / y; }
 inline float __saturatef(float x) { return x < 0.f ? 0.f : x > 1.f ? 1.f : x; }
 inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
+inline float __fmul_rn(float a, float b) { return a * b; }
 template <class T>
 inline T __ldg(const T* address) { return *address; }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }

@@ -40,7 +40,7 @@ def compiled(code: str, name: str, defines=DEFINE_FLAGS):
 def load_every_module_first():
     """Under TSan: its symbolizer only knows the modules loaded at its first report."""
     if TSAN:
-        for family in ("gemm", "im2col", "optim", "sequence", "softmax_xent"):
+        for family in ("gemm", "im2col", "optim", "random", "sequence", "softmax_xent"):
             compiled(source(family), family)
         probes()
 
@@ -224,6 +224,38 @@ def test_activation_forward_and_backward(activation):
     numpy.testing.assert_allclose(dx, REFERENCE.activation_backward(activation, x, y, dy), rtol=1e-4, atol=3e-5)
 
 
+# Random123's kat_vectors for philox4x32_10: counter, key -> output
+PHILOX_KAT = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+              ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+              ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+               (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+
+
+@pytest.mark.parametrize("counter, key, expected", PHILOX_KAT)
+def test_philox4x32_10_known_answers(counter, key, expected):
+    counters = numpy.array([counter] * 5, dtype=numpy.uint32)
+    out = numpy.zeros_like(counters)
+    key64 = key[0] | key[1] << 32
+    run("random", "philox4x32_10_blocks", 2, 2, counters.view("int32"), out.view("int32"), 5,
+        key64 - 2**64 if key64 >= 2**63 else key64)
+    assert out.tolist() == [list(expected)] * 5
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("n", [1, 6, 4 * 3 * 64 + 3])
+def test_dropout_gives_the_cpu_mask_bit_for_bit(n, residual):
+    """Fewer blocks than the data needs; a size not a multiple of 4; with the fused residual add."""
+    from gpunet import random
+
+    x, r = (rng(n + i).standard_normal(n).astype("float32") for i in range(2))
+    stream = (2**40 + 17, 9, 3, 1)
+    want, _ = REFERENCE.dropout(x, 0.3, stream, r if residual else None)
+    y = numpy.full_like(x, numpy.nan)
+    run("random", "dropout", 2, 64, x, r if residual else x, y, n, stream[0], stream[1], stream[2], stream[3],
+        random.dropout_threshold(0.3), numpy.float32(1 / 0.7), residual)
+    assert y.tobytes() == want.tobytes()
+
+
 @pytest.mark.parametrize("momentum, nesterov, decay, first", [(0.0, False, 0.0, True), (0.9, True, 0.01, False),
                                                               (0.9, False, 0.0, True)])
 def test_sgd_update(momentum, nesterov, decay, first):
@@ -248,6 +280,20 @@ def test_adam_update(decoupled, decay):
         1 - 0.9**3, (1 - 0.999**3) ** 0.5)
     for got, expected in zip((param, m, v), want):
         numpy.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6, float("nan")], ids=["clips", "leaves", "nan"])
+def test_sum_squares_and_clip_by_norm(max_norm):
+    """Fewer blocks than the data needs in both; the clip's grid differs from the partials'."""
+    grad = rng(5).standard_normal(3 * THREADS + 77).astype("float32")
+    want = grad.copy()
+    want_norm = REFERENCE.clip_grad_norm([want], max_norm)
+    partial, norm = numpy.full(3, numpy.nan), numpy.full(1, numpy.nan)
+    run("optim", "sum_squares", 3, THREADS, grad, grad.size, partial)
+    numpy.testing.assert_allclose(partial.sum(), numpy.dot(grad.astype("float64"), grad.astype("float64")), rtol=1e-12)
+    run("optim", "clip_by_norm", 2, THREADS, grad, grad.size, partial, 3, max_norm, norm)
+    numpy.testing.assert_allclose(norm[0], want_norm, rtol=1e-12)
+    numpy.testing.assert_allclose(grad, want, rtol=1e-6, atol=1e-7)
 
 
 # The emulator itself, on small kernels written here.

@@ -115,7 +115,7 @@ def test_the_kernels_get_the_constants_python_defines():
 
 
 @pytest.mark.parametrize("family, missing", [("gemm", "-DTHREADS -DTILE_M"), ("sequence", "-DTHREADS"),
-                                             ("softmax_xent", "-DTHREADS")])
+                                             ("softmax_xent", "-DTHREADS"), ("optim", "-DTHREADS")])
 def test_a_kernel_built_without_the_constants_stops_naming_them(family, missing):
     with pytest.raises(RuntimeError, match=f"{family}.cu needs {missing}"):
         compiled(source(family), f"{family}_undefined", defines=())

@@ -97,8 +97,9 @@ class ArrayParam:
 
 
 # A parameter type spelt as in the .cu file -> what its argument must be.
-F32, I32, I64 = numpy.dtype("float32"), numpy.dtype("int32"), numpy.dtype("int64")
+F32, F64, I32, I64 = numpy.dtype("float32"), numpy.dtype("float64"), numpy.dtype("int32"), numpy.dtype("int64")
 PARAMETER_TYPES = {"float*": ArrayParam(F32), "strided float*": ArrayParam(F32, contiguous=False),
+                   "double*": ArrayParam(F64),
                    "int*": ArrayParam(I32), "long long*": ArrayParam(I64),
                    "int": numpy.int32, "long long": numpy.int64, "float": numpy.float32}
 _INTEGERS = (int, numpy.integer, numpy.bool_)  # what an int or long long parameter takes (a bool is 0 or 1)

@@ -200,6 +200,45 @@ def layer_norm_backward(dy, xhat, rstd, weight):
     return dx
 
 
+# ------------------------------------------------------------------ random.cu
+PHILOX = Kernel("random", "philox4x32_10_blocks", "int*, int*, long long, long long")
+DROPOUT = Kernel("random", "dropout",
+                 "float*, float*, float*, long long, long long, long long, int, int, int, float, int")
+
+
+def philox4x32_10(counters, key: int):
+    """Philox4x32-10 of (n, 4) uint32 counters under a 64-bit key: (n, 4) uint32 words."""
+    counters = _cupy().ascontiguousarray(counters, dtype="uint32")
+    out = _cupy().empty_like(counters)
+    n = counters.shape[0]
+    PHILOX(blocks_for(n), counters.view("int32"), out.view("int32"), n, _signed64(key))
+    return out
+
+
+def dropout(x, threshold: int, scale: float, stream: tuple, residual=None):
+    """x * mask (+ residual, of x's shape, when given), the mask generated in the kernel
+    (gpunet.random.dropout_keep's bits for stream, (seed key, step, layer, draw)): nothing drawn
+    on the host, nothing copied to the device. The backward is the same launch on dy. One thread
+    per 4 elements."""
+    key, step, layer, draw = stream
+    y = _cupy().empty_like(x)
+    DROPOUT(blocks_for(-(-x.size // 4)), x, x if residual is None else residual, y, x.size, _signed64(key),
+            _signed64(step % 2**32), _signed32(layer % 2**32), _signed32(draw % 2**32), threshold, scale,
+            residual is not None)
+    return y
+
+
+def _signed64(value: int) -> int:
+    """A 64-bit pattern as the int64 a long long parameter takes (the kernel reads it unsigned)."""
+    value %= 2**64
+    return value - 2**64 if value >= 2**63 else value
+
+
+def _signed32(value: int) -> int:
+    value %= 2**32
+    return value - 2**32 if value >= 2**31 else value
+
+
 # ------------------------------------------------------------------ optim.cu
 SGD_UPDATE = Kernel("optim", "sgd_update", "float*, float*, float*, long long, float, float, float, float, int, int")
 ADAM_UPDATE = Kernel("optim", "adam_update",
@@ -216,6 +255,22 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_
     """One Adam (AdamW when decoupled) step in place; step counts from 1."""
     ADAM_UPDATE(blocks_for(param.size), param, grad, exp_avg, exp_avg_sq, param.size, lr, beta1, beta2, eps,
                 weight_decay, decoupled, 1 - beta1**step, math.sqrt(1 - beta2**step))
+
+
+SUM_SQUARES = Kernel("optim", "sum_squares", "float*, long long, double*")
+CLIP_BY_NORM = Kernel("optim", "clip_by_norm", "float*, long long, double*, int, float, double*")
+NORM_PARTIALS = 1024  # at most this many blocks sum squares: each block of clip_by_norm adds them all up
+
+
+def clip_grad_norm(grad, max_norm):
+    """grad (a flat float32 gradient buffer) scaled in place to an L2 norm of at most max_norm, in
+    two launches and no host read; returns the norm before clipping, a float64 0-d device array."""
+    cupy = _cupy()
+    blocks = min(blocks_for(grad.size), NORM_PARTIALS)
+    partial, norm = cupy.empty(blocks, dtype="float64"), cupy.empty((), dtype="float64")
+    SUM_SQUARES(blocks, grad, grad.size, partial)
+    CLIP_BY_NORM(blocks_for(grad.size), grad, grad.size, partial, blocks, max_norm, norm)
+    return norm
 
 
 KERNELS = {k.name: k for k in globals().values() if isinstance(k, Kernel)}  # every kernel, by name

@@ -230,12 +230,33 @@ class CupyOps(Ops):
                                        decoupled, step)
         kernels.adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, decoupled, step)
 
+    def clip_grad_norm(self, grads, max_norm):
+        if len(grads) != 1 or not _float32(*grads) or grads[0].size == 0:
+            return super().clip_grad_norm(grads, max_norm)
+        return kernels.clip_grad_norm(grads[0].reshape(-1), max_norm)
+
     def embedding_backward(self, ids, dy, grad_weight):
         import cupyx
 
         grad_weight[...] = 0
         if ids.size and grad_weight.size:
             cupyx.scatter_add(grad_weight, ids.reshape(-1), dy.reshape(-1, grad_weight.shape[1]))
+
+    def dropout(self, x, p, stream, residual=None):
+        """One launch, the residual add included: the mask is generated in the kernel (no host
+        draw, no copy to the device) and not kept: the backward regenerates it (mask None)."""
+        if not _float32(x, residual) or x.size == 0 or (residual is not None and residual.shape != x.shape):
+            return super().dropout(x, p, stream, residual)
+        from gpunet import random
+
+        return kernels.dropout(x, random.dropout_threshold(p), 1.0 / (1.0 - p), stream, residual), None
+
+    def dropout_backward(self, dy, p, stream, mask):
+        if mask is not None or not _float32(dy) or dy.size == 0:
+            return super().dropout_backward(dy, p, stream, mask)
+        from gpunet import random
+
+        return kernels.dropout(dy, random.dropout_threshold(p), 1.0 / (1.0 - p), stream)
 
 
 def _float32(*arrays) -> bool:

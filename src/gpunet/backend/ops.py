@@ -303,6 +303,23 @@ class Ops:
         """grad_weight = sum of dy rows per id, in place."""
         return sequence_ops.embedding_backward(self.xp, ids, dy, grad_weight)
 
+    # ---------------------------------------------------------------- dropout
+    def dropout(self, x, p, stream, residual=None):
+        """(x * mask, mask) with the counter-based mask of stream (seed key, step, layer, draw):
+        keep with probability 1 - p, scaled by 1 / (1 - p), as gpunet.random.dropout_keep (no
+        host draw: the bits are computed with self.xp); with residual (x's shape), residual +
+        x * mask. mask is what dropout_backward needs."""
+        from gpunet import random  # (gpunet.random imports nothing of the backend)
+
+        keep = random.dropout_keep(x.size, p, stream, self.xp).reshape(x.shape)
+        mask = keep.astype(x.dtype) * (1.0 / (1.0 - p))
+        y = x * mask
+        return (y if residual is None else residual + y), mask
+
+    def dropout_backward(self, dy, p, stream, mask):
+        """dy * the forward's mask (regenerated from stream when mask is None)."""
+        return dy * mask if mask is not None else self.dropout(dy, p, stream)[0]
+
     # ---------------------------------------------------------------- optimizer updates
     def sgd_update(self, param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov, first_step):
         """In place, with PyTorch's torch.optim.SGD semantics."""
@@ -330,3 +347,14 @@ class Ops:
         bias2 = 1 - beta2**step
         denom = xp.sqrt(exp_avg_sq) / math.sqrt(bias2) + eps
         param -= (lr / bias1) * exp_avg / denom
+
+    def clip_grad_norm(self, grads, max_norm):
+        """Scale the arrays in grads (a list: flat gradient buffers) in place so that their joint L2
+        norm is at most max_norm, as torch.nn.utils.clip_grad_norm_; returns that norm before
+        clipping, a float64 0-d array (summed in float64)."""
+        xp = self.xp
+        total = xp.sqrt(sum(xp.dot(g64, g64) for g64 in (g.reshape(-1).astype("float64") for g in grads)))
+        scale = xp.minimum(1.0, max_norm / (total + 1e-6))
+        for g in grads:
+            g *= scale.astype(g.dtype)
+        return total

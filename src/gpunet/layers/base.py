@@ -22,6 +22,16 @@ as DeZero's Layer.__setattr__), in assignment order, which is the order of its p
 Parameters are added by name instead (add_param): their names are state_dict keys, some with
 dots (attention's "out_proj.weight"), and `.to()` and checkpoint loading replace the arrays in
 `params`, where an attribute would keep the old one.
+
+Flat buffers (gpunet.layers.flat): the model an optimizer (or clip_grad_norm) is given keeps its
+parameters in one contiguous buffer per device and dtype, its gradients in another of the same
+layout (and the optimizer its state in more), built the first time one of them asks
+(`flat_parameters(model)`, kept as `model._flat`). Then `params[name]` and `grads[name]` are
+views of those buffers, under the same names in the same order, so a layer writes its gradients
+in place (`self.grads["weight"][...] = ...`, or `out=`) and never replaces the array. `.to()`,
+`load_state_dict` and checkpoints work on the views as on any array; replacing one (as `.to()`
+and loading do) leaves the buffer stale, and the next optimizer step or clip_grad_norm rebuilds
+it from the arrays then in place (same layout: the optimizer's state is kept).
 Layer types that checkpoints may name are registered under an explicit name with @register.
 """
 from __future__ import annotations
@@ -197,6 +207,7 @@ class Composite(Layer):
 
     def add_child(self, name: str, layer: Layer) -> None:
         self._children[name] = layer  # a replaced child keeps its place, and so its names' order
+        _number_streams(self)
 
     def _own_stores(self) -> tuple:
         return ()
@@ -299,6 +310,23 @@ def build_layer(config: dict) -> Layer:
         raise ValueError(f"unknown layer type {kind!r} in model description (a layer of your own must be "
                          "registered with gpunet.layers.register before loading)")
     return LAYER_TYPES[kind].from_config(config)
+
+
+def _number_streams(layer: Layer) -> None:
+    """Number the layers with a random stream (Dropout's `stream`) under layer 0, 1, ... in
+    depth-first order: their position in the model, the same in every copy of it (a composite
+    renumbers its descendants as children are added, so the outermost model's numbering stands)."""
+    found = []
+
+    def walk(node):
+        if "stream" in node.__dict__:
+            found.append(node)
+        for child in node._children.values():
+            walk(child)
+
+    walk(layer)
+    for index, node in enumerate(found):
+        node.stream = index
 
 
 def _host(value):

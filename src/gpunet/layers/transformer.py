@@ -35,8 +35,9 @@ class TransformerBlock(Composite):
                 f"mlp_ratio={c['mlp_ratio']}, dropout={c['dropout']}, causal={c['causal']})")
 
     def forward(self, x):
-        h = x + self.drop1.forward(self.attn.forward(self.ln1.forward(x)))
-        return h + self.drop2.forward(self.mlp.forward(self.ln2.forward(h)))
+        # the residual adds are fused with the dropouts (one kernel each on a GPU)
+        h = self.drop1.forward_add(self.attn.forward(self.ln1.forward(x)), x)
+        return self.drop2.forward_add(self.mlp.forward(self.ln2.forward(h)), h)
 
     def backprop(self, dy, saved, need_dx):
         dh = dy + self.ln2.backward(self.mlp.backward(self.drop2.backward(dy)))
