@@ -72,13 +72,13 @@ extern "C" __global__ void sum_squares(const float* __restrict__ x, long long n,
 // x *= min(1, max_norm / (sqrt(sum of partial) + 1e-6)) as float (a NaN norm gives NaN, as torch);
 // norm[0] = the norm. Launch: block THREADS, grid-stride over x.
 extern "C" __global__ void clip_by_norm(float* __restrict__ x, long long n, const double* __restrict__ partial,
-                                        int partials, float max_norm, double* __restrict__ norm) {
+                                        int partials, double max_norm, double* __restrict__ norm) {
   __shared__ double shared[THREADS];
   double sum = 0.0;
   for (int i = threadIdx.x; i < partials; i += THREADS) sum += partial[i];
   const double total = sqrt(block_sum(shared, sum));
   if (blockIdx.x == 0 && threadIdx.x == 0) norm[0] = total;
-  const double ratio = (double)max_norm / (total + 1e-6);
+  const double ratio = max_norm / (total + 1e-6);  // in double, as the CPU divides
   const float scale = ratio >= 1.0 ? 1.f : (float)ratio;
   if (scale == 1.f) return;
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;

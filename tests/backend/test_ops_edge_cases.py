@@ -260,8 +260,8 @@ def test_the_typed_boundary_converts_scalars_exactly_and_refuses_wrong_arrays():
             cuda_kernels.marshal("k", "k", args, params)
     with pytest.raises(OverflowError):
         cuda_kernels.marshal("k", "k", (f32, f32, i64, 2**31, 2, 0.5), params)
-    with pytest.raises(ValueError, match=r"unknown parameter types \['double'\]"):
-        cuda_kernels.Kernel("k", "k", "float*, double")
+    with pytest.raises(ValueError, match=r"unknown parameter types \['half'\]"):
+        cuda_kernels.Kernel("k", "k", "float*, half")
 
 
 @pytest.mark.gpu

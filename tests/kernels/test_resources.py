@@ -124,7 +124,7 @@ def test_a_kernel_built_without_the_constants_stops_naming_them(family, missing)
 def test_every_kernel_has_one_wrapper_declared_as_its_source_declares_it():
     """cuda_wrappers declares each kernel's parameter types; the emulator's build (which sees
     through macros such as im2col's GEOMETRY_ARGS) reads the real ones from the source."""
-    as_compiled = {"int": ("int", 4), "long long": ("int", 8), "float": ("float", 4)}
+    as_compiled = {"int": ("int", 4), "long long": ("int", 8), "float": ("float", 4), "double": ("float", 8)}
     declared = set()
     for family in FAMILIES:
         module = compiled(source(family), family)

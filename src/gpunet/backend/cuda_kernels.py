@@ -101,9 +101,9 @@ F32, F64, I32, I64 = numpy.dtype("float32"), numpy.dtype("float64"), numpy.dtype
 PARAMETER_TYPES = {"float*": ArrayParam(F32), "strided float*": ArrayParam(F32, contiguous=False),
                    "double*": ArrayParam(F64),
                    "int*": ArrayParam(I32), "long long*": ArrayParam(I64),
-                   "int": numpy.int32, "long long": numpy.int64, "float": numpy.float32}
+                   "int": numpy.int32, "long long": numpy.int64, "float": numpy.float32, "double": numpy.float64}
 _INTEGERS = (int, numpy.integer, numpy.bool_)  # what an int or long long parameter takes (a bool is 0 or 1)
-_NUMBERS = (int, float, numpy.integer, numpy.floating, numpy.bool_)  # what a float parameter takes
+_NUMBERS = (int, float, numpy.integer, numpy.floating, numpy.bool_)  # what a float or double parameter takes
 
 
 class Kernel:
@@ -151,7 +151,7 @@ def marshal(family: str, name: str, args: tuple, params: tuple | None = None) ->
         if type(param) is ArrayParam:
             if getattr(value, "dtype", None) != param.dtype or (param.contiguous and not value.flags.c_contiguous):
                 raise _refused(family, name, index, param, value)
-        elif isinstance(value, _INTEGERS if param is not numpy.float32 else _NUMBERS):
+        elif isinstance(value, _NUMBERS if param in (numpy.float32, numpy.float64) else _INTEGERS):
             value = param(value)  # (an int over the parameter's range raises OverflowError)
         else:
             raise _refused(family, name, index, param, value)

@@ -258,7 +258,7 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_
 
 
 SUM_SQUARES = Kernel("optim", "sum_squares", "float*, long long, double*")
-CLIP_BY_NORM = Kernel("optim", "clip_by_norm", "float*, long long, double*, int, float, double*")
+CLIP_BY_NORM = Kernel("optim", "clip_by_norm", "float*, long long, double*, int, double, double*")
 NORM_PARTIALS = 1024  # at most this many blocks sum squares: each block of clip_by_norm adds them all up
 
 
