@@ -3,15 +3,45 @@
 // compiles this file with `nvcc -arch=sm_90 -c` as well. Launched only through the wrappers in
 // gpunet/backend/cuda_wrappers.py.
 //
-// The constants come from gpunet/backend/cuda_kernels.py as -D flags (DEFINES), never from here:
+// The constants come from gpunet/backend/cuda_kernels.py as -D flags (DEFINES):
 // THREADS (threads per block), TILE_M x TILE_N (the tile of C a block computes), TILE_K (the
 // depth of a staged tile), ROWS_PER_CHUNK (rows one block of bias_act_backward sums), and the
 // activation codes ACT_NONE (0), ACT_RELU, ACT_SIGMOID, ACT_TANH, ACT_GELU (erf), ACT_GELU_TANH.
-#if !defined(THREADS) || !defined(TILE_M) || !defined(TILE_N) || !defined(TILE_K) || !defined(ROWS_PER_CHUNK) || \
-    !defined(ACT_NONE) || !defined(ACT_RELU) || !defined(ACT_SIGMOID) || !defined(ACT_TANH) || !defined(ACT_GELU) || \
-    !defined(ACT_GELU_TANH)
-#error gemm.cu needs -DTHREADS -DTILE_M -DTILE_N -DTILE_K -DROWS_PER_CHUNK -DACT_NONE -DACT_RELU -DACT_SIGMOID \
-  -DACT_TANH -DACT_GELU -DACT_GELU_TANH (gpunet/backend/cuda_kernels.py)
+// Fallbacks, so that `nvcc kernels/gemm.cu` compiles on its own: gpunet always passes its values
+// as -D flags (cuda_kernels.DEFINES, the one place they are set), and
+// tests/kernels/test_resources.py checks that each fallback here equals that value.
+#ifndef THREADS
+#define THREADS 256
+#endif
+#ifndef TILE_M
+#define TILE_M 64
+#endif
+#ifndef TILE_N
+#define TILE_N 64
+#endif
+#ifndef TILE_K
+#define TILE_K 16
+#endif
+#ifndef ROWS_PER_CHUNK
+#define ROWS_PER_CHUNK 64
+#endif
+#ifndef ACT_NONE
+#define ACT_NONE 0
+#endif
+#ifndef ACT_RELU
+#define ACT_RELU 1
+#endif
+#ifndef ACT_SIGMOID
+#define ACT_SIGMOID 2
+#endif
+#ifndef ACT_TANH
+#define ACT_TANH 3
+#endif
+#ifndef ACT_GELU
+#define ACT_GELU 4
+#endif
+#ifndef ACT_GELU_TANH
+#define ACT_GELU_TANH 5
 #endif
 static_assert(THREADS == 16 * 16 && TILE_M == 16 * 4 && TILE_N == 16 * 4,
               "gemm_bias_act's 16 x 16 threads each compute a 4 x 4 block of the TILE_M x TILE_N tile of C");

@@ -5,8 +5,11 @@
 // scales the gradients by min(1, max_norm / (norm + 1e-6)) and has block 0 write the norm.
 
 // THREADS, the threads per block, comes from gpunet/backend/cuda_kernels.py as a -D flag.
+// Fallbacks, so that `nvcc kernels/optim.cu` compiles on its own: gpunet always passes its values
+// as -D flags (cuda_kernels.DEFINES, the one place they are set), and
+// tests/kernels/test_resources.py checks that each fallback here equals that value.
 #ifndef THREADS
-#error optim.cu needs -DTHREADS (gpunet/backend/cuda_kernels.py)
+#define THREADS 256
 #endif
 static_assert(THREADS % 32 == 0 && THREADS <= 1024 && (THREADS & (THREADS - 1)) == 0,
               "the block reductions halve whole blocks");

@@ -4,8 +4,11 @@
 // torch.nn.LSTMCell; layouts as gpunet.backend.sequence_ops and ops.layer_norm.
 
 // THREADS, the threads per block, comes from gpunet/backend/cuda_kernels.py as a -D flag.
+// Fallbacks, so that `nvcc kernels/sequence.cu` compiles on its own: gpunet always passes its values
+// as -D flags (cuda_kernels.DEFINES, the one place they are set), and
+// tests/kernels/test_resources.py checks that each fallback here equals that value.
 #ifndef THREADS
-#error sequence.cu needs -DTHREADS (gpunet/backend/cuda_kernels.py)
+#define THREADS 256
 #endif
 static_assert(THREADS % 32 == 0 && THREADS <= 1024, "the block reductions take whole warps");
 

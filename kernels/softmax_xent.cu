@@ -10,8 +10,11 @@
 // (CupyOps.check_errors), so the step itself never waits for the GPU.
 
 // THREADS, the threads per block, comes from gpunet/backend/cuda_kernels.py as a -D flag.
+// Fallbacks, so that `nvcc kernels/softmax_xent.cu` compiles on its own: gpunet always passes its values
+// as -D flags (cuda_kernels.DEFINES, the one place they are set), and
+// tests/kernels/test_resources.py checks that each fallback here equals that value.
 #ifndef THREADS
-#error softmax_xent.cu needs -DTHREADS (gpunet/backend/cuda_kernels.py)
+#define THREADS 256
 #endif
 static_assert(THREADS % 32 == 0 && THREADS <= 1024, "the block reduction takes whole warps");
 

@@ -4,8 +4,8 @@ for the process; CuPy also caches the binaries on disk) and the one launch path.
 does not compile raises one KernelCompileError naming the file.
 
 Each compile-time constant is defined once, below, and reaches every compiler as -DNAME=value
-(DEFINE_FLAGS): NVRTC here, nvcc and the kernel emulator in the tests. The .cu files use the
-macros without defining them (each stops with an #error naming a missing one), and the flags
+(DEFINE_FLAGS): NVRTC here, nvcc and the kernel emulator in the tests. A .cu file holds a
+fallback under #ifndef, equal to the value here (a test checks), so that it compiles alone; the flags
 are part of what a family's compiled code depends on (compile_inputs), which keys the
 GEMM-choice cache. The kernels themselves are called through the typed wrappers of
 cuda_wrappers.py, one per kernel.
