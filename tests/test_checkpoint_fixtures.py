@@ -39,6 +39,8 @@ def test_a_resaved_old_checkpoint_is_the_same_file_content(tmp_path):
         new = gn.checkpoint.read_checkpoint(tmp_path / "again.safetensors")
         assert new[2]["architecture"] == old[2]["architecture"]
         assert sorted(new[0]) == sorted(old[0])
+        for key in old[0]:
+            numpy.testing.assert_array_equal(new[0][key], old[0][key], err_msg=f"{kind}: {key}")
 
 
 def test_ready_models_keep_their_key_order_and_descriptions():

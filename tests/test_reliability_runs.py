@@ -240,3 +240,10 @@ def test_main_via_python_m_prints_one_line_and_exit_code(tmp_path):
     result = subprocess.run([sys.executable, "-m", "gpunet", *TRAIN, "--out", str(tmp_path / "f")],
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 1 and result.stderr.strip() == f"gpunet train: --out {tmp_path / 'f'} is a file, not a folder"
+
+
+def test_an_empty_out_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(["train", "--out", "", "--steps", "1"], capsys)
+    assert code != 0 and "--out is empty; give a folder" in one_error_line(err)
+    assert list(tmp_path.iterdir()) == []  # nothing made, "." not taken for the folder

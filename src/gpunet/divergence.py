@@ -1,11 +1,10 @@
 """Noticing that a run diverged (a loss or a weight became NaN or infinite), exactly and cheaply.
 
 On the CPU the loss of each step is a host number, so the first bad step is known at once. On
-a GPU, reading the loss each step would make the host wait for the device, so the watch keeps
-the first bad step in a device scalar, updated by one tiny elementwise kernel per step (no
-transfer), and the host reads it where it reads the loss anyway (every few steps, before each
-evaluation, the last one included, and on Ctrl-C): the report names the exact step without a
-synchronisation per step.
+a GPU, reading the loss each step would make the host wait for the device, so the watch only
+keeps each step's 0-d loss array (no kernel, no transfer) and reads them all, stacked, in one
+transfer where the host reads the loss anyway (every few steps, before each evaluation, the last
+one included, and on Ctrl-C): the report names the exact step without a synchronisation per step.
 """
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import math
 
 import numpy
 
-from gpunet.backend import ops_for
+from gpunet.backend import ops_for, to_numpy
 
 
 class DivergenceWatch:
@@ -21,27 +20,28 @@ class DivergenceWatch:
 
     def __init__(self, xp=numpy):
         self.xp = xp
-        self._host = None
-        if xp is not numpy:
-            self._step = xp.zeros((), dtype="int64")  # 0: none yet (steps count from 1)
-            self._value = xp.zeros((), dtype="float64")
+        self._first = None  # (step, loss) once known
+        self._pending = []  # on a GPU: (step, 0-d loss array) not read yet
 
     def observe(self, loss, step: int) -> None:
-        if self.xp is numpy:
-            if self._host is None and not math.isfinite(float(loss)):
-                self._host = (step, float(loss))
+        if self._first is not None:
             return
-        xp = self.xp
-        first = (self._step == 0) & ~xp.isfinite(loss)
-        self._step = xp.where(first, numpy.int64(step), self._step)
-        self._value = xp.where(first, loss.astype("float64"), self._value)
+        if self.xp is numpy:
+            if not math.isfinite(float(loss)):
+                self._first = (step, float(loss))
+        else:
+            self._pending.append((step, loss))
 
     def first_bad(self) -> tuple[int, float] | None:
-        """(step, loss) of the first non-finite loss, or None. A host read (waits on a GPU)."""
-        if self.xp is numpy:
-            return self._host
-        step = int(self._step)
-        return (step, float(self._value)) if step else None
+        """(step, loss) of the first non-finite loss, or None. On a GPU one stack and one host read
+        of the losses observed since the last call (the host waits for the device here)."""
+        if self._first is None and self._pending:
+            losses = to_numpy(self.xp.stack([loss for _, loss in self._pending])).astype("float64")
+            bad = numpy.flatnonzero(~numpy.isfinite(losses))
+            if bad.size:
+                self._first = (self._pending[bad[0]][0], float(losses[bad[0]]))
+            self._pending.clear()
+        return self._first
 
 
 def first_non_finite_tensor(model) -> str | None:

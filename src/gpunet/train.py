@@ -63,32 +63,37 @@ def evaluate(model, x, y, loss="softmax_cross_entropy", batch_size: int | None =
 
     batch_size defaults to 1000 samples, or fewer for sequences (32,768 targets a batch).
     """
-    loss_fn = LOSSES[loss]
     if len(x) != len(y):
         raise ValueError(f"evaluate: {len(x)} inputs but {len(y)} targets")
     validate.not_empty(len(x), "evaluate")
     validate.positive_int("evaluate: batch_size", batch_size, allow_none=True)
     if isinstance(x, numpy.ndarray):
         validate.images(x, model.preprocess, "evaluate: images")
+    return _evaluate(model, x, y, loss, batch_size)
+
+
+def _evaluate(model, x, y, loss, batch_size) -> dict:
+    """evaluate without its input checks: fit checks its validation data once, not at every evaluation."""
+    loss_fn = LOSSES[loss]
     if batch_size is None:
         batch_size = max(1, min(1000, 32768 // max(1, int(numpy.prod(y.shape[1:])))))
     was_training = model.training
     model.eval()
-    total, correct = 0.0, 0
+    total, correct = 0.0, 0  # summed on the device: the host reads each once, after the last batch
     try:
         for idx in minibatches(len(x), batch_size, None):
             xb = apply_preprocess(model.preprocess, to_device(x[idx], model.device), _xp(model))
             yb = to_device(y[idx], model.device)
             out = model.forward(xb)
             value, _ = loss_fn(out, yb)
-            total += item(value) * len(idx)
+            total = total + value.astype("float64") * len(idx)  # float64, as the host sum was
             if loss == "softmax_cross_entropy":
-                correct += int((out.argmax(axis=-1) == yb).sum())
+                correct = correct + (out.argmax(axis=-1) == yb).sum()
     finally:
         model.train(was_training)
-    result = {"loss": total / len(x), "samples": int(len(x))}
+    result = {"loss": item(total) / len(x), "samples": int(len(x))}
     if loss == "softmax_cross_entropy":
-        result["accuracy"] = correct / (len(x) * (y[0].size if y.ndim > 1 else 1))
+        result["accuracy"] = int(correct) / (len(x) * (y[0].size if y.ndim > 1 else 1))
     return result
 
 
@@ -294,7 +299,7 @@ class _Run:
         record = {"step": s.step, "epoch": s.epoch + 1, "train_loss": item(s.running) / s.running_count,
                   "val_loss": None, "lr": self.optimizer.lr, "seconds": round(time.perf_counter() - started, 3)}
         if self.val is not None:
-            result = (evaluate(self.model, *self.val, loss=self.loss) if isinstance(self.val, tuple)
+            result = (_evaluate(self.model, *self.val, self.loss, None) if isinstance(self.val, tuple)
                       else self.val.evaluate(self.model, self.loss))
             record["val_loss"] = result["loss"]
             if "accuracy" in result:

@@ -25,10 +25,8 @@ def _lower_the_grid_y_limit(monkeypatch, limit: int) -> None:
     from tests.cuda import emulator as cuda_emulator
 
     monkeypatch.setattr(cuda_kernels, "MAX_GRID_Y", limit)
-    limits = getattr(cuda_emulator, "LIMITS", None)
-    if limits is not None and "max_grid" in limits:
-        x, _, z = limits["max_grid"]
-        monkeypatch.setitem(limits, "max_grid", (x, limit, min(z, limit)))
+    x, _, z = cuda_emulator.LIMITS["max_grid"]
+    monkeypatch.setitem(cuda_emulator.LIMITS, "max_grid", (x, limit, min(z, limit)))
 
 
 def test_gemm_and_bias_backward_loop_over_row_tiles_beyond_the_grid_limit(device, monkeypatch):
@@ -335,3 +333,12 @@ def test_a_nan_passes_through_every_activation_as_on_the_cpu(device, activation)
     fused = ops.linear(on(device, x), on(device, numpy.eye(3, dtype="float32")), on(device, numpy.zeros(3, "float32")),
                        activation)
     assert numpy.isnan(gn.to_numpy(fused)[0, 0])
+
+
+@pytest.mark.gpu
+def test_col2im_refuses_columns_of_the_wrong_shape():
+    """Read through strides, columns of the wrong shape would run past their buffer: refused first."""
+    cols = on("gpu", numpy.zeros((5, 9), "float32"))
+    with pytest.raises(ValueError, match=r"col2im: columns of shape \(5, 9\) for an input of shape \(1, 1, 4, 4\); "
+                                         r"expected \(4, 9\)"):
+        ops_for_device("gpu").col2im(cols, (1, 1, 4, 4), (3, 3), (1, 1), (0, 0))

@@ -11,8 +11,7 @@ the updates leave them zero and they add nothing to a norm.
 The FlatParameters is kept on the model (`model._flat`) and is current while every array in
 `model.params` / `model.grads` is still the view it made. Whatever replaces an array there
 (`.to()`, `load_state_dict`, a user's `model.params[name] = ...`) makes it stale, and the next
-`flat_parameters(model)` builds a new one from the arrays then in place. Same names, shapes,
-dtypes and devices give the same `layout`, which optimizers use to keep their state buffers.
+`flat_parameters(model)` builds a new one from the arrays then in place.
 """
 from __future__ import annotations
 
@@ -46,9 +45,6 @@ class FlatGroup:
         start = self.offsets[i]
         return buffer[start : start + math.prod(self.shapes[i])].reshape(self.shapes[i])
 
-    def views(self, buffer) -> dict:
-        return {name: self.view(buffer, i) for i, name in enumerate(self.names)}
-
 
 class FlatParameters:
     """The model's parameters and gradients moved into one buffer pair per (device, dtype)."""
@@ -76,7 +72,6 @@ class FlatParameters:
                 g[...] = grads[name]
                 params[name], grads[name] = p, g
             self.groups.append(group)
-        self.layout = tuple((g.device, str(g.dtype), g.names, g.shapes) for g in self.groups)
         # what current() compares, leaf layer by leaf layer (cheaper than going through the names)
         self._leaves = [(leaf, tuple(leaf.params.items()), tuple(leaf.grads.values())) for leaf in _leaves(model)]
 
