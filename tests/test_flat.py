@@ -93,11 +93,13 @@ def test_optimizer_state_views_and_checkpoint_names():
     assert all((opt.state[n]["exp_avg"] == 3).all() for n in model.params)
 
 
-def test_sgd_with_momentum_for_some_parameters_only_starts_the_others_as_torch():
-    """A state_dict holding some momentum buffers: the others take their first step as new ones."""
+def test_sgd_with_momentum_for_some_parameters_only_starts_the_others_as_torch(device):
+    """A state_dict holding some momentum buffers: the others take their first step as new ones
+    (one update per parameter, on views of the flat buffers: on the GPU, n-d views)."""
     def run(partial):
         model = gn.models.mlp((6, 5, 3))
         model.load_state_dict({k: numpy.full(v.shape, 0.1, "float32") for k, v in model.state_dict().items()})
+        model.to(device)
         opt = gn.optim.SGD(model, lr=0.1, momentum=0.9, dampening=0.5)
         if partial:
             opt.load_state_dict({"0.weight/momentum_buffer": numpy.ones((5, 6), "float32")},
