@@ -21,7 +21,7 @@ LAYERS = [
     ("layers", ["gpunet.layers", "gpunet.init", "gpunet.losses", "gpunet.optim"]),
     ("models and data", ["gpunet.models", "gpunet.data"]),
     ("checkpoint/export", ["gpunet.checkpoint", "gpunet.history", "gpunet.summary", "gpunet.generate"]),
-    ("train", ["gpunet.train", "gpunet.resume", "gpunet.divergence", "gpunet.runs", "gpunet.recipes"]),
+    ("train", ["gpunet.train", "gpunet.loop", "gpunet.resume", "gpunet.divergence", "gpunet.runs", "gpunet.recipes"]),
     ("public api", ["gpunet"]),
     ("tools", ["gpunet.parity", "gpunet.distributed", "gpunet.search", "gpunet.benchmarks"]),
     ("cli", ["gpunet.cli", "gpunet.__main__"]),

@@ -1,0 +1,276 @@
+"""The training loop of fit: one _Run holds what it trains, its fixed settings and the LoopState
+that a resume restores; it steps, evaluates, checkpoints, stops early and reports divergence.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy
+from tqdm.auto import tqdm
+
+from gpunet import checkpoint, random, resume as resuming
+from gpunet.backend import ops_for_device, to_device
+from gpunet.data.pipeline import apply_preprocess, minibatches
+from gpunet.divergence import DivergenceWatch, first_non_finite_tensor
+from gpunet.history import History
+from gpunet.losses import LOSSES, item
+from gpunet.optim import clip_grad_norm
+from gpunet.resume import LoopState
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or a weight) became NaN or infinite."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training after a step; what a resume needs was saved first."""
+
+
+class DeviceOutOfMemory(MemoryError):
+    """The GPU ran out of memory during training."""
+
+
+@dataclass
+class _Run:
+    """One call of fit: what it trains, its fixed settings and the LoopState that changes."""
+
+    model: object
+    data: object
+    val: object
+    optimizer: object
+    schedule: object
+    loss: str
+    batch_size: int
+    seed: int
+    epochs: int | None  # the run ends after this many epochs, or
+    steps: int | None  # after this many optimizer steps
+    eval_every: int | None  # None: at each epoch end
+    clip_norm: float | None
+    patience: int | None  # early stopping
+    out: Path | None
+    config: dict = field(default_factory=dict)  # the hyper-parameters compared on resume
+    state: LoopState = field(default_factory=LoopState)
+    history: History = field(default_factory=History)
+    written: list = field(default_factory=list)  # the files this run wrote
+
+    @property
+    def monitor(self) -> str:
+        """The record entry that decides the best model and early stopping."""
+        return "val_loss" if self.val is not None else "train_loss"
+
+    def done(self) -> bool:
+        """Whether the steps, or the epochs, asked for are done. Epochs are counted, not derived from the
+        step: a resume with a new batch size changes how many steps an epoch takes."""
+        s = self.state
+        if self.epochs is None:
+            return s.step >= self.steps
+        return s.epoch + (s.sample >= len(self.data)) >= self.epochs
+
+    def length(self) -> str:
+        return f"{self.steps} steps" if self.epochs is None else f"{self.epochs} epochs"
+
+    def _planned_steps(self) -> int:
+        """The step the run will end at (for the progress bar), at the current batch size."""
+        s, n = self.state, len(self.data)
+        if self.epochs is None or self.done():
+            return max(s.step, self.steps or 0)
+        rest_of_this_epoch = math.ceil(max(0, n - s.sample) / self.batch_size)
+        return s.step + rest_of_this_epoch + (self.epochs - s.epoch - 1) * math.ceil(n / self.batch_size)
+
+    def _evaluation_due(self) -> bool:
+        """Every eval_every steps, or at each epoch end; and at the end of the run."""
+        s = self.state
+        due = s.sample >= len(self.data) if self.eval_every is None else s.step % self.eval_every == 0
+        return due or self.done()
+
+    def train(self, progress, interrupted) -> None:
+        """Steps until done, early stopping, divergence (raises) or Ctrl-C (saves, raises). On a GPU the
+        host reads the loss and the divergence watch only every 25 steps, before each evaluation (the
+        last included) and on Ctrl-C: never inside a step, and the report still names the first bad step."""
+        s = self.state
+        check_every = 1 if self.model.device == "cpu" else 25  # reading a loss makes the host wait for the GPU
+        xp = _xp(self.model)
+        watch = DivergenceWatch(xp)
+        self.model.train()
+        bar = tqdm(total=self._planned_steps(), initial=s.step, disable=(None if progress is None else not progress),
+                   unit="step", dynamic_ncols=True)
+        started, batches = time.perf_counter(), self._batches()
+        stop = self.done()
+        while not stop:
+            value = self._step(next(batches), xp)
+            watch.observe(value, s.step)  # on a GPU a device-side record: no wait here
+            bar.update(1)
+            evaluate = self._evaluation_due()
+            if evaluate or s.step % check_every == 0:
+                current = item(value)  # the host waits for the step here: device-side errors raise too
+                self._check_finite(watch)  # a bad step is named before an evaluation can see its weights
+                bar.set_postfix(loss=f"{current:.4f}", refresh=False)
+            if evaluate:
+                stop = self._after_evaluation(self._evaluation(started)) or self.done()
+            if interrupted.is_set() and not stop:  # Ctrl-C: save what a resume needs after this step, then stop
+                self._interrupt(watch)
+        bar.close()
+
+    def _batches(self):
+        """Batch indices from the saved position on, epoch after epoch. The order of epoch e is
+        seeded by (seed, e), so it is the same after a resume."""
+        s = self.state
+        while True:
+            order = numpy.random.default_rng([self.seed, s.epoch])
+            yield from minibatches(len(self.data), self.batch_size, order, start=s.batch, offset=s.sample)
+            s.epoch, s.batch, s.sample = s.epoch + 1, 0, 0
+
+    def _step(self, idx, xp):
+        """One optimizer step on the samples idx; returns the loss (a device scalar on a GPU)."""
+        s, model = self.state, self.model
+        xb, yb = self.data.get(idx, numpy.random.default_rng([self.seed, s.epoch, s.batch]))
+        random.set_step(s.step)  # dropout masks: a function of (seed, step, layer, element), so a resume redraws them
+        try:
+            xb = apply_preprocess(model.preprocess, to_device(xb, model.device), xp)
+            value, grad = LOSSES[self.loss](model.forward(xb), to_device(yb, model.device))
+            model.backward_params(grad)  # parameter gradients; nobody reads the input gradient
+            if self.clip_norm:
+                clip_grad_norm(model, self.clip_norm)
+            self.optimizer.step()
+        except Exception as exc:
+            if type(exc).__name__ == "OutOfMemoryError":  # cupy.cuda.memory.OutOfMemoryError
+                raise DeviceOutOfMemory(f"the GPU ran out of memory in step {s.step + 1} with a batch of "
+                                        f"{len(idx)} ({exc}); try a smaller batch size (--batch-size)") from exc
+            raise
+        s.running, s.running_count = s.running + value, s.running_count + 1
+        s.step, s.batch, s.sample = s.step + 1, s.batch + 1, s.sample + len(idx)
+        return value
+
+    def _evaluation(self, started) -> dict:
+        """The record of an evaluation at this step, added to the history (raises if not finite)."""
+        s = self.state
+        record = {"step": s.step, "epoch": s.epoch + 1, "train_loss": item(s.running) / s.running_count,
+                  "val_loss": None, "lr": self.optimizer.lr, "seconds": round(time.perf_counter() - started, 3)}
+        if self.val is not None:
+            result = (_evaluate(self.model, *self.val, self.loss, None) if isinstance(self.val, tuple)
+                      else self.val.evaluate(self.model, self.loss))
+            record["val_loss"] = result["loss"]
+            if "accuracy" in result:
+                record["val_accuracy"] = result["accuracy"]
+        s.running, s.running_count = 0.0, 0
+        self.history.append(record)
+        self._check_evaluation(record)
+        return record
+
+    def _after_evaluation(self, record) -> bool:
+        """The schedule, the best and last checkpoints, early stopping; True: stop training."""
+        s = self.state
+        if self.schedule is not None:
+            self.schedule.step()
+        improved = record[self.monitor] < s.best_loss
+        if improved:
+            s.best_loss, s.stale, s.best_step = record[self.monitor], 0, s.step
+        else:
+            s.stale += 1
+        if self.out is not None:
+            if improved:
+                checkpoint.save(self.model, self.out / "model.safetensors")
+                self.written.append(self.out / "model.safetensors")
+            self._save_last()
+            self.history.write(self.out)
+        return self.patience is not None and s.stale >= self.patience
+
+    def _save_last(self) -> None:
+        """last.safetensors at this step: what a resume needs (only ever with finite weights)."""
+        self.state.last_step = self.state.step
+        resuming.save_last(self.out, self.model, self.optimizer, self.schedule, state=self.state,
+                           history=self.history, config=self.config)
+        self.written.append(self.out / "last.safetensors")
+
+    def finish(self, restore_best: bool) -> History:
+        """Write the history files; load the best model back (with validation data only: the lowest
+        train loss says nothing about data the model has not seen, so then the last weights stay)."""
+        history, out = self.history, self.out
+        history.best_step, history.written = self.state.best_step, self.written
+        if out is not None:
+            history.written += history.write(out)
+            if len(history):
+                history.plot(out / "history.png")
+                history.written.append(out / "history.png")
+        if restore_best and out is not None and self.val is not None and history.best_step is not None \
+                and (out / "model.safetensors").exists():
+            self.model.load_state_dict(checkpoint.read_checkpoint(out / "model.safetensors")[0])
+        return history
+
+    def _check_finite(self, watch) -> None:
+        """Raise TrainingDiverged at the first step whose loss was not finite (exact on every device)."""
+        bad = watch.first_bad()
+        if bad is not None:
+            step, value = bad
+            self.history.append({"step": step, "epoch": self.state.epoch + 1, "train_loss": value, "val_loss": None,
+                                 "diverged": True})
+            self._diverged(f"loss became {value} at step {step}")
+
+    def _check_evaluation(self, record) -> None:
+        """Raise TrainingDiverged when an evaluation or the weights are not finite: nothing is saved then."""
+        losses = [k for k in ("train_loss", "val_loss") if record.get(k) is not None and not math.isfinite(record[k])]
+        tensor = None if losses else first_non_finite_tensor(self.model)
+        if losses or tensor is not None:
+            record["diverged"] = True
+            what = (f"{losses[-1].replace('_', ' ').replace('val', 'validation')} became {record[losses[-1]]}"
+                    if losses else f"weight {tensor!r} became NaN or infinite")
+            self._diverged(f"{what} at step {record['step']}")
+
+    def _diverged(self, what: str) -> None:
+        """Write the history (with the diverged record) and raise, naming the last finite checkpoint."""
+        where = ""
+        if self.out is not None:
+            last = self.out / "last.safetensors"
+            if self.state.last_step is not None:
+                where = f"; last good checkpoint: {last} (step {self.state.last_step})"
+            elif last.exists():
+                where = f"; last good checkpoint: {last} (of an earlier run in this folder, not this one)"
+            else:
+                where = "; no checkpoint was saved (it diverged before its first evaluation)"
+            self.history.write(self.out)  # the diverged record, its non-finite values as null
+        raise TrainingDiverged(f"{what} (epoch {self.state.epoch + 1}); training stopped{where}. "
+                               "Try a lower learning rate (--lr) or gradient clipping (--clip-norm).")
+
+    def _interrupt(self, watch) -> None:
+        """Save last.safetensors at this step (with the running train loss, so a resume is exact); a loss
+        that was not finite since the last check ends the run as a divergence instead, as on the CPU."""
+        self._check_finite(watch)
+        if first_non_finite_tensor(self.model) is not None:
+            raise TrainingInterrupted(f"interrupted at step {self.state.step}; the weights are not finite, so "
+                                      "nothing was saved")
+        self._save_last()
+        self.history.write(self.out)
+        raise TrainingInterrupted(f"interrupted at step {self.state.step}; saved {self.out / 'last.safetensors'}: "
+                                  "run the same command with --resume to continue")
+
+
+def _xp(model):
+    return ops_for_device(model.device).xp
+
+
+def _evaluate(model, x, y, loss, batch_size) -> dict:
+    """evaluate without its input checks: fit checks its validation data once, not at every evaluation."""
+    loss_fn = LOSSES[loss]
+    if batch_size is None:
+        batch_size = max(1, min(1000, 32768 // max(1, int(numpy.prod(y.shape[1:])))))
+    was_training = model.training
+    model.eval()
+    total, correct = 0.0, 0  # summed on the device: the host reads each once, after the last batch
+    try:
+        for idx in minibatches(len(x), batch_size, None):
+            xb = apply_preprocess(model.preprocess, to_device(x[idx], model.device), _xp(model))
+            yb = to_device(y[idx], model.device)
+            out = model.forward(xb)
+            value, _ = loss_fn(out, yb)
+            total = total + value.astype("float64") * len(idx)  # float64, as the host sum was
+            if loss == "softmax_cross_entropy":
+                correct = correct + (out.argmax(axis=-1) == yb).sum()
+    finally:
+        model.train(was_training)
+    result = {"loss": item(total) / len(x), "samples": int(len(x))}
+    if loss == "softmax_cross_entropy":
+        result["accuracy"] = int(correct) / (len(x) * (y[0].size if y.ndim > 1 else 1))
+    return result
