@@ -14,9 +14,14 @@
 static_assert(THREADS % 32 == 0 && THREADS <= 1024 && (THREADS & (THREADS - 1)) == 0,
               "the block reductions halve whole blocks");
 
+// Per-step scalars: as arguments, or, in a replayed CUDA graph (whose arguments are frozen at
+// capture), read from the device when scalars_on_device: SGD's lr = scalars[0]; Adam's lr, bias1
+// and bias2_sqrt = scalars[0..2] (gpunet.optim writes them there before each replay).
 extern "C" __global__ void sgd_update(float* __restrict__ param, const float* __restrict__ grad,
                                       float* __restrict__ velocity, long long n, float lr, float momentum,
-                                      float dampening, float weight_decay, int nesterov, int first_step) {
+                                      float dampening, float weight_decay, int nesterov, int first_step,
+                                      const float* __restrict__ scalars, int scalars_on_device) {
+  if (scalars_on_device) lr = scalars[0];
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
        i += (long long)gridDim.x * blockDim.x) {
     float g = grad[i] + weight_decay * param[i];
@@ -33,7 +38,13 @@ extern "C" __global__ void sgd_update(float* __restrict__ param, const float* __
 extern "C" __global__ void adam_update(float* __restrict__ param, const float* __restrict__ grad,
                                        float* __restrict__ m, float* __restrict__ v, long long n, float lr,
                                        float beta1, float beta2, float eps, float weight_decay, int decoupled,
-                                       float bias1, float bias2_sqrt) {
+                                       float bias1, float bias2_sqrt, const float* __restrict__ scalars,
+                                       int scalars_on_device) {
+  if (scalars_on_device) {
+    lr = scalars[0];
+    bias1 = scalars[1];
+    bias2_sqrt = scalars[2];
+  }
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
        i += (long long)gridDim.x * blockDim.x) {
     float p = param[i], g = grad[i];

@@ -1,7 +1,8 @@
 // Fused softmax cross-entropy, forward and backward in one kernel: one block per row of the
 // (N, C) logits. Pass 1 reads the row once with an online max and sum of exponentials; pass 2
 // writes the gradient (softmax - onehot) / N (its reads of the row mostly hit L2). The block
-// also writes the row's loss, log(sum) + max - logit[label]; the mean is a separate reduction.
+// also writes the row's loss, log(sum) + max - logit[label]; the block that finishes last adds
+// the row losses up, in row order, into the mean loss (one launch for the whole loss).
 // Works for any C from 2 up (each thread strides over the row). Launch: grid N, block THREADS.
 //
 // A label outside [0, C) is never used as an index: its row gets loss 0 and gradient 0, and the
@@ -21,6 +22,23 @@ static_assert(THREADS % 32 == 0 && THREADS <= 1024, "the block reduction takes w
 // NVRTC has no INFINITY (it lives in the host math headers): build the bit pattern.
 #define NEG_INF (-__int_as_float(0x7f800000))
 
+// True in the one block that arrives last, after every other block's writes are visible to it;
+// that block resets the counter for the next launch. All threads of the block must call it.
+// (The same as gemm.cu's: each .cu compiles on its own; tests/kernels/test_resources.py keeps the
+// two copies equal.)
+__device__ __forceinline__ bool last_block_done(unsigned int* done_blocks) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned int blocks = gridDim.x * gridDim.y * gridDim.z;
+    last = atomicAdd(done_blocks, 1u) == blocks - 1;
+    if (last) atomicExch(done_blocks, 0u);
+  }
+  __syncthreads();
+  return last;
+}
+
 __device__ __forceinline__ void combine(float& m, float& s, float m2, float s2) {
   float top = fmaxf(m, m2);
   s = (m == NEG_INF ? 0.f : s * expf(m - top)) + (m2 == NEG_INF ? 0.f : s2 * expf(m2 - top));
@@ -28,8 +46,9 @@ __device__ __forceinline__ void combine(float& m, float& s, float m2, float s2) 
 }
 
 extern "C" __global__ void softmax_xent(const float* __restrict__ logits, const long long* __restrict__ labels,
-                                        float* __restrict__ grad, float* __restrict__ row_loss,
-                                        long long* __restrict__ label_error, int C, float inv_n) {
+                                        float* __restrict__ grad, float* row_loss, float* __restrict__ loss,
+                                        long long* __restrict__ label_error, unsigned int* done_blocks, int C,
+                                        float inv_n) {
   __shared__ float shared_m[THREADS / 32], shared_s[THREADS / 32];
   const long long row = blockIdx.x;
   const float* x = logits + row * C;
@@ -58,5 +77,18 @@ extern "C" __global__ void softmax_xent(const float* __restrict__ logits, const 
       atomicMin(&label_error[0], label);
       atomicMax(&label_error[1], label);
     }
+  }
+  if (!last_block_done(done_blocks)) return;
+  // The mean over the gridDim.x rows, in a fixed order: strided sums, then the warps, then warp 0.
+  float sum = 0.f;
+  for (long long r = threadIdx.x; r < gridDim.x; r += THREADS) sum += __ldcg(&row_loss[r]);
+  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  __syncthreads();  // shared_s is reused
+  if (lane == 0) shared_s[warp] = sum;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.f;
+    for (int w = 0; w < THREADS / 32; ++w) total += shared_s[w];
+    loss[0] = total * inv_n;
   }
 }

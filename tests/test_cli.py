@@ -66,7 +66,7 @@ def test_eval_mismatched_files(tmp_path):
 def test_cnn_train_and_eval(tmp_path, capsys):
     out = tmp_path / "cnn"
     assert main(["train", "--model", "cnn", "--steps", "30", "--device", "cpu", "--out", str(out), "--no-progress"]) == 0
-    assert "Conv2D(1, 6, kernel_size=5, stride=1, padding=2)" in capsys.readouterr().out
+    assert "Conv2D(1, 8, kernel_size=3, stride=1, padding=1)" in capsys.readouterr().out  # wide_cnn(width=8)
     x, y = gn.data.load_mnist_sample()
     gn.data.write_idx(tmp_path / "i.idx", x[-200:])
     gn.data.write_idx(tmp_path / "l.idx", y[-200:])

@@ -16,14 +16,19 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # Bottom to top. A name covers the module and everything below it; "gpunet" alone is the
 # package's __init__, which re-exports the public names of the layers under it.
 LAYERS = [
-    ("leaves", ["gpunet.files", "gpunet.errors", "gpunet.random", "gpunet.validate"]),  # no gpunet imports
+    ("leaves", ["gpunet.files", "gpunet.errors", "gpunet.random", "gpunet.validate", "gpunet.extras", "gpunet.paths",
+                "gpunet.preprocess"]),  # no gpunet imports
     ("backend", ["gpunet.backend"]),
-    ("layers", ["gpunet.layers", "gpunet.init", "gpunet.losses", "gpunet.optim"]),
+    # gpunet.distributed sits with the layers: it all-reduces their flat gradient buffers (gpunet.layers.flat),
+    # as gpunet.optim updates them, and the fit loop (train, above) calls it every step
+    ("layers", ["gpunet.layers", "gpunet.init", "gpunet.losses", "gpunet.optim", "gpunet.distributed"]),
     ("models and data", ["gpunet.models", "gpunet.data"]),
-    ("checkpoint/export", ["gpunet.checkpoint", "gpunet.history", "gpunet.summary", "gpunet.generate"]),
-    ("train", ["gpunet.train", "gpunet.loop", "gpunet.resume", "gpunet.divergence", "gpunet.runs", "gpunet.recipes"]),
+    ("checkpoint/export", ["gpunet.checkpoint", "gpunet.history", "gpunet.summary", "gpunet.generate",
+                           "gpunet.export"]),
+    ("train", ["gpunet.train", "gpunet.loop", "gpunet.cuda_graph", "gpunet.resume", "gpunet.divergence", "gpunet.runs", "gpunet.recipes",
+               "gpunet.callbacks"]),
     ("public api", ["gpunet"]),
-    ("tools", ["gpunet.parity", "gpunet.distributed", "gpunet.search", "gpunet.benchmarks"]),
+    ("tools", ["gpunet.parity", "gpunet.search", "gpunet.benchmarks", "gpunet.predict"]),
     ("cli", ["gpunet.cli", "gpunet.__main__"]),
 ]
 

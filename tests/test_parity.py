@@ -15,8 +15,8 @@ from tests.support.arrays import ON_STANDIN
 MODELS = ["mlp", "cnn", "rnn", "transformer"]
 # Small for the stand-in, whose kernels run in the CPU emulator; the same sizes on a real GPU.
 STEPS, BATCH = 3, 4
-# The rate parity.compare gets per model: None keeps the recipe's (mlp has dropout 0.1, cnn none);
-# rnn gets a Dropout on its output, the transformer's blocks their dropout. Three of four drop out.
+# The rate parity.compare gets per model: None keeps the recipe's (mlp has dropout 0.1, cnn 0.25);
+# rnn gets a Dropout on its output, the transformer's blocks their dropout. All four drop out.
 DROPOUT = {"mlp": None, "cnn": None, "rnn": 0.2, "transformer": 0.1}
 
 

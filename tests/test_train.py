@@ -24,7 +24,7 @@ def run(tmp_path=None, epochs=3, resume=False, seed=5, lr=0.05, dropout=0.2, **k
     opt = gn.optim.SGD(model, lr=lr, momentum=0.9)
     x, y = small_problem()
     history = gn.fit(model, (x, y), (x[:50], y[:50]), optimizer=opt, epochs=epochs, batch_size=32,
-                     schedule=gn.optim.CosineLR(opt, 4), out_dir=tmp_path, resume=resume, seed=seed,
+                     schedule=gn.optim.CosineLR(opt, 40), out_dir=tmp_path, resume=resume, seed=seed,
                      progress=False, restore_best=False, **kw)
     return model, history
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -16,9 +17,9 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as dump_tensors
 
-from gpunet.backend import to_numpy
+from gpunet.backend import Device, to_numpy
 from gpunet.files import atomic_write
-from gpunet.layers.base import build_layer
+from gpunet.layers.base import Layer, build_layer
 
 __all__ = ["load", "read_checkpoint", "save"]
 
@@ -37,10 +38,11 @@ def _stored_bytes(a: numpy.ndarray) -> memoryview:
     a = numpy.ascontiguousarray(a)
     if a.dtype.byteorder == ">" or (a.dtype.byteorder == "=" and not numpy.little_endian):
         a = a.astype(a.dtype.newbyteorder("<"))
-    return memoryview(a).cast("B")
+    return memoryview(a).cast("B")  # type: ignore[arg-type]  # numpy declares __buffer__ for Python 3.12+ only
 
 
-def save(model, path, extra_tensors: dict | None = None, extra_metadata: dict | None = None) -> Path:
+def save(model: Layer, path: str | os.PathLike[str], extra_tensors: dict | None = None,
+         extra_metadata: dict | None = None) -> Path:
     """Save model (weights, architecture, preprocessing) to one .safetensors file, atomically."""
     tensors = {name: numpy.array(to_numpy(a), order="C") for name, a in model.state_dict().items()}
     for name, a in (extra_tensors or {}).items():
@@ -129,7 +131,7 @@ def _verify(path, raw: bytes, data_start: int, header: dict, checksums) -> None:
                              f"{str(recorded[name])[:16]}): the file is damaged; use another copy or retrain")
 
 
-def load(path, device=None):
+def load(path: str | os.PathLike[str], device: str | Device | None = None) -> Layer:
     """Rebuild the model saved at path (on the CPU, or on `device`)."""
     weights, _, meta, verify = _read(path)
     try:

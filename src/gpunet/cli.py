@@ -1,4 +1,4 @@
-"""The command line: gpunet train | eval | generate | bench | parity | info (also `python -m gpunet`)."""
+"""The command line: gpunet train | eval | predict | generate | bench | parity | info (also `python -m gpunet`)."""
 from __future__ import annotations
 
 import argparse
@@ -9,13 +9,18 @@ import sys
 import numpy
 
 import gpunet as gn
-from gpunet import errors, runs, validate
+from gpunet import distributed, errors, extras, runs, validate
+from gpunet import predict as predict_command
 from gpunet.backend import device_info
+from gpunet.backend.devices import check_device_name
+from gpunet.distributed import command
 from gpunet.data import (TEXT_DATASETS, CharWindows, consecutive_windows, image_preprocess, load_dataset, read_idx,
                          text_preprocess)
+from gpunet.data import user as user_data
 from gpunet.generate import generate
 from gpunet.history import strict_json
 from gpunet.recipes import RECIPES, recipe
+from gpunet.search import command as search_command
 from gpunet.summary import summary
 
 
@@ -24,6 +29,17 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         raise errors.fail("", f"{self.prog}: {message} (usage: {self.prog} --help)", errors.USAGE)
+
+
+def _device_name(text: str) -> str:
+    try:
+        return check_device_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+DEVICE_OPTION = {"default": "auto", "type": _device_name, "metavar": "auto|cpu|gpu|gpu:N",
+                 "help": "gpu:N picks the N-th GPU CUDA shows (CUDA_VISIBLE_DEVICES chooses them; default: auto)"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,9 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", default="mlp", choices=sorted(RECIPES))
     t.add_argument("--dataset", default=None, choices=gn.data.DATASETS,
                    help="default: mnist-sample for mlp and cnn, shakespeare for rnn and transformer")
-    t.add_argument("--data-dir", default=None, help="where downloaded datasets are cached (default $GPUNET_DATA or ~/.cache/gpunet)")
+    t.add_argument("--data-dir", default=None, help="where downloaded datasets are cached (default $GPUNET_DATA, else $XDG_CACHE_HOME/gpunet or ~/.cache/gpunet)")
     t.add_argument("--download", action="store_true", help="download the dataset if it is missing")
-    t.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    t.add_argument("--data", default=None, metavar="PATH",
+                   help="your own data instead of --dataset: a folder with train_images and train_labels (.npy or "
+                        "IDX; optional val_images, val_labels) for mlp and cnn, a UTF-8 text file for rnn and transformer")
+    t.add_argument("--device", **DEVICE_OPTION)
     length = t.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=validate.cli_positive_int, default=None)
     length.add_argument("--steps", type=validate.cli_positive_int, default=None, help="optimizer steps instead of epochs")
@@ -47,7 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=validate.cli_seed, default=0)
     t.add_argument("--clip-norm", type=validate.cli_non_negative, default=None, metavar="X",
                    help="clip the gradient norm at X; 0 turns it off (default: 1.0 for rnn and transformer, off else)")
+    t.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
+                   help="on a GPU, capture the training step once as a CUDA graph and replay it (default: off)")
     t.add_argument("--val-fraction", type=validate.cli_fraction, default=0.1)
+    t.add_argument("--holdout", type=validate.cli_non_negative_int, default=0, metavar="N",
+                   help="keep the last N images of the dataset out of training and validation, and score the "
+                        "trained model on them at the end")
     t.add_argument("--early-stopping", type=validate.cli_positive_int, default=None, metavar="EVALS",
                    help="stop after this many evaluations without a better validation loss")
     t.add_argument("--out", default=None,
@@ -63,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint")
     e.add_argument("--images", required=True)
     e.add_argument("--labels", required=True)
-    e.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    e.add_argument("--device", **DEVICE_OPTION)
     e.add_argument("--batch-size", type=validate.cli_positive_int, default=1000)
 
     g = sub.add_parser("generate", help="sample text from a trained character-level model")
@@ -74,10 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=validate.cli_non_negative, default=0.8,
                    help="below 1 is more conservative; 0 is greedy")
     g.add_argument("--seed", type=validate.cli_seed, default=0)
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    g.add_argument("--device", **DEVICE_OPTION)
 
     b = sub.add_parser("bench", help="time gpunet against PyTorch on this machine (kernels and models)")
-    b.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    b.add_argument("--device", **DEVICE_OPTION)
     b.add_argument("--only", default=None, metavar="NAMES",
                    help="comma-separated parts of benchmark names, e.g. gemm,lstm")
     b.add_argument("--json", default=None, metavar="FILE")
@@ -85,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", default=None, metavar="FILE", help="bar chart of the ratios (PNG)")
     b.add_argument("--repeats", type=validate.cli_positive_int, default=None, help="timed rounds per side (default 7)")
     b.add_argument("--tiny", action="store_true", help="smallest sizes and 3 rounds: checks the harness in seconds")
+    b.add_argument("--ranks", type=validate.cli_positive_int, default=None, metavar="N",
+                   help="instead: data-parallel training samples/s at 1 and N ranks through mpiexec (the mpi extra)")
 
     p = sub.add_parser("parity", help="train on the CPU and on the GPU from one seed and compare them")
     p.add_argument("--model", default="mlp", choices=sorted(RECIPES))
@@ -95,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dropout rate for every dropout of the model; one on its output when it has none "
                         "(default: the recipe's own)")
 
+    search_command.add_parser(sub)
+    predict_command.add_parser(sub, DEVICE_OPTION)
     sub.add_parser("info", help="versions, devices and why a GPU is (un)usable")
     for command in sub.choices.values():
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -107,9 +135,10 @@ def main(argv=None) -> int:
     with status 2 for a wrong command line, 1 for anything else, 130 after Ctrl-C."""
     _tolerant_output()
     args = build_parser().parse_args(argv)
-    with errors.handled(args.command, _debug(args.debug)):
+    # ends_together: on several ranks, an error on only some of them ends the whole job (gpunet.distributed)
+    with distributed.ends_together(), errors.handled(args.command, _debug(args.debug)):
         validate.environment()
-        return {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "bench": cmd_bench,
+        return {"train": cmd_train, "search": search_command.run, "predict": predict_command.run, "eval": cmd_eval, "generate": cmd_generate, "bench": cmd_bench,
                 "parity": cmd_parity, "info": cmd_info}[args.command](args)
 
 
@@ -133,8 +162,11 @@ def _tolerant_output() -> None:
 
 def cmd_train(args) -> int:
     r = recipe(args.model)
-    dataset = args.dataset or r.dataset
-    if (dataset in TEXT_DATASETS) != (r.kind == "text"):
+    if args.data is not None and (args.dataset or args.data_dir or args.download):
+        raise errors.UsageError("--data trains on your own files; --dataset, --data-dir and --download pick a "
+                                "built-in dataset: give one or the other")
+    dataset = f"--data {os.path.abspath(args.data)}" if args.data is not None else args.dataset or r.dataset
+    if args.data is None and (dataset in TEXT_DATASETS) != (r.kind == "text"):
         wanted = "a text dataset (shakespeare)" if r.kind == "text" else "an image dataset (mnist-sample, mnist)"
         raise errors.UsageError(f"--model {args.model} needs {wanted}, not --dataset {dataset}")
     if args.resume and args.overwrite:
@@ -144,8 +176,13 @@ def cmd_train(args) -> int:
         raise NotADirectoryError(f"--data-dir {args.data_dir} is a file, not a folder")
     gn.manual_seed(args.seed)
     dev = _device(args)
+    world = distributed.init(dev.name)  # world size 1 unless started by mpiexec, srun or torchrun
+    command.quiet_other_ranks(world)
     print(f"device: {dev.name} ({dev.reason})")
-    run = runs.prepare(args.out, args.model, args.resume, args.overwrite)  # before any data is loaded
+    if world.world_size > 1:
+        print(f"world size: {world.world_size} ({world.backend}); each rank takes its share of every batch")
+    # before any data is loaded; rank 0 alone makes and locks the folder
+    run = command.run_folder(world, lambda: runs.prepare(args.out, args.model, args.resume, args.overwrite))
     try:
         return _train(args, r, dataset, dev, run)
     finally:
@@ -153,7 +190,10 @@ def cmd_train(args) -> int:
 
 
 def _train(args, r, dataset, dev, run) -> int:
-    ds = load_dataset(dataset, args.data_dir, args.download, args.val_fraction, args.seed)
+    if args.data is not None:  # the recipe adapts to the size of the user's images
+        ds, r = user_data.load(args.data, r, args.val_fraction, args.seed, args.holdout)
+    else:
+        ds = load_dataset(dataset, args.data_dir, args.download, args.val_fraction, args.seed, args.holdout)
     model = r.build(ds)
     if r.kind == "text":
         model.preprocess = text_preprocess(ds.vocabulary)
@@ -165,11 +205,12 @@ def _train(args, r, dataset, dev, run) -> int:
     print(summary(model, r.input_shape, r.input_dtype))
     steps = args.steps if args.steps or args.epochs else r.steps
     epochs = None if steps else (args.epochs or r.epochs)
-    optimizer = gn.optim.OPTIMIZERS[args.optimizer or r.optimizer](model, lr=args.lr or r.lr)
+    optimizer = r.make_optimizer(model, args.optimizer, args.lr)
     batch = args.batch_size or r.batch_size
     batches_per_epoch = -(-len(train) // batch)
     evals = epochs if epochs else max(1, min(20, steps // min(batches_per_epoch, 100)))
-    schedule = gn.optim.CosineLR(optimizer, t_max=evals) if r.schedule == "cosine" else None
+    total_steps = steps or epochs * batches_per_epoch  # the cosine decays over every optimizer step of the run
+    schedule = r.make_schedule(optimizer, total_steps)
     clip = r.clip_norm if args.clip_norm is None else (args.clip_norm or None)
     print(f"training {args.model} on {ds.name}: {len(train)} train / {len(val[0])} validation "
           f"{'windows' if r.kind == 'text' else 'samples'}, {'%d epochs' % epochs if epochs else '%d steps' % steps}, "
@@ -182,11 +223,16 @@ def _train(args, r, dataset, dev, run) -> int:
             history = gn.fit(model, train, val, optimizer=optimizer, epochs=epochs, steps=steps, batch_size=batch,
                              eval_every=None if epochs else max(1, steps // evals), schedule=schedule, clip_norm=clip,
                              early_stopping=args.early_stopping, out_dir=out, resume=args.resume, seed=args.seed,
-                             progress=False if args.no_progress else None,
-                             run_config={"model": args.model, "dataset": dataset, "val_fraction": args.val_fraction})
+                             progress=False if args.no_progress else None, cuda_graph=args.cuda_graph,
+                             run_config={"model": args.model, "dataset": dataset, "val_fraction": args.val_fraction,
+                                         **({"holdout": args.holdout} if args.holdout else {})})
     except gn.train.DeviceOutOfMemory as exc:
         raise SystemExit(f"gpunet train: {exc}") from None
     _report(history, out, " nats/char" if r.kind == "text" else "")
+    if args.holdout:  # the model of the lowest validation loss, as saved, on images it has never seen
+        held = gn.evaluate(model, ds.x_holdout, ds.y_holdout.astype("int64"))
+        print(f"held out: accuracy {held['accuracy']:.4f}  loss {held['loss']:.4f} on the last {args.holdout} "
+              f"images of {ds.name} (never trained or validated on)")
     return 0
 
 
@@ -258,13 +304,20 @@ def _num_classes(model, sample, dev) -> int:
 
 
 def cmd_bench(args) -> int:
-    from gpunet.benchmarks import report, runner
+    from gpunet.benchmarks import report, runner, scaling
+
+    if args.ranks:
+        print(f"gpunet bench --ranks {args.ranks}: data-parallel training on the CPU, samples/s")
+        print(scaling.table(scaling.run(args.ranks, steps=5 if args.tiny else 100)))
+        return 0
 
     try:
         import torch  # noqa: F401
     except ImportError:
         raise SystemExit("gpunet bench: every benchmark compares with PyTorch, which is not installed "
-                         "(pip install torch==2.13.0, or pip install -e '.[test]')") from None
+                         "(pip install 'gpunet[bench]'; the README says how to get its CPU build)") from None
+    if args.plot and not extras.present("matplotlib"):
+        raise errors.UsageError(f"--plot {args.plot} needs matplotlib, which is not installed (pip install 'gpunet[plot]')")
     dev = _device(args)
     skipped = []
     if dev.name == "cpu" and not gn.has_gpu():
@@ -308,7 +361,7 @@ def cmd_info(args) -> int:
     import numba
 
     print(f"gpunet {gn.__version__}; Python {platform.python_version()}; NumPy {numpy.__version__}; Numba {numba.__version__}")
-    for line in device_info():
+    for line in device_info() + extras.optional_parts():
         print(line)
     return 0
 

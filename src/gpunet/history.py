@@ -9,9 +9,16 @@ import csv
 import io
 import json
 import math
+import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from gpunet import extras
 from gpunet.files import atomic_write
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def strict_record(record: dict) -> dict:
@@ -73,15 +80,32 @@ class History:
         atomic_write(out / "metrics.csv", text.getvalue().encode())
         return [out / "history.json", out / "metrics.csv"]
 
-    def plot(self, path) -> None:
-        """Loss curves (and validation accuracy when present) against the step, as a PNG written
-        atomically. matplotlib's global backend and state are untouched (no pyplot)."""
-        buffer = io.BytesIO()
-        self.figure().savefig(buffer, format="png", dpi=100)
-        atomic_write(path, buffer.getvalue())
+    def plot(self, path: str | os.PathLike[str] | None = None, *, inline: bool = False) -> Figure:
+        """Loss curves (and validation accuracy when present) against the step: written to path as
+        a PNG (atomically) when given, shown in the notebook when inline=True, and returned as a
+        Figure of its own. matplotlib's global backend and state are untouched (no pyplot)."""
+        fig = self.figure()
+        if path is not None or inline:
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=100)
+            if path is not None:
+                atomic_write(path, buffer.getvalue())
+            if inline:
+                _show_inline(buffer.getvalue())
+        return fig
 
-    def figure(self):
+    def save_plot(self, path: str | os.PathLike[str], log: Callable[[str], object] = print) -> bool:
+        """plot(path), or one line saying why not when matplotlib (the `plot` extra) is missing."""
+        if not has_matplotlib():
+            log(f"{Path(path).name} skipped: matplotlib is not installed (pip install 'gpunet[plot]')")
+            return False
+        self.plot(path)
+        return True
+
+    def figure(self) -> Figure:
         """The plot as a matplotlib Figure of its own; a single evaluation is drawn as points."""
+        if not has_matplotlib():
+            raise ImportError("History.figure: matplotlib is not installed (pip install 'gpunet[plot]')")
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
@@ -108,3 +132,18 @@ class History:
 
 def _floats(values) -> list[float]:
     return [math.nan if v is None else float(v) for v in values]
+
+
+def has_matplotlib() -> bool:
+    """Whether matplotlib (the `plot` extra) can be imported; it is imported only when drawing."""
+    return extras.present("matplotlib")
+
+
+def _show_inline(png: bytes) -> None:
+    """Show a PNG in the notebook (IPython's display), whatever matplotlib backend is selected."""
+    try:
+        from IPython.display import Image, display
+    except ImportError:
+        raise ImportError("History.plot(inline=True): IPython is not installed; it shows plots in a notebook "
+                          "(pass a path to write a PNG instead)") from None
+    display(Image(data=png, format="png"))

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy
 from tqdm.auto import tqdm
 
-from gpunet import checkpoint, random, resume as resuming
+from gpunet import callbacks, checkpoint, distributed, random, resume as resuming
 from gpunet.backend import ops_for_device, to_device
 from gpunet.data.pipeline import apply_preprocess, minibatches
 from gpunet.divergence import DivergenceWatch, first_non_finite_tensor
@@ -55,6 +55,10 @@ class _Run:
     state: LoopState = field(default_factory=LoopState)
     history: History = field(default_factory=History)
     written: list = field(default_factory=list)  # the files this run wrote
+    callbacks: list = field(default_factory=list)  # gpunet.callbacks: on_step, on_evaluation
+    step_lr: float | None = None  # the learning rate of the last step taken (the schedule moved on after it)
+    parallel: object = field(default_factory=distributed.replicas)  # this process's share of a data-parallel run
+    graph: object = None  # a gpunet.cuda_graph.GraphedStep when the step is replayed as a CUDA graph
 
     @property
     def monitor(self) -> str:
@@ -95,12 +99,14 @@ class _Run:
         xp = _xp(self.model)
         watch = DivergenceWatch(xp)
         self.model.train()
-        bar = tqdm(total=self._planned_steps(), initial=s.step, disable=(None if progress is None else not progress),
-                   unit="step", dynamic_ncols=True)
+        bar = tqdm(total=self._planned_steps(), initial=s.step, unit="step", dynamic_ncols=True,
+                   disable=(None if progress is None else not progress) if self.parallel.writes else True)
+        self.parallel.start(self.model, self.seed)  # rank 0's weights on every rank; per-rank dropout streams
         started, batches = time.perf_counter(), self._batches()
         stop = self.done()
         while not stop:
             value = self._step(next(batches), xp)
+            self._after_step(value)
             watch.observe(value, s.step)  # on a GPU a device-side record: no wait here
             bar.update(1)
             evaluate = self._evaluation_due()
@@ -109,8 +115,11 @@ class _Run:
                 self._check_finite(watch)  # a bad step is named before an evaluation can see its weights
                 bar.set_postfix(loss=f"{current:.4f}", refresh=False)
             if evaluate:
-                stop = self._after_evaluation(self._evaluation(started)) or self.done()
-            if interrupted.is_set() and not stop:  # Ctrl-C: save what a resume needs after this step, then stop
+                record = self._evaluation(started)
+                stop = self._after_evaluation(record) | callbacks.evaluation(self.callbacks, record) or self.done()
+            # Ctrl-C: save what a resume needs after this step, then stop (with several ranks: all at the same step,
+            # agreed at evaluations and every 25 steps)
+            if not stop and self.parallel.any(interrupted.is_set(), now=evaluate or s.step % 25 == 0):
                 self._interrupt(watch)
         bar.close()
 
@@ -126,32 +135,58 @@ class _Run:
     def _step(self, idx, xp):
         """One optimizer step on the samples idx; returns the loss (a device scalar on a GPU)."""
         s, model = self.state, self.model
-        xb, yb = self.data.get(idx, numpy.random.default_rng([self.seed, s.epoch, s.batch]))
+        everyone, idx = idx, self.parallel.share(idx)  # this rank's share of the global batch
+        xb, yb = self.data.get(idx, numpy.random.default_rng(self.parallel.stream(self.seed, s.epoch, s.batch)))
         random.set_step(s.step)  # dropout masks: a function of (seed, step, layer, element), so a resume redraws them
         try:
-            xb = apply_preprocess(model.preprocess, to_device(xb, model.device), xp)
-            value, grad = LOSSES[self.loss](model.forward(xb), to_device(yb, model.device))
-            model.backward_params(grad)  # parameter gradients; nobody reads the input gradient
-            if self.clip_norm:
-                clip_grad_norm(model, self.clip_norm)
-            self.optimizer.step()
+            if self.graph is not None and self.graph.active:  # replayed (after its first step on a batch shape)
+                value = self.graph.run(xb, yb)
+            else:
+                value = self._device_step(*(to_device(b, model.device) if len(idx) else None for b in (xb, yb)),
+                                          len(idx), len(everyone))
         except Exception as exc:
             if type(exc).__name__ == "OutOfMemoryError":  # cupy.cuda.memory.OutOfMemoryError
                 raise DeviceOutOfMemory(f"the GPU ran out of memory in step {s.step + 1} with a batch of "
                                         f"{len(idx)} ({exc}); try a smaller batch size (--batch-size)") from exc
             raise
         s.running, s.running_count = s.running + value, s.running_count + 1
-        s.step, s.batch, s.sample = s.step + 1, s.batch + 1, s.sample + len(idx)
+        s.step, s.batch, s.sample = s.step + 1, s.batch + 1, s.sample + len(everyone)
         return value
+
+    def _device_step(self, xb, yb, count: int | None = None, total: int | None = None):
+        """Forward, loss, backward, the gradients combined across ranks, clipping and the optimizer
+        on a batch already on the device (raw: preprocessed here); returns the loss. All of it
+        device work, so a CUDA graph can capture it (count and total: this rank's samples and the
+        global batch's, for the all-reduce; None: the batch's own)."""
+        model = self.model
+        value = None
+        if count is None or count:  # (a batch smaller than the world leaves a rank no sample)
+            x = apply_preprocess(model.preprocess, xb, _xp(model))
+            value, grad = LOSSES[self.loss](model.forward(x), yb)
+            model.backward_params(grad)  # parameter gradients; nobody reads the input gradient
+        if count is not None:
+            value = self.parallel.combine(model, value, count, total)  # one all-reduce of the gradients
+        if self.clip_norm:
+            clip_grad_norm(model, self.clip_norm)
+        self.optimizer.step()
+        return value
+
+    def _after_step(self, value) -> None:
+        """The schedule advances once per optimizer step; then the callbacks' on_step."""
+        self.step_lr = self.optimizer.lr
+        if self.schedule is not None:
+            self.schedule.step()
+        callbacks.step(self.callbacks, self.state.step, value)
 
     def _evaluation(self, started) -> dict:
         """The record of an evaluation at this step, added to the history (raises if not finite)."""
         s = self.state
         record = {"step": s.step, "epoch": s.epoch + 1, "train_loss": item(s.running) / s.running_count,
-                  "val_loss": None, "lr": self.optimizer.lr, "seconds": round(time.perf_counter() - started, 3)}
+                  "val_loss": None, "lr": self.step_lr, "seconds": round(time.perf_counter() - started, 3),
+                  "world_size": self.parallel.world_size}
         if self.val is not None:
-            result = (_evaluate(self.model, *self.val, self.loss, None) if isinstance(self.val, tuple)
-                      else self.val.evaluate(self.model, self.loss))
+            result = (self.parallel.evaluate(_evaluate, self.model, *self.val, self.loss)  # (sums over the ranks)
+                      if isinstance(self.val, tuple) else self.val.evaluate(self.model, self.loss))
             record["val_loss"] = result["loss"]
             if "accuracy" in result:
                 record["val_accuracy"] = result["accuracy"]
@@ -161,10 +196,8 @@ class _Run:
         return record
 
     def _after_evaluation(self, record) -> bool:
-        """The schedule, the best and last checkpoints, early stopping; True: stop training."""
+        """The best and last checkpoints, early stopping; True: stop training."""
         s = self.state
-        if self.schedule is not None:
-            self.schedule.step()
         improved = record[self.monitor] < s.best_loss
         if improved:
             s.best_loss, s.stale, s.best_step = record[self.monitor], 0, s.step
@@ -192,8 +225,7 @@ class _Run:
         history.best_step, history.written = self.state.best_step, self.written
         if out is not None:
             history.written += history.write(out)
-            if len(history):
-                history.plot(out / "history.png")
+            if len(history) and history.save_plot(out / "history.png"):
                 history.written.append(out / "history.png")
         if restore_best and out is not None and self.val is not None and history.best_step is not None \
                 and (out / "model.safetensors").exists():

@@ -3,10 +3,10 @@
 that mean with respect to the first argument."""
 from __future__ import annotations
 
-from gpunet.backend import ops_for
+from gpunet.backend import Array, ops_for
 
 
-def item(loss) -> float:
+def item(loss: Array | float) -> float:
     """The loss as a Python float, after raising any error its computation flagged on the device.
 
     On the GPU an out-of-range label cannot raise inside the step without making the host wait
@@ -17,7 +17,7 @@ def item(loss) -> float:
     return float(loss)
 
 
-def softmax_cross_entropy(logits, labels):
+def softmax_cross_entropy(logits: Array, labels: Array) -> tuple[Array, Array]:
     """Cross-entropy of softmax(logits) over the last axis.
 
     logits: (B, C) or (B, T, C) floats. labels: int class ids (B,) or (B, T), or float
@@ -45,7 +45,7 @@ def softmax_cross_entropy(logits, labels):
     return loss, grad.reshape(logits.shape)
 
 
-def mse(y, target):
+def mse(y: Array, target: Array) -> tuple[Array, Array]:
     """Mean squared error over all elements."""
     ops_for(y, target, op="mse")
     _same_shape("mse", y, target)
@@ -53,7 +53,7 @@ def mse(y, target):
     return (diff * diff).mean(), diff * (2.0 / diff.size)
 
 
-def binary_cross_entropy_with_logits(logits, target):
+def binary_cross_entropy_with_logits(logits: Array, target: Array) -> tuple[Array, Array]:
     """Mean binary cross-entropy of sigmoid(logits) against targets in [0, 1], computed stably."""
     ops = ops_for(logits, target, op="binary_cross_entropy_with_logits")
     _same_shape("binary_cross_entropy_with_logits", logits, target)

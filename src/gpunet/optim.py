@@ -11,14 +11,25 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
+from typing import Any
 
 from gpunet import validate
-from gpunet.backend import ops_for, ops_for_device, to_device, to_numpy
+from gpunet.backend import Array, ops_for, ops_for_device, to_device, to_numpy
+from gpunet.backend.ops import adam_scalars
+from gpunet.layers.base import Layer
 from gpunet.layers.flat import flat_parameters
 
 
 class Optimizer:
-    def __init__(self, model, lr: float, **hyper):
+    model: Layer
+    lr: float
+    hyper: dict[str, Any]
+    step_count: int
+    _buffers: Any
+    _update: Callable[..., None]  # each optimizer's update of one flat group
+
+    def __init__(self, model: Layer, lr: float, **hyper: Any) -> None:
         name = type(self).__name__
         if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"{name}: lr must be positive and finite, got {lr!r}")
@@ -34,6 +45,7 @@ class Optimizer:
                     validate.finite(f"{name}: betas[{i}]", beta, low=0, high=1, high_open=True)
         self.model, self.lr, self.hyper = model, float(lr), hyper
         self.step_count = 0
+        self.device_scalars = None  # set while a CUDA graph captures a step: the kernels read step_scalars() there
         self.state: dict[str, dict] = {}  # name -> slot -> array (views of the flat state buffers)
         self._buffers = None  # (the FlatParameters they are laid out for, [{slot: buffer} per group])
         self._fresh: set[str] = set()  # parameters whose state started from zero at the last rebuild
@@ -42,6 +54,11 @@ class Optimizer:
     def slots(self) -> tuple[str, ...]:
         """The names of the state this optimizer keeps per parameter."""
         return ()
+
+    def step_scalars(self) -> list[float]:
+        """What the update kernels read from device_scalars in the next step (step_count + 1) of a
+        replayed CUDA graph, whose kernel arguments stay as captured: the learning rate."""
+        return [self.lr]
 
     def step(self) -> None:
         self.step_count += 1
@@ -90,13 +107,14 @@ class Optimizer:
 class SGD(Optimizer):
     """torch.optim.SGD: L2 weight decay added to the gradient, momentum, Nesterov."""
 
-    def __init__(self, model, lr, momentum=0.0, weight_decay=0.0, nesterov=False, dampening=0.0):
+    def __init__(self, model: Layer, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
+                 dampening: float = 0.0) -> None:
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("SGD: Nesterov momentum needs momentum > 0 and dampening = 0")
         super().__init__(model, lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                          dampening=dampening)
 
-    def slots(self):
+    def slots(self) -> tuple[str, ...]:
         return ("momentum_buffer",) if self.hyper["momentum"] else ()
 
     def _update(self, group, state):
@@ -106,10 +124,12 @@ class SGD(Optimizer):
         args = (self.lr, h["momentum"], h["dampening"], h["weight_decay"], h["nesterov"])
         ops = ops_for(group.param, group.grad, op="SGD.step")
         if velocity is None or all(fresh) or not any(fresh):  # one pass over every parameter
-            ops.sgd_update(group.param, group.grad, velocity, *args, velocity is not None and all(fresh))
+            ops.sgd_update(group.param, group.grad, velocity, *args, velocity is not None and all(fresh),
+                           self.device_scalars)
             return
         for i, first in enumerate(fresh):  # some momentum loaded, some new (a partial state_dict): one by one
-            ops.sgd_update(group.view(group.param, i), group.view(group.grad, i), group.view(velocity, i), *args, first)
+            ops.sgd_update(group.view(group.param, i), group.view(group.grad, i), group.view(velocity, i), *args, first,
+                           self.device_scalars)
 
 
 class Adam(Optimizer):
@@ -117,17 +137,24 @@ class Adam(Optimizer):
 
     decoupled = False
 
-    def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    def __init__(self, model: Layer, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0) -> None:
         super().__init__(model, lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
 
-    def slots(self):
+    def slots(self) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq")
 
     def _update(self, group, state):
         h = self.hyper
         ops_for(group.param, group.grad, op=f"{type(self).__name__}.step").adam_update(
             group.param, group.grad, state["exp_avg"], state["exp_avg_sq"],
-            self.lr, h["betas"][0], h["betas"][1], h["eps"], h["weight_decay"], self.decoupled, self.step_count)
+            self.lr, h["betas"][0], h["betas"][1], h["eps"], h["weight_decay"], self.decoupled, self.step_count,
+            self.device_scalars)
+
+    def step_scalars(self) -> list[float]:
+        """The learning rate and the bias corrections of the next step (see Optimizer.step_scalars)."""
+        beta1, beta2 = self.hyper["betas"]
+        return list(adam_scalars(self.lr, beta1, beta2, self.step_count + 1))
 
 
 class AdamW(Adam):
@@ -135,7 +162,8 @@ class AdamW(Adam):
 
     decoupled = True
 
-    def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+    def __init__(self, model: Layer, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01) -> None:
         super().__init__(model, lr, betas, eps, weight_decay)
 
 
@@ -143,15 +171,17 @@ OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
 
 
 class StepLR:
-    """Multiply the learning rate by gamma every step_size calls of step()."""
+    """Multiply the learning rate by gamma every step_size optimizer steps, as
+    torch.optim.lr_scheduler.StepLR stepped once per optimizer step (fit calls step() after each)."""
 
-    def __init__(self, optimizer, step_size: int, gamma: float = 0.1):
+    def __init__(self, optimizer: Optimizer, step_size: int, gamma: float = 0.1) -> None:
         validate.positive_int(f"{type(self).__name__}: step_size", step_size)
         validate.finite(f"{type(self).__name__}: gamma", gamma, low=0, low_open=True)
         self.optimizer, self.step_size, self.gamma = optimizer, step_size, gamma
-        self.base_lr, self.count = optimizer.lr, 0
+        self.base_lr, self.count = optimizer.lr, 0  # count: optimizer steps taken
 
     def lr_at(self, count: int) -> float:
+        """The learning rate of optimizer step `count` (0 is the first)."""
         return self.base_lr * self.gamma ** (count // self.step_size)
 
     def step(self) -> None:
@@ -160,14 +190,18 @@ class StepLR:
 
 
 class CosineLR(StepLR):
-    """Cosine annealing from the base rate to eta_min over t_max calls of step(), as
-    torch.optim.lr_scheduler.CosineAnnealingLR's closed form; optional linear warm-up."""
+    """Optional linear warm-up over `warmup` optimizer steps (base_lr * (k+1) / warmup at step k),
+    then cosine annealing from the base rate to eta_min over the remaining t_max - warmup steps, as
+    torch's CosineAnnealingLR closed form (after LinearLR, in a SequentialLR, with warm-up); eta_min
+    from step t_max on. t_max counts every optimizer step of the run, warm-up included."""
 
-    def __init__(self, optimizer, t_max: int, eta_min: float = 0.0, warmup: int = 0):
+    def __init__(self, optimizer: Optimizer, t_max: int, eta_min: float = 0.0, warmup: int = 0) -> None:
         validate.finite("CosineLR: eta_min", eta_min, low=0)
         validate.non_negative_int("CosineLR: warmup", warmup)
         if isinstance(t_max, bool) or not isinstance(t_max, int):
             raise ValueError(f"CosineLR: t_max must be an integer, got {t_max!r}")
+        if warmup and warmup >= t_max:
+            raise ValueError(f"CosineLR: warmup ({warmup} steps) must be shorter than t_max ({t_max} steps)")
         super().__init__(optimizer, step_size=1)
         self.t_max, self.eta_min, self.warmup = max(1, t_max), eta_min, warmup
         if warmup:
@@ -176,11 +210,12 @@ class CosineLR(StepLR):
     def lr_at(self, count: int) -> float:
         if count < self.warmup:
             return self.base_lr * (count + 1) / self.warmup
-        t = min(count, self.t_max)
-        return self.eta_min + (self.base_lr - self.eta_min) * (1 + math.cos(math.pi * t / self.t_max)) / 2
+        span = self.t_max - self.warmup
+        t = min(count - self.warmup, span)
+        return self.eta_min + (self.base_lr - self.eta_min) * (1 + math.cos(math.pi * t / span)) / 2
 
 
-def clip_grad_norm(model, max_norm: float):
+def clip_grad_norm(model: Layer, max_norm: float) -> Array | float:
     """Scale all gradients so their global L2 norm is at most max_norm; returns the norm
     before clipping as a 0-d array (on the device: no host synchronisation). One reduction over
     the model's flat gradient buffer; on a GPU the scale is computed and applied on the device."""

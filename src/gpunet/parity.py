@@ -17,9 +17,18 @@ from gpunet.layers import Dropout, Sequential, build_layer
 from gpunet.recipes import recipe
 
 
-def relative_difference(a, b) -> float:
+def relative_difference(a, b, floor: float = 1e-12) -> float:
+    """The largest absolute difference over the largest magnitude of b (or floor, if larger)."""
     a, b = to_numpy(a).astype("float64"), to_numpy(b).astype("float64")
-    return float(numpy.abs(a - b).max() / max(numpy.abs(b).max(), 1e-12)) if a.size else 0.0
+    return float(numpy.abs(a - b).max() / max(numpy.abs(b).max(), floor)) if a.size else 0.0
+
+
+def _gradient_differences(first: dict, second: dict) -> dict:
+    """Per parameter, relative_difference on the scale of at least 1% of the step's largest gradient:
+    a gradient that is exactly 0 in exact arithmetic (a bias before a batch norm) holds only
+    rounding noise, which measured against itself would read as a 100% difference."""
+    scale = max((float(numpy.abs(to_numpy(g)).max()) for g in first.values() if g.size), default=0.0)
+    return {k: relative_difference(second[k], first[k], max(1e-2 * scale, 1e-12)) for k in first}
 
 
 def model_and_batches(name: str, steps: int, batch_size: int | None, seed: int, dropout: float | None = None):
@@ -111,7 +120,7 @@ def compare(name: str, steps: int = 20, devices=("cpu", "gpu"), batch_size: int 
     layers = [f"{i}: {layer.describe()}" for i, layer in enumerate(model.layers)]
     # per step: [layer or parameter] -> relative difference of the second device from the first
     activations = [[relative_difference(y, x) for x, y in zip(a[1], b[1])] for a, b in zip(first, second)]
-    grads = [{k: relative_difference(b[2][k], a[2][k]) for k in a[2]} for a, b in zip(first, second)]
+    grads = [_gradient_differences(a[2], b[2]) for a, b in zip(first, second)]
     return {"model": name, "devices": list(devices), "dropout": dropout, "layers": layers,
             "activation_diff": [max(step[i] for step in activations) for i in range(len(layers))],
             "grad_diff": {k: max(step[k] for step in grads) for k in first[0][2]},

@@ -109,7 +109,7 @@ def save_last(out, model, optimizer, schedule, *, state: LoopState, history: His
     """Write out/last.safetensors: everything restore needs to go on exactly from state."""
     arrays, meta = optimizer.state_dict()
     training = {"state": state.to_json(), "optimizer": meta, "rng": random.get_state(),
-                "schedule": getattr(schedule, "count", None), "history": history.records, "config": config}
+                "schedule": getattr(schedule, "count", None), "schedule_unit": "step", "history": history.records, "config": config}
     checkpoint.save(model, out / "last.safetensors", extra_tensors=arrays, extra_metadata={"training": training})
 
 
@@ -143,6 +143,10 @@ def restore(out, model, optimizer, schedule, *, config: dict, log=print,
     random.set_state(training["rng"])
     if schedule is not None and training["schedule"] is not None:
         schedule.count = training["schedule"]
+        if training.get("schedule_unit") != "step":  # saved when schedules advanced once per evaluation
+            schedule.count = int(training["state"]["step"])
+            log(f"resume: {path} was saved when learning-rate schedules advanced once per evaluation; the "
+                f"schedule now advances every optimizer step and goes on from step {schedule.count}")
         optimizer.lr = schedule.lr_at(schedule.count)
     elif saved is not None and saved.get("lr") != config.get("lr"):
         optimizer.lr = new_lr

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Any
 
 import numpy
 
-from gpunet import resume as resuming, validate
+from gpunet import cuda_graph, distributed, resume as resuming, validate
+from gpunet.callbacks import check as check_callbacks
 from gpunet.data.pipeline import random_shift
 from gpunet.history import History
+from gpunet.layers import Layer
 # re-exported: the loop raises them, callers catch them from here
 from gpunet.loop import DeviceOutOfMemory, TrainingDiverged, TrainingInterrupted, _evaluate, _Run  # noqa: F401
 from gpunet.losses import LOSSES
+from gpunet.optim import Optimizer
 from gpunet.runs import FIT_OPTIONS, open_run
 
 
@@ -54,11 +58,11 @@ def evaluate(model, x, y, loss="softmax_cross_entropy", batch_size: int | None =
     return _evaluate(model, x, y, loss, batch_size)
 
 
-def fit(model, train, val=None, *, optimizer, loss: str = "softmax_cross_entropy", epochs: int | None = None,
+def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss: str = "softmax_cross_entropy", epochs: int | None = None,
         steps: int | None = None, batch_size: int = 128, eval_every: int | None = None, schedule=None,
         clip_norm: float | None = None, early_stopping: int | None = None, out_dir=None, resume: bool = False,
         seed: int = 0, progress: bool | None = None, restore_best: bool = True, run_config: dict | None = None,
-        log=print, overwrite: bool = False) -> History:
+        log=print, overwrite: bool = False, callbacks: list | None = None, cuda_graph: bool = False) -> History:
     """Train model in place and return its History.
 
     train: (x, y) raw arrays (the model's preprocess is applied per batch) or an object with
@@ -66,7 +70,9 @@ def fit(model, train, val=None, *, optimizer, loss: str = "softmax_cross_entropy
     returning {"loss": ..., ["accuracy": ...]}. Stops after `epochs` (counted in samples served, so a
     resume with another batch size still ends at the last epoch's end) or after `steps` optimizer
     steps; evaluates at each epoch end, or every `eval_every` steps, and at the end. schedule.step() is called
-    after each evaluation. The monitored loss is val_loss, or train_loss (the mean since the
+    after each optimizer step (gpunet.optim.CosineLR's t_max and warmup count optimizer steps).
+    callbacks: objects with on_step(step, loss) and/or on_evaluation(record) (see gpunet.callbacks); an
+    on_evaluation returning True stops training after that evaluation. The monitored loss is val_loss, or train_loss (the mean since the
     previous evaluation) without val; early_stopping: evaluations without a lower one before stopping.
     With out_dir: history.json, metrics.csv, history.png, model.safetensors (the model of the lowest
     monitored loss) and last.safetensors (everything needed to resume). An out_dir that already holds
@@ -78,6 +84,8 @@ def fit(model, train, val=None, *, optimizer, loss: str = "softmax_cross_entropy
     resume: the hyper-parameters are compared with the saved run's (see gpunet.resume); run_config
     adds the caller's own (model, dataset, ...) to that comparison; log prints what is applied.
     restore_best: with val and out_dir, the model ends with the weights of model.safetensors.
+    cuda_graph: on a GPU, capture the step once per batch shape and replay it (gpunet.cuda_graph);
+    a step that cannot be captured trains eagerly, after one line from log saying why.
     The History returned has .best_step (of the saved model, or None) and .written (the files).
     """
     _check_arguments(loss, epochs, steps, batch_size, eval_every, early_stopping, seed, clip_norm)
@@ -86,15 +94,22 @@ def fit(model, train, val=None, *, optimizer, loss: str = "softmax_cross_entropy
                          "of them")
     if resume and out_dir is None:
         raise ValueError("fit: resume=True needs out_dir, the folder of the run to continue")
+    hooks = check_callbacks(callbacks)
     data = ArrayData(*train) if isinstance(train, tuple) else train
     _check_data(model, data, val)
     out = Path(out_dir) if out_dir is not None else None
+    parallel = distributed.replicas(model.device)  # world size 1 without a launcher (mpiexec, srun, torchrun)
+    if not parallel.writes:  # only rank 0 writes the run folder and logs; the others read it to resume
+        log = _quiet
     run = _Run(model, data, val, optimizer, schedule, loss=loss, batch_size=batch_size, seed=seed, epochs=epochs,
-               steps=steps, eval_every=eval_every, clip_norm=clip_norm, patience=early_stopping, out=out)
+               steps=steps, eval_every=eval_every, clip_norm=clip_norm, patience=early_stopping,
+               out=out if parallel.writes else None, callbacks=hooks, parallel=parallel)
+    if cuda_graph:
+        run.graph = _graphed_step(run, log)
     # out_dir: checked as `gpunet train` checks --out (a run there is refused unless resumed or moved aside),
     # locked (re-entrant: `gpunet train` holds it already), a dead run's temporaries removed
-    folder = open_run(out, resume, overwrite, log, FIT_OPTIONS) if out is not None else contextlib.nullcontext()
-    with folder, resuming.stop_on_interrupt(out is not None) as interrupted:
+    folder = open_run(out, resume, overwrite, log, FIT_OPTIONS) if run.out is not None else contextlib.nullcontext()
+    with folder, resuming.stop_on_interrupt(out is not None) as interrupted, distributed.ends_together():
         run.config = resuming.run_config(model, optimizer, schedule, loss=loss, seed=seed, batch_size=batch_size,
                                          clip_norm=clip_norm, eval_every=eval_every,  # as given: None, epoch ends
                                          early_stopping=early_stopping, extra=run_config)
@@ -105,7 +120,13 @@ def fit(model, train, val=None, *, optimizer, loss: str = "softmax_cross_entropy
                 log(f"resume: the run is already at step {run.state.step}, which reaches the {run.length()} asked "
                     "for; nothing to train (ask for more steps or epochs)")
         run.train(progress, interrupted)
-        return run.finish(restore_best)
+        history = run.finish(restore_best)
+        parallel.barrier()  # no rank returns (and reads the folder) before rank 0 has written it
+        return history
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
 
 
 def _check_arguments(loss, epochs, steps, batch_size, eval_every, early_stopping, seed, clip_norm) -> None:
@@ -137,3 +158,12 @@ def _check_data(model, data, val) -> None:
         validate.finite_array(x, "validation data")
         validate.finite_array(y, "validation data", "targets")
         validate.images(x, model.preprocess, "validation data")
+
+
+def _graphed_step(run, log):
+    """The GraphedStep that replays run's step, or None (with one line from log) when it cannot."""
+    reason = cuda_graph.why_not(run.model, run.optimizer, run.parallel.world_size)
+    if reason is not None:
+        log(f"cuda graph: off, training eagerly: {reason}")
+        return None
+    return cuda_graph.GraphedStep(run._device_step, run.optimizer, log)

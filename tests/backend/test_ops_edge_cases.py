@@ -143,6 +143,20 @@ def _zero_size_cases():
             return [*outs, dc, dgates]
         return run
 
+    def lstm_step(batch, hidden):
+        def run(ops, put):
+            outs = [put(numpy.zeros((batch, 4 * hidden), "float32"))] + [
+                put(numpy.zeros((batch, hidden), "float32")) for _ in range(3)]
+            ops.lstm_step(put(f32(batch, 4 * hidden)), put(f32(hidden, 4 * hidden)), put(f32(batch, hidden)),
+                          put(f32(batch, hidden)), *outs)
+            dc, dgates = put(f32(batch, hidden)), put(numpy.zeros((batch, 4 * hidden), "float32"))
+            for later in (None, put(f32(batch, 4 * hidden))):  # the last step, then one before it
+                ops.lstm_step_backward(put(f32(batch, hidden)), later, put(f32(4 * hidden, hidden)), dc,
+                                       put(f32(batch, 4 * hidden)), put(f32(batch, hidden)), put(f32(batch, hidden)),
+                                       dgates)
+            return [*outs, dc, dgates]
+        return run
+
     def optimizer(name):
         def run(ops, put):
             param, grad, m, v = (put(numpy.zeros(0, "float32")) for _ in range(4))
@@ -163,6 +177,11 @@ def _zero_size_cases():
         ops.embedding_backward(put(numpy.zeros((0, 4), "int64")), put(f32(0, 4, 5)), grad_weight)
         return [grad_weight]
 
+    def embed_backward(ops, put):
+        grads = put(numpy.full((7, 5), 3.0, "float32")), put(numpy.full((6, 5), 3.0, "float32"))
+        ops.embed_backward(put(numpy.zeros((0, 4), "int64")), put(f32(0, 4, 5)), *grads)
+        return list(grads)
+
     conv = ((3, 3), (1, 1), (1, 1))
     return {
         "erf": [("batch", lambda ops, put: [ops.erf(put(f32(0, 5)))])],
@@ -182,22 +201,45 @@ def _zero_size_cases():
         "max_pool_backward": [(s, lambda ops, put, s=s: [ops.max_pool_backward(
             put(f32(s[0], s[1], 2, 2)), put(numpy.zeros((s[0], s[1], 2, 2), "int32")), s, (2, 2), (2, 2))])
             for s in ((0, 2, 4, 4), (2, 0, 4, 4))],
+        "conv_epilogue": [(s, lambda ops, put, s=s: [ops.conv_epilogue(put(f32(*s)), put(f32(s[0])), "relu")])
+                          for s in ((3, 0, 4), (0, 2, 4), (3, 2, 0))],
+        "conv_bias_act_backward": [(s, lambda ops, put, s=s: [ops.conv_bias_act_backward(
+            put(f32(*s)), put(f32(*s)), "relu", g := put(numpy.zeros(s[1], "float32"))), g])
+            for s in ((0, 3, 2, 2), (2, 3, 0, 2))],
+        "conv2d_relu_pool": [(s, lambda ops, put, s=s: list(ops.conv2d_relu_pool(
+            put(f32(*s)), put(f32(3, s[1], 2, 2)), put(f32(3)), (1, 1), (0, 0), (2, 2))[:3]))
+            for s in ((0, 2, 5, 5), (2, 0, 5, 5))],
+        "conv2d_relu_pool_backward": [("batch", lambda ops, put: [ops.conv2d_relu_pool_backward(
+            put(f32(0, 3, 2, 2)), put(f32(0, 3, 2, 2)), put(numpy.zeros((0, 3, 2, 2), "int32")), put(f32(0, 18)),
+            (0, 2, 5, 5), (0, 3, 4, 4), put(f32(3, 2, 3, 3)), gw := put(numpy.zeros((3, 2, 3, 3), "float32")),
+            gb := put(numpy.zeros(3, "float32")), (1, 1), (0, 0), (2, 2)), gw, gb])],
         "softmax_cross_entropy": [("batch", softmax_cross_entropy)],
         "check_labels": [("batch", lambda ops, put: [ops.check_labels(put(numpy.zeros(0, "int64")), 5)])],
         "check_errors": [("none", lambda ops, put: [ops.check_errors()])],
         "lstm_cell": [("batch", lstm(0, 3)), ("hidden", lstm(2, 0))],
         "lstm_cell_backward": [("batch", lstm(0, 3)), ("hidden", lstm(2, 0))],
+        "lstm_step": [("batch", lstm_step(0, 3)), ("hidden", lstm_step(2, 0))],
+        "lstm_step_backward": [("batch", lstm_step(0, 3)), ("hidden", lstm_step(2, 0))],
         "attention_softmax": [("batch", lambda ops, put: [ops.attention_softmax(put(f32(0, 2, 4, 4)), 0.5, True)])],
         "attention_softmax_backward": [("batch", lambda ops, put: [ops.attention_softmax_backward(
             put(f32(0, 2, 4, 4)), put(f32(0, 2, 4, 4)), 0.5)])],
         "layer_norm": [("batch", lambda ops, put: list(ops.layer_norm(put(f32(0, 6)), put(f32(6)), put(f32(6)), 1e-5)))],
         "layer_norm_backward": [("batch", lambda ops, put: list(ops.layer_norm_backward(
-            put(f32(0, 6)), put(f32(0, 6)), put(f32(0, 1)), put(f32(6)))))],
+            put(f32(0, 6)), put(f32(0, 6)), put(f32(0, 1)), put(f32(6))))),
+            ("residual", lambda ops, put: list(ops.layer_norm_backward(
+                put(f32(0, 6)), put(f32(0, 6)), put(f32(0, 1)), put(f32(6)), put(f32(6)), put(f32(6)), put(f32(0, 6)))))],
+        "add_layer_norm": [("batch", lambda ops, put: list(ops.add_layer_norm(put(f32(0, 6)), put(f32(0, 6)),
+                                                                              put(f32(6)), put(f32(6)), 1e-5)))],
+        "attention": [("batch", lambda ops, put: [ops.attention(put(f32(0, 4, 3, 2, 5)), True)[0]])],
+        "attention_backward": [("batch", lambda ops, put: [ops.attention_backward(
+            put(f32(0, 4, 2, 5)), ops.attention(put(f32(0, 4, 3, 2, 5)), True)[1])])],
         "sgd_update": [("empty", optimizer("sgd_update"))],
         "adam_update": [("empty", optimizer("adam_update"))],
         "clip_grad_norm": [("empty", lambda ops, put: [ops.clip_grad_norm([g := put(numpy.zeros(0, "float32"))], 1.0),
                                                        g])],
         "embedding_backward": [("batch", embedding_backward)],
+        "embed": [("batch", lambda ops, put: [ops.embed(put(numpy.zeros((0, 4), "int64")), put(f32(7, 5)), put(f32(6, 5)))])],
+        "embed_backward": [("batch", embed_backward)],
         "dropout": [(s, lambda ops, put, s=s: [ops.dropout(put(f32(*s)), 0.5, (1, 2, 3, 0))[0]]) for s in ((0, 5), (3, 0))],
         "dropout_backward": [("batch", lambda ops, put: [ops.dropout_backward(put(f32(0, 5)), 0.5, (1, 2, 3, 0), None)])],
     }
@@ -230,7 +272,7 @@ def test_zero_size_inputs_give_the_reference_result(device, monkeypatch, name, l
             assert g is None
             continue
         g, w = gn.to_numpy(g), numpy.asarray(w)
-        if name == "max_pool":  # the backends lay argmax out differently (flat or as y)
+        if name in ("max_pool", "conv2d_relu_pool"):  # the backends lay argmax out differently (flat or as y)
             g, w = g.reshape(-1), w.reshape(-1)
         assert g.shape == w.shape and g.dtype.kind == w.dtype.kind, (g.shape, g.dtype, w.shape, w.dtype)
         numpy.testing.assert_array_equal(g, w)
@@ -290,9 +332,11 @@ def test_a_kernel_wrapper_passes_an_array_where_its_launch_reads_nothing():
 
     host = rng(1).standard_normal((70, 3)).astype("float32")
     dy = on("gpu", host)
-    dz, partial = kernels.bias_act_backward(dy, None, None, None)  # no activation: z and y unread
+    grad_bias = on("gpu", numpy.zeros(3, "float32"))
+    dz = kernels.bias_act_backward(dy, None, None, None, grad_bias)  # no activation: z and y unread
     assert dz is dy
-    close(partial.sum(axis=0), host.sum(axis=0), rtol=1e-5)
+    close(grad_bias, host.sum(axis=0), rtol=1e-5)
+    assert kernels.bias_act_backward(dy, None, None, None) is dy  # no bias: the scratch stands in for it
     close(kernels.activation_backward(None, dy, dy, "tanh"), host * (1 - host * host), rtol=1e-5)
 
 

@@ -60,8 +60,14 @@ extern "C" [[noreturn]] inline void __assert_fail(const char* condition, const c
   ::emu::fault("%s: assertion failed: %s (line %u)", ::emu::where(*::emu::g.current), condition, line);
 }
 #define __trap() ::emu::fault("%s called __trap()", ::emu::where(*::emu::g.current))
-// Fibers are never preempted and memory is coherent: fences only stop the compiler.
-inline void __threadfence() { asm volatile("" ::: "memory"); }
+// Fibers are never preempted and memory is coherent: fences only stop the compiler. For TSan, a
+// __threadfence makes this thread's next atomic a release-acquire one (a fence then an atomic is
+// how a block publishes its writes to another, as in the last-block-done reduction); an atomic
+// with no fence before it orders nothing, as on a GPU, so a kernel that forgets the fence races.
+inline void __threadfence() {
+  asm volatile("" ::: "memory");
+  __atomic_store_n(&::emu::g.current->fenced, true, __ATOMIC_RELAXED);  // (emulator state: not the kernel's race)
+}
 inline void __threadfence_block() { asm volatile("" ::: "memory"); }
 
 // Warp shuffles: every lane named in mask must arrive; lane sources follow the CUDA guide, with
@@ -118,11 +124,16 @@ template <class T>
 struct same {  // keeps the value parameter out of deduction: atomicAdd(unsigned*, 1) works as in CUDA
   using type = T;
 };
+inline int fenced_order() {  // release-acquire after a __threadfence of this thread, else relaxed
+  ::emu::Thread* t = ::emu::g.current;
+  const bool fenced = __atomic_exchange_n(&t->fenced, false, __ATOMIC_RELAXED);
+  return fenced ? __ATOMIC_ACQ_REL : __ATOMIC_RELAXED;
+}
 }  // namespace emu
 #define EMU_ATOMIC(name, builtin)                                                       \
   template <class T, class = std::enable_if_t<std::is_integral_v<T>>>                  \
   inline T name(T* address, typename ::emu::same<T>::type value) {                     \
-    return builtin(address, value, __ATOMIC_RELAXED);                                  \
+    return builtin(address, value, ::emu::fenced_order());                             \
   }
 EMU_ATOMIC(atomicAdd, __atomic_fetch_add)
 EMU_ATOMIC(atomicSub, __atomic_fetch_sub)
@@ -132,7 +143,7 @@ EMU_ATOMIC(atomicXor, __atomic_fetch_xor)
 template <class T>
 inline T atomicExch(T* address, typename ::emu::same<T>::type value) {
   T old;
-  __atomic_exchange(address, &value, &old, __ATOMIC_RELAXED);
+  __atomic_exchange(address, &value, &old, ::emu::fenced_order());
   return old;
 }
 template <class T>
@@ -192,6 +203,8 @@ inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
 inline float __fmul_rn(float a, float b) { return a * b; }
 template <class T>
 inline T __ldg(const T* address) { return *address; }
+template <class T>
+inline T __ldcg(const T* address) { return *address; }  // memory is coherent here: no L1 to bypass
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
 inline int __clz(int x) { return x ? __builtin_clz((unsigned)x) : 32; }

@@ -99,6 +99,7 @@ struct Thread {
   int src;
   uint64_t value, result;
   void* fiber;  // TSan's context
+  bool fenced;  // a __threadfence since this thread's last atomic (emulator.h)
 };
 
 // The launch in progress (one at a time: the Python side holds a lock).
@@ -358,6 +359,7 @@ EMU_RUNTIME inline void run_block() {
     t.idx = {i % g.block.x, i / g.block.x % g.block.y, i / (g.block.x * g.block.y)};
     t.linear = i;
     t.state = State::ready;
+    __atomic_store_n(&t.fenced, false, __ATOMIC_RELAXED);
     make_context(&t.context, g.stacks.stack(i), g.stacks.size, fiber_main);
   }
   unsigned order[32];

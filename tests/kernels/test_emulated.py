@@ -40,7 +40,7 @@ def compiled(code: str, name: str, defines=DEFINE_FLAGS):
 def load_every_module_first():
     """Under TSan: its symbolizer only knows the modules loaded at its first report."""
     if TSAN:
-        for family in ("gemm", "im2col", "optim", "random", "sequence", "softmax_xent"):
+        for family in ("attention", "embedding", "gemm", "im2col", "optim", "random", "sequence", "softmax_xent"):
             compiled(source(family), family)
         probes()
 
@@ -89,11 +89,48 @@ def test_bias_act_backward(activation, grid_y):
     y = REFERENCE.activation(activation, z) if activation else z
     want = REFERENCE.activation_backward(activation, z, y, dy) if activation else dy
     chunks = -(-m // ROWS_PER_CHUNK)
-    dz, partial = numpy.zeros_like(dy), numpy.zeros((chunks, n), "float32")
-    run("gemm", "bias_act_backward", (-(-n // THREADS), grid_y), THREADS, dy, z, y, dz, partial, m, n,
+    dz, partial, done = numpy.zeros_like(dy), numpy.zeros((chunks, n), "float32"), numpy.zeros(1, "uint32")
+    for launch in range(2):  # the last block resets the counter: a second launch sums again
+        grad_bias = numpy.full(n, numpy.nan, "float32")
+        run("gemm", "bias_act_backward", (-(-n // THREADS), grid_y), THREADS, dy, z, y, dz, partial, grad_bias, done,
+            m, n, ACTIVATION_CODES[activation], 1, 1)
+        numpy.testing.assert_allclose(dz, want, rtol=1e-5, atol=1e-6)
+        numpy.testing.assert_allclose(grad_bias, want.sum(axis=0), rtol=1e-4, atol=1e-4)
+        assert done[0] == 0
+    # the sums in chunk order: the same bits whichever block finished last
+    numpy.testing.assert_array_equal(grad_bias, sum(partial[c] for c in range(chunks)))
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATION_CODES))
+def test_bias_act_forward(activation):
+    m, n = 37, THREADS + 3
+    x, b = rng(3).standard_normal((m, n)).astype("float32"), rng(4).standard_normal(n).astype("float32")
+    want = REFERENCE.activation(activation, x + b) if activation else x + b
+    out = numpy.full_like(x, numpy.nan)
+    run("gemm", "bias_act_forward", 5, THREADS, x, b, out, m, n, 1, ACTIVATION_CODES[activation])
+    numpy.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+    inplace = x.copy()
+    run("gemm", "bias_act_forward", 5, THREADS, inplace, b, inplace, m, n, 0, ACTIVATION_CODES[activation])  # no bias
+    numpy.testing.assert_allclose(inplace, REFERENCE.activation(activation, x) if activation else x, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "sigmoid", "tanh"])
+def test_conv_bias_act_and_backward(activation):
+    n, c, length = 3, 5, 37  # the channel-major conv GEMM's output (C, N, L)
+    r = rng(6)
+    y_t, bias = r.standard_normal((c, n, length)).astype("float32"), r.standard_normal(c).astype("float32")
+    out = numpy.full((n, c, length), numpy.nan, "float32")
+    run("gemm", "conv_bias_act", 4, THREADS, y_t, bias, out, n, c, length, 1, ACTIVATION_CODES[activation])
+    z = y_t.transpose(1, 0, 2) + bias.reshape(1, c, 1)
+    want = REFERENCE.activation(activation, z) if activation else z
+    numpy.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+    dy = r.standard_normal((n, c, length)).astype("float32")
+    dz_t, grad_bias = numpy.full((c, n * length), numpy.nan, "float32"), numpy.full(c, numpy.nan, "float32")
+    run("gemm", "conv_bias_act_backward", c, THREADS, dy, out, dz_t, grad_bias, n, c, length,
         ACTIVATION_CODES[activation], 1)
-    numpy.testing.assert_allclose(dz, want, rtol=1e-5, atol=1e-6)
-    numpy.testing.assert_allclose(partial.sum(axis=0), want.sum(axis=0), rtol=1e-4, atol=1e-4)
+    dz = REFERENCE.activation_backward(activation, z, out, dy) if activation else dy
+    numpy.testing.assert_allclose(dz_t, dz.transpose(1, 0, 2).reshape(c, -1), rtol=1e-6, atol=1e-6)
+    numpy.testing.assert_allclose(grad_bias, dz.sum(axis=(0, 2)), rtol=1e-5, atol=1e-5)
 
 
 GEOMETRIES = [((2, 3, 9, 11), (3, 3), (1, 1), (1, 1)), ((3, 2, 12, 10), (5, 5), (2, 2), (2, 2)),
@@ -141,10 +178,13 @@ def test_softmax_xent(rows, classes):
     logits = (rng().standard_normal((rows, classes)) * 8).astype("float32")
     logits[0, 0] = 80.0  # exp would overflow without the running maximum
     labels = rng(1).integers(0, classes, rows).astype("int64")
-    grad, loss, errors = numpy.zeros_like(logits), numpy.zeros(rows, "float32"), NO_LABEL_ERROR.copy()
-    run("softmax_xent", "softmax_xent", rows, THREADS, logits, labels, grad, loss, errors, classes, 1.0 / rows)
+    grad, row_loss, errors = numpy.zeros_like(logits), numpy.zeros(rows, "float32"), NO_LABEL_ERROR.copy()
+    loss, done = numpy.full((), numpy.nan, "float32"), numpy.zeros(1, "uint32")
+    run("softmax_xent", "softmax_xent", rows, THREADS, logits, labels, grad, row_loss, loss, errors, done, classes,
+        1.0 / rows)
     want_loss, want_grad = REFERENCE.softmax_cross_entropy(logits, labels)
-    numpy.testing.assert_allclose(loss.mean(), want_loss, rtol=1e-5)
+    numpy.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    assert done[0] == 0  # reset by the last block for the next launch
     numpy.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-7)
     numpy.testing.assert_array_equal(errors, NO_LABEL_ERROR)
 
@@ -169,6 +209,40 @@ def test_lstm_cell_and_backward():
     run("sequence", "lstm_cell_backward", 2, 64, dh, got_dc, acts, c_prev, tanh_c, got_dgates, batch, hidden)
     numpy.testing.assert_allclose(got_dgates, want_dgates, rtol=1e-5, atol=1e-6)
     numpy.testing.assert_allclose(got_dc, want_dc, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("block, grid_y", [(32, 2), (THREADS, 3)])  # tiles and rows walked; one tile
+def test_lstm_step_and_backward(block, grid_y):
+    """The fused LSTM time step against the reference Ops: two steps forward, then back (the last
+    step without, the first with the gradient from the later step). H = 37 is no multiple of
+    the block: partial hidden tiles and idle threads that still stage and meet the barriers."""
+    batch, hidden = 3, 37
+    r = rng(3)
+    w_hh = (r.standard_normal((4 * hidden, hidden)) * 0.3).astype("float32")
+    w_hh_t = numpy.ascontiguousarray(w_hh.T)
+    xg = r.standard_normal((2, batch, 4 * hidden)).astype("float32")
+    hs, cs = (numpy.zeros((3, batch, hidden), "float32") for _ in range(2))
+    hs[0], cs[0] = r.standard_normal((2, batch, hidden)).astype("float32")
+    acts, tanh_c = numpy.zeros((2, batch, 4 * hidden), "float32"), numpy.zeros((2, batch, hidden), "float32")
+    want = [a.copy() for a in (hs, cs, acts, tanh_c)]
+    grid = (-(-hidden // block), grid_y)
+    for t in range(2):
+        REFERENCE.lstm_step(xg[t], w_hh_t, want[0][t], want[1][t], want[2][t], want[0][t + 1], want[1][t + 1],
+                            want[3][t])
+        run("sequence", "lstm_step", grid, block, xg[t], w_hh_t, hs[t], cs[t], acts[t], hs[t + 1], cs[t + 1],
+            tanh_c[t], batch, hidden)
+    for g, w in zip((hs, cs, acts, tanh_c), want):
+        numpy.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    dys = r.standard_normal((2, batch, hidden)).astype("float32")
+    want_dc, want_dgates = numpy.zeros((batch, hidden), "float32"), numpy.zeros_like(acts)
+    dc, dgates = numpy.full_like(want_dc, numpy.nan), numpy.full_like(acts, numpy.nan)  # dc unread at the last step
+    for t in (1, 0):
+        nxt = None if t == 1 else want_dgates[1]
+        REFERENCE.lstm_step_backward(dys[t], nxt, w_hh, want_dc, acts[t], cs[t], tanh_c[t], want_dgates[t])
+        run("sequence", "lstm_step_backward", grid, block, dys[t], dgates[1], w_hh, dc, acts[t], cs[t], tanh_c[t],
+            dgates[t], batch, hidden, int(t == 1))
+        numpy.testing.assert_allclose(dgates[t], want_dgates[t], rtol=1e-5, atol=1e-5)
+        numpy.testing.assert_allclose(dc, want_dc, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -196,12 +270,14 @@ def layer_norm_case(module, width: int, affine: bool):
     want_y, want_xhat, want_rstd = REFERENCE.layer_norm(x, w if affine else None, b if affine else None, 1e-5)
     y, xhat, rstd = numpy.zeros_like(x), numpy.zeros_like(x), numpy.zeros(5, "float32")
     module.launch("layer_norm", 5, THREADS,
-                  marshal(module, "layer_norm", (x, w, b, y, xhat, rstd, width, 1e-5, affine)))
+                  marshal(module, "layer_norm", (x, x, y, w, b, y, xhat, rstd, width, 1e-5, affine, 0)))
     dy = r.standard_normal(x.shape).astype("float32")
     want_dx = REFERENCE.layer_norm_backward(dy, want_xhat, want_rstd, w if affine else None)[0]
-    dx = numpy.zeros_like(x)
-    module.launch("layer_norm_backward", 5, THREADS,
-                  marshal(module, "layer_norm_backward", (dy, xhat, rstd, w, dx, width, affine)))
+    dx, partial, grads, done = numpy.zeros_like(x), numpy.zeros((2, 1, width), "float32"), numpy.zeros((2, width), "float32"), \
+        numpy.zeros(1, "uint32")
+    module.launch("layer_norm_backward", 1, THREADS,
+                  marshal(module, "layer_norm_backward", (dy, xhat, rstd, w, dy, dx, partial, grads[0], grads[1], done,
+                                                          5, width, affine, 0)))
     return (y, rstd, dx), (want_y, want_rstd[:, 0], want_dx)
 
 
@@ -211,6 +287,85 @@ def test_layer_norm_and_backward(affine, width):
     got, want = layer_norm_case(compiled(source("sequence"), "sequence"), width, affine)
     for g, w, rtol in zip(got, want, (1e-4, 1e-5, 1e-4)):
         numpy.testing.assert_allclose(g, w, rtol=rtol, atol=1e-5)
+
+
+@pytest.mark.parametrize("width", [37, 300])
+def test_layer_norm_with_residuals_and_parameter_gradients(width):
+    """Three row chunks (the last one short) summed by the last block, and both residual adds."""
+    rows = 2 * ROWS_PER_CHUNK + 5
+    r = rng(width)
+    x, res, dy, dres = ((r.standard_normal((rows, width)) * 2 + 1).astype("float32") for _ in range(4))
+    w, b = r.standard_normal(width).astype("float32"), r.standard_normal(width).astype("float32")
+    want_total, want_y, want_xhat, want_rstd = REFERENCE.add_layer_norm(x, res, w, b, 1e-5)
+    total, y, xhat, rstd = (numpy.full_like(a, numpy.nan) for a in (x, x, x, want_rstd))
+    run("sequence", "layer_norm", rows, THREADS, x, res, total, w, b, y, xhat, rstd, width, 1e-5, 1, 1)
+    numpy.testing.assert_allclose(total, want_total, rtol=1e-6)
+    numpy.testing.assert_allclose(y, want_y, rtol=1e-4, atol=1e-5)
+    numpy.testing.assert_allclose(xhat, want_xhat, rtol=1e-4, atol=1e-5)
+    want_dx, want_dw, want_db = REFERENCE.layer_norm_backward(dy, want_xhat, want_rstd, w, residual=dres)
+    chunks = -(-rows // ROWS_PER_CHUNK)
+    dx, partial, done = numpy.full_like(x, numpy.nan), numpy.zeros((2, chunks, width), "float32"), numpy.zeros(1, "uint32")
+    for launch in range(2):  # the last block resets the counter: a second launch sums again
+        dw, db = numpy.full(width, numpy.nan, "float32"), numpy.full(width, numpy.nan, "float32")
+        run("sequence", "layer_norm_backward", chunks, THREADS, dy, xhat, rstd, w, dres, dx, partial, dw, db, done,
+            rows, width, 1, 1)
+        numpy.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-4)
+        numpy.testing.assert_allclose(dw, want_dw, rtol=1e-4, atol=1e-4)
+        numpy.testing.assert_allclose(db, want_db, rtol=1e-4, atol=1e-4)
+        assert done[0] == 0
+    # the chunks summed in order: the same bits whichever block finished last
+    numpy.testing.assert_array_equal(db, sum(partial[1, c] for c in range(chunks)))
+
+
+def attention_case(b, t, heads, dh, causal, seed=0):
+    """qkv (B, T, 3, H, Dh), dmixed (B, T, H, Dh) and Ops.attention's results for them."""
+    r = rng(seed)
+    qkv = (r.standard_normal((b, t, 3, heads, dh)) * 2).astype("float32")
+    dmixed = r.standard_normal((b, t, heads, dh)).astype("float32")
+    mixed, state = REFERENCE.attention(qkv, causal)
+    return qkv, dmixed, mixed, state[1], REFERENCE.attention_backward(dmixed, state)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("b, t, heads, dh", [(2, 5, 2, 3), (1, 70, 1, 2), (1, 3, 1, 40)],
+                         ids=["small", "rows-over-a-warp", "head-over-a-warp"])
+def test_attention_forward_and_backward(b, t, heads, dh, causal):
+    qkv, dmixed, want_mixed, want_probs, want_dqkv = attention_case(b, t, heads, dh, causal)
+    rows, scale = b * heads * t, 1.0 / numpy.sqrt(dh)
+    blocks = -(-rows // (THREADS // 32))  # a warp per row: the last block's last warps have none
+    probs, mixed = numpy.full(want_probs.shape, numpy.nan, "float32"), numpy.full(dmixed.shape, numpy.nan, "float32")
+    run("attention", "attention_forward", blocks, THREADS, qkv, probs, mixed, rows, t, heads, dh, scale, int(causal))
+    numpy.testing.assert_allclose(probs, want_probs, rtol=1e-4, atol=1e-6)
+    numpy.testing.assert_allclose(mixed, want_mixed, rtol=1e-4, atol=1e-5)
+    dscores, dqkv = numpy.full_like(probs, numpy.nan), numpy.full_like(qkv, numpy.nan)
+    run("attention", "attention_backward_rows", blocks, THREADS, qkv, probs, dmixed, dscores, dqkv, rows, t, heads, dh,
+        scale, int(causal))
+    run("attention", "attention_backward_columns", blocks, THREADS, qkv, probs, dmixed, dscores, dqkv, rows, t, heads,
+        dh, int(causal))
+    numpy.testing.assert_allclose(dqkv, want_dqkv, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("positions", [False, True])
+def test_embedding_forward_and_backward(positions):
+    """Repeated ids, an id used by no row, fewer positions used than the table has, a row wider than a block."""
+    b, t, v, d, p = 3, 5, 9, THREADS + 7, 6
+    r = rng(9)
+    ids = r.integers(0, v - 1, (b, t)).astype("int64")  # the last id is never used
+    weight, position = r.standard_normal((v, d)).astype("float32"), r.standard_normal((p, d)).astype("float32")
+    y = numpy.full((b, t, d), numpy.nan, "float32")
+    run("embedding", "embedding_forward", 4, 64, ids, weight, position, y, ids.size, t, d, v, int(positions))
+    numpy.testing.assert_array_equal(y, REFERENCE.embed(ids, weight, position if positions else None))
+    dy = r.standard_normal((b, t, d)).astype("float32")
+    want_w, want_p = numpy.full_like(weight, numpy.nan), numpy.full_like(position, numpy.nan)
+    REFERENCE.embed_backward(ids, dy, want_w, want_p if positions else None)
+    got_w, got_p = numpy.full_like(weight, numpy.nan), numpy.full_like(position, numpy.nan)
+    run("embedding", "embedding_backward", v + (p if positions else 0), THREADS, ids, dy, got_w, got_p, ids.size, t, d,
+        v, int(positions))
+    numpy.testing.assert_allclose(got_w, want_w, rtol=1e-6, atol=1e-6)
+    if positions:
+        numpy.testing.assert_allclose(got_p, want_p, rtol=1e-6, atol=1e-6)
+    else:
+        assert numpy.isnan(got_p).all()  # not written
 
 
 @pytest.mark.parametrize("activation", [a for a in ACTIVATION_CODES if a])
@@ -263,10 +418,14 @@ def test_sgd_update(momentum, nesterov, decay, first):
     param, grad, velocity = (r.standard_normal(777).astype("float32") for _ in range(3))
     want_p, want_v = param.copy(), velocity.copy()
     REFERENCE.sgd_update(want_p, grad, want_v, 0.1, momentum, 0.0, decay, nesterov, first)
-    run("optim", "sgd_update", 2, 64, param, grad, velocity, param.size, 0.1, momentum, 0.0, decay, nesterov, first)
-    numpy.testing.assert_allclose(param, want_p, rtol=1e-6, atol=1e-7)
-    if momentum:
-        numpy.testing.assert_allclose(velocity, want_v, rtol=1e-6, atol=1e-7)
+    start = param.copy(), velocity.copy()
+    for on_device in (0, 1):  # lr as an argument; lr read from the device (the argument then unused)
+        param, velocity = start[0].copy(), start[1].copy()
+        run("optim", "sgd_update", 2, 64, param, grad, velocity, param.size, 0.0 if on_device else 0.1, momentum,
+            0.0, decay, nesterov, first, numpy.array([0.1], "float32"), on_device)
+        numpy.testing.assert_allclose(param, want_p, rtol=1e-6, atol=1e-7)
+        if momentum:
+            numpy.testing.assert_allclose(velocity, want_v, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("decoupled, decay", [(False, 0.0), (False, 0.1), (True, 0.1)])
@@ -276,10 +435,15 @@ def test_adam_update(decoupled, decay):
     v = numpy.abs(r.standard_normal(777)).astype("float32")
     want = [a.copy() for a in (param, m, v)]
     REFERENCE.adam_update(want[0], grad, want[1], want[2], 1e-2, 0.9, 0.999, 1e-8, decay, decoupled, 3)
-    run("optim", "adam_update", 2, 64, param, grad, m, v, param.size, 1e-2, 0.9, 0.999, 1e-8, decay, decoupled,
-        1 - 0.9**3, (1 - 0.999**3) ** 0.5)
-    for got, expected in zip((param, m, v), want):
-        numpy.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+    start = [a.copy() for a in (param, m, v)]
+    scalars = numpy.array([1e-2, 1 - 0.9**3, (1 - 0.999**3) ** 0.5], "float32")
+    for on_device in (0, 1):  # the step's scalars as arguments, or read from the device (arguments unused)
+        param, m, v = (a.copy() for a in start)
+        arguments = (0.0, 1.0, 1.0) if on_device else (1e-2, 1 - 0.9**3, (1 - 0.999**3) ** 0.5)
+        run("optim", "adam_update", 2, 64, param, grad, m, v, param.size, arguments[0], 0.9, 0.999, 1e-8, decay,
+            decoupled, *arguments[1:], scalars, on_device)
+        for got, expected in zip((param, m, v), want):
+            numpy.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("max_norm", [0.5, 0.1, 1e6, float("nan")], ids=["clips", "clips-inexact", "leaves", "nan"])
@@ -405,3 +569,28 @@ def test_blocks_run_in_a_shuffled_order_with_the_same_result():
         numpy.testing.assert_array_equal(out, (numpy.arange(16)[:, None] * 100 + numpy.arange(32)).ravel())
         orders.append(order.tolist())
     assert orders[0] != list(range(16)) and orders[1] != orders[0]  # shuffled, and afresh per launch
+
+
+@pytest.mark.parametrize("shape, pool", [((2, 3, 8, 8), (2, 2)), ((1, 2, 9, 7), (3, 2))])  # (7: a column past the windows)
+def test_conv_relu_pool_and_backward(shape, pool):
+    n, c, oh, ow = shape
+    r = rng(7)
+    y_t, bias = r.standard_normal((c, n, oh * ow)).astype("float32"), r.standard_normal(c).astype("float32")
+    y = numpy.maximum(y_t.transpose(1, 0, 2).reshape(shape) + bias.reshape(1, c, 1, 1), 0)
+    y[0, 0, :2, :2] = 0.0  # a window of zeros: its first position wins, and no gradient passes
+    b = bias.reshape(1, c, 1, 1)  # pre-activations: -1 where y is 0, so relu gives 0 there
+    y_t = numpy.ascontiguousarray(numpy.where(y == 0, -1.0 - b, y - b).astype("float32")
+                                  .reshape(n, c, -1).transpose(1, 0, 2))
+    want_p, want_arg = REFERENCE.max_pool(y, pool, pool)
+    ph, pw = want_p.shape[2:]
+    pooled, arg = numpy.full((n, c, ph, pw), numpy.nan, "float32"), numpy.full((n, c, ph, pw), -1, "int32")
+    geometry = (n, c, oh, ow, ph, pw, *pool)
+    run("gemm", "conv_relu_pool", 3, THREADS, y_t, bias, pooled, arg, *geometry, 1)
+    numpy.testing.assert_allclose(pooled, want_p, rtol=1e-6, atol=1e-6)
+    numpy.testing.assert_array_equal(arg.reshape(-1), want_arg)
+    dp = r.standard_normal(pooled.shape).astype("float32")
+    dz_t, grad_bias = numpy.full((c, n * oh * ow), numpy.nan, "float32"), numpy.full(c, numpy.nan, "float32")
+    run("gemm", "conv_relu_pool_backward", c, THREADS, dp, pooled, arg, dz_t, grad_bias, *geometry, 1)
+    dy = REFERENCE.max_pool_backward(dp * (want_p > 0), want_arg, shape, pool, pool)
+    numpy.testing.assert_allclose(dz_t, dy.transpose(1, 0, 2, 3).reshape(c, -1), rtol=1e-6, atol=1e-6)
+    numpy.testing.assert_allclose(grad_bias, dy.sum(axis=(0, 2, 3)), rtol=1e-5, atol=1e-5)

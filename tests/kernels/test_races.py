@@ -89,6 +89,19 @@ extern "C" __global__ void publish(float* out, int use_syncwarp) {
 extern "C" __global__ void same_address(float* out) {
   if (threadIdx.x == 0) out[0] = blockIdx.x;
 }
+
+// The last-block-done reduction: a block's write reaches the last block only through a
+// __threadfence before the counting atomic (without it, the atomic orders nothing).
+extern "C" __global__ void last_block_sums(float* out, float* partial, unsigned int* done, int fence) {
+  if (threadIdx.x != 0) return;
+  partial[blockIdx.x] = blockIdx.x + 1.f;
+  if (fence) __threadfence();
+  if (atomicAdd(done, 1u) == gridDim.x - 1) {
+    float sum = 0.f;
+    for (unsigned b = 0; b < gridDim.x; ++b) sum += partial[b];
+    out[0] = sum;
+  }
+}
 '''
 
 
@@ -104,6 +117,13 @@ def model_case(kernel: str, args: tuple):
     module.launch(kernel, 2 if kernel == "same_address" else 1, 64, marshal(module, kernel, (out, *args)))
 
 
+def last_block_case(fence: int):
+    module, out, partial, done = (tsan_module("tsan_model"), numpy.zeros(1, "float32"), numpy.zeros(4, "float32"),
+                                  numpy.zeros(1, "uint32"))
+    module.launch("last_block_sums", 4, 32, marshal(module, "last_block_sums", (out, partial, done, fence)))
+    assert out[0] == 10.0
+
+
 # name: (what the child runs, the function a report must start in, or None: no report)
 CASES = {
     "block_sum_mutant": (lambda: layer_norm_case(tsan_module("sequence_no_barrier"), 600, True), "block_sum"),
@@ -111,6 +131,8 @@ CASES = {
     "shuffle_orders_no_memory": (lambda: model_case("publish", (0,)), "publish"),
     "syncwarp_orders_memory": (lambda: model_case("publish", (1,)), None),
     "blocks_are_concurrent": (lambda: model_case("same_address", ()), "same_address"),
+    "a_fence_publishes_to_the_last_block": (lambda: last_block_case(1), None),
+    "no_fence_no_order": (lambda: last_block_case(0), "last_block_sums"),
     "real_kernels": (lambda: (layer_norm_case(tsan_module("sequence"), 600, True), gemm_case(tsan_module("gemm"))),
                      None),
 }

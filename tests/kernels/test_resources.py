@@ -138,3 +138,12 @@ def test_every_kernel_has_one_wrapper_declared_as_its_source_declares_it():
             assert want == [(p.kind, p.size) for p in info.params], name
             declared.add(name)
     assert declared == set(WRAPPED)
+
+
+def test_the_last_block_done_helper_is_the_same_in_every_family_that_has_it():
+    """Each .cu compiles on its own, so the helper is written out in each file that needs it: one copy."""
+    copies = {family: re.search(r"__device__ __forceinline__ bool last_block_done\(.*?\n}\n", source(family), re.S)
+              for family in ("gemm", "im2col", "optim", "random", "sequence", "softmax_xent")}
+    found = {family: m.group(0) for family, m in copies.items() if m}
+    assert {"gemm", "softmax_xent"} <= set(found)
+    assert len(set(found.values())) == 1, sorted(found)

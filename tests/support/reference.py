@@ -57,5 +57,5 @@ def recipe_accuracy_on_held_out_fifth(name: str, epochs: int) -> float:
     model.preprocess = image_preprocess(xt, r.input_shape)
     opt = gn.optim.Adam(model, lr=r.lr)
     gn.fit(model, ArrayData(xt, yt, shift=r.shift), optimizer=opt, epochs=epochs, batch_size=r.batch_size,
-           schedule=gn.optim.CosineLR(opt, epochs), progress=False)
+           schedule=gn.optim.CosineLR(opt, epochs * -(-len(xt) // r.batch_size)), progress=False)
     return gn.evaluate(model, xv, yv.astype("int64"))["accuracy"]

@@ -97,10 +97,10 @@ class ArrayParam:
 
 
 # A parameter type spelt as in the .cu file -> what its argument must be.
-F32, F64, I32, I64 = numpy.dtype("float32"), numpy.dtype("float64"), numpy.dtype("int32"), numpy.dtype("int64")
+F32, F64, I32, I64, U32 = (numpy.dtype(t) for t in ("float32", "float64", "int32", "int64", "uint32"))
 PARAMETER_TYPES = {"float*": ArrayParam(F32), "strided float*": ArrayParam(F32, contiguous=False),
                    "double*": ArrayParam(F64),
-                   "int*": ArrayParam(I32), "long long*": ArrayParam(I64),
+                   "int*": ArrayParam(I32), "long long*": ArrayParam(I64), "unsigned int*": ArrayParam(U32),
                    "int": numpy.int32, "long long": numpy.int64, "float": numpy.float32, "double": numpy.float64}
 _INTEGERS = (int, numpy.integer, numpy.bool_)  # what an int or long long parameter takes (a bool is 0 or 1)
 _NUMBERS = (int, float, numpy.integer, numpy.floating, numpy.bool_)  # what a float or double parameter takes
@@ -184,6 +184,20 @@ def launch(family: str, name: str, grid, args, block: int = THREADS, params: tup
     if len(grid) > 1 and grid[1] > MAX_GRID_Y:
         raise ValueError(f"kernel {family}.{name}: gridDim.y {grid[1]} is over the limit {MAX_GRID_Y}; use grid_2d")
     kernel(family, name)(grid, (block,), converted)
+
+
+def done_blocks_counter():
+    """The device's counter for kernels whose last block finishes a reduction (zero between
+    launches: that block resets it). Kernels on one stream run one after another, so one serves all."""
+    cupy = cupy_status()[0]
+    device = cupy.cuda.Device().id
+    counter = _DONE_BLOCKS.get(device)
+    if counter is None:
+        counter = _DONE_BLOCKS[device] = cupy.zeros(1, dtype=cupy.uint32)
+    return counter
+
+
+_DONE_BLOCKS: dict = {}  # device id -> its counter
 
 
 def blocks_for(total: int, block: int = THREADS) -> int:

@@ -12,13 +12,12 @@ blocks, which CuPy would silently round up to one). Adding a kernel: see "Adding
 """
 from __future__ import annotations
 
-import math
-
 import numpy
 
-from gpunet.backend.cuda_kernels import ACTIVATION_CODES, ROWS_PER_CHUNK, TILE_M, TILE_N, Kernel, blocks_for, grid_2d
+from gpunet.backend.cuda_kernels import (ACTIVATION_CODES, ROWS_PER_CHUNK, TILE_M, TILE_N, Kernel, blocks_for,
+                                         done_blocks_counter, grid_2d)
 from gpunet.backend.devices import cupy_status
-from gpunet.backend.ops import pooled_size
+from gpunet.backend.ops import adam_scalars, pooled_size
 
 # softmax_xent's label-error flags: (smallest, largest) out-of-range label seen, which the kernel
 # folds bad labels into with atomicMin/Max; these values mean "none".
@@ -35,7 +34,9 @@ def _ceil(total: int, per: int) -> int:
 
 # ------------------------------------------------------------------ gemm.cu
 GEMM_BIAS_ACT = Kernel("gemm", "gemm_bias_act", "float*, float*, float*, float*, int, int, int, int, int")
-BIAS_ACT_BACKWARD = Kernel("gemm", "bias_act_backward", "float*, float*, float*, float*, float*, int, int, int, int")
+BIAS_ACT_BACKWARD = Kernel("gemm", "bias_act_backward",
+                           "float*, float*, float*, float*, float*, float*, unsigned int*, int, int, int, int, int")
+BIAS_ACT_FORWARD = Kernel("gemm", "bias_act_forward", "float*, float*, float*, long long, int, int, int")
 ACTIVATION_FORWARD = Kernel("gemm", "activation_forward", "float*, float*, long long, int")
 ACTIVATION_BACKWARD = Kernel("gemm", "activation_backward", "float*, float*, float*, float*, long long, int")
 
@@ -48,18 +49,80 @@ def gemm_bias_act(x, weight, bias, activation, y) -> None:
                   bias is not None, ACTIVATION_CODES[activation])
 
 
-def bias_act_backward(dy, z, y, activation):
-    """(dz, partial): dz = dy * activation'(z, y) (dy itself when there is no activation) and
-    the bias gradient's column sums per chunk of ROWS_PER_CHUNK rows, (chunks, N), for the host
-    to add up. One thread per column; gridDim.y over the chunks, capped (a block walks the rest)."""
+def bias_act_backward(dy, z, y, activation, grad_bias=None):
+    """dz = dy * activation'(z, y) (dy itself when there is no activation), and with grad_bias the
+    bias gradient (the column sums of dz) written into it, all in one launch: one thread per
+    column sums ROWS_PER_CHUNK rows into a scratch (chunks, N), and the block that finishes last
+    adds those up in chunk order (kernels/gemm.cu). gridDim.y over the chunks, capped (a block
+    walks the rest)."""
     m, n = dy.shape
     chunks = _ceil(m, ROWS_PER_CHUNK)
     dz = dy if activation is None else _cupy().empty_like(dy)
     partial = _cupy().empty((chunks, n), dtype="float32")
     z, y = (dy if a is None else a for a in (z, y))  # (without an activation neither is read)
-    BIAS_ACT_BACKWARD(grid_2d(_ceil(n, BIAS_ACT_BACKWARD.block), chunks), dy, z, y, dz, partial, m, n,
-                      ACTIVATION_CODES[activation], activation is not None)
-    return dz, partial
+    BIAS_ACT_BACKWARD(grid_2d(_ceil(n, BIAS_ACT_BACKWARD.block), chunks), dy, z, y, dz, partial,
+                      partial if grad_bias is None else grad_bias, done_blocks_counter(), m, n,
+                      ACTIVATION_CODES[activation], activation is not None, grad_bias is not None)
+    return dz
+
+
+def bias_act_forward(x, bias, activation, out) -> None:
+    """out (M, N) = activation(x + bias) elementwise (out may be x): a cuBLAS GEMM's epilogue, one pass."""
+    m, n = x.shape
+    BIAS_ACT_FORWARD(blocks_for(x.size), x, x if bias is None else bias, out, m, n, bias is not None,
+                     ACTIVATION_CODES[activation])
+
+
+CONV_BIAS_ACT = Kernel("gemm", "conv_bias_act", "float*, float*, float*, int, int, long long, int, int")
+CONV_BIAS_ACT_BACKWARD = Kernel("gemm", "conv_bias_act_backward",
+                                "float*, float*, float*, float*, int, int, long long, int, int")
+
+
+def conv_bias_act(y_t, bias, activation):
+    """(N, C, L) = activation(y_t (C, N, L) moved to NCHW + bias): the conv GEMM's epilogue, one pass."""
+    out_c, n, length = y_t.shape
+    out = _cupy().empty((n, out_c, length), dtype="float32")
+    CONV_BIAS_ACT(blocks_for(y_t.size), y_t, y_t if bias is None else bias, out, n, out_c, length, bias is not None,
+                  ACTIVATION_CODES[activation])
+    return out
+
+
+def conv_bias_act_backward(dy, y, activation, grad_bias):
+    """dz_t (C, N * L) = dy * activation'(y), channel-major, and its per-channel sums into grad_bias
+    (when given): one block per channel."""
+    n, out_c, h, w = dy.shape
+    dz_t = _cupy().empty((out_c, n * h * w), dtype="float32")
+    y = dy if y is None else y  # (without an activation it is not read)
+    CONV_BIAS_ACT_BACKWARD(out_c, dy, y, dz_t, dz_t if grad_bias is None else grad_bias, n, out_c, h * w,
+                           ACTIVATION_CODES[activation], grad_bias is not None)
+    return dz_t
+
+
+CONV_RELU_POOL = Kernel("gemm", "conv_relu_pool", "float*, float*, float*, int*, " + ", ".join(["int"] * 9))
+CONV_RELU_POOL_BACKWARD = Kernel("gemm", "conv_relu_pool_backward",
+                                 "float*, float*, int*, float*, float*, " + ", ".join(["int"] * 9))
+
+
+def conv_relu_pool(y_t, bias, conv_hw, pool):
+    """(pooled, argmax) of max_pool(relu(y_t moved to NCHW + bias)) over non-overlapping pool windows,
+    as (N, C, PH, PW) float32 and int32 (each window's first maximum, i * kw + j)."""
+    (out_c, n, _), (oh, ow), (kh, kw) = y_t.shape, conv_hw, pool
+    ph, pw = oh // kh, ow // kw
+    pooled = _cupy().empty((n, out_c, ph, pw), dtype="float32")
+    argmax = _cupy().empty((n, out_c, ph, pw), dtype="int32")
+    CONV_RELU_POOL(blocks_for(pooled.size), y_t, y_t if bias is None else bias, pooled, argmax, n, out_c, oh, ow,
+                   ph, pw, kh, kw, bias is not None)
+    return pooled, argmax
+
+
+def conv_relu_pool_backward(dp, pooled, argmax, conv_hw, pool, grad_bias):
+    """dz_t (C, N * OH * OW), channel-major, of conv_relu_pool's backward, and its per-channel sums
+    into grad_bias (when given): one block per channel."""
+    (n, out_c, ph, pw), (oh, ow), (kh, kw) = dp.shape, conv_hw, pool
+    dz_t = _cupy().empty((out_c, n * oh * ow), dtype="float32")
+    CONV_RELU_POOL_BACKWARD(out_c, dp, pooled, argmax, dz_t, dz_t if grad_bias is None else grad_bias, n, out_c, oh,
+                            ow, ph, pw, kh, kw, grad_bias is not None)
+    return dz_t
 
 
 def activation_forward(x, activation, out=None):
@@ -130,74 +193,21 @@ def max_pool_backward(dy, argmax, x_shape, kernel, stride):
 
 
 # ------------------------------------------------------------------ softmax_xent.cu
-SOFTMAX_XENT = Kernel("softmax_xent", "softmax_xent", "float*, long long*, float*, float*, long long*, int, float")
+SOFTMAX_XENT = Kernel("softmax_xent", "softmax_xent",
+                      "float*, long long*, float*, float*, float*, long long*, unsigned int*, int, float")
 
 
 def softmax_xent(logits, labels, label_error):
-    """(row_loss, grad) of the mean softmax cross-entropy of (N, C) logits and N int64 labels;
-    one block per row. A label outside [0, C) gets loss and gradient 0 and is folded into
-    label_error (two int64 on the device, NO_LABEL_ERROR when clean) for the host to check later."""
+    """(loss, grad): the mean softmax cross-entropy (a 0-d array) of (N, C) logits and N int64
+    labels, and its gradient; one block per row, the last block to finish sums the rows' losses
+    (one launch). A label outside [0, C) gets loss and gradient 0 and is folded into label_error
+    (two int64 on the device, NO_LABEL_ERROR when clean) for the host to check later."""
     n, classes = logits.shape
     grad = _cupy().empty_like(logits)
     row_loss = _cupy().empty(n, dtype="float32")
-    SOFTMAX_XENT(n, logits, labels, grad, row_loss, label_error, classes, 1.0 / n)
-    return row_loss, grad
-
-
-# ------------------------------------------------------------------ sequence.cu
-LSTM_CELL = Kernel("sequence", "lstm_cell", "float*, float*, float*, float*, float*, float*, float*, int, int")
-LSTM_CELL_BACKWARD = Kernel("sequence", "lstm_cell_backward",
-                            "float*, float*, float*, float*, float*, float*, int, int")
-ATTENTION_SOFTMAX = Kernel("sequence", "attention_softmax", "float*, int, float, int")
-ATTENTION_SOFTMAX_BACKWARD = Kernel("sequence", "attention_softmax_backward", "float*, float*, int, float")
-LAYER_NORM = Kernel("sequence", "layer_norm", "float*, float*, float*, float*, float*, float*, int, float, int")
-LAYER_NORM_BACKWARD = Kernel("sequence", "layer_norm_backward", "float*, float*, float*, float*, float*, int, int")
-
-
-def lstm_cell(x_gates, h_gates, c_prev, acts_out, h_out, c_out, tanh_c_out) -> None:
-    """One LSTM step, as Ops.lstm_cell: one thread per (batch row, hidden unit)."""
-    batch, hidden = c_prev.shape
-    LSTM_CELL(blocks_for(batch * hidden), x_gates, h_gates, c_prev, acts_out, h_out, c_out, tanh_c_out, batch, hidden)
-
-
-def lstm_cell_backward(dh, dc, acts, c_prev, tanh_c, dgates_out) -> None:
-    """dgates_out from dh and dc; dc is overwritten with the gradient of c_prev."""
-    batch, hidden = c_prev.shape
-    LSTM_CELL_BACKWARD(blocks_for(batch * hidden), dh, dc, acts, c_prev, tanh_c, dgates_out, batch, hidden)
-
-
-def attention_softmax(scores, scale, causal):
-    """softmax(scale * scores) over the last axis, in place, keys after the query masked to 0
-    when causal; one block per row."""
-    t = scores.shape[-1]
-    ATTENTION_SOFTMAX(scores.size // t, scores, t, scale, causal)
-    return scores
-
-
-def attention_softmax_backward(probs, dprobs, scale):
-    """The scores' gradient, written over dprobs; one block per row."""
-    t = probs.shape[-1]
-    ATTENTION_SOFTMAX_BACKWARD(probs.size // t, probs, dprobs, t, scale)
-    return dprobs
-
-
-def layer_norm(x, weight, bias, eps):
-    """(y, xhat, rstd) over the last axis, as Ops.layer_norm; weight and bias both or neither."""
-    width = x.shape[-1]
-    y, xhat = _cupy().empty_like(x), _cupy().empty_like(x)
-    rstd = _cupy().empty(x.shape[:-1] + (1,), dtype="float32")
-    affine = weight is not None
-    LAYER_NORM(x.size // width, x, weight if affine else x, bias if affine else x, y, xhat, rstd, width, eps, affine)
-    return y, xhat, rstd
-
-
-def layer_norm_backward(dy, xhat, rstd, weight):
-    """The input's gradient (the host reduces the weight and bias gradients)."""
-    width = dy.shape[-1]
-    dx = _cupy().empty_like(dy)
-    affine = weight is not None
-    LAYER_NORM_BACKWARD(dy.size // width, dy, xhat, rstd, weight if affine else dy, dx, width, affine)
-    return dx
+    loss = _cupy().empty((), dtype="float32")
+    SOFTMAX_XENT(n, logits, labels, grad, row_loss, loss, label_error, done_blocks_counter(), classes, 1.0 / n)
+    return loss, grad
 
 
 # ------------------------------------------------------------------ random.cu
@@ -240,21 +250,29 @@ def _signed32(value: int) -> int:
 
 
 # ------------------------------------------------------------------ optim.cu
-SGD_UPDATE = Kernel("optim", "sgd_update", "float*, float*, float*, long long, float, float, float, float, int, int")
+SGD_UPDATE = Kernel("optim", "sgd_update",
+                    "float*, float*, float*, long long, float, float, float, float, int, int, float*, int")
 ADAM_UPDATE = Kernel("optim", "adam_update",
-                     "float*, float*, float*, float*, long long, float, float, float, float, float, int, float, float")
+                     "float*, float*, float*, float*, long long, float, float, float, float, float, int, float, float, "
+                     "float*, int")
 
 
-def sgd_update(param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov, first_step) -> None:
-    """One SGD step in place, torch.optim's semantics; velocity may be None when momentum is 0."""
+def sgd_update(param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov, first_step,
+               scalars=None) -> None:
+    """One SGD step in place, torch.optim's semantics; velocity may be None when momentum is 0.
+    scalars: a device array holding lr, read by the kernel instead of lr (for a replayed graph)."""
     SGD_UPDATE(blocks_for(param.size), param, grad, velocity if velocity is not None else param, param.size, lr,
-               momentum, dampening, weight_decay, nesterov, first_step)
+               momentum, dampening, weight_decay, nesterov, first_step, param if scalars is None else scalars,
+               scalars is not None)
 
 
-def adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, decoupled, step) -> None:
-    """One Adam (AdamW when decoupled) step in place; step counts from 1."""
+def adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, decoupled, step,
+                scalars=None) -> None:
+    """One Adam (AdamW when decoupled) step in place; step counts from 1. scalars: a device array
+    holding adam_scalars(lr, beta1, beta2, step), read by the kernel instead (for a replayed graph)."""
+    _, bias1, bias2_sqrt = adam_scalars(lr, beta1, beta2, step)
     ADAM_UPDATE(blocks_for(param.size), param, grad, exp_avg, exp_avg_sq, param.size, lr, beta1, beta2, eps,
-                weight_decay, decoupled, 1 - beta1**step, math.sqrt(1 - beta2**step))
+                weight_decay, decoupled, bias1, bias2_sqrt, param if scalars is None else scalars, scalars is not None)
 
 
 SUM_SQUARES = Kernel("optim", "sum_squares", "float*, long long, double*")
@@ -273,4 +291,9 @@ def clip_grad_norm(grad, max_norm):
     return norm
 
 
-KERNELS = {k.name: k for k in globals().values() if isinstance(k, Kernel)}  # every kernel, by name
+
+# the sequence layers' kernels (sequence.cu, attention.cu, embedding.cu) have their wrappers in a module of their own
+from gpunet.backend import cuda_wrappers_sequence as _sequence  # noqa: E402
+
+KERNELS = {k.name: k for k in [*globals().values(), *vars(_sequence).values()]  # every kernel, by name
+           if isinstance(k, Kernel)}

@@ -21,12 +21,19 @@ from __future__ import annotations
 import math
 
 from gpunet.backend import cuda_wrappers as kernels
+from gpunet.backend import cuda_wrappers_sequence as sequence_kernels
 from gpunet.backend.cuda_kernels import ACTIVATION_CODES, compile_inputs
 from gpunet.backend.cuda_wrappers import NO_LABEL_ERROR
 from gpunet.validate import env_choice
 from gpunet.backend.devices import configure_tf32, cupy_status, gpu_name
 from gpunet.backend.gemm_dispatch import GemmDispatch, source_hash
 from gpunet.backend.ops import Ops, label_range_error, pooled_size
+
+
+# embed_backward's kernel lets each of the V rows of the gradient scan all N ids: up to V * N of
+# this (a character vocabulary and a few thousand tokens) that costs less than the two launches
+# and the atomics of a scatter-add; past it the base's scatter-add runs.
+EMBEDDING_SCAN_LIMIT = 1 << 22
 
 
 class CupyOps(Ops):
@@ -74,8 +81,9 @@ class CupyOps(Ops):
         return y
 
     def _cublas_linear(self, x, weight, bias, activation, y):
-        """cuBLAS, then the bias and the activation as passes of their own."""
-        Ops.linear(self, x, weight, bias, activation, out=y)
+        """cuBLAS, then the bias and the activation in one pass."""
+        self.xp.matmul(x, weight.T, out=y)
+        kernels.bias_act_forward(y, bias, activation, y)
 
     def _gemm_dispatch(self):
         if self._dispatch is None:
@@ -102,11 +110,36 @@ class CupyOps(Ops):
         if activation is None and grad_bias is None:
             dz = dy  # no activation to undo and no bias to sum: nothing for the kernel to do
         else:
-            dz, partial = kernels.bias_act_backward(dy, z, y, activation)
-            if grad_bias is not None:
-                partial.sum(axis=0, out=grad_bias)
+            dz = kernels.bias_act_backward(dy, z, y, activation, grad_bias)
         self.xp.matmul(dz.T, x, out=grad_weight)
         return self.xp.matmul(dz, weight) if need_dx else None
+
+    def conv_epilogue(self, y_t, bias, activation):
+        if activation not in ("relu", "sigmoid", "tanh", None) or not _float32(y_t, bias) or y_t.size == 0:
+            return super().conv_epilogue(y_t, bias, activation)
+        return kernels.conv_bias_act(y_t, bias, activation)
+
+    def conv_bias_act_backward(self, dy, y, activation, grad_bias):
+        dy = self.xp.ascontiguousarray(dy)
+        if activation not in ("relu", "sigmoid", "tanh", None) or not _float32(dy, y, grad_bias) or dy.size == 0:
+            return super().conv_bias_act_backward(dy, y, activation, grad_bias)
+        return kernels.conv_bias_act_backward(dy, y, activation, grad_bias)
+
+    def conv2d_relu_pool(self, x, weight, bias, stride, padding, pool):
+        if not _float32(x, weight, bias) or x.size == 0:
+            return super().conv2d_relu_pool(x, weight, bias, stride, padding, pool)
+        y_t, cols, conv_hw = self.conv_gemm(x, weight, stride, padding)
+        pooled, argmax = kernels.conv_relu_pool(y_t, bias, conv_hw, pool)
+        return pooled, argmax, cols, (x.shape[0], weight.shape[0], *conv_hw)
+
+    def conv2d_relu_pool_backward(self, dp, pooled, argmax, cols, x_shape, y_shape, weight, grad_weight, grad_bias,
+                                  stride, padding, pool, need_dx=True):
+        dp = self.xp.ascontiguousarray(dp)
+        if not _float32(dp, pooled, grad_bias) or argmax.dtype != self.xp.int32 or dp.size == 0:
+            return super().conv2d_relu_pool_backward(dp, pooled, argmax, cols, x_shape, y_shape, weight, grad_weight,
+                                                     grad_bias, stride, padding, pool, need_dx)
+        dy_t = kernels.conv_relu_pool_backward(dp, pooled, argmax, y_shape[2:], pool, grad_bias)
+        return self._conv_gemms_backward(dy_t, cols, x_shape, weight, grad_weight, stride, padding, need_dx)
 
     def im2col(self, x, kernel, stride, padding):
         n, c, h, w = x.shape
@@ -139,8 +172,7 @@ class CupyOps(Ops):
         if not _float32(logits) or logits.size == 0:
             return super().softmax_cross_entropy(logits, labels)
         labels = self.xp.ascontiguousarray(labels, dtype=self.xp.int64)
-        row_loss, grad = kernels.softmax_xent(logits, labels, self._label_error_flags(logits.shape[1]))
-        return row_loss.mean(), grad
+        return kernels.softmax_xent(logits, labels, self._label_error_flags(logits.shape[1]))
 
     def check_labels(self, labels, classes):
         """Folds labels outside [0, classes) into the device flags (no host read: check_errors
@@ -183,7 +215,7 @@ class CupyOps(Ops):
             return  # every output is empty (the base's reshape cannot take an empty batch)
         if not _float32(*arrays):
             return super().lstm_cell(*arrays)
-        kernels.lstm_cell(*arrays)
+        sequence_kernels.lstm_cell(*arrays)
 
     def lstm_cell_backward(self, dh, dc, acts, c_prev, tanh_c, dgates_out):
         arrays = (dh, dc, acts, c_prev, tanh_c, dgates_out)
@@ -191,49 +223,105 @@ class CupyOps(Ops):
             return  # every output is empty
         if not _float32(*arrays):
             return super().lstm_cell_backward(*arrays)
-        kernels.lstm_cell_backward(*arrays)
+        sequence_kernels.lstm_cell_backward(*arrays)
+
+    def lstm_step(self, x_gates, w_hh_t, h_prev, c_prev, acts_out, h_out, c_out, tanh_c_out):
+        arrays = (x_gates, w_hh_t, h_prev, c_prev, acts_out, h_out, c_out, tanh_c_out)
+        if c_prev.size == 0 or not _float32(*arrays):
+            return super().lstm_step(*arrays)
+        sequence_kernels.lstm_step(*arrays)
+
+    def lstm_step_backward(self, dy, dgates_next, w_hh, dc, acts, c_prev, tanh_c, dgates_out):
+        arrays = (dy, dgates_next, w_hh, dc, acts, c_prev, tanh_c, dgates_out)
+        if c_prev.size == 0 or not _float32(*arrays):
+            return super().lstm_step_backward(*arrays)
+        sequence_kernels.lstm_step_backward(*arrays)
 
     def attention_softmax(self, scores, scale, causal):
         if not _float32(scores) or scores.size == 0:
             return super().attention_softmax(scores, scale, causal)
-        return kernels.attention_softmax(scores, scale, causal)
+        return sequence_kernels.attention_softmax(scores, scale, causal)
 
     def attention_softmax_backward(self, probs, dprobs, scale):
         if not _float32(probs, dprobs) or dprobs.size == 0:
             return super().attention_softmax_backward(probs, dprobs, scale)
-        return kernels.attention_softmax_backward(probs, dprobs, scale)
+        return sequence_kernels.attention_softmax_backward(probs, dprobs, scale)
 
     def layer_norm(self, x, weight, bias, eps):
         if not _float32(x, weight, bias) or x.size == 0:
             return super().layer_norm(x, weight, bias, eps)
-        return kernels.layer_norm(x, weight, bias, eps)
+        return sequence_kernels.layer_norm(x, weight, bias, eps)[:3]
 
-    def layer_norm_backward(self, dy, xhat, rstd, weight):
+    def add_layer_norm(self, x, residual, weight, bias, eps):
+        if not _float32(x, residual, weight, bias) or x.size == 0 or residual.shape != x.shape:
+            return super().add_layer_norm(x, residual, weight, bias, eps)
+        y, xhat, rstd, total = sequence_kernels.layer_norm(x, weight, bias, eps, residual)
+        return total, y, xhat, rstd
+
+    def layer_norm_backward(self, dy, xhat, rstd, weight, grad_weight=None, grad_bias=None, residual=None):
+        """One launch: dx (+ residual) and the parameters' gradients, summed on the device into
+        grad_weight and grad_bias (new arrays when not given)."""
         dy = self.xp.ascontiguousarray(dy)
-        if not _float32(dy, xhat, rstd, weight) or dy.size == 0:
-            return super().layer_norm_backward(dy, xhat, rstd, weight)
-        dx = kernels.layer_norm_backward(dy, xhat, rstd, weight)
-        if weight is None:
-            return dx, None, None
-        rows = dy.reshape(-1, dy.shape[-1])
-        return dx, (rows * xhat.reshape(rows.shape)).sum(axis=0), rows.sum(axis=0)
+        if (not _float32(dy, xhat, rstd, weight, grad_weight, grad_bias, residual) or dy.size == 0
+                or (residual is not None and residual.shape != dy.shape)):
+            return super().layer_norm_backward(dy, xhat, rstd, weight, grad_weight, grad_bias, residual)
+        if weight is not None:
+            grad_weight = self.xp.empty_like(weight) if grad_weight is None else grad_weight
+            grad_bias = self.xp.empty_like(weight) if grad_bias is None else grad_bias
+        else:
+            grad_weight = grad_bias = None
+        return sequence_kernels.layer_norm_backward(dy, xhat, rstd, weight, grad_weight, grad_bias, residual), grad_weight, grad_bias
 
-    def sgd_update(self, param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov, first_step):
+    def attention(self, qkv, causal):
+        if not _float32(qkv) or qkv.size == 0:
+            return super().attention(qkv, causal)
+        mixed, probs = sequence_kernels.attention(qkv, causal)
+        return mixed, (qkv, probs, causal)
+
+    def attention_backward(self, dmixed, state):
+        qkv, probs, kept = state
+        dmixed = self.xp.ascontiguousarray(dmixed)
+        if isinstance(kept, tuple) or not _float32(dmixed):  # the base's forward kept (q, k, v): its backward
+            return super().attention_backward(dmixed, state)
+        return sequence_kernels.attention_backward(qkv, probs, dmixed, bool(kept))  # kept: causal
+
+    def sgd_update(self, param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov, first_step,
+                   scalars=None):
         if not _float32(param, grad, velocity) or param.size == 0:
             return super().sgd_update(param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov,
-                                      first_step)
-        kernels.sgd_update(param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov, first_step)
+                                      first_step, scalars)
+        kernels.sgd_update(param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov, first_step, scalars)
 
-    def adam_update(self, param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, decoupled, step):
+    def adam_update(self, param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, decoupled, step,
+                    scalars=None):
         if not _float32(param, grad, exp_avg, exp_avg_sq) or param.size == 0:
             return super().adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay,
-                                       decoupled, step)
-        kernels.adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, decoupled, step)
+                                       decoupled, step, scalars)
+        kernels.adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, decoupled, step,
+                            scalars)
 
     def clip_grad_norm(self, grads, max_norm):
         if len(grads) != 1 or not _float32(*grads) or grads[0].size == 0:
             return super().clip_grad_norm(grads, max_norm)
         return kernels.clip_grad_norm(grads[0].reshape(-1), max_norm)
+
+    def embed(self, ids, weight, position=None):
+        """One launch, the positions' add included."""
+        if (not _float32(weight, position) or ids.size == 0 or ids.dtype.kind not in "iu"
+                or (position is not None and (ids.ndim != 2 or ids.shape[1] > position.shape[0]))):
+            return super().embed(ids, weight, position)
+        return sequence_kernels.embedding_forward(self.xp.ascontiguousarray(ids, dtype=self.xp.int64), weight,
+                                                     position)
+
+    def embed_backward(self, ids, dy, grad_weight, grad_position=None):
+        """One launch for both gradients, summed in a fixed order (no atomics) when the vocabulary
+        is small enough for each of its rows to scan all the ids (EMBEDDING_SCAN_LIMIT)."""
+        dy = self.xp.ascontiguousarray(dy)
+        if (not _float32(dy, grad_weight, grad_position) or dy.size == 0 or ids.dtype.kind not in "iu"
+                or ids.size * grad_weight.shape[0] > EMBEDDING_SCAN_LIMIT):
+            return super().embed_backward(ids, dy, grad_weight, grad_position)
+        sequence_kernels.embedding_backward(self.xp.ascontiguousarray(ids, dtype=self.xp.int64), dy, grad_weight,
+                                               grad_position)
 
     def embedding_backward(self, ids, dy, grad_weight):
         import cupyx

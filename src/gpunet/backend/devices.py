@@ -10,6 +10,7 @@ import functools
 import os
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import numpy
 
@@ -19,7 +20,7 @@ DEVICE_NAMES = ("auto", "cpu", "gpu")
 
 
 @functools.lru_cache(maxsize=1)
-def cupy_status() -> tuple[object | None, str]:
+def cupy_status() -> tuple[Any, str]:
     """(cupy module or None, reason it is unusable or '')."""
     try:
         import cupy
@@ -60,7 +61,7 @@ def configure_tf32(cupy) -> bool:
     without that setting leaves CUPY_TF32 in charge, and gpunet says so in one line when it is on.
     """
     wanted = env_choice("GPUNET_TF32") == "1"
-    core = getattr(cupy, "_core", None)
+    core: Any = getattr(cupy, "_core", None)
     linalg = getattr(core, "_routines_linalg", None)
     if linalg is not None and hasattr(core, "set_compute_type") and hasattr(core, "get_compute_type"):
         core.set_compute_type(numpy.float32, linalg.COMPUTE_TYPE_TF32 if wanted else linalg.COMPUTE_TYPE_DEFAULT)
@@ -94,27 +95,63 @@ class Device:
 
     name: str
     reason: str = ""
+    index: int = 0  # which GPU (cupy.cuda.Device(index)); 0 on the CPU
 
     @property
-    def xp(self):
+    def xp(self) -> Any:
         return numpy if self.name == "cpu" else cupy_status()[0]
 
     def __str__(self) -> str:
         return self.name
 
 
+def check_device_name(name) -> str:
+    """name as device() reads it ("auto", "cpu", "gpu" or "gpu:N"); ValueError naming the choices."""
+    requested = "auto" if name is None else str(name).strip().lower()
+    kind, colon, index = requested.partition(":")
+    if requested in DEVICE_NAMES or (kind == "gpu" and colon and index.isdigit() and index.isascii()):
+        return requested
+    raise ValueError(f"unknown device {name!r}; choose one of {', '.join(DEVICE_NAMES)} or gpu:N (N: the GPU's "
+                     "number, 0 first)")
+
+
+_selected_gpu: list[int] = []  # the GPU this process runs on, once one was picked by number
+
+
+def _select_gpu(index: int) -> str:
+    """Make GPU `index` CuPy's current device (for this process: kernels compile and load on it); the reason."""
+    cupy = cupy_status()[0]
+    count = cupy.cuda.runtime.getDeviceCount()
+    if index >= count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise RuntimeError(f"device 'gpu:{index}' was requested but only {count} GPU{'s are' if count > 1 else ' is'} "
+                           f"visible (gpu:0{f' to gpu:{count - 1}' if count > 1 else ''})"
+                           + (f"; CUDA_VISIBLE_DEVICES={visible} renumbers the GPUs it lists from 0" if visible else ""))
+    if _selected_gpu and _selected_gpu[0] != index:
+        raise RuntimeError(f"device 'gpu:{index}' was requested but this process already runs on gpu:{_selected_gpu[0]}; "
+                           "gpunet uses one GPU per process (start another process for another GPU)")
+    cupy.cuda.Device(index).use()
+    _selected_gpu[:] = [index]
+    return f"asked for GPU {index} ({gpu_name(index)})"
+
+
 def device(name: str | Device | None = "auto") -> Device:
-    """Resolve "auto" | "cpu" | "gpu" to a Device.
+    """Resolve "auto" | "cpu" | "gpu" | "gpu:N" to a Device.
 
     "auto" (the default) may be replaced by the environment variable GPUNET_DEVICE. It picks
     the GPU when one is usable, else the CPU with one warning line saying why. "gpu" without a
-    usable GPU raises RuntimeError saying why.
+    usable GPU raises RuntimeError saying why. "gpu:N" picks the N-th GPU that CUDA shows this process
+    (CUDA_VISIBLE_DEVICES, read by CUDA itself, chooses and renumbers them) for the whole process.
     """
     if isinstance(name, Device):
         return name
-    requested = "auto" if name is None else str(name).lower()
-    if requested not in DEVICE_NAMES:
-        raise ValueError(f"unknown device {name!r}; choose one of {', '.join(DEVICE_NAMES)}")
+    requested = check_device_name(name)
+    if requested.startswith("gpu:"):
+        usable, why = gpu_status()
+        if not usable:
+            raise RuntimeError(f"device {requested!r} was requested but no GPU is usable: {why}")
+        index = int(requested[4:])
+        return Device("gpu", _select_gpu(index), index)
     if requested == "auto":
         env = env_choice("GPUNET_DEVICE")
         if env in ("cpu", "gpu"):

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import functools
+from typing import Any, TypeAlias
 
 import numpy
 
 from gpunet.backend.devices import cupy_status, gpu_status
+
+# A numpy.ndarray or a cupy.ndarray (CuPy ships no type hints, so the alias cannot name it)
+Array: TypeAlias = Any
 
 
 def is_cupy_array(a) -> bool:

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
+from gpunet import paths
 from gpunet.files import atomic_write
-
-CACHE_ENV = "GPUNET_CACHE"
 
 
 def default_cache_path() -> Path:
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "gpunet")) / "gemm_dispatch.json"
+    return paths.cache_dir() / "gemm_dispatch.json"
 
 
 def size_class(m: int, n: int, k: int, epilogue) -> str:

@@ -1,14 +1,12 @@
 """CPU backend: NumPy (OpenBLAS for GEMM) with Numba kernels where NumPy is slow."""
 from __future__ import annotations
 
-import math
-
 import numpy
 
 from gpunet.backend import cpu_kernels
 from gpunet.backend.cpu_conv_kernels import kernels as conv_kernels
 from gpunet.backend.cpu_sequence_kernels import kernels as sequence_kernels
-from gpunet.backend.ops import Ops, pooled_size
+from gpunet.backend.ops import Ops, adam_scalars, pooled_size
 
 
 class NumpyOps(Ops):
@@ -61,17 +59,21 @@ class NumpyOps(Ops):
             return super().embedding_backward(ids, dy, grad_weight)
         sequence_kernels().embedding_backward(ids.reshape(-1), dy2, grad_weight)
 
-    def sgd_update(self, param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov, first_step):
-        if not _fusable(param, grad, velocity):
-            return super().sgd_update(param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov, first_step)
+    def sgd_update(self, param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov, first_step,
+                   scalars=None):
+        if not _fusable(param, grad, velocity) or scalars is not None:
+            return super().sgd_update(param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov, first_step,
+                                      scalars)
         cpu_kernels.sgd_update(param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov, first_step)
 
-    def adam_update(self, param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, decoupled, step):
-        if not _fusable(param, grad, exp_avg, exp_avg_sq):
+    def adam_update(self, param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, decoupled, step,
+                    scalars=None):
+        if not _fusable(param, grad, exp_avg, exp_avg_sq) or scalars is not None:
             return super().adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay,
-                                       decoupled, step)
-        cpu_kernels.adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, decoupled,
-                                1 - beta1**step, math.sqrt(1 - beta2**step))
+                                       decoupled, step, scalars)
+        _, bias1, bias2_sqrt = adam_scalars(lr, beta1, beta2, step)
+        cpu_kernels.adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, decoupled, bias1,
+                                bias2_sqrt)
 
 
 def _fusable(*arrays) -> bool:

@@ -3,7 +3,8 @@
 Subclasses (NumpyOps, CupyOps) override only the hot ops and keep the base signatures
 (tests/backend/test_devices.py checks that). Arrays are (N, features) unless said otherwise; ops that
 take `out=` write into it so layers can reuse buffers between steps. The math of the sequence
-layers' ops is in sequence_ops.py, as functions of xp; the methods here hand it self.xp.
+layers' ops is in sequence_ops.py, as functions of xp; the methods here hand it self.xp. The
+convolution and pooling ops are ConvOps's (conv_ops.py), which Ops inherits.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import math
 import numpy
 
 from gpunet.backend import sequence_ops
+from gpunet.backend.conv_ops import ConvOps, pooled_size  # noqa: F401  (pooled_size: imported from here too)
 
 ACTIVATIONS = ("relu", "sigmoid", "tanh", "gelu", "gelu_tanh")
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -22,12 +24,7 @@ def label_range_error(bad: int, classes: int) -> ValueError:
     return ValueError(f"softmax_cross_entropy: label {bad} is out of range for {classes} classes")
 
 
-def pooled_size(size, kernel, stride, padding=(0, 0)):
-    """Output (height, width) of a convolution or pooling window sliding over size."""
-    return tuple((s + 2 * p - k) // st + 1 for s, k, st, p in zip(size, kernel, stride, padding))
-
-
-class Ops:
+class Ops(ConvOps):
     name = "base"
     xp = numpy
 
@@ -183,99 +180,25 @@ class Ops:
         y = xhat * weight + bias if weight is not None else xhat
         return y, xhat, rstd
 
-    def layer_norm_backward(self, dy, xhat, rstd, weight):
-        """Returns (dx, dweight, dbias) with the parameter gradients summed over all rows."""
+    def add_layer_norm(self, x, residual, weight, bias, eps):
+        """A residual add and the layer norm of its result: (x + residual, *layer_norm(x + residual))."""
+        total = x + residual
+        return (total, *self.layer_norm(total, weight, bias, eps))
+
+    def layer_norm_backward(self, dy, xhat, rstd, weight, grad_weight=None, grad_bias=None, residual=None):
+        """Returns (dx, dweight, dbias) with the parameter gradients summed over all rows (written
+        into grad_weight and grad_bias when given); with residual, dx + residual."""
         d = xhat.shape[-1]
         axes = tuple(range(dy.ndim - 1))
-        dweight = (dy * xhat).sum(axis=axes) if weight is not None else None
-        dbias = dy.sum(axis=axes) if weight is not None else None
+        dweight = dbias = None
+        if weight is not None:
+            dweight = (dy * xhat).sum(axis=axes, out=grad_weight)
+            dbias = dy.sum(axis=axes, out=grad_bias)
         g = dy * weight if weight is not None else dy
         dx = rstd * (g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).sum(axis=-1, keepdims=True) / d)
+        if residual is not None:
+            dx += residual
         return dx, dweight, dbias
-
-    # ---------------------------------------------------------------- convolution
-    def im2col(self, x, kernel, stride, padding):
-        """(N, C, H, W) -> columns (N*OH*OW, C*kh*kw); rows in (n, oh, ow) order."""
-        xp = self.xp
-        n, c, h, w = x.shape
-        (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
-        oh, ow = pooled_size((h, w), kernel, stride, padding)
-        xpad = xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x
-        cols = xp.empty((n, oh, ow, c, kh, kw), dtype=x.dtype)
-        for i in range(kh):
-            for j in range(kw):
-                patch = xpad[:, :, i : i + sh * oh : sh, j : j + sw * ow : sw]
-                cols[:, :, :, :, i, j] = patch.transpose(0, 2, 3, 1)
-        return cols.reshape(n * oh * ow, c * kh * kw)
-
-    def col2im(self, cols, x_shape, kernel, stride, padding):
-        """The adjoint of im2col: scatter-add columns back into an (N, C, H, W) array."""
-        xp = self.xp
-        n, c, h, w = x_shape
-        (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
-        oh, ow = pooled_size((h, w), kernel, stride, padding)
-        cols = cols.reshape(n, oh, ow, c, kh, kw)
-        xpad = xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=cols.dtype)
-        for i in range(kh):
-            for j in range(kw):
-                xpad[:, :, i : i + sh * oh : sh, j : j + sw * ow : sw] += cols[:, :, :, :, i, j].transpose(0, 3, 1, 2)
-        return xpad[:, :, ph : ph + h, pw : pw + w]
-
-    def conv2d(self, x, weight, bias, stride, padding):
-        """NCHW convolution as im2col + one GEMM; returns (y, cols) (cols feed the backward).
-
-        The GEMM runs channel-major, (out, c*kh*kw) x (c*kh*kw, n*oh*ow), so that moving its result
-        to NCHW copies runs of oh*ow contiguous values (the bias add rides on that copy).
-        """
-        n, out_c = x.shape[0], weight.shape[0]
-        oh, ow = pooled_size(x.shape[2:], weight.shape[2:], stride, padding)
-        cols = self.im2col(x, weight.shape[2:], stride, padding)
-        y_t = self.xp.matmul(weight.reshape(out_c, -1), cols.T).reshape(out_c, n, oh * ow)
-        out = self.xp.empty((n, out_c, oh * ow), dtype=y_t.dtype)
-        if bias is None:
-            out[...] = y_t.transpose(1, 0, 2)
-        else:
-            self.xp.add(y_t.transpose(1, 0, 2), bias.reshape(1, out_c, 1), out=out)
-        return out.reshape(n, out_c, oh, ow), cols
-
-    def conv2d_backward(self, dy, cols, x_shape, weight, grad_weight, grad_bias, stride, padding, need_dx=True):
-        """Writes dW = dY^T cols and db = sum dY; returns dX = col2im(dY W)."""
-        out_c = weight.shape[0]
-        if grad_bias is not None:
-            self.xp.sum(dy, axis=(0, 2, 3), out=grad_bias)
-        dy_t = dy.transpose(1, 0, 2, 3).reshape(out_c, -1)  # channel-major, as in the forward GEMM
-        w2 = weight.reshape(out_c, -1)
-        self.xp.matmul(dy_t, cols, out=grad_weight.reshape(out_c, -1))
-        if not need_dx:
-            return None
-        dcols = self.xp.matmul(w2.T, dy_t).T  # = dY W, laid out as im2col lays out its columns
-        return self.col2im(dcols, x_shape, weight.shape[2:], stride, padding)
-
-    # ---------------------------------------------------------------- pooling (through im2col)
-    def max_pool(self, x, kernel, stride):
-        """(N, C, H, W) -> (y, argmax within each window); ties go to the first, as in torch."""
-        n, c, h, w = x.shape
-        cols = self.im2col(x.reshape(n * c, 1, h, w), kernel, stride, (0, 0))
-        arg = cols.argmax(axis=1)
-        y = cols[self.xp.arange(len(arg)), arg]
-        return y.reshape(n, c, *pooled_size((h, w), kernel, stride)), arg
-
-    def max_pool_backward(self, dy, argmax, x_shape, kernel, stride):
-        n, c, h, w = x_shape
-        cols = self.xp.zeros((argmax.size, kernel[0] * kernel[1]), dtype=dy.dtype)
-        cols[self.xp.arange(argmax.size), argmax.reshape(-1)] = dy.reshape(-1)  # any backend's argmax layout
-        return self.col2im(cols, (n * c, 1, h, w), kernel, stride, (0, 0)).reshape(x_shape)
-
-    def avg_pool(self, x, kernel, stride):
-        n, c, h, w = x.shape
-        cols = self.im2col(x.reshape(n * c, 1, h, w), kernel, stride, (0, 0))
-        return cols.mean(axis=1).reshape(n, c, *pooled_size((h, w), kernel, stride))
-
-    def avg_pool_backward(self, dy, x_shape, kernel, stride):
-        n, c, h, w = x_shape
-        area = kernel[0] * kernel[1]
-        cols = self.xp.repeat(dy.reshape(-1, 1) * (1.0 / area), area, axis=1).astype(dy.dtype, copy=False)
-        return self.col2im(cols, (n * c, 1, h, w), kernel, stride, (0, 0)).reshape(x_shape)
 
     # ---------------------------------------------------------------- sequence layers (see sequence_ops.py)
     def lstm_cell(self, x_gates, h_gates, c_prev, acts_out, h_out, c_out, tanh_c_out):
@@ -284,6 +207,24 @@ class Ops:
 
     def lstm_cell_backward(self, dh, dc, acts, c_prev, tanh_c, dgates_out):
         return sequence_ops.lstm_cell_backward(self.xp, dh, dc, acts, c_prev, tanh_c, dgates_out)
+
+    def lstm_step(self, x_gates, w_hh_t, h_prev, c_prev, acts_out, h_out, c_out, tanh_c_out):
+        """One LSTM time step: the cell of the gates x_gates + h_prev @ w_hh_t (w_hh_t is
+        weight_hh transposed, (H, 4H)). A GPU fuses both into one launch."""
+        # (h_gates in acts_out would save an array, but the CPU cell loses its vector loops to aliasing)
+        self.lstm_cell(x_gates, self.matmul(h_prev, w_hh_t), c_prev, acts_out, h_out, c_out, tanh_c_out)
+
+    def lstm_step_backward(self, dy, dgates_next, w_hh, dc, acts, c_prev, tanh_c, dgates_out):
+        """One backward LSTM time step: dgates_out from dh = dy + dgates_next @ w_hh and dc (the
+        gradients of this step's h and c); dc is overwritten with the gradient of c_prev.
+        dgates_next None: the last step, which gets no gradient from a later one (dc is not read)."""
+        if dgates_next is None:
+            dh = dy
+            dc[...] = 0
+        else:
+            dh = self.matmul(dgates_next, w_hh)
+            dh += dy
+        self.lstm_cell_backward(dh, dc, acts, c_prev, tanh_c, dgates_out)
 
     def gru_cell(self, gi, gh, h_prev, h_out):
         """One GRU step, gates in torch.nn.GRUCell's order r, z, n."""
@@ -298,6 +239,24 @@ class Ops:
 
     def attention_softmax_backward(self, probs, dprobs, scale):
         return sequence_ops.attention_softmax_backward(self.xp, probs, dprobs, scale)
+
+    def attention(self, qkv, causal):
+        """Self-attention of qkv (B, T, 3, H, Dh): (mixed (B, T, H, Dh), state for attention_backward)."""
+        return sequence_ops.attention(self.xp, qkv, causal)
+
+    def attention_backward(self, dmixed, state):
+        """dqkv (B, T, 3, H, Dh) from dmixed (B, T, H, Dh) and attention's state."""
+        return sequence_ops.attention_backward(self.xp, dmixed, state)
+
+    def embed(self, ids, weight, position=None):
+        """weight[ids]; with position (P, D), ids are (B, T) and position[t] is added at position t."""
+        return sequence_ops.embed(ids, weight, position)
+
+    def embed_backward(self, ids, dy, grad_weight, grad_position=None):
+        """embed's parameter gradients, written in place (grad_position: zero past dy's T)."""
+        self.embedding_backward(ids, dy, grad_weight)
+        if grad_position is not None:
+            sequence_ops.position_backward(dy, grad_position)
 
     def embedding_backward(self, ids, dy, grad_weight):
         """grad_weight = sum of dy rows per id, in place."""
@@ -321,8 +280,11 @@ class Ops:
         return dy * mask if mask is not None else self.dropout(dy, p, stream)[0]
 
     # ---------------------------------------------------------------- optimizer updates
-    def sgd_update(self, param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov, first_step):
-        """In place, with PyTorch's torch.optim.SGD semantics."""
+    def sgd_update(self, param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov, first_step,
+                   scalars=None):
+        """In place, with PyTorch's torch.optim.SGD semantics. scalars (device-held lr, for a replayed
+        CUDA graph) only the GPU's float32 kernel reads."""
+        _no_device_scalars(scalars, "sgd_update")
         g = grad + weight_decay * param if weight_decay else grad
         if momentum:
             if first_step:
@@ -333,8 +295,11 @@ class Ops:
             g = g + momentum * velocity if nesterov else velocity
         param -= lr * g
 
-    def adam_update(self, param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, decoupled, step):
-        """In place, with torch.optim.Adam (decoupled=False) or AdamW (True) semantics."""
+    def adam_update(self, param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, decoupled, step,
+                    scalars=None):
+        """In place, with torch.optim.Adam (decoupled=False) or AdamW (True) semantics. scalars
+        (device-held lr and bias corrections, for a replayed CUDA graph) only the GPU's float32 kernel reads."""
+        _no_device_scalars(scalars, "adam_update")
         xp = self.xp
         if weight_decay and decoupled:
             param *= 1 - lr * weight_decay
@@ -343,9 +308,8 @@ class Ops:
         exp_avg += (1 - beta1) * g
         exp_avg_sq *= beta2
         exp_avg_sq += (1 - beta2) * (g * g)
-        bias1 = 1 - beta1**step
-        bias2 = 1 - beta2**step
-        denom = xp.sqrt(exp_avg_sq) / math.sqrt(bias2) + eps
+        _, bias1, bias2_sqrt = adam_scalars(lr, beta1, beta2, step)
+        denom = xp.sqrt(exp_avg_sq) / bias2_sqrt + eps
         param -= (lr / bias1) * exp_avg / denom
 
     def clip_grad_norm(self, grads, max_norm):
@@ -358,3 +322,16 @@ class Ops:
         for g in grads:
             g *= scale.astype(g.dtype)
         return total
+
+
+def adam_scalars(lr, beta1, beta2, step) -> tuple[float, float, float]:
+    """Adam's per-step scalars: lr, 1 - beta1^step and sqrt(1 - beta2^step) (step counts from 1)."""
+    return lr, 1 - beta1**step, math.sqrt(1 - beta2**step)
+
+
+def _no_device_scalars(scalars, op: str) -> None:
+    """A graph replays its kernels' arguments as captured: only a kernel that reads its per-step
+    scalars from the device can be replayed, so the others refuse them rather than freeze them."""
+    if scalars is not None:
+        raise TypeError(f"{op}: per-step scalars on the device need the float32 GPU kernel (a CUDA graph step "
+                        "needs float32 parameters)")

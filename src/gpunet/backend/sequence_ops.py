@@ -9,6 +9,8 @@ array for backpropagation through time.
 """
 from __future__ import annotations
 
+import math
+
 
 # ---------------------------------------------------------------- LSTM
 def lstm_cell(xp, x_gates, h_gates, c_prev, acts_out, h_out, c_out, tanh_c_out):
@@ -100,8 +102,49 @@ def attention_softmax_backward(xp, probs, dprobs, scale):
     return dprobs
 
 
+def attention(xp, qkv, causal):
+    """Multi-head scaled dot-product attention of qkv (B, T, 3, H, Dh), the input projection's
+    output as it comes: (mixed (B, T, H, Dh), state), state for attention_backward. Heads and
+    batch rows go through batched matmuls."""
+    q, k, v = xp.ascontiguousarray(qkv.transpose(2, 0, 3, 1, 4))  # each (B, H, T, Dh)
+    scale = 1.0 / math.sqrt(qkv.shape[-1])
+    probs = attention_softmax(xp, xp.matmul(q, k.swapaxes(-1, -2)), scale, causal)
+    mixed = xp.ascontiguousarray(xp.matmul(probs, v).transpose(0, 2, 1, 3))
+    return mixed, (qkv, probs, (q, k, v))
+
+
+def attention_backward(xp, dmixed, state):
+    """dqkv (B, T, 3, H, Dh) from the gradient of attention's output, dmixed (B, T, H, Dh)."""
+    qkv, probs, (q, k, v) = state
+    scale = 1.0 / math.sqrt(qkv.shape[-1])
+    dmixed = xp.ascontiguousarray(dmixed.transpose(0, 2, 1, 3))  # (B, H, T, Dh)
+    dqkv = xp.empty(qkv.shape, dtype=dmixed.dtype)
+    dqkv_heads = dqkv.transpose(2, 0, 3, 1, 4)  # a view: (3, B, H, T, Dh)
+    dqkv_heads[2] = xp.matmul(probs.swapaxes(-1, -2), dmixed)
+    dscores = attention_softmax_backward(xp, probs, xp.matmul(dmixed, v.swapaxes(-1, -2)), scale)
+    dqkv_heads[0] = xp.matmul(dscores, k)
+    dqkv_heads[1] = xp.matmul(dscores.swapaxes(-1, -2), q)
+    return dqkv
+
+
 # ---------------------------------------------------------------- embeddings
 def embedding_backward(xp, ids, dy, grad_weight):
     """grad_weight = sum of dy rows per id (a scatter-add), written in place."""
     grad_weight[...] = 0
     xp.add.at(grad_weight, ids.reshape(-1), dy.reshape(-1, grad_weight.shape[1]))
+
+
+def embed(ids, weight, position):
+    """weight[ids], plus position[t] at position t of (B, T) ids when position is given."""
+    y = weight[ids]
+    if position is not None:
+        y += position[: ids.shape[1]]
+    return y
+
+
+def position_backward(dy, grad_position):
+    """grad_position (P, D) = dy (B, T, D) summed over its rows, zero past T, in place."""
+    t = dy.shape[1]
+    if t < grad_position.shape[0]:  # (a launch even when empty, on a GPU)
+        grad_position[t:] = 0
+    dy.sum(axis=0, out=grad_position[:t])

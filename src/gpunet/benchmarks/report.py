@@ -79,14 +79,15 @@ def to_json(results, skipped, env: dict, tiny: bool) -> str:
 
 
 def plot(results, path, env: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure of its own on the Agg canvas: no pyplot, so the caller's backend and figures are untouched
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     names = [r.name for r in results]
     ratios = [r.ratio for r in results]
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1.5))
+    fig = Figure(figsize=(8, 0.35 * len(names) + 1.5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     colors = ["tab:green" if x <= 1 else "tab:red" for x in ratios]
     ax.barh(names, ratios, color=colors)
     ax.axvline(1.0, color="black", linewidth=1)
@@ -96,7 +97,6 @@ def plot(results, path, env: dict) -> None:
     fig.tight_layout()
     tmp = f"{path}.tmp.png"
     fig.savefig(tmp, dpi=110)
-    plt.close(fig)
     os.replace(tmp, path)
 
 

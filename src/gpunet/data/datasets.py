@@ -1,6 +1,7 @@
 """Named datasets: the embedded MNIST sample, the official MNIST (on request), Tiny Shakespeare."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +22,13 @@ class Dataset:
     x_val: numpy.ndarray
     y_val: numpy.ndarray
     num_classes: int
+    # the last `holdout` samples of the file, kept out of training and validation to score the result
+    x_holdout: numpy.ndarray | None = None
+    y_holdout: numpy.ndarray | None = None
 
 
-def split(x, y, val_fraction: float, seed: int):
+def split(x: numpy.ndarray, y: numpy.ndarray, val_fraction: float, seed: int
+          ) -> tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray, numpy.ndarray]:
     """A seeded random split into (x_train, y_train, x_val, y_val)."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -33,24 +38,35 @@ def split(x, y, val_fraction: float, seed: int):
     return x[train], y[train], x[val], y[val]
 
 
-def load_mnist_sample():
+def load_mnist_sample() -> tuple[numpy.ndarray, numpy.ndarray]:
     """The 8,000 real MNIST digits shipped with gpunet: (images uint8 (8000, 28, 28), labels)."""
     return (read_idx(SAMPLE_DIR / "train-images-idx3-ubyte.gz"),
             read_idx(SAMPLE_DIR / "train-labels-idx1-ubyte.gz"))
 
 
-def load_dataset(name: str, data_dir=None, download: bool = False, val_fraction: float = 0.1,
-                 seed: int = 0) -> Dataset | TextDataset:
-    """A dataset by name. Images are split at random (seeded); text is split in order."""
+def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, download: bool = False, val_fraction: float = 0.1,
+                 seed: int = 0, holdout: int = 0) -> Dataset | TextDataset:
+    """A dataset by name. Images are split at random (seeded); text is split in order.
+    holdout: the last `holdout` images (in file order) are carved out first, into x_holdout and
+    y_holdout, and never reach the training or validation split (images only)."""
+    if name == "shakespeare":
+        if holdout:
+            raise ValueError(f"holdout takes images; {name} keeps its validation text (the last val_fraction of "
+                             "the characters) out of training already")
+        return load_shakespeare(val_fraction)
     if name == "mnist-sample":
         x, y = load_mnist_sample()
-        return Dataset(name, *split(x, y, val_fraction, seed), num_classes=10)
-    if name == "mnist":
+    elif name == "mnist":
         (x, y), _ = load_mnist(data_dir, download)
-        return Dataset(name, *split(x, y, val_fraction, seed), num_classes=10)
-    if name == "shakespeare":
-        return load_shakespeare(val_fraction)
-    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    else:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if isinstance(holdout, bool) or not isinstance(holdout, int) or not 0 <= holdout <= len(x) - 2:
+        raise ValueError(f"holdout must be a whole number of images from 0 to {len(x) - 2} ({name} has {len(x)}), "
+                         f"got {holdout!r}")
+    kept = len(x) - holdout
+    held = (x[kept:], y[kept:]) if holdout else (None, None)
+    return Dataset(name, *split(x[:kept], y[:kept], val_fraction, seed), num_classes=10,
+                   x_holdout=held[0], y_holdout=held[1])
 
 
 DATASETS = ("mnist-sample", "mnist", "shakespeare")

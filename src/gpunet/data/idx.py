@@ -16,7 +16,7 @@ CHUNK = 1 << 20
 MAX_EXTRA_COUNTED = 1 << 26  # trailing data is counted for the message up to 64 MiB, then refused
 
 
-def read_idx(path) -> numpy.ndarray:
+def read_idx(path: str | os.PathLike[str]) -> numpy.ndarray:
     """Read an .idx or .idx.gz file into a NumPy array (native byte order).
 
     Streams: the header is read and checked first, then exactly the bytes it declares, so memory
@@ -82,7 +82,7 @@ def _read_stream(path, stream, file_size: int, compressed: bool) -> numpy.ndarra
                          + (f"more than this {file_size}-byte gzip file can hold" if compressed
                             else f"found {max(capacity, 0)}"))
     data = numpy.empty(expected, dtype=numpy.uint8)  # pages are only touched as data arrives
-    view, got = memoryview(data), 0
+    view, got = memoryview(data), 0  # type: ignore[arg-type]  # numpy declares __buffer__ for Python 3.12+ only
     while got < expected:
         n = stream.readinto(view[got : got + CHUNK])
         if not n:
@@ -109,7 +109,7 @@ def _count_rest(stream) -> int:
     return total
 
 
-def write_idx(path, array: numpy.ndarray) -> None:
+def write_idx(path: str | os.PathLike[str], array: numpy.ndarray) -> None:
     """Write an array as IDX (gzip-compressed when the name ends in .gz)."""
     codes = {numpy.dtype(v).newbyteorder("="): k for k, v in IDX_TYPES.items()}
     array = numpy.asarray(array)

@@ -12,6 +12,9 @@ import os
 import urllib.request
 from pathlib import Path
 
+import numpy
+
+from gpunet import paths
 from gpunet.data.idx import read_idx
 from gpunet.files import atomic_write, tmp_name
 
@@ -30,10 +33,9 @@ DEFAULT_MIRRORS = (
 )
 
 
-def cache_dir(data_dir=None) -> Path:
-    """data_dir, else $GPUNET_DATA, else ~/.cache/gpunet."""
-    root = data_dir or os.environ.get("GPUNET_DATA") or Path.home() / ".cache" / "gpunet"
-    return Path(root)
+def cache_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """data_dir, else $GPUNET_DATA, else $XDG_CACHE_HOME/gpunet, else ~/.cache/gpunet."""
+    return Path(data_dir) if data_dir else paths.data_dir()
 
 
 def mirrors() -> list[str]:
@@ -81,7 +83,8 @@ def download_file(name: str, directory: Path, mirror_list=None, timeout: float =
     raise RuntimeError(f"could not download {name}:\n  " + "\n  ".join(errors))
 
 
-def load_mnist(data_dir=None, download: bool = False):
+def load_mnist(data_dir: str | os.PathLike[str] | None = None, download: bool = False
+               ) -> tuple[tuple[numpy.ndarray, numpy.ndarray], tuple[numpy.ndarray, numpy.ndarray]]:
     """((train_images, train_labels), (test_images, test_labels)) as uint8 arrays."""
     directory = cache_dir(data_dir) / "mnist"
     arrays = {}

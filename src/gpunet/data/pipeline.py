@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy
 
+from gpunet.preprocess import apply_preprocess  # noqa: F401  (a leaf, so that a model can apply it: predict)
+
 
 def image_preprocess(images: numpy.ndarray, shape) -> dict:
     """A standardisation spec from training images: float32 = (uint8 / 255 - mean) / std,
@@ -15,27 +17,6 @@ def image_preprocess(images: numpy.ndarray, shape) -> dict:
 def text_preprocess(vocabulary: str) -> dict:
     """The spec of a character-level model: its inputs are ids into `vocabulary`."""
     return {"kind": "text", "vocabulary": vocabulary}
-
-
-def apply_preprocess(spec: dict | None, x, xp=numpy):
-    """Raw batch (on host or device) -> model input; a model without a spec takes x as is."""
-    if spec is None:
-        return x
-    if spec.get("kind") == "text":
-        x = xp.asarray(x)
-        if x.dtype.kind not in "iu":
-            raise TypeError(f"a text model takes integer character ids, got {x.dtype}")
-        return x
-    if spec.get("kind") != "image":
-        raise ValueError(f"unknown preprocessing kind {spec.get('kind')!r}")
-    x = xp.asarray(x)
-    expected = int(numpy.prod(spec["shape"]))
-    if x.size % expected or x.ndim < 2:
-        raise ValueError(f"input of shape {tuple(x.shape)} does not hold images of shape {tuple(spec['shape'])}")
-    out = x.reshape(len(x), *spec["shape"]).astype("float32")
-    out *= numpy.float32(spec["scale"] / spec["std"])
-    out -= numpy.float32(spec["mean"] / spec["std"])
-    return out
 
 
 def minibatches(n: int, batch_size: int, rng: numpy.random.Generator | None, start: int = 0,

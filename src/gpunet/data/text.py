@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def encode(text: str, vocabulary: str) -> numpy.ndarray:
                          f"vocabulary of {len(vocabulary)} characters") from None
 
 
-def decode(ids, vocabulary: str) -> str:
+def decode(ids: Iterable[int] | numpy.ndarray, vocabulary: str) -> str:
     return "".join(vocabulary[int(i)] for i in ids)
 
 

@@ -1,14 +1,16 @@
 """Elementwise activations and Softmax as layers (no parameters)."""
 from __future__ import annotations
 
-from gpunet.backend import ops_for
+from gpunet.backend import Array, ops_for
 from gpunet.layers.base import Layer, register
 
 
-class _Activation(Layer):
+class Activation(Layer):
+    """An elementwise activation layer; `kind` names it for the ops (and for a layer that absorbs it)."""
+
     kind = ""
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         ops = ops_for(x, op=f"{type(self).__name__}.forward")
         y = ops.activation(self.kind, x)
         self.save_for_backward(x=x, y=y)  # relu', sigmoid' and tanh' read y; gelu' reads x
@@ -20,22 +22,22 @@ class _Activation(Layer):
 
 
 @register("ReLU")
-class ReLU(_Activation):
+class ReLU(Activation):
     kind = "relu"
 
 
 @register("Sigmoid")
-class Sigmoid(_Activation):
+class Sigmoid(Activation):
     kind = "sigmoid"
 
 
 @register("Tanh")
-class Tanh(_Activation):
+class Tanh(Activation):
     kind = "tanh"
 
 
 @register("GELU")
-class GELU(_Activation):
+class GELU(Activation):
     """GELU as torch.nn.GELU: approximate="none" (erf, the default) or "tanh"."""
 
     def __init__(self, approximate: str = "none"):
@@ -53,7 +55,7 @@ class Softmax(Layer):
         super().__init__(dim=dim)
         self.dim = dim
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         y = ops_for(x, op="Softmax.forward").softmax(x, axis=self.dim)
         self.save_for_backward(y=y)
         return y
@@ -64,7 +66,7 @@ class Softmax(Layer):
 
 @register("Identity")
 class Identity(Layer):
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         self.save_for_backward()
         return x
 

@@ -1,17 +1,16 @@
 """Multi-head scaled dot-product self-attention, torch.nn.MultiheadAttention(batch_first=True) layout.
 
 Parameters: in_proj_weight (3d, d) packing W_q, W_k, W_v; in_proj_bias (3d,); out_proj.weight
-(d, d); out_proj.bias (d,). All heads and batch rows go through batched matmuls, never a
-Python loop over positions.
+(d, d); out_proj.bias (d,). The attention itself is one op (Ops.attention: batched matmuls on
+the CPU, fused kernels reading q, k, v where the projection wrote them on a GPU), never a Python
+loop over positions.
 """
 from __future__ import annotations
-
-import math
 
 import numpy
 
 from gpunet import init as initialisers
-from gpunet.backend import ops_for
+from gpunet.backend import Array, ops_for
 from gpunet.layers.base import Layer, register
 from gpunet.layers.checks import check_float_input, check_last_dim, check_ndim
 
@@ -32,39 +31,29 @@ class MultiHeadAttention(Layer):
         self.add_param("out_proj.weight", initialisers.torch_default((d_model, d_model)))
         self.add_param("out_proj.bias", numpy.zeros(d_model, dtype="float32"))
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         w = self.params["in_proj_weight"]
         check_ndim(self, x, (3,), "(B, T, d_model)")
         check_last_dim(self, x, w.shape[1])
         check_float_input(self, x, w.dtype)
         ops = ops_for(x, w, op="MultiHeadAttention.forward")
-        xp = ops.xp
         b, t, d = x.shape
         heads = self.config["num_heads"]
         x2 = x.reshape(b * t, d)
         qkv = ops.linear(x2, w, self.params["in_proj_bias"]).reshape(b, t, 3, heads, d // heads)
-        q, k, v = xp.ascontiguousarray(qkv.transpose(2, 0, 3, 1, 4))  # each (B, heads, T, d_head)
-        scale = 1.0 / math.sqrt(d // heads)
-        probs = ops.attention_softmax(ops.matmul(q, k.swapaxes(-1, -2)), scale, self.causal)
-        mixed = xp.ascontiguousarray(ops.matmul(probs, v).transpose(0, 2, 1, 3)).reshape(b * t, d)
-        self.save_for_backward(x2=x2, q=q, k=k, v=v, probs=probs, mixed=mixed, scale=scale)
+        mixed, state = ops.attention(qkv, self.causal)  # q, k, v read in place: no transposes
+        mixed = mixed.reshape(b * t, d)
+        self.save_for_backward(x2=x2, mixed=mixed, state=state)
         return ops.linear(mixed, self.params["out_proj.weight"], self.params["out_proj.bias"]).reshape(b, t, d)
 
     def backprop(self, dy, saved, need_dx):
-        q, k, v, probs, scale = saved.q, saved.k, saved.v, saved.probs, saved.scale
         ops = ops_for(dy, self.params["in_proj_weight"], op="MultiHeadAttention.backward")
-        xp = ops.xp
-        b, heads, t, dh = q.shape
+        b, t, d = dy.shape
+        heads = self.config["num_heads"]
         g = self.grads
         dmixed = ops.linear_backward(saved.mixed, self.params["out_proj.weight"], dy.reshape(b * t, -1),
                                      g["out_proj.weight"], g["out_proj.bias"])
-        dmixed = xp.ascontiguousarray(dmixed.reshape(b, t, heads, dh).transpose(0, 2, 1, 3))
-        dqkv = xp.empty((b, t, 3, heads, dh), dtype=dy.dtype)
-        dqkv_heads = dqkv.transpose(2, 0, 3, 1, 4)  # a view: (3, B, heads, T, d_head)
-        dqkv_heads[2] = ops.matmul(probs.swapaxes(-1, -2), dmixed)
-        dscores = ops.attention_softmax_backward(probs, ops.matmul(dmixed, v.swapaxes(-1, -2)), scale)
-        dqkv_heads[0] = ops.matmul(dscores, k)
-        dqkv_heads[1] = ops.matmul(dscores.swapaxes(-1, -2), q)
+        dqkv = ops.attention_backward(dmixed.reshape(b, t, heads, d // heads), saved.state)
         dx = ops.linear_backward(saved.x2, self.params["in_proj_weight"], dqkv.reshape(b * t, -1),
                                  g["in_proj_weight"], g["in_proj_bias"], need_dx)
         return None if dx is None else dx.reshape(b, t, -1)

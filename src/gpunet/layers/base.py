@@ -36,24 +36,26 @@ Layer types that checkpoints may name are registered under an explicit name with
 """
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from types import SimpleNamespace
+from typing import Any, TypeVar
 
 import numpy
 
 from gpunet.backend import device as resolve_device
-from gpunet.backend import to_device
+from gpunet.backend import Array, Device, to_device
 
-LAYER_TYPES: dict[str, type] = {}  # name in a checkpoint's architecture -> layer class
+LAYER_TYPES: dict[str, type[Layer]] = {}  # name in a checkpoint's architecture -> layer class
+L = TypeVar("L", bound="Layer")
 
 
-def register(name: str, *, replace: bool = False):
+def register(name: str, *, replace: bool = False) -> Callable[[type[L]], type[L]]:
     """Class decorator: `@register("Conv1D")` makes checkpoints that name "Conv1D" build this class.
 
     A name already held by another class is refused unless replace=True, so a user's layer never
     silently takes the place of a built-in one (re-running a class definition, as a notebook or a
     module reload does, replaces its older self)."""
-    def decorate(cls):
+    def decorate(cls: type[L]) -> type[L]:
         old = LAYER_TYPES.get(name)
         same = old is not None and (old.__module__, old.__qualname__) == (cls.__module__, cls.__qualname__)
         if old is not None and old is not cls and not same and not replace:
@@ -73,7 +75,7 @@ def registered_name(cls: type) -> str:
 
 
 class Layer:
-    def __init__(self, **config):
+    def __init__(self, **config: Any) -> None:
         self._setup(config)
         self.params: dict = {}
         self.grads: dict = {}
@@ -94,7 +96,7 @@ class Layer:
         object.__setattr__(self, name, value)
 
     # -- parameters and children
-    def add_param(self, name: str, value: numpy.ndarray) -> None:
+    def add_param(self, name: str, value: Array) -> None:
         self.params[name] = value
         self.grads[name] = numpy.zeros_like(value)
 
@@ -137,7 +139,7 @@ class Layer:
     def eval(self) -> "Layer":
         return self.train(False)
 
-    def to(self, device=None, dtype=None) -> "Layer":
+    def to(self, device: str | Device | None = None, dtype: str | numpy.dtype | None = None) -> "Layer":
         """Move parameters, gradients and buffers to a device ("cpu"/"gpu"/Device) and/or dtype."""
         name = resolve_device(device).name if device is not None else self.device
         for store in self._own_stores():
@@ -154,7 +156,7 @@ class Layer:
         return self.params, self.grads, self.buffers
 
     # -- running
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         raise NotImplementedError
 
     def save_for_backward(self, **values) -> None:
@@ -165,24 +167,44 @@ class Layer:
     def saved(self) -> SimpleNamespace:
         if self._saved is None:
             raise RuntimeError(f"{type(self).__name__}: backward called before forward")
+        if getattr(self._saved, "absorbed", False):
+            raise RuntimeError(f"{type(self).__name__}: its last forward ran inside the layer before it (fused by "
+                               "Sequential); call the Sequential's backward")
         return self._saved
+
+    # -- fusion: Sequential runs the layers right after this one inside it when this one absorbs them
+    def absorbs(self, following: list) -> bool:
+        """Whether forward_absorbing(x, following) computes the layers `following` (the ones right
+        after this, in order) applied to self.forward(x) in one pass, and this layer's backward then
+        runs theirs too. Sequential asks with one layer, then (if yes) with the next added, ..."""
+        return False
+
+    def forward_absorbing(self, x, following: list):
+        raise NotImplementedError(f"{type(self).__name__} absorbs no layer")
 
     def backprop(self, dy, saved: SimpleNamespace, need_dx: bool):
         """The backward hook: write self.grads, return dx (or None when not need_dx)."""
         raise NotImplementedError(f"{type(self).__name__} has no backward")
 
-    def backward(self, dy, input_grad: bool = True):
+    def backward(self, dy: Array, input_grad: bool = True) -> Array:
         """Gradient w.r.t. the last forward's input; parameter gradients go to self.grads.
         With input_grad=False only the parameter gradients are computed and None is returned."""
         dx = self.backprop(dy, self.saved, input_grad)
         return dx if input_grad else None
 
-    def backward_params(self, dy) -> None:
+    def backward_params(self, dy: Array) -> None:
         """Parameter gradients only: for a first layer, whose input gradient nobody reads."""
         self.backward(dy, input_grad=False)
 
-    def __call__(self, x):
+    def __call__(self, x: Array) -> Array:
         return self.forward(x)
+
+    def predict(self, inputs, batch_size: int = 1000):
+        """(classes, probabilities) for raw inputs (uint8 images as stored, or character ids): the model's
+        stored preprocessing (model.preprocess), then forward in eval mode and a softmax over the last axis;
+        NumPy arrays. See gpunet.layers.prediction."""
+        from gpunet.layers.prediction import predict  # (prediction imports the backend, as base does)
+        return predict(self, inputs, batch_size)
 
     def describe(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
@@ -202,7 +224,7 @@ class Layer:
 class Composite(Layer):
     """A layer made of named child layers; its dicts are live views keyed 'child.name'."""
 
-    def __init__(self, **config):
+    def __init__(self, **config: Any) -> None:
         self._setup(config)  # no parameters of its own: those of the children are its own
 
     def add_child(self, name: str, layer: Layer) -> None:
@@ -262,7 +284,7 @@ class TreeView(MutableMapping):
 class Sequential(Composite):
     """Layers applied in order; parameters keyed "0.weight", "2.bias", ... as in torch."""
 
-    def __init__(self, *layers: Layer):
+    def __init__(self, *layers: Layer) -> None:
         super().__init__()
         for i, layer in enumerate(layers):
             if not isinstance(layer, Layer):
@@ -274,15 +296,32 @@ class Sequential(Composite):
     def layers(self) -> list[Layer]:
         return list(self._children.values())
 
-    def forward(self, x):
-        for layer in self._children.values():
-            x = layer.forward(x)
+    def forward(self, x: Array) -> Array:
+        """The layers in order; a layer followed by ones it absorbs (Dense or Conv2D then ReLU,
+        Sigmoid, ...; Conv2D then ReLU then a MaxPool2D) runs them in one pass, as if the user had
+        written Dense(..., activation=...): fewer launches on a GPU, fewer passes over memory. The names,
+        parameters and outputs are the model's as written (each layer's own forward still runs
+        alone, as `gpunet parity` runs them)."""
+        layers, i = self.layers, 0
+        while i < len(layers):
+            layer = layers[i]
+            absorbed: list[Layer] = []
+            while i + len(absorbed) + 1 < len(layers) and layer.absorbs(absorbed + [layers[i + len(absorbed) + 1]]):
+                absorbed.append(layers[i + len(absorbed) + 1])
+            if absorbed:
+                x = layer.forward_absorbing(x, absorbed)
+                for following in absorbed:
+                    following.save_for_backward(absorbed=True)  # its backward runs inside the absorbing layer's
+            else:
+                x = layer.forward(x)
+            i += 1 + len(absorbed)
         return x
 
     def backprop(self, dy, saved, need_dx):
         layers = self.layers
         for layer in reversed(layers[1:]):
-            dy = layer.backward(dy)
+            if not getattr(layer._saved, "absorbed", False):
+                dy = layer.backward(dy)
         return layers[0].backward(dy, input_grad=need_dx) if layers else dy
 
     def __getitem__(self, i):

@@ -5,14 +5,17 @@ Backward: dW = dY^T cols, db = sum dY, dX = col2im(dY W) (col2im is the adjoint 
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from gpunet import init as initialisers
-from gpunet.backend import ops_for
+from gpunet.backend import Array, ops_for
 from gpunet.backend.ops import pooled_size
+from gpunet.layers.activations import Activation
 from gpunet.layers.base import Layer, register
 from gpunet.layers.checks import check_channels_first, check_ndim
 
 
-def pair(value) -> tuple[int, int]:
+def pair(value: int | tuple[int, ...]) -> tuple[int, ...]:
     return (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
 
 
@@ -44,20 +47,56 @@ class Conv2D(Layer):
         return (f"Conv2D({c['in_channels']}, {c['out_channels']}, kernel_size={c['kernel_size']}, "
                 f"stride={c['stride']}, padding={c['padding']})")
 
-    def forward(self, x):
-        w = self.params["weight"]
-        check_channels_first(self, x, w.shape[1], w.dtype, "(N, C, H, W)")
-        check_window(self, x, self.kernel, self.stride, self.padding)
+    def absorbs(self, following) -> bool:
+        """An activation whose derivative reads its output (relu, sigmoid, tanh); after a ReLU also
+        a MaxPool2D whose windows do not overlap (stride = kernel), as in LeNet."""
+        first = following[0]
+        if not isinstance(first, Activation) or first.kind not in ("relu", "sigmoid", "tanh"):
+            return False
+        if len(following) == 1:
+            return True
+        pool = following[1]
+        return (len(following) == 2 and first.kind == "relu" and type(pool) is MaxPool2D
+                and pool.stride == pool.kernel)
+
+    def forward_absorbing(self, x, following):
+        if len(following) == 1:
+            return self._forward(x, following[0].kind)
+        w, pool = self.params["weight"], following[1]
+        self._check_input(x)
+        conv_shape = (*x.shape[:2], *pooled_size(x.shape[2:], self.kernel, self.stride, self.padding))
+        check_window(pool, SimpleNamespace(shape=conv_shape), pool.kernel, pool.stride, (0, 0))  # as its forward would
         ops = ops_for(x, w, op="Conv2D.forward")
-        y, cols = ops.conv2d(x, w, self.params.get("bias"), self.stride, self.padding)
-        self.save_for_backward(cols=cols, x_shape=x.shape)
+        y, argmax, cols, y_shape = ops.conv2d_relu_pool(x, w, self.params.get("bias"), self.stride, self.padding,
+                                                        pool.kernel)
+        self.save_for_backward(cols=cols, x_shape=x.shape, pooled=y, argmax=argmax, y_shape=y_shape,
+                               pool=pool.kernel)
+        return y
+
+    def forward(self, x: Array) -> Array:
+        return self._forward(x, None)
+
+    def _check_input(self, x) -> None:
+        check_channels_first(self, x, self.params["weight"].shape[1], self.params["weight"].dtype, "(N, C, H, W)")
+        check_window(self, x, self.kernel, self.stride, self.padding)
+
+    def _forward(self, x, activation):
+        w = self.params["weight"]
+        self._check_input(x)
+        ops = ops_for(x, w, op="Conv2D.forward")
+        y, cols = ops.conv2d(x, w, self.params.get("bias"), self.stride, self.padding, activation)
+        self.save_for_backward(cols=cols, x_shape=x.shape, activation=activation, y=y if activation else None)
         return y
 
     def backprop(self, dy, saved, need_dx):
         w = self.params["weight"]
         ops = ops_for(dy, w, op="Conv2D.backward")
+        if hasattr(saved, "pool"):  # fused with a ReLU and a MaxPool2D
+            return ops.conv2d_relu_pool_backward(dy, saved.pooled, saved.argmax, saved.cols, saved.x_shape,
+                                                 saved.y_shape, w, self.grads["weight"], self.grads.get("bias"),
+                                                 self.stride, self.padding, saved.pool, need_dx)
         return ops.conv2d_backward(dy, saved.cols, saved.x_shape, w, self.grads["weight"], self.grads.get("bias"),
-                                   self.stride, self.padding, need_dx)
+                                   self.stride, self.padding, need_dx, saved.activation, saved.y)
 
 
 class _Pool(Layer):
@@ -76,7 +115,7 @@ class _Pool(Layer):
 class MaxPool2D(_Pool):
     """torch.nn.MaxPool2d without padding: the gradient goes to the first maximum of each window."""
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         y, argmax = self._check(x).max_pool(x, self.kernel, self.stride)
         self.save_for_backward(argmax=argmax, x_shape=x.shape)
         return y
@@ -90,7 +129,7 @@ class MaxPool2D(_Pool):
 class AvgPool2D(_Pool):
     """torch.nn.AvgPool2d without padding."""
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         y = self._check(x).avg_pool(x, self.kernel, self.stride)
         self.save_for_backward(x_shape=x.shape)
         return y

@@ -7,7 +7,7 @@ y = cols W^T + b is one GEMM. Backward: dW = dY^T cols, db = sum dY, dX = col2im
 from __future__ import annotations
 
 from gpunet import init as initialisers
-from gpunet.backend import ops_for
+from gpunet.backend import Array, ops_for
 from gpunet.layers.base import Layer, register
 from gpunet.layers.checks import check_channels_first
 
@@ -25,7 +25,7 @@ class Conv1D(Layer):
         if bias:
             self.add_param("bias", initialisers.bias("torch_default", in_channels * kernel_size, out_channels))
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         w = self.params["weight"]
         check_channels_first(self, x, w.shape[1], w.dtype, "(N, C, L)")
         ops = ops_for(x, w, op="Conv1D.forward")  # the NumPy or the CuPy ops, as x and w are

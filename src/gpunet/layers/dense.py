@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from gpunet import init as initialisers
-from gpunet.backend import ops_for
+from gpunet.backend import Array, ops_for
+from gpunet.layers.activations import Activation
 from gpunet.layers.base import Layer, register
 from gpunet.layers.checks import check_float_input, check_last_dim
 
@@ -34,24 +35,33 @@ class Dense(Layer):
         act = f", activation={self.activation!r}" if self.activation else ""
         return f"Dense({c['in_features']}, {c['out_features']}, bias={c['bias']}{act})"
 
-    def forward(self, x):
+    def absorbs(self, following) -> bool:
+        return self.activation is None and len(following) == 1 and isinstance(following[0], Activation)
+
+    def forward_absorbing(self, x, following):
+        return self._forward(x, following[0].kind)
+
+    def forward(self, x: Array) -> Array:
+        return self._forward(x, self.activation)
+
+    def _forward(self, x, activation):
         w = self.params["weight"]
         check_last_dim(self, x, w.shape[1])
         check_float_input(self, x, w.dtype)
         ops = ops_for(x, w, op="Dense.forward")
         x2 = x.reshape(-1, w.shape[1])
         b = self.params.get("bias")
-        if self.activation in ("gelu", "gelu_tanh"):  # their derivative needs the pre-activation
+        if activation in ("gelu", "gelu_tanh"):  # their derivative needs the pre-activation
             z = ops.linear(x2, w, b)
-            y = ops.activation(self.activation, z)
+            y = ops.activation(activation, z)
         else:  # relu'(z) can be read off y = relu(z); sigmoid' and tanh' are functions of y
-            y = z = ops.linear(x2, w, b, self.activation)
-        self.save_for_backward(x=x2, z=z, y=y)
+            y = z = ops.linear(x2, w, b, activation)
+        self.save_for_backward(x=x2, z=z, y=y, activation=activation)
         return y.reshape(*x.shape[:-1], w.shape[0])
 
     def backprop(self, dy, saved, need_dx):
         w = self.params["weight"]
         ops = ops_for(dy, w, op="Dense.backward")
-        dx = ops.linear_act_backward(saved.x, w, saved.z, saved.y, dy.reshape(-1, w.shape[0]), self.activation,
+        dx = ops.linear_act_backward(saved.x, w, saved.z, saved.y, dy.reshape(-1, w.shape[0]), saved.activation,
                                      self.grads["weight"], self.grads.get("bias"), need_dx)
         return None if dx is None else dx.reshape(*dy.shape[:-1], w.shape[1])

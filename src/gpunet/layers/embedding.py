@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from gpunet import init as initialisers
-from gpunet.backend import is_cupy_array, ops_for
+from gpunet.backend import Array, is_cupy_array, ops_for
+from gpunet.backend.sequence_ops import position_backward
 from gpunet.layers.base import Layer, register
 from gpunet.layers.checks import check_float_input, check_ndim
 
@@ -20,9 +21,19 @@ class Embedding(Layer):
         super().__init__(num_embeddings=num_embeddings, embedding_dim=embedding_dim, std=std)
         self.add_param("weight", initialisers.normal((num_embeddings, embedding_dim), std))
 
-    def forward(self, ids):
+    def forward(self, ids: Array) -> Array:
+        return self._embed(ids, None)
+
+    def absorbs(self, following) -> bool:
+        """A PositionalEmbedding right after: both in one pass each way (one launch on a GPU)."""
+        return len(following) == 1 and isinstance(following[0], PositionalEmbedding)
+
+    def forward_absorbing(self, ids, following):
+        return self._embed(ids, following[0])
+
+    def _embed(self, ids, positional):
         w = self.params["weight"]
-        ops_for(ids, w, op="Embedding.forward")
+        ops = ops_for(ids, w, op="Embedding.forward")
         if ids.dtype.kind not in "iu":
             raise TypeError(f"{self.describe()}: expected integer ids, got {ids.dtype}")
         if not is_cupy_array(ids) and ids.size:  # on the GPU this check would stall the stream
@@ -30,12 +41,19 @@ class Embedding(Layer):
             if low < 0 or high >= w.shape[0]:
                 raise ValueError(f"{self.describe()}: id {low if low < 0 else high} is out of range "
                                  f"[0, {w.shape[0]})")
-        self.save_for_backward(ids=ids)
-        return w[ids]
+        position = None
+        if positional is not None:
+            positional.check_input(ids.shape + (w.shape[1],))
+            position = positional.params["weight"]
+        self.save_for_backward(ids=ids, positional=positional)
+        return ops.embed(ids, w, position)
 
     def backprop(self, dy, saved, need_dx):
         ops = ops_for(dy, self.params["weight"], op="Embedding.backward")
-        ops.embedding_backward(saved.ids, dy, self.grads["weight"])
+        if saved.positional is None:
+            ops.embedding_backward(saved.ids, dy, self.grads["weight"])
+        else:  # the absorbed PositionalEmbedding's gradient too
+            ops.embed_backward(saved.ids, dy, self.grads["weight"], saved.positional.grads["weight"])
         return None  # ids have no gradient
 
 
@@ -47,19 +65,21 @@ class PositionalEmbedding(Layer):
         super().__init__(max_len=max_len, embedding_dim=embedding_dim, std=std)
         self.add_param("weight", initialisers.normal((max_len, embedding_dim), std))
 
-    def forward(self, x):
-        w = self.params["weight"]
+    def forward(self, x: Array) -> Array:
         check_ndim(self, x, (3,), "(B, T, dim)")
-        check_float_input(self, x, w.dtype)
-        if x.shape[1] > w.shape[0] or x.shape[2] != w.shape[1]:
-            raise ValueError(f"{self.describe()}: input of shape {tuple(x.shape)} needs at most {w.shape[0]} "
-                             f"positions of size {w.shape[1]}")
+        check_float_input(self, x, self.params["weight"].dtype)
+        self.check_input(x.shape)
         self.save_for_backward()  # the positions used are dy's
-        return x + w[: x.shape[1]]
+        return x + self.params["weight"][: x.shape[1]]
+
+    def check_input(self, shape) -> None:
+        """Refuse an input (also an absorbing Embedding's output) of more positions than max_len,
+        or of another size."""
+        w = self.params["weight"]
+        if len(shape) != 3 or shape[1] > w.shape[0] or shape[2] != w.shape[1]:
+            raise ValueError(f"{self.describe()}: input of shape {tuple(shape)} needs at most {w.shape[0]} "
+                             f"positions of size {w.shape[1]}")
 
     def backprop(self, dy, saved, need_dx):
-        t = dy.shape[1]
-        grad = self.grads["weight"]
-        grad[t:] = 0
-        dy.sum(axis=0, out=grad[:t])
+        position_backward(dy, self.grads["weight"])
         return dy

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from gpunet.backend import is_cupy_array, ops_for_device
 
@@ -29,9 +30,9 @@ class FlatGroup:
     parameter `names[i]` of shape `shapes[i]` is `param[offsets[i] : offsets[i] + its size]`."""
 
     device: str
-    dtype: object
-    param: object
-    grad: object
+    dtype: Any
+    param: Any  # a numpy or cupy array
+    grad: Any
     names: tuple
     offsets: tuple
     shapes: tuple

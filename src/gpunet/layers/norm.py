@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy
 
-from gpunet.backend import ops_for
+from gpunet.backend import Array, ops_for
 from gpunet.layers.base import Layer, register
 from gpunet.layers.checks import check_float_input, check_last_dim, check_ndim
 
@@ -28,7 +28,7 @@ class _BatchNorm(Layer):
     def _channel_shape(self, x):
         return (1, x.shape[1]) + (1,) * (x.ndim - 2)
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         check_ndim(self, x, self.ndims, self.layout)
         if x.shape[1] != self.config["num_features"]:
             raise ValueError(f"{self.describe()}: expected {self.config['num_features']} channels on axis 1, "
@@ -101,17 +101,37 @@ class LayerNorm(Layer):
             self.add_param("weight", numpy.ones(normalized_shape, dtype="float32"))
             self.add_param("bias", numpy.zeros(normalized_shape, dtype="float32"))
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         check_last_dim(self, x, self.config["normalized_shape"])
         ops = ops_for(x, op="LayerNorm.forward")
         y, xhat, rstd = ops.layer_norm(x, self.params.get("weight"), self.params.get("bias"), self.eps)
         self.save_for_backward(xhat=xhat, rstd=rstd)
         return y
 
+    def forward_add(self, x: Array, residual: Array) -> tuple[Array, Array]:
+        """(x + residual, forward(x + residual)) in one pass (one launch on a GPU): a residual
+        connection followed by this norm, as in TransformerBlock. The backward is forward's."""
+        check_last_dim(self, x, self.config["normalized_shape"])
+        if residual.shape != x.shape:
+            raise ValueError(f"{self.describe()}: residual of shape {tuple(residual.shape)} for an input of shape "
+                             f"{tuple(x.shape)}")
+        ops = ops_for(x, residual, op="LayerNorm.forward_add")
+        total, y, xhat, rstd = ops.add_layer_norm(x, residual, self.params.get("weight"), self.params.get("bias"),
+                                                  self.eps)
+        self.save_for_backward(xhat=xhat, rstd=rstd)
+        return total, y
+
+    def backward_add(self, dy: Array, residual: Array) -> Array:
+        """residual + backward(dy) in one pass (one launch on a GPU): the gradient of a residual
+        stream that this norm's branch left, as in TransformerBlock."""
+        return self._backward(dy, self.saved, residual)
+
     def backprop(self, dy, saved, need_dx):
+        return self._backward(dy, saved, None)
+
+    def _backward(self, dy, saved, residual):
         ops = ops_for(dy, op="LayerNorm.backward")
-        dx, dw, db = ops.layer_norm_backward(dy, saved.xhat, saved.rstd, self.params.get("weight"))
-        if dw is not None:
-            self.grads["weight"][...] = dw
-            self.grads["bias"][...] = db
+        # the parameters' gradients are written straight into grads (views of the flat gradient buffer)
+        dx, _, _ = ops.layer_norm_backward(dy, saved.xhat, saved.rstd, self.params.get("weight"),
+                                           self.grads.get("weight"), self.grads.get("bias"), residual)
         return dx

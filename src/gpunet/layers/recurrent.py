@@ -7,14 +7,17 @@ weight_ih_l0 etc. are the same arrays under other names).
 
 The input projection of all time steps is one GEMM before the loop, and the weight gradients
 one GEMM each after it; only h @ W_hh and the cell's pointwise work run per step, on
-time-major buffers whose per-step slices are contiguous.
+time-major buffers whose per-step slices are contiguous. The LSTM's step is one op
+(Ops.lstm_step and its backward), which a GPU runs as one launch: product and cell fused.
+GRU and RNN keep a product and a cell launch per step.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from gpunet import init as initialisers
-from gpunet.backend import ops_for
+from gpunet.backend import Array, ops_for
 from gpunet.layers.base import Layer, register
 from gpunet.layers.checks import check_float_input, check_last_dim, check_ndim
 
@@ -22,8 +25,10 @@ from gpunet.layers.checks import check_float_input, check_last_dim, check_ndim
 class _Recurrent(Layer):
     """The sequence loop shared by the cells. A cell supplies _forward(ops, xs, hs, state), which
     runs the steps and returns the arrays its backward reads (saved with xs and hs), and
-    _backward_steps(ops, saved, dys) -> (dgates_ih, dgates_hh), time-major."""
+    _backward_steps(ops, saved, dys) -> (dgates_ih, dgates_hh), time-major. state holds the
+    initial state's parts, arrays or 0 for zeros, for the cell to write into its buffers at step 0."""
 
+    _forward: Callable[..., dict]  # each cell's
     blocks = 1  # gate blocks of size H in the weights
     state_parts = 1  # h, or (h, c) for the LSTM
 
@@ -33,20 +38,20 @@ class _Recurrent(Layer):
         super().__init__(input_size=input_size, hidden_size=hidden_size, bias=bias)
         bound = 1.0 / math.sqrt(hidden_size)  # torch's RNN initialisation, every parameter
         gates = self.blocks * hidden_size
-        shapes = {"weight_ih": (gates, input_size), "weight_hh": (gates, hidden_size)}
+        shapes: dict[str, tuple[int, ...]] = {"weight_ih": (gates, input_size), "weight_hh": (gates, hidden_size)}
         if bias:
             shapes.update(bias_ih=(gates,), bias_hh=(gates,))
         for name, shape in shapes.items():
             self.add_param(name, initialisers.uniform(shape, bound))
         self.final_state = None  # state after the last step of the last forward
         self.state_grad = None  # gradient w.r.t. the initial state, after a backward with a given state
-        self._work = {}  # work arrays kept between calls (see _buffer); what backward reads is saved
+        self._work: dict = {}  # work arrays kept between calls (see _buffer); what backward reads is saved
 
     def describe(self) -> str:
         c = self.config
         return f"{type(self).__name__}({c['input_size']}, {c['hidden_size']}, bias={c['bias']})"
 
-    def forward(self, x, state=None):
+    def forward(self, x: Array, state: Array | tuple[Array, Array] | None = None) -> Array:
         """x (B, T, F) -> (B, T, H). state: the initial h (B, H), or (h, c) for the LSTM; zeros if None."""
         w = self.params["weight_ih"]
         check_ndim(self, x, (3,), "(B, T, input_size)")
@@ -70,7 +75,7 @@ class _Recurrent(Layer):
     def _initial_state(self, ops, state, batch, dtype):
         shape = (batch, self.config["hidden_size"])
         if state is None:
-            return tuple(ops.zeros(shape, dtype) for _ in range(self.state_parts))
+            return (0,) * self.state_parts  # the cell writes it into its state buffers: one fill each
         parts = (state,) if self.state_parts == 1 else tuple(state)
         if len(parts) != self.state_parts or any(tuple(p.shape) != shape for p in parts):
             raise ValueError(f"{self.describe()}: initial state must be {self.state_parts} array(s) of shape {shape}")
@@ -151,21 +156,20 @@ class LSTM(_Recurrent):
         x_gates = self._input_projection(ops, xs, with_hidden_bias=True)
         gates = self._buffer(ops, "gates", x_gates.shape, x_gates.dtype)  # activated
         w_hh_t = xp.ascontiguousarray(self.params["weight_hh"].T)
-        h_gates = xp.empty_like(gates[0])
-        for t in range(len(xs)):
-            ops.matmul(hs[t], w_hh_t, out=h_gates)
-            ops.lstm_cell(x_gates[t], h_gates, cs[t], gates[t], hs[t + 1], cs[t + 1], tanh_c[t])
+        for t in range(len(xs)):  # on a GPU one launch a step: h @ W_hh^T fused with the cell
+            ops.lstm_step(x_gates[t], w_hh_t, hs[t], cs[t], gates[t], hs[t + 1], cs[t + 1], tanh_c[t])
         self.final_state = (hs[-1].copy(), cs[-1].copy())
         return {"gates": gates, "cs": cs, "tanh_c": tanh_c}
 
     def _backward_steps(self, ops, saved, dys):
-        dgates = self._buffer(ops, "dgates", saved.gates.shape, saved.gates.dtype)
-        dh, dc = None, ops.zeros(dys.shape[1:], dys.dtype)
-        for t in range(len(dys) - 1, -1, -1):
-            dh_t = dys[t] if dh is None else dys[t] + dh
-            ops.lstm_cell_backward(dh_t, dc, saved.gates[t], saved.cs[t], saved.tanh_c[t], dgates[t])
-            dh = self._recurrent_grad(ops, saved, dgates[t], t)
-        self.state_grad = None if dh is None else (dh, dc)
+        dgates = self._buffer(ops, "dgates", saved.gates.shape, saved.gates.dtype)  # all steps': for the weights
+        dc = self._buffer(ops, "dc", dys.shape[1:], dys.dtype)
+        w_hh, last = self.params["weight_hh"], len(dys) - 1
+        for t in range(last, -1, -1):  # on a GPU one launch a step: dgates[t + 1] @ W_hh fused with the cell
+            ops.lstm_step_backward(dys[t], None if t == last else dgates[t + 1], w_hh, dc, saved.gates[t],
+                                   saved.cs[t], saved.tanh_c[t], dgates[t])
+        dh = self._recurrent_grad(ops, saved, dgates[0], 0) if len(dys) else None
+        self.state_grad = None if dh is None else (dh, dc.copy())  # dc is a work buffer
         return dgates, dgates
 
 

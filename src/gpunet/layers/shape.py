@@ -1,6 +1,7 @@
 """Layers that only change the shape of their input."""
 from __future__ import annotations
 
+from gpunet.backend import Array
 from gpunet.layers.base import Layer, register
 
 
@@ -12,7 +13,7 @@ class Flatten(Layer):
         super().__init__(start_dim=start_dim)
         self.start_dim = start_dim
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         self.save_for_backward(shape=x.shape)
         return x.reshape(*x.shape[: self.start_dim], -1)
 

@@ -2,6 +2,7 @@
 LayerNorm'd input and added back to the residual stream."""
 from __future__ import annotations
 
+from gpunet.backend import Array
 from gpunet.layers.activations import GELU
 from gpunet.layers.attention import MultiHeadAttention
 from gpunet.layers.base import Composite, Sequential, register
@@ -34,11 +35,59 @@ class TransformerBlock(Composite):
         return (f"TransformerBlock(d_model={c['d_model']}, num_heads={c['num_heads']}, "
                 f"mlp_ratio={c['mlp_ratio']}, dropout={c['dropout']}, causal={c['causal']})")
 
-    def forward(self, x):
-        # the residual adds are fused with the dropouts (one kernel each on a GPU)
-        h = self.drop1.forward_add(self.attn.forward(self.ln1.forward(x)), x)
-        return self.drop2.forward_add(self.mlp.forward(self.ln2.forward(h)), h)
+    def forward(self, x: Array) -> Array:
+        h, branch = self._branches(x, None)
+        self.save_for_backward(chain=())
+        return branch if h is None else h + branch
+
+    def absorbs(self, following) -> bool:
+        """Blocks right after, and a LayerNorm after them: each residual add that ends a block
+        then runs inside the next layer norm (one launch fewer per block on a GPU). Not when the
+        add is fused with an active dropout already."""
+        *blocks, last = following
+        return (isinstance(last, (TransformerBlock, LayerNorm)) and all(isinstance(b, TransformerBlock) for b in blocks)
+                and not any(b.drop2.active for b in [self, *blocks]))
+
+    def forward_absorbing(self, x, following):
+        h, branch = self._branches(x, None)
+        norm_saved = None
+        for layer in following:
+            if isinstance(layer, TransformerBlock):
+                h, branch = layer._branches(branch, h)
+            else:  # the closing LayerNorm; Sequential replaces what it saved, so it is kept here
+                _, y = layer.forward_add(branch, h)
+                norm_saved = layer.saved
+        self.save_for_backward(chain=tuple(following), norm_saved=norm_saved)
+        return y if norm_saved is not None else branch if h is None else h + branch
+
+    def _branches(self, x, residual):
+        """(h, the MLP's branch) of y = h + branch, on x, or on x + residual summed inside ln1
+        (the previous block's closing add); h is None when the second dropout added it already."""
+        if residual is None:
+            normed = self.ln1.forward(x)
+        else:
+            x, normed = self.ln1.forward_add(x, residual)
+        branch = self.attn.forward(normed)
+        if self.drop1.active:  # the residual add is fused with the dropout (one kernel on a GPU)
+            h = self.drop1.forward_add(branch, x)
+            normed = self.ln2.forward(h)
+        else:  # ... or with the layer norm that follows it (one kernel on a GPU)
+            self.drop1.forward(branch)  # the identity here: records that it ran
+            h, normed = self.ln2.forward_add(branch, x)
+        if self.drop2.active:
+            return None, self.drop2.forward_add(self.mlp.forward(normed), h)
+        return h, self.drop2.forward(self.mlp.forward(normed))  # (the identity)
 
     def backprop(self, dy, saved, need_dx):
-        dh = dy + self.ln2.backward(self.mlp.backward(self.drop2.backward(dy)))
-        return dh + self.ln1.backward(self.attn.backward(self.drop1.backward(dh)))
+        chain = getattr(saved, "chain", ())  # (nothing saved: the children ran one by one)
+        if chain and isinstance(chain[-1], LayerNorm):
+            dy = chain[-1]._backward(dy, saved.norm_saved, None)
+            chain = chain[:-1]
+        for block in reversed(chain):
+            dy = block._backprop_block(dy)
+        return self._backprop_block(dy)
+
+    def _backprop_block(self, dy):
+        # each residual gradient add runs inside the layer norm's backward (one kernel on a GPU)
+        dh = self.ln2.backward_add(self.mlp.backward(self.drop2.backward(dy)), dy)
+        return self.ln1.backward_add(self.attn.backward(self.drop1.backward(dh)), dh)

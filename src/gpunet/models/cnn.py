@@ -13,10 +13,13 @@ def lenet(num_classes: int = 10, in_channels: int = 1) -> Sequential:
         Flatten(), Dense(16 * 5 * 5, 120), ReLU(), Dense(120, 84), ReLU(), Dense(84, num_classes))
 
 
-def wide_cnn(num_classes: int = 10, in_channels: int = 1, width: int = 32, dropout: float = 0.25) -> Sequential:
-    """A wider CNN: two 3x3 conv-BN-ReLU pairs per stage, 2x2 pooling, dropout, dense head."""
+def wide_cnn(num_classes: int = 10, in_channels: int = 1, width: int = 32, dropout: float = 0.25,
+             conv_bias: bool = True) -> Sequential:
+    """A wider CNN: two 3x3 conv-BN-ReLU pairs per stage, 2x2 pooling, dropout, dense head.
+    conv_bias=False: the batch norm's shift replaces the conv bias, whose gradient is zero up to
+    rounding (which Adam would scale up to full-size steps)."""
     w = width
     return Sequential(
-        Conv2D(in_channels, w, 3, padding=1), BatchNorm2d(w), ReLU(), MaxPool2D(2),
-        Conv2D(w, 2 * w, 3, padding=1), BatchNorm2d(2 * w), ReLU(), MaxPool2D(2),
+        Conv2D(in_channels, w, 3, padding=1, bias=conv_bias), BatchNorm2d(w), ReLU(), MaxPool2D(2),
+        Conv2D(w, 2 * w, 3, padding=1, bias=conv_bias), BatchNorm2d(2 * w), ReLU(), MaxPool2D(2),
         Flatten(), Dropout(dropout), Dense(2 * w * 7 * 7, 128), ReLU(), Dropout(dropout), Dense(128, num_classes))

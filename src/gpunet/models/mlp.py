@@ -1,12 +1,14 @@
 """Multi-layer perceptrons built from Dense, activations, BatchNorm1d and Dropout."""
 from __future__ import annotations
 
-from gpunet.layers import GELU, BatchNorm1d, Dense, Dropout, ReLU, Sequential, Sigmoid, Tanh
+from collections.abc import Sequence
 
-ACTIVATION_LAYERS = {"relu": ReLU, "sigmoid": Sigmoid, "tanh": Tanh, "gelu": GELU}
+from gpunet.layers import GELU, BatchNorm1d, Dense, Dropout, Layer, ReLU, Sequential, Sigmoid, Tanh
+
+ACTIVATION_LAYERS: dict[str, type[Layer]] = {"relu": ReLU, "sigmoid": Sigmoid, "tanh": Tanh, "gelu": GELU}
 
 
-def mlp(sizes=(784, 300, 100, 10), activation: str = "relu", dropout: float = 0.0,
+def mlp(sizes: Sequence[int] = (784, 300, 100, 10), activation: str = "relu", dropout: float = 0.0,
         batch_norm: bool = False, init: str = "xavier_uniform") -> Sequential:
     """Dense layers of the given sizes with `activation` between them.
 
@@ -21,7 +23,7 @@ def mlp(sizes=(784, 300, 100, 10), activation: str = "relu", dropout: float = 0.
         raise ValueError(f"mlp: need at least input and output sizes, got {sizes}")
     if activation not in ACTIVATION_LAYERS:
         raise ValueError(f"mlp: unknown activation {activation!r}; choose one of {sorted(ACTIVATION_LAYERS)}")
-    layers = []
+    layers: list[Layer] = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         last = i == len(sizes) - 2
         layers.append(Dense(fan_in, fan_out, init=init, init_activation=None if last else activation))

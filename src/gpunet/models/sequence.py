@@ -5,7 +5,7 @@ gn.losses.softmax_cross_entropy against the ids shifted by one position.
 """
 from __future__ import annotations
 
-from gpunet.layers import (GRU, LSTM, RNN, Dense, Dropout, Embedding, LayerNorm, PositionalEmbedding,
+from gpunet.layers import (GRU, LSTM, RNN, Dense, Dropout, Embedding, Layer, LayerNorm, PositionalEmbedding,
                            Sequential, TransformerBlock)
 
 CELLS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
@@ -16,7 +16,7 @@ def char_rnn(vocab_size: int, embedding_dim: int = 64, hidden_size: int = 256, c
     """Embedding -> num_layers recurrent layers (cell: lstm, gru or rnn) -> Dense head."""
     if cell not in CELLS:
         raise ValueError(f"char_rnn: unknown cell {cell!r}; choose one of {sorted(CELLS)}")
-    layers = [Embedding(vocab_size, embedding_dim)]
+    layers: list[Layer] = [Embedding(vocab_size, embedding_dim)]
     size = embedding_dim
     for _ in range(num_layers):
         layers.append(CELLS[cell](size, hidden_size))

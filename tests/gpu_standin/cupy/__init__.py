@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy
 
 from cupy import cuda  # noqa: F401  (cupy.cuda is an attribute of the real module too)
-from cupy._ndarray import COUNTERS, ndarray, call_numpy, count
+from cupy._ndarray import COUNTERS, ndarray, call_numpy, count, record, refill
 from cupy._raw import RawKernel, RawModule
 
 __version__ = "13.6.0+gpunet.standin"
@@ -29,9 +29,11 @@ def _creation(name):
     launches = name not in ("empty",)  # empty allocates; zeros, ones, full, arange, ... run a kernel
 
     def make(*args, **kwargs):
+        result = ndarray._wrap(numpy_function(*args, **kwargs))
         if launches:
             count("launches")
-        return ndarray._wrap(numpy_function(*args, **kwargs))
+            record(lambda: refill(result, numpy_function(*args, **kwargs)))
+        return result
 
     make.__name__ = name
     return make
@@ -68,7 +70,9 @@ def ascontiguousarray(a, dtype=None):
     if a.flags.c_contiguous and (dtype is None or numpy.dtype(dtype) == a.dtype):
         return a
     count("launches")
-    return ndarray._wrap(numpy.ascontiguousarray(a._host, dtype=dtype))
+    result = ndarray._wrap(numpy.ascontiguousarray(a._host, dtype=dtype))
+    record(lambda: refill(result, a._host))
+    return result
 
 
 def asnumpy(a, stream=None, order="C", out=None, blocking=True):

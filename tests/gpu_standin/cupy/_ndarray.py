@@ -14,13 +14,41 @@ import mmap
 import numpy
 from numpy.lib.mixins import NDArrayOperatorsMixin
 
-COUNTERS = {"launches": 0, "raw_launches": 0, "d2h": 0, "h2d": 0}
+COUNTERS = {"launches": 0, "raw_launches": 0, "d2h": 0, "h2d": 0, "graph_launches": 0}
 IMPLICIT_CONVERSION = ("Implicit conversion to a NumPy array is not allowed. "
                        "Please use `.get()` to construct a NumPy array explicitly.")
 
 
 def count(kind: str, n: int = 1) -> None:
+    if CAPTURING and kind in ("d2h", "h2d"):  # CUDA refuses a synchronous copy inside a capture
+        raise RuntimeError(f"cudaErrorStreamCaptureUnsupported: a {'device-to-host' if kind == 'd2h' else 'host-to-device'}"
+                           " copy while a stream is capturing a graph")
     COUNTERS[kind] += n
+
+
+# Stream capture (cupy.cuda.Stream.begin_capture): while the list is set, every kernel records how
+# to run again on the same memory, reading its inputs then, and runs nothing that writes memory
+# that existed before it, as on a GPU, where a capture runs nothing at all (an op that makes a new
+# array computes it, here, only so that its shape and dtype are known; its values are garbage on
+# a GPU until a replay). A graph replays the list; the arrays it references stay alive with it, as
+# the graph's memory does on a GPU.
+CAPTURING: list | None = None
+_WRITES_ITS_ARGUMENTS = {"copyto", "put", "place", "putmask", "fill_diagonal", "at"}  # (a ufunc's .at)
+
+
+def record(replay) -> None:
+    """Add a kernel's replay to the capture in progress (if any)."""
+    if CAPTURING is not None:
+        CAPTURING.append(replay)
+
+
+def refill(target, fresh) -> None:
+    """Write a recomputed result into the memory of the device array(s) made at capture time."""
+    if isinstance(target, tuple):
+        for t, f in zip(target, fresh):
+            refill(t, f)
+    elif isinstance(target, ndarray):
+        numpy.copyto(target._host, fresh, casting="unsafe")
 
 
 _PAGE = mmap.PAGESIZE
@@ -164,10 +192,11 @@ class ndarray(NDArrayOperatorsMixin):
     # --- views (no launch) and copies (one launch) ------------------------------------------
     def reshape(self, *shape, order="C"):
         shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
-        return _view_or_copy(self._host.reshape(shape, order=order), self._host)
+        return _view_or_copy(self._host.reshape(shape, order=order), self._host,
+                              lambda: self._host.reshape(shape, order=order))
 
     def ravel(self, order="C"):
-        return _view_or_copy(self._host.ravel(order=order), self._host)
+        return _view_or_copy(self._host.ravel(order=order), self._host, lambda: self._host.ravel(order=order))
 
     def transpose(self, *axes):
         return ndarray._wrap(self._host.transpose(*axes))
@@ -183,29 +212,40 @@ class ndarray(NDArrayOperatorsMixin):
 
     def copy(self, order="C"):
         count("launches")
-        return ndarray._wrap(self._host.copy(order=order))
+        result = ndarray._wrap(self._host.copy(order=order))
+        record(lambda: numpy.copyto(result._host, self._host))
+        return result
 
     def astype(self, dtype, order="K", casting=None, subok=None, copy=True):
         if not copy and numpy.dtype(dtype) == self.dtype:
             return self
         count("launches")
-        return ndarray._wrap(self._host.astype(dtype, order=order))
+        result = ndarray._wrap(self._host.astype(dtype, order=order))
+        record(lambda: numpy.copyto(result._host, self._host, casting="unsafe"))
+        return result
 
     def fill(self, value) -> None:
         count("launches")
-        self._host.fill(value)
+        if CAPTURING is None:
+            self._host.fill(value)
+        record(lambda: self._host.fill(value))
 
     def __getitem__(self, key):
         key = _unwrap_index(key)
         result = self._host[key]
         if not isinstance(result, numpy.ndarray):  # one element: still a 0-d device array
             count("launches")
-            return ndarray._wrap(numpy.asarray(result))
-        return _view_or_copy(result, self._host)
+            element = ndarray._wrap(numpy.asarray(result))
+            record(lambda: numpy.copyto(element._host, self._host[key]))
+            return element
+        return _view_or_copy(result, self._host, lambda: self._host[key])
 
     def __setitem__(self, key, value):
         count("launches")
-        self._host[_unwrap_index(key)] = _operand(value, "__setitem__")
+        key, value = _unwrap_index(key), _operand(value, "__setitem__")
+        if CAPTURING is None:
+            self._host[key] = value
+        record(lambda: self._host.__setitem__(key, value))
 
     # --- everything else: NumPy's implementation on the device memory -----------------------
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
@@ -229,10 +269,13 @@ for _name in ("sum", "mean", "max", "min", "argmax", "argmin", "any", "all", "va
 ndarray.__module__ = "cupy"  # gpunet's dispatch tells devices apart by the array type's module
 
 
-def _view_or_copy(result: numpy.ndarray, source: numpy.ndarray) -> ndarray:
+def _view_or_copy(result: numpy.ndarray, source: numpy.ndarray, compute) -> ndarray:
+    """A view stays a view; a copy is a kernel (compute makes it again, for a replay)."""
+    wrapped = ndarray._wrap(result)
     if not numpy.shares_memory(result, source):
         count("launches")
-    return ndarray._wrap(result)
+        record(lambda: refill(wrapped, compute()))
+    return wrapped
 
 
 def _unwrap_index(key):
@@ -264,13 +307,22 @@ def call_numpy(func, args, kwargs, name: str):
     host_args = _operand(list(args), name)
     host_kwargs = _operand(dict(kwargs), name)
     sources = [a for a in _flatten(host_args) if isinstance(a, numpy.ndarray)]
+    if CAPTURING is not None and (outs is not None or name.rpartition(".")[2] in _WRITES_ITS_ARGUMENTS):
+        count("launches")  # it writes memory that exists already: a capture only records it
+        record(lambda: func(*host_args, **host_kwargs))
+        if outs is None:
+            return None
+        return (outs[0] if len(outs) == 1 else outs) if isinstance(outs, tuple) else outs
     result = func(*host_args, **host_kwargs)
     if outs is not None:
         count("launches")
+        record(lambda: func(*host_args, **host_kwargs))
         if isinstance(outs, tuple):
             return outs[0] if len(outs) == 1 else outs
         return outs
-    return _wrap_result(result, sources)
+    wrapped = _wrap_result(result, sources)
+    record(lambda: refill(wrapped, func(*host_args, **host_kwargs)))  # (a view's refill writes it over itself)
+    return wrapped
 
 
 def _wrap_result(result, sources):

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy
 
-from cupy._ndarray import count, ndarray
+import cupy._ndarray as device_memory
+from cupy._ndarray import count, ndarray, record
 from cupy.cuda.compiler import CompileException
 
 _NUMPY_SCALARS = {numpy.dtype(c).type for c in "?bhilqBHILQefdFD"}
@@ -76,9 +77,12 @@ class RawKernel:
         raw = [_check(self.name, i, p, *marshal(a)) for i, (p, a) in enumerate(zip(params, args))]
         if not isinstance(grid, tuple) or not isinstance(block, tuple):  # Function.__call__(tuple grid, tuple block, ...)
             raise TypeError(f"kernel {self.name}: grid and block must be tuples, got {grid!r} and {block!r}")
-        self._module.launch(self.name, grid, block, raw, shared_mem=int(shared_mem))
+        if device_memory.CAPTURING is None:  # a capture runs nothing: its kernels run at each replay
+            self._module.launch(self.name, grid, block, raw, shared_mem=int(shared_mem))
         count("launches")
         count("raw_launches")
+        # (args: the replay keeps the arrays, and so the memory behind raw's pointers, alive)
+        record(lambda args=args: self._module.launch(self.name, grid, block, raw, shared_mem=int(shared_mem)))
 
     @property
     def attributes(self) -> dict:

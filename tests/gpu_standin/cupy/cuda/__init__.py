@@ -2,8 +2,10 @@
 stream (launches run synchronously, so synchronising is free)."""
 from __future__ import annotations
 
+import contextlib
 import time
 
+import cupy._ndarray as device_memory
 from cupy.cuda import compiler, memory, runtime  # noqa: F401
 
 COMPUTE_CAPABILITY = "90"  # the kernels are checked against sm_90's limits (tests/cuda/emulator.py)
@@ -32,9 +34,30 @@ class Device:
 class Stream:
     def __init__(self, null=False, non_blocking=False, ptds=False):
         self.ptr = 0 if null else id(self)
+        self._captured = None
 
     def synchronize(self):
-        pass
+        if self._captured is not None:
+            raise runtime.CUDARuntimeError("cudaErrorStreamCaptureUnsupported: synchronize on a capturing stream")
+
+    # Graph capture, with CUDA's rules: not on the null (legacy) stream, one capture at a time here,
+    # no copies to or from the host while capturing (_ndarray.count refuses them).
+    def begin_capture(self, mode=None):
+        if self.ptr == 0:
+            raise runtime.CUDARuntimeError("cudaErrorStreamCaptureUnsupported: the null stream cannot capture")
+        if device_memory.CAPTURING is not None:
+            raise runtime.CUDARuntimeError("cudaErrorIllegalState: a capture is already in progress")
+        self._captured = device_memory.CAPTURING = []
+
+    def is_capturing(self) -> bool:
+        return self._captured is not None
+
+    def end_capture(self):
+        if self._captured is None:
+            raise runtime.CUDARuntimeError("cudaErrorIllegalState: end_capture without begin_capture")
+        graph = Graph(self._captured)
+        self._captured = device_memory.CAPTURING = None
+        return graph
 
     def use(self):
         return self
@@ -47,6 +70,38 @@ class Stream:
 
 
 Stream.null = Stream(null=True)
+
+
+class Graph:
+    """A captured sequence of kernels; launch() runs them all again, on the memory they had."""
+
+    def __init__(self, replays: list):
+        self._replays = replays
+
+    def upload(self, stream=None):
+        pass
+
+    def launch(self, stream=None):
+        if device_memory.CAPTURING is not None:
+            raise runtime.CUDARuntimeError("cudaErrorStreamCaptureUnsupported: a graph launched inside a capture")
+        device_memory.COUNTERS["graph_launches"] += 1
+        for replay in self._replays:
+            replay()
+
+
+class MemoryPool:
+    """CuPy's pool: here memory comes from the stand-in's own allocator whatever the pool."""
+
+    def malloc(self, size):
+        raise NotImplementedError("the stand-in allocates device arrays itself")
+
+    def free_all_blocks(self):
+        pass
+
+
+@contextlib.contextmanager
+def using_allocator(allocator=None):
+    yield
 
 
 def get_current_stream():

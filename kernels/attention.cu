@@ -1,0 +1,131 @@
+// Fused multi-head self-attention, forward and backward, read and written in the layouts the
+// projections use, so no transpose or copy runs between them: qkv (B, T, 3, H, Dh) is the input
+// projection's output as it comes (q, k, v of head h of token t at [t, 0..2, h, :]), mixed and
+// dmixed (B, T, H, Dh) are the output projection's input and its gradient, probs and dscores
+// (B, H, T, T). Scale is 1 / sqrt(Dh); with causal, query i sees keys 0..i and the rest of its
+// row of probs is exactly 0. The math is Ops.attention's (gpunet/backend/ops.py).
+//
+// One warp per row (b, h, i) of probs, THREADS / 32 rows a block, with no block-wide barrier:
+// in the forward its T scores (a lane per key), softmax and output row (a lane per column of
+// the head); the backward's first kernel the row of dscores and dq, its second one column j of
+// probs and dscores for dk and dv. Every sum runs in a fixed order (the same bits launch after
+// launch). Launch: grid ceil(B * H * T / (THREADS / 32)), block THREADS.
+
+// THREADS, the threads per block, comes from gpunet/backend/cuda_kernels.py as a -D flag.
+// Fallback, so that `nvcc kernels/attention.cu` compiles on its own: gpunet always passes its value
+// as a -D flag (cuda_kernels.DEFINES, the one place it is set), and
+// tests/kernels/test_resources.py checks that the fallback here equals that value.
+#ifndef THREADS
+#define THREADS 256
+#endif
+static_assert(THREADS % 32 == 0 && THREADS <= 1024, "a block is whole warps");
+
+// NVRTC has no INFINITY (it lives in the host math headers): build the bit pattern.
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int offset = 16; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+__device__ __forceinline__ float dot(const float* a, const float* b, int n) {
+  float s = 0.f;
+  for (int d = 0; d < n; ++d) s = fmaf(a[d], b[d], s);
+  return s;
+}
+
+// out[d] = sum over j < n, in order, of w[j * w_stride] * rows[j * row_stride + d], a lane per d.
+__device__ __forceinline__ void weighted_rows(const float* w, long long w_stride, const float* rows,
+                                              long long row_stride, int n, int D, float* out) {
+  for (int d = threadIdx.x % 32; d < D; d += 32) {
+    float acc = 0.f;
+    for (int j = 0; j < n; ++j) acc = fmaf(w[j * w_stride], rows[j * row_stride + d], acc);
+    out[d] = acc;
+  }
+}
+
+// probs row (b, h, i) = softmax(scale * q_i . k_j over j), mixed[b, i, h, :] = sum_j p_j v_j.
+extern "C" __global__ void attention_forward(const float* __restrict__ qkv, float* __restrict__ probs,
+                                             float* __restrict__ mixed, long long rows, int T, int H, int Dh,
+                                             float scale, int causal) {
+  const long long row = (long long)blockIdx.x * (THREADS / 32) + threadIdx.x / 32;
+  if (row >= rows) return;  // the whole warp: no barrier waits for it
+  const int lane = threadIdx.x % 32;
+  const long long bh = row / T, b = bh / H;
+  const int i = (int)(row % T), h = (int)(bh % H);
+  const long long token = 3LL * H * Dh;  // qkv's stride from one token to the next
+  const float* keys = qkv + b * T * token + (long long)H * Dh + (long long)h * Dh;
+  const float* q = qkv + (b * T + i) * token + (long long)h * Dh;
+  float* p = probs + row * T;
+  const int visible = causal ? i + 1 : T;
+  float top = NEG_INF;
+  for (int j = lane; j < visible; j += 32) {
+    const float s = dot(q, keys + j * token, Dh) * scale;
+    p[j] = s;
+    top = fmaxf(top, s);
+  }
+  top = warp_max(top);
+  float sum = 0.f;
+  for (int j = lane; j < visible; j += 32) {  // each lane rereads only what it wrote
+    const float e = expf(p[j] - top);
+    p[j] = e;
+    sum += e;
+  }
+  const float inv = 1.f / warp_sum(sum);
+  for (int j = lane; j < T; j += 32) p[j] = j < visible ? p[j] * inv : 0.f;
+  __syncwarp();  // every lane reads the whole row below
+  weighted_rows(p, 1, keys + (long long)H * Dh, token, visible, Dh, mixed + (b * T + i) * H * Dh + (long long)h * Dh);
+}
+
+// Row (b, h, i): dscores_ij = scale * p_ij * (dp_ij - sum_j dp_ij p_ij) with dp_ij = do_i . v_j,
+// then dq_i = sum_j dscores_ij k_j, into dqkv[b, i, 0, h, :].
+extern "C" __global__ void attention_backward_rows(const float* __restrict__ qkv, const float* __restrict__ probs,
+                                                   const float* __restrict__ dmixed, float* __restrict__ dscores,
+                                                   float* __restrict__ dqkv, long long rows, int T, int H, int Dh,
+                                                   float scale, int causal) {
+  const long long row = (long long)blockIdx.x * (THREADS / 32) + threadIdx.x / 32;
+  if (row >= rows) return;
+  const int lane = threadIdx.x % 32;
+  const long long bh = row / T, b = bh / H;
+  const int i = (int)(row % T), h = (int)(bh % H);
+  const long long token = 3LL * H * Dh;
+  const float* keys = qkv + b * T * token + (long long)H * Dh + (long long)h * Dh;
+  const float* values = keys + (long long)H * Dh;
+  const float* d_out = dmixed + (b * T + i) * H * Dh + (long long)h * Dh;
+  const float* p = probs + row * T;
+  float* ds = dscores + row * T;
+  const int visible = causal ? i + 1 : T;
+  float weighted = 0.f;
+  for (int j = lane; j < visible; j += 32) {
+    const float dp = dot(d_out, values + j * token, Dh);
+    ds[j] = dp;
+    weighted += dp * p[j];
+  }
+  weighted = warp_sum(weighted);
+  for (int j = lane; j < T; j += 32) ds[j] = j < visible ? scale * p[j] * (ds[j] - weighted) : 0.f;
+  __syncwarp();  // every lane reads the whole row below
+  weighted_rows(ds, 1, keys, token, visible, Dh, dqkv + (b * T + i) * token + (long long)h * Dh);
+}
+
+// Column (b, h, j), after attention_backward_rows: dk_j = sum_i dscores_ij q_i and
+// dv_j = sum_i p_ij do_i, into dqkv[b, j, 1, h, :] and dqkv[b, j, 2, h, :]. With causal only
+// the queries i >= j see key j (the other entries are 0).
+extern "C" __global__ void attention_backward_columns(const float* __restrict__ qkv, const float* __restrict__ probs,
+                                                      const float* __restrict__ dmixed,
+                                                      const float* __restrict__ dscores, float* __restrict__ dqkv,
+                                                      long long rows, int T, int H, int Dh, int causal) {
+  const long long column = (long long)blockIdx.x * (THREADS / 32) + threadIdx.x / 32;
+  if (column >= rows) return;
+  const long long bh = column / T, b = bh / H;
+  const int j = (int)(column % T), h = (int)(bh % H), first = causal ? j : 0;
+  const long long token = 3LL * H * Dh, width = (long long)H * Dh;
+  const long long entry = bh * T * T + (long long)first * T + j;  // (first, j) of this head's T x T
+  float* dk = dqkv + (b * T + j) * token + width + (long long)h * Dh;
+  weighted_rows(dscores + entry, T, qkv + (b * T + first) * token + (long long)h * Dh, token, T - first, Dh, dk);
+  weighted_rows(probs + entry, T, dmixed + (b * T + first) * width + (long long)h * Dh, width, T - first, Dh, dk + width);
+}

@@ -1,0 +1,175 @@
+"""The wrappers of the sequence layers' kernels, kernels/sequence.cu (recurrent cells, layer norm,
+attention softmax), attention.cu and embedding.cu, as those of cuda_wrappers.py (which lists them
+in its KERNELS): each owns its kernel's launch, grid and outputs, its parameter types declared
+beside it as the .cu file declares them."""
+from __future__ import annotations
+
+import math
+
+from gpunet.backend.cuda_kernels import ROWS_PER_CHUNK, THREADS, Kernel, blocks_for, done_blocks_counter, grid_2d
+from gpunet.backend.devices import cupy_status
+
+
+def _cupy():
+    return cupy_status()[0]
+
+
+def _ceil(total: int, per: int) -> int:
+    return -(-total // per)
+
+
+# ------------------------------------------------------------------ sequence.cu
+LSTM_CELL = Kernel("sequence", "lstm_cell", "float*, float*, float*, float*, float*, float*, float*, int, int")
+LSTM_CELL_BACKWARD = Kernel("sequence", "lstm_cell_backward",
+                            "float*, float*, float*, float*, float*, float*, int, int")
+ATTENTION_SOFTMAX = Kernel("sequence", "attention_softmax", "float*, int, float, int")
+ATTENTION_SOFTMAX_BACKWARD = Kernel("sequence", "attention_softmax_backward", "float*, float*, int, float")
+LAYER_NORM = Kernel("sequence", "layer_norm",
+                    "float*, float*, float*, float*, float*, float*, float*, float*, int, float, int, int")
+LAYER_NORM_BACKWARD = Kernel("sequence", "layer_norm_backward", "float*, float*, float*, float*, float*, float*, "
+                             "float*, float*, float*, unsigned int*, long long, int, int, int")
+
+
+def lstm_cell(x_gates, h_gates, c_prev, acts_out, h_out, c_out, tanh_c_out) -> None:
+    """One LSTM step, as Ops.lstm_cell: one thread per (batch row, hidden unit)."""
+    batch, hidden = c_prev.shape
+    LSTM_CELL(blocks_for(batch * hidden), x_gates, h_gates, c_prev, acts_out, h_out, c_out, tanh_c_out, batch, hidden)
+
+
+def lstm_cell_backward(dh, dc, acts, c_prev, tanh_c, dgates_out) -> None:
+    """dgates_out from dh and dc; dc is overwritten with the gradient of c_prev."""
+    batch, hidden = c_prev.shape
+    LSTM_CELL_BACKWARD(blocks_for(batch * hidden), dh, dc, acts, c_prev, tanh_c, dgates_out, batch, hidden)
+
+
+LSTM_STEP = Kernel("sequence", "lstm_step", "float*, float*, float*, float*, float*, float*, float*, float*, int, int")
+LSTM_STEP_BACKWARD = Kernel("sequence", "lstm_step_backward",
+                            "float*, float*, float*, float*, float*, float*, float*, float*, int, int, int")
+
+
+def lstm_step(x_gates, w_hh_t, h_prev, c_prev, acts_out, h_out, c_out, tanh_c_out) -> None:
+    """One LSTM time step, the recurrent product h_prev W_hh^T fused with the cell, as
+    Ops.lstm_step: one thread per (batch row, hidden unit); blocks across the hidden units,
+    gridDim.y over the batch rows (capped: a block walks the rest)."""
+    batch, hidden = c_prev.shape
+    LSTM_STEP(grid_2d(_ceil(hidden, LSTM_STEP.block), batch), x_gates, w_hh_t, h_prev, c_prev, acts_out, h_out,
+              c_out, tanh_c_out, batch, hidden)
+
+
+def lstm_step_backward(dy, dgates_next, w_hh, dc, acts, c_prev, tanh_c, dgates_out) -> None:
+    """One backward LSTM time step, dgates_next W_hh fused with the cell backward, as
+    Ops.lstm_step_backward (dgates_next None: the last step). Grid as lstm_step."""
+    batch, hidden = c_prev.shape
+    last = dgates_next is None
+    LSTM_STEP_BACKWARD(grid_2d(_ceil(hidden, LSTM_STEP_BACKWARD.block), batch), dy,
+                       dgates_out if last else dgates_next, w_hh, dc, acts, c_prev, tanh_c, dgates_out, batch,
+                       hidden, last)
+
+
+def attention_softmax(scores, scale, causal):
+    """softmax(scale * scores) over the last axis, in place, keys after the query masked to 0
+    when causal; one block per row."""
+    t = scores.shape[-1]
+    ATTENTION_SOFTMAX(scores.size // t, scores, t, scale, causal)
+    return scores
+
+
+def attention_softmax_backward(probs, dprobs, scale):
+    """The scores' gradient, written over dprobs; one block per row."""
+    t = probs.shape[-1]
+    ATTENTION_SOFTMAX_BACKWARD(probs.size // t, probs, dprobs, t, scale)
+    return dprobs
+
+
+def layer_norm(x, weight, bias, eps, residual=None):
+    """(y, xhat, rstd, total) over the last axis, as Ops.layer_norm; weight and bias both or
+    neither. With residual (x's shape), the rows normalised are total = x + residual, also
+    returned (else total is None): a residual add and the next layer norm in one launch."""
+    width = x.shape[-1]
+    y, xhat = _cupy().empty_like(x), _cupy().empty_like(x)
+    total = None if residual is None else _cupy().empty_like(x)
+    rstd = _cupy().empty(x.shape[:-1] + (1,), dtype="float32")
+    affine = weight is not None
+    LAYER_NORM(x.size // width, x, x if total is None else residual, y if total is None else total,
+               weight if affine else x, bias if affine else x, y, xhat, rstd, width, eps, affine, total is not None)
+    return y, xhat, rstd, total
+
+
+def layer_norm_backward(dy, xhat, rstd, weight, grad_weight=None, grad_bias=None, residual=None):
+    """The input's gradient (+ residual when given), and with weight the parameters' gradients
+    written into grad_weight and grad_bias (contiguous, of the width), all in one launch: one
+    warp per row, each block sums ROWS_PER_CHUNK rows' columns into a scratch (2, chunks, width)
+    and the block that finishes last adds those up in chunk order (kernels/sequence.cu)."""
+    width = dy.shape[-1]
+    rows = dy.size // width
+    chunks = _ceil(rows, ROWS_PER_CHUNK)
+    dx = _cupy().empty_like(dy)
+    affine = weight is not None
+    partial = _cupy().empty((2, chunks, width), dtype="float32") if affine else dx
+    LAYER_NORM_BACKWARD(chunks, dy, xhat, rstd, weight if affine else dy, dy if residual is None else residual, dx,
+                        partial, grad_weight if affine else dx, grad_bias if affine else dx, done_blocks_counter(),
+                        rows, width, affine, residual is not None)
+    return dx
+
+
+# ------------------------------------------------------------------ attention.cu
+ATTENTION_FORWARD = Kernel("attention", "attention_forward",
+                           "float*, float*, float*, long long, int, int, int, float, int")
+ATTENTION_BACKWARD_ROWS = Kernel("attention", "attention_backward_rows",
+                                 "float*, float*, float*, float*, float*, long long, int, int, int, float, int")
+ATTENTION_BACKWARD_COLUMNS = Kernel("attention", "attention_backward_columns",
+                                    "float*, float*, float*, float*, float*, long long, int, int, int, int")
+WARPS = THREADS // 32  # the attention kernels give each row of scores one warp
+
+
+def attention(qkv, causal):
+    """(mixed (B, T, H, Dh), probs (B, H, T, T)) of qkv (B, T, 3, H, Dh), as Ops.attention, in
+    one launch: one warp per query row, reading q, k and v where the input projection wrote them."""
+    b, t, _, heads, dh = qkv.shape
+    rows = b * heads * t
+    probs = _cupy().empty((b, heads, t, t), dtype="float32")
+    mixed = _cupy().empty((b, t, heads, dh), dtype="float32")
+    ATTENTION_FORWARD(_ceil(rows, WARPS), qkv, probs, mixed, rows, t, heads, dh, 1.0 / math.sqrt(dh), causal)
+    return mixed, probs
+
+
+def attention_backward(qkv, probs, dmixed, causal):
+    """dqkv (B, T, 3, H, Dh) from dmixed (B, T, H, Dh), as Ops.attention_backward, in two launches:
+    the rows of the scores' gradient with dq, then its columns with dk and dv."""
+    b, t, _, heads, dh = qkv.shape
+    rows = b * heads * t
+    dscores = _cupy().empty_like(probs)
+    dqkv = _cupy().empty_like(qkv)
+    ATTENTION_BACKWARD_ROWS(_ceil(rows, WARPS), qkv, probs, dmixed, dscores, dqkv, rows, t, heads, dh,
+                            1.0 / math.sqrt(dh), causal)
+    ATTENTION_BACKWARD_COLUMNS(_ceil(rows, WARPS), qkv, probs, dmixed, dscores, dqkv, rows, t, heads, dh, causal)
+    return dqkv
+
+
+
+# ------------------------------------------------------------------ embedding.cu
+EMBEDDING_FORWARD = Kernel("embedding", "embedding_forward",
+                           "long long*, float*, float*, float*, long long, int, int, long long, int")
+EMBEDDING_BACKWARD = Kernel("embedding", "embedding_backward",
+                            "long long*, float*, float*, float*, long long, int, int, long long, int")
+
+
+def embedding_forward(ids, weight, position=None):
+    """weight[ids] (int64 ids), plus position[t] at position t of (B, T) ids when given; a row of
+    NaN for an id out of range."""
+    v, d = weight.shape
+    y = _cupy().empty(ids.shape + (d,), dtype="float32")
+    t = ids.shape[-1] if ids.ndim else 1
+    EMBEDDING_FORWARD(blocks_for(y.size), ids, weight, weight if position is None else position, y, ids.size, t, d, v,
+                      position is not None)
+    return y
+
+
+def embedding_backward(ids, dy, grad_weight, grad_position=None) -> None:
+    """grad_weight (V, D) = dy's rows summed per id, and grad_position (P, D) (when given; dy is
+    then (B, T, D)) = dy summed over its B rows, zero past T: one block per gradient row."""
+    v, d = grad_weight.shape
+    t = dy.shape[1] if grad_position is not None else 1
+    rows = v + (0 if grad_position is None else grad_position.shape[0])
+    EMBEDDING_BACKWARD(rows, ids, dy, grad_weight, grad_weight if grad_position is None else grad_position, ids.size,
+                       t, d, v, grad_position is not None)

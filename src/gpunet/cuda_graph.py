@@ -1,0 +1,120 @@
+"""fit's training step captured once as a CUDA graph and replayed: one launch per step instead
+of one per kernel (fit(cuda_graph=True), `gpunet train --cuda-graph`).
+
+A graph replays its kernels with the arguments and memory they had at capture, so everything a
+step changes lives in memory the graph owns or reads: the batch goes into static device buffers
+before each replay, and the optimizer reads its per-step scalars (learning rate, Adam's bias
+corrections) from a small device array written before each replay (Optimizer.step_scalars).
+Memory the capture allocates comes from a pool of the graph's own, so nothing else is ever given
+an address the graph writes. Each batch shape gets its own graph, at most two per run (the full
+batch and a short last one); a third shape, or a step that cannot be captured, runs eagerly, and
+the reason is said in one line.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy
+
+from gpunet.backend import ops_for_device
+
+MAX_GRAPHS = 2
+
+
+def why_not(model, optimizer, world_size: int = 1) -> str | None:
+    """Why the step of this model cannot be captured (one line), or None when it can."""
+    if model.device != "gpu":
+        return f"the model is on the {model.device}, and CUDA graphs need a GPU"
+    if world_size > 1:
+        return "data-parallel training all-reduces through MPI, which a graph cannot capture"
+    dtypes = {str(p.dtype) for p in model.params.values()}
+    if dtypes != {"float32"}:
+        return f"its parameters are {', '.join(sorted(dtypes))}; only float32 kernels read their per-step scalars " \
+               "from the device"
+    if any(getattr(layer, "p", 0) and "stream" in layer.__dict__ for layer in _layers(model)):
+        return "its Dropout draws a new mask each step from the step number, which a replay would freeze"
+    if not hasattr(optimizer, "step_scalars"):
+        return f"the optimizer {type(optimizer).__name__} has no per-step scalars on the device"
+    return None
+
+
+def _layers(layer):
+    yield layer
+    for _, child in layer.children():
+        yield from _layers(child)
+
+
+@dataclass
+class _Captured:
+    x: object  # the static input buffers a replay reads
+    y: object
+    loss: object  # where a replay writes the step's loss
+    graph: object
+
+
+class GraphedStep:
+    """Runs device_step(x, y) -> loss (x, y raw batches on the device) through CUDA graphs.
+
+    device_step must be the whole step (forward, loss, backward, clipping, optimizer.step()) and
+    touch the host for nothing: a copy inside a capture is an error, and the step then falls back
+    to eager with the reason in `log`."""
+
+    def __init__(self, device_step, optimizer, log=print):
+        self.device_step, self.optimizer, self.log = device_step, optimizer, log
+        self.xp = ops_for_device("gpu").xp
+        self.graphs: dict[tuple, _Captured] = {}
+        self.scalars = self.xp.zeros(4, dtype="float32")  # the optimizer's per-step scalars
+        self.pool = self.xp.cuda.MemoryPool()  # the captures' own memory
+        self.active = True
+        self._said_too_many = False
+
+    def run(self, x, y):
+        """One training step on host batches x, y; returns its loss (a fresh device scalar)."""
+        key = (x.shape, str(x.dtype), y.shape, str(y.dtype))
+        captured = self.graphs.get(key)
+        if captured is None:
+            return self._first(key, x, y)
+        captured.x.set(numpy.ascontiguousarray(x))
+        captured.y.set(numpy.ascontiguousarray(y))
+        values = numpy.zeros(self.scalars.shape, dtype="float32")
+        step_scalars = self.optimizer.step_scalars()
+        values[: len(step_scalars)] = step_scalars
+        self.scalars.set(values)
+        captured.graph.launch()
+        self.optimizer.step_count += 1  # the host's count of what the replay did
+        return captured.loss.copy()  # (the next replay overwrites the graph's own)
+
+    def _first(self, key, x, y):
+        """A shape not seen yet: an eager step on new static buffers (the step itself, and the
+        warm-up: kernels compiled, optimizer state made), then, if a graph may be added, its capture."""
+        if len(self.graphs) >= MAX_GRAPHS:
+            if not self._said_too_many:
+                self.log(f"cuda graph: a batch of shape {x.shape} runs eagerly: a run keeps at most {MAX_GRAPHS} "
+                         "graphs (drop the last batch, or keep the batch size fixed)")
+                self._said_too_many = True
+            return self.device_step(self.xp.asarray(x), self.xp.asarray(y))
+        static_x, static_y = self.xp.asarray(numpy.ascontiguousarray(x)), self.xp.asarray(numpy.ascontiguousarray(y))
+        loss = self.device_step(static_x, static_y)
+        try:
+            self.graphs[key] = self._capture(static_x, static_y)
+        except Exception as exc:  # noqa: BLE001 - any failure to capture means: train eagerly, and say why
+            self.active = False
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self.log(f"cuda graph: off, training eagerly: the step could not be captured ({reason})")
+        return loss
+
+    def _capture(self, x, y) -> _Captured:
+        stream = self.xp.cuda.Stream(non_blocking=True)
+        optimizer, steps = self.optimizer, self.optimizer.step_count
+        optimizer.device_scalars = self.scalars  # the captured update reads them from the device
+        try:
+            with self.xp.cuda.using_allocator(self.pool.malloc), stream:
+                stream.begin_capture()
+                try:
+                    loss = self.device_step(x, y)
+                finally:
+                    graph = stream.end_capture()
+        finally:
+            optimizer.device_scalars = None  # eager steps take their scalars as arguments again
+            optimizer.step_count = steps  # a capture runs nothing: no step was taken
+        return _Captured(x, y, loss, graph)

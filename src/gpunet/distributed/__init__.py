@@ -1,0 +1,99 @@
+"""Data-parallel training on existing engines: MPI through mpi4py on the CPU, NCCL through
+cupyx.distributed on GPUs (MPI with host copies where NCCL is not usable).
+
+`init()` reads how the process was launched (gpunet.distributed.environment): mpiexec/mpirun, srun,
+or torchrun-style variables; a process with no launcher is world size 1 and imports nothing more.
+One process per device: on GPUs rank r uses device LOCAL_RANK. The fit loop (gpunet.loop) takes its
+Replicas from here, so `mpiexec -n 2 gpunet train ...` needs no new flag.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+from gpunet import errors
+from gpunet.distributed.data_parallel import Replicas
+from gpunet.distributed.environment import Launch, detect
+from gpunet.distributed.worlds import DEFAULT_TIMEOUT, CollectiveTimeout, MPIWorld, NCCLWorld, Single
+
+__all__ = ["init", "world", "rank", "world_size", "local_rank", "barrier", "all_reduce", "broadcast", "replicas",
+           "ends_together", "Launch", "detect", "CollectiveTimeout"]
+
+_world = None
+
+
+def init(device: str | None = None, timeout: float = DEFAULT_TIMEOUT):
+    """The world of this process, made on the first call (later calls return it): Single with no
+    launcher; else NCCLWorld for a torchrun launch, or for device "gpu" where cupyx.distributed
+    imports; else MPIWorld. timeout: the seconds a collective waits for the other ranks."""
+    global _world
+    if _world is None:
+        launch = detect(os.environ)
+        if launch.world_size == 1:
+            _world = Single(launch)
+        elif launch.launcher == "torchrun" or (device == "gpu" and _nccl_importable()):
+            if launch.launcher == "torchrun" and device == "cpu":
+                raise RuntimeError(f"a torchrun launch (RANK={launch.rank}, WORLD_SIZE={launch.world_size}) trains on "
+                                   "GPUs through NCCL; on the CPU start the ranks with mpiexec -n N (pip install "
+                                   "'gpunet[mpi]')")
+            _world = NCCLWorld(launch, timeout)
+        else:
+            _world = MPIWorld(launch, timeout)
+    return _world
+
+
+def _nccl_importable() -> bool:
+    try:
+        from cupyx import distributed  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def world():
+    return init()
+
+
+def rank() -> int:
+    return init().rank
+
+
+def world_size() -> int:
+    return init().world_size
+
+
+def local_rank() -> int:
+    return init().local_rank
+
+
+def barrier() -> None:
+    init().barrier()
+
+
+def all_reduce(array, op: str = "sum"):
+    """Reduce array over the ranks (op "sum", "max" or "min") in place, and return it."""
+    return init().all_reduce(array, op)
+
+
+def broadcast(array, root: int = 0):
+    """Overwrite array on every rank with root's, in place, and return it."""
+    return init().broadcast(array, root)
+
+
+def replicas(device: str | None = None) -> Replicas:
+    """The fit loop's Replicas for this process's world."""
+    return Replicas(init(device))
+
+
+@contextlib.contextmanager
+def ends_together():
+    """Around work that all ranks do: an exception on some ranks only ends the whole job within
+    seconds (with its message) instead of leaving the others waiting in a collective; one that every
+    rank raises is raised as usual. With world size 1 (or before init) it does nothing."""
+    try:
+        yield
+    except BaseException as exc:
+        if _world is not None and _world.world_size > 1 and not (isinstance(exc, SystemExit) and not exc.code):
+            code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 1
+            _world.end_failed(code, None if isinstance(exc, SystemExit) else errors.describe(exc))
+        raise

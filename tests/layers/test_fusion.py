@@ -1,0 +1,62 @@
+"""Sequential runs a Dense or Conv2D with the activation after it (and a Conv2D -> ReLU ->
+MaxPool2D) in one pass: the outputs and every gradient equal those of the layers run one by one,
+in float64 on the CPU as the reference, on every device."""
+from __future__ import annotations
+
+import numpy
+import pytest
+
+import gpunet as gn
+from gpunet.layers import GELU, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, Sigmoid, Tanh
+from tests.support.arrays import DEVICES, on, rng
+
+
+def lenet_like():
+    gn.manual_seed(3)
+    return Sequential(Conv2D(2, 3, 3), ReLU(), MaxPool2D(2), Conv2D(3, 4, 2), Tanh(), MaxPool2D(2, stride=1),
+                      Flatten(), Dense(4 * 2 * 2, 7), Sigmoid(), Dense(7, 6), GELU(), Dense(6, 5), ReLU())
+
+
+def one_by_one(model, x, dy):
+    """Forward and backward through each layer alone: no fusion."""
+    for layer in model.layers:
+        x = layer.forward(x)
+    out = x
+    for layer in reversed(model.layers):
+        dy = layer.backward(dy)
+    return out, dy, {k: gn.to_numpy(g).copy() for k, g in model.grads.items()}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_layers_equal_the_layers_run_one_by_one(device):
+    x = rng(1).standard_normal((3, 2, 11, 11))
+    dy = rng(2).standard_normal((3, 5))
+    reference = lenet_like().to("cpu", dtype="float64")
+    want_out, want_dx, want_grads = one_by_one(reference, x, dy)
+
+    dtype = "float64" if device == "cpu" else "float32"
+    model = lenet_like().to(device, dtype=dtype)
+    out = model.forward(on(device, x.astype(dtype)))
+    dx = model.backward(on(device, dy.astype(dtype)))
+    tol = 1e-12 if dtype == "float64" else 1e-5
+    numpy.testing.assert_allclose(gn.to_numpy(out), want_out, rtol=tol, atol=tol)
+    numpy.testing.assert_allclose(gn.to_numpy(dx), want_dx, rtol=tol, atol=tol)
+    for name, want in want_grads.items():
+        numpy.testing.assert_allclose(gn.to_numpy(model.grads[name]), want, rtol=tol, atol=tol, err_msg=name)
+
+
+def test_which_layers_are_absorbed():
+    model = lenet_like()
+    model.forward(rng(1).standard_normal((2, 2, 11, 11)).astype("float32"))
+    absorbed = [i for i, layer in enumerate(model.layers) if getattr(layer._saved, "absorbed", False)]
+    # conv+relu+pool (overlapping-free windows), conv+tanh (its pool overlaps: stride 1), dense+sigmoid,
+    # dense+gelu, dense+relu
+    assert absorbed == [1, 2, 4, 8, 10, 12]
+
+
+def test_an_absorbed_layer_called_alone_says_so():
+    model = Sequential(Dense(3, 2), ReLU())
+    model.forward(numpy.ones((1, 3), "float32"))
+    with pytest.raises(RuntimeError, match=r"^ReLU: its last forward ran inside the layer before it \(fused by "
+                                           r"Sequential\); call the Sequential's backward$"):
+        model.layers[1].backward(numpy.ones((1, 2), "float32"))
