@@ -227,10 +227,14 @@ class _Run:
             history.written += history.write(out)
             if len(history) and history.save_plot(out / "history.png"):
                 history.written.append(out / "history.png")
-        if restore_best and out is not None and self.val is not None and history.best_step is not None \
+        self.restore_best(out, restore_best)
+        return history
+
+    def restore_best(self, out, restore_best: bool = True) -> None:
+        """Load out/model.safetensors, the best model, when restore_best asks and validation chose it."""
+        if restore_best and out is not None and self.val is not None and self.history.best_step is not None \
                 and (out / "model.safetensors").exists():
             self.model.load_state_dict(checkpoint.read_checkpoint(out / "model.safetensors")[0])
-        return history
 
     def _check_finite(self, watch) -> None:
         """Raise TrainingDiverged at the first step whose loss was not finite (exact on every device)."""

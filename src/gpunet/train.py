@@ -122,6 +122,8 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
         run.train(progress, interrupted)
         history = run.finish(restore_best)
         parallel.barrier()  # no rank returns (and reads the folder) before rank 0 has written it
+        if not parallel.writes:  # rank 0 saved the best model: every rank ends with it, as rank 0 does
+            run.restore_best(out, restore_best)
         return history
 
 

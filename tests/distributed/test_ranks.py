@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy
 import pytest
 
+import gpunet as gn
 from gpunet.parity import relative_difference
 from tests.distributed import worker
 
@@ -91,10 +92,14 @@ def test_two_ranks_equal_one_process_on_every_parameter(equivalence_runs, which)
 def test_only_rank_zero_writes_and_every_rank_stops_early_at_the_same_step(tmp_path):
     job = {"kind": "train", "model": "mlp", "n": 96, "batch": 16, "steps": 40, "val": 50, "eval_every": 2,
            "early_stopping": 2, "optimizer": ["sgd", 0.3], "out": str(tmp_path / "run"), "watch": True,
-           "result": str(tmp_path / "r")}
+           "result": str(tmp_path / "r"), "restore_best": True}
     done = launch([job])
     assert done.returncode == 0, done.stderr
     reports = [outcome(job["result"], rank)[1] for rank in (0, 1)]
+    best = gn.checkpoint.read_checkpoint(tmp_path / "run" / "model.safetensors")[0]
+    for rank in (0, 1):  # every rank ends with the best model rank 0 saved
+        params = outcome(job["result"], rank)[0]
+        assert all(numpy.array_equal(params[k], best[k]) for k in params), rank
     single = worker.train({**job, "out": None})[1]
     assert reports[0]["last_step"] == reports[1]["last_step"] == single["last_step"] < 40  # stopped early
     assert reports[0]["val_loss"] == pytest.approx(single["val_loss"], rel=1e-6)

@@ -57,7 +57,7 @@ def train(job: dict) -> dict:
     history = gn.fit(model, data, val, optimizer=optimizer, steps=job["steps"], batch_size=job["batch"],
                      seed=job.get("seed", 0), out_dir=job.get("out"), resume=job.get("resume", False),
                      eval_every=job.get("eval_every"), early_stopping=job.get("early_stopping"), progress=False,
-                     restore_best=False)
+                     restore_best=job.get("restore_best", False))
     params = {name: gn.to_numpy(value).copy() for name, value in model.params.items()}
     report = {"last_step": history.records[-1]["step"], "records": len(history), "written": [str(p) for p in
               history.written], "train_loss": history.records[-1]["train_loss"],
