@@ -1,4 +1,5 @@
-"""The command line: gpunet train | eval | predict | generate | bench | parity | info (also `python -m gpunet`)."""
+"""The command line: gpunet train | search | eval | predict | generate | bench | parity | info
+(also `python -m gpunet`)."""
 from __future__ import annotations
 
 import argparse
@@ -121,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dropout rate for every dropout of the model; one on its output when it has none "
                         "(default: the recipe's own)")
 
-    search_command.add_parser(sub)
+    search_command.add_parser(sub, DEVICE_OPTION)
     predict_command.add_parser(sub, DEVICE_OPTION)
     sub.add_parser("info", help="versions, devices and why a GPU is (un)usable")
     for command in sub.choices.values():

@@ -10,7 +10,8 @@ SPACE_HELP = ("JSON or TOML file: parameter -> {low, high[, log]}, {choices} or 
               "model's default space (see README: Hyper-parameter search)")
 
 
-def add_parser(sub) -> None:
+def add_parser(sub, device_option: dict) -> None:
+    """The `search` subcommand's flags; device_option: the --device of the other commands."""
     s = sub.add_parser("search", help="hyper-parameter search (Optuna): one run folder per trial, the best kept")
     s.add_argument("--model", default="mlp", choices=sorted(RECIPES))
     s.add_argument("--trials", type=validate.cli_positive_int, required=True)
@@ -26,7 +27,7 @@ def add_parser(sub) -> None:
     s.add_argument("--dataset", default=None, choices=DATASETS)
     s.add_argument("--data-dir", default=None)
     s.add_argument("--download", action="store_true")
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    s.add_argument("--device", **device_option)
     s.add_argument("--seed", type=validate.cli_seed, default=0)
     s.add_argument("--val-fraction", type=validate.cli_fraction, default=0.1,
                    help="as gpunet train's; the search selects on the same fraction of what is left for training")

@@ -83,7 +83,7 @@ def search(recipe, model: str, trials: int, out, *, epochs=None, steps=None, spa
             folder = out / "trials" / f"trial-{number:03d}"
             try:
                 outcome = trial_run.run(recipe, data, params, trial, epochs=epochs, steps=steps, device=device,
-                                     seed=seed, out=folder, log=lambda line: None)
+                                     seed=seed, out=folder, log=lambda line, n=number: log(f"  trial {n}: {line}"))
             except KeyboardInterrupt:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 raise KeyboardInterrupt(f"interrupted in trial {number}; run the same command again to resume the "
