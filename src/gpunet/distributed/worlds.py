@@ -10,7 +10,7 @@ whole job (MPI_Abort) with its message on stderr, so no rank waits on a dead par
 """
 from __future__ import annotations
 
-import pickle
+import json
 import sys
 import time
 
@@ -152,10 +152,11 @@ class NCCLWorld(Single):
         return _back(array, device) if device is not array else array
 
     def broadcast_object(self, value, root: int = 0):
-        data = numpy.frombuffer(pickle.dumps(value), dtype=numpy.uint8) if self.rank == root else None
+        # JSON, not pickle: nothing gpunet reads is ever unpickled (the values are paths and small records)
+        data = numpy.frombuffer(json.dumps(value).encode(), dtype=numpy.uint8) if self.rank == root else None
         size = self.broadcast(numpy.array([0 if data is None else data.size], dtype=numpy.int64), root)
         buffer = data.copy() if data is not None else numpy.zeros(int(size[0]), dtype=numpy.uint8)
-        return pickle.loads(self.broadcast(buffer, root).tobytes())
+        return json.loads(self.broadcast(buffer, root).tobytes().decode())
 
     def barrier(self) -> None:
         self.comm.barrier()
