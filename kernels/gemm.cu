@@ -85,7 +85,10 @@ __device__ __forceinline__ bool last_block_done(unsigned int* done_blocks) {
   if (threadIdx.x == 0) {
     const unsigned int blocks = gridDim.x * gridDim.y * gridDim.z;
     last = atomicAdd(done_blocks, 1u) == blocks - 1;
-    if (last) atomicExch(done_blocks, 0u);
+    if (last) {
+      __threadfence();  // acquire: the other blocks' writes before their count are seen after ours
+      atomicExch(done_blocks, 0u);
+    }
   }
   __syncthreads();
   return last;

@@ -143,3 +143,30 @@ def test_the_train_command_asks_for_a_graph_with_its_flag(tmp_path, capsys):
             "a replay would freeze") in capsys.readouterr().out.splitlines()  # the default MLP has dropout 0.1
     assert main(argv + ["--no-cuda-graph", "--out", str(tmp_path / "b")]) == 0
     assert "cuda graph" not in capsys.readouterr().out
+
+
+def test_a_bad_label_in_a_replayed_step_is_reported_as_in_an_eager_one():
+    """A replay runs no Python: the label-error flags its loss kernel folds into are marked for reading
+    after each replay, so a label out of range raises at the next read, as eagerly."""
+    x, y = data(64)
+    y = y % 4
+    y[40] = 7  # in the third batch of 16: a replayed step
+    model = gn.Sequential(gn.layers.Dense(784, 8), gn.layers.ReLU(), gn.layers.Dense(8, 4)).to("gpu")
+    with pytest.raises(ValueError, match="label 7 is out of range for 4 classes"):
+        gn.fit(model, (x, y), optimizer=gn.optim.SGD(model, lr=0.1), steps=4, batch_size=16, progress=False,
+               cuda_graph=True)
+
+
+def test_a_recurrent_model_replays_as_it_trains_eagerly():
+    """An LSTM keeps work buffers between calls; the graph keeps those it captured alive."""
+    r = numpy.random.default_rng(1)
+    ids = r.integers(0, 12, (40, 6))
+
+    def run(cuda_graph):
+        gn.manual_seed(0)
+        model = gn.models.char_rnn(12, embedding_dim=4, hidden_size=8).to("gpu")
+        gn.fit(model, (ids[:, :-1], ids[:, 1:]), optimizer=gn.optim.Adam(model, lr=1e-2), steps=6, batch_size=16,
+               progress=False, cuda_graph=cuda_graph)
+        return {k: gn.to_numpy(v) for k, v in model.params.items()}
+
+    assert_same(run(True), run(False))

@@ -38,6 +38,21 @@ def why_not(model, optimizer, world_size: int = 1) -> str | None:
     return None
 
 
+def _arrays(value) -> list:
+    """The device arrays in value, looking one level into dicts, lists, tuples and namespaces."""
+    if hasattr(value, "__cuda_array_interface__") or type(value).__module__.startswith("cupy"):
+        return [value]
+    if isinstance(value, dict):
+        items = value.values()
+    elif isinstance(value, (list, tuple)):
+        items = value
+    elif hasattr(value, "__dict__") and type(value).__name__ == "SimpleNamespace":
+        items = vars(value).values()
+    else:
+        return []
+    return [v for item in items for v in ([item] if type(item).__module__.startswith("cupy") else [])]
+
+
 def _layers(layer):
     yield layer
     for _, child in layer.children():
@@ -50,6 +65,8 @@ class _Captured:
     y: object
     loss: object  # where a replay writes the step's loss
     graph: object
+    keep: list  # every array the layers held after the capture: memory the graph's kernels read or write
+    label_checks: set  # the label-error flags the captured loss folds bad labels into (see run)
 
 
 class GraphedStep:
@@ -61,7 +78,8 @@ class GraphedStep:
 
     def __init__(self, device_step, optimizer, log=print):
         self.device_step, self.optimizer, self.log = device_step, optimizer, log
-        self.xp = ops_for_device("gpu").xp
+        self.ops = ops_for_device("gpu")
+        self.xp = self.ops.xp
         self.graphs: dict[tuple, _Captured] = {}
         self.scalars = self.xp.zeros(4, dtype="float32")  # the optimizer's per-step scalars
         self.pool = self.xp.cuda.MemoryPool()  # the captures' own memory
@@ -82,6 +100,7 @@ class GraphedStep:
         self.scalars.set(values)
         captured.graph.launch()
         self.optimizer.step_count += 1  # the host's count of what the replay did
+        self.ops._unchecked |= captured.label_checks  # a replay runs no Python: mark its flags to be read
         return captured.loss.copy()  # (the next replay overwrites the graph's own)
 
     def _first(self, key, x, y):
@@ -107,14 +126,23 @@ class GraphedStep:
         stream = self.xp.cuda.Stream(non_blocking=True)
         optimizer, steps = self.optimizer, self.optimizer.step_count
         optimizer.device_scalars = self.scalars  # the captured update reads them from the device
+        self.ops._unchecked.clear()
         try:
             with self.xp.cuda.using_allocator(self.pool.malloc), stream:
                 stream.begin_capture()
                 try:
                     loss = self.device_step(x, y)
-                finally:
-                    graph = stream.end_capture()
+                except BaseException:
+                    try:  # (CUDA reports the capture invalidated: the step's own error is the one to say)
+                        stream.end_capture()
+                    except Exception:  # noqa: BLE001
+                        pass
+                    raise
+                graph = stream.end_capture()
         finally:
             optimizer.device_scalars = None  # eager steps take their scalars as arguments again
             optimizer.step_count = steps  # a capture runs nothing: no step was taken
-        return _Captured(x, y, loss, graph)
+        # The layers' work buffers (a recurrent layer's, kept between calls) are in the graph: a layer that
+        # later replaces one (another batch size) must not free memory a replay still writes.
+        keep = [_arrays(vars(layer)) for layer in _layers(optimizer.model)]
+        return _Captured(x, y, loss, graph, keep, set(self.ops._unchecked))

@@ -277,6 +277,8 @@ class _Run:
         if first_non_finite_tensor(self.model) is not None:
             raise TrainingInterrupted(f"interrupted at step {self.state.step}; the weights are not finite, so "
                                       "nothing was saved")
+        if self.out is None:  # a data-parallel rank other than 0: rank 0 saves for all
+            raise TrainingInterrupted(f"interrupted at step {self.state.step}")
         self._save_last()
         self.history.write(self.out)
         raise TrainingInterrupted(f"interrupted at step {self.state.step}; saved {self.out / 'last.safetensors'}: "

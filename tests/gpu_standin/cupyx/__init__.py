@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy
 
-from cupy._ndarray import count, ndarray
+import cupy._ndarray as device_memory
+from cupy._ndarray import count, ndarray, record
 from cupyx import scipy  # noqa: F401
 
 
@@ -15,4 +16,7 @@ def scatter_add(a, slices, value) -> None:
     if isinstance(index, numpy.ndarray) and not isinstance(slices, ndarray):
         raise TypeError("scatter_add: Unsupported type <class 'numpy.ndarray'> for the indices")
     count("launches")
-    numpy.add.at(a._host, index, value._host if isinstance(value, ndarray) else value)
+    values = value._host if isinstance(value, ndarray) else value
+    if device_memory.CAPTURING is None:  # a capture runs nothing: the replay adds
+        numpy.add.at(a._host, index, values)
+    record(lambda: numpy.add.at(a._host, index, values))
