@@ -170,3 +170,15 @@ def test_a_recurrent_model_replays_as_it_trains_eagerly():
         return {k: gn.to_numpy(v) for k, v in model.params.items()}
 
     assert_same(run(True), run(False))
+
+
+def test_an_optimizer_that_passes_its_rate_as_an_argument_keeps_training_eager():
+    class Plain(gn.optim.SGD):
+        reads_device_scalars = False  # as a user's optimizer whose _update ignores device_scalars
+
+    said = []
+    model = gn.models.mlp((784, 8, 10)).to("gpu")
+    gn.fit(model, data(20), optimizer=Plain(model, lr=0.1), steps=1, progress=False, cuda_graph=True,
+           log=said.append)
+    assert said == ["cuda graph: off, training eagerly: the optimizer Plain takes its learning rate as a kernel "
+                    "argument, which a replay would freeze"]

@@ -33,8 +33,9 @@ def why_not(model, optimizer, world_size: int = 1) -> str | None:
                "from the device"
     if any(getattr(layer, "p", 0) and "stream" in layer.__dict__ for layer in _layers(model)):
         return "its Dropout draws a new mask each step from the step number, which a replay would freeze"
-    if not hasattr(optimizer, "step_scalars"):
-        return f"the optimizer {type(optimizer).__name__} has no per-step scalars on the device"
+    if not getattr(optimizer, "reads_device_scalars", False):
+        return f"the optimizer {type(optimizer).__name__} takes its learning rate as a kernel argument, which a " \
+               "replay would freeze"
     return None
 
 

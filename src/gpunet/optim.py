@@ -22,6 +22,9 @@ from gpunet.layers.flat import flat_parameters
 
 
 class Optimizer:
+    # Whether _update hands device_scalars to its kernels (then a CUDA graph may replay it): an
+    # optimizer that passes its learning rate as an argument would have it frozen at capture.
+    reads_device_scalars = False
     model: Layer
     lr: float
     hyper: dict[str, Any]
@@ -107,6 +110,8 @@ class Optimizer:
 class SGD(Optimizer):
     """torch.optim.SGD: L2 weight decay added to the gradient, momentum, Nesterov."""
 
+    reads_device_scalars = True
+
     def __init__(self, model: Layer, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
                  dampening: float = 0.0) -> None:
         if nesterov and (momentum <= 0 or dampening != 0):
@@ -136,6 +141,7 @@ class Adam(Optimizer):
     """torch.optim.Adam (L2 weight decay added to the gradient)."""
 
     decoupled = False
+    reads_device_scalars = True
 
     def __init__(self, model: Layer, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0) -> None:

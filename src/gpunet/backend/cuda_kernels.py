@@ -200,6 +200,15 @@ def done_blocks_counter():
 _DONE_BLOCKS: dict = {}  # device id -> its counter
 
 
+def cupy_module():
+    """The CuPy module the wrappers allocate with (None without one)."""
+    return cupy_status()[0]
+
+
+def ceil_div(total: int, per: int) -> int:
+    return -(-total // per)
+
+
 def blocks_for(total: int, block: int = THREADS) -> int:
     """Blocks for a grid-stride loop over `total` items: 0 for none (launch refuses it)."""
     return min(MAX_BLOCKS, -(-total // block))

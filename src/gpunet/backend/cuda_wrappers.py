@@ -14,22 +14,14 @@ from __future__ import annotations
 
 import numpy
 
+from gpunet.backend.cuda_kernels import ceil_div as _ceil, cupy_module as _cupy
 from gpunet.backend.cuda_kernels import (ACTIVATION_CODES, ROWS_PER_CHUNK, TILE_M, TILE_N, Kernel, blocks_for,
                                          done_blocks_counter, grid_2d)
-from gpunet.backend.devices import cupy_status
 from gpunet.backend.ops import adam_scalars, pooled_size
 
 # softmax_xent's label-error flags: (smallest, largest) out-of-range label seen, which the kernel
 # folds bad labels into with atomicMin/Max; these values mean "none".
 NO_LABEL_ERROR = numpy.array([numpy.iinfo(numpy.int64).max, numpy.iinfo(numpy.int64).min], dtype=numpy.int64)
-
-
-def _cupy():
-    return cupy_status()[0]
-
-
-def _ceil(total: int, per: int) -> int:
-    return -(-total // per)
 
 
 # ------------------------------------------------------------------ gemm.cu

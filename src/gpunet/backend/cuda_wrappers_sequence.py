@@ -6,16 +6,8 @@ from __future__ import annotations
 
 import math
 
+from gpunet.backend.cuda_kernels import ceil_div as _ceil, cupy_module as _cupy
 from gpunet.backend.cuda_kernels import ROWS_PER_CHUNK, THREADS, Kernel, blocks_for, done_blocks_counter, grid_2d
-from gpunet.backend.devices import cupy_status
-
-
-def _cupy():
-    return cupy_status()[0]
-
-
-def _ceil(total: int, per: int) -> int:
-    return -(-total // per)
 
 
 # ------------------------------------------------------------------ sequence.cu
