@@ -62,7 +62,9 @@ EQUIVALENCE = [  # 20 steps each; n and batch chosen so epochs end in a short ba
     {"model": "mlp", "n": 128, "batch": 32},  # even
     {"model": "mlp", "n": 120, "batch": 25},  # odd: ranks take 12 and 13
     {"model": "mlp", "n": 81, "batch": 40, "optimizer": ["adam", 1e-3]},  # a batch of 1: rank 0 has no sample
-    {"model": "cnn", "n": 90, "batch": 25},
+    # LeNet in float64: in float32 a rounding difference of 1e-7 between the two sums can flip a max-pool
+    # choice between two near-equal inputs, which 20 steps of SGD then grow to 1e-3 (seen at step 17 to 20)
+    {"model": "cnn", "n": 90, "batch": 25, "dtype": "float64"},
 ]
 
 
@@ -85,7 +87,7 @@ def test_two_ranks_equal_one_process_on_every_parameter(equivalence_runs, which)
         got, report = outcome(job["result"], rank)
         assert report["world_size"] == 2 and report["last_step"] == 20
         worst = max(relative_difference(got[name], expected[name]) for name in expected)
-        assert worst <= 1e-6, f"rank {rank}: largest per-tensor difference {worst:.2e}"
+        assert worst <= (1e-12 if job.get("dtype") == "float64" else 1e-6), f"rank {rank}: largest per-tensor difference {worst:.2e}"
         assert report["train_loss"] == pytest.approx(single["train_loss"], rel=1e-6)
 
 
@@ -184,4 +186,4 @@ def test_two_gpu_ranks_through_mpi_host_copies_equal_one_gpu_process(tmp_path):
         got, report = outcome(job["result"], rank)
         assert report["world_size"] == 2 and report["last_step"] == 10
         worst = max(relative_difference(got[name], expected[name]) for name in expected)
-        assert worst <= 1e-6, f"rank {rank}: largest per-tensor difference {worst:.2e}"
+        assert worst <= (1e-12 if job.get("dtype") == "float64" else 1e-6), f"rank {rank}: largest per-tensor difference {worst:.2e}"
