@@ -6,6 +6,7 @@
 // dropout: y = x * (keep ? scale : 0) where element i is kept when the top 24 bits of word i % 4
 // of philox(counter = (i / 4, step, layer, draw), key = (seed lo, seed hi)) are >= threshold.
 // With add_residual, y = residual + that (a transformer block's residual connection, fused).
+// With step_on_device, the counter's step word is step_source[0] instead of step (a CUDA graph's replay).
 // The same launch on dy (without the residual) gives the backward (the mask is regenerated, not stored). One thread per
 // block of 4 elements, grid-stride. Launch: grid blocks_for(ceil(n / 4)), any block
 // (gpunet launches THREADS; nothing here is sized by a constant).
@@ -51,12 +52,16 @@ extern "C" __global__ void philox4x32_10_blocks(const int* __restrict__ counter,
 
 extern "C" __global__ void dropout(const float* __restrict__ x, const float* __restrict__ residual,
                                    float* __restrict__ y, long long n, long long seed, long long step, int layer,
-                                   int draw, int threshold, float scale, int add_residual) {
+                                   int draw, int threshold, float scale, int add_residual,
+                                   const unsigned int* __restrict__ step_source, int step_on_device) {
   const unsigned int k0 = (unsigned int)seed, k1 = (unsigned int)((unsigned long long)seed >> 32);
+  // In a replayed CUDA graph the arguments are frozen at capture: the step is read from the device
+  // there (gpunet.cuda_graph writes it before each replay), so every replay draws its own masks.
+  const unsigned int counter_step = step_on_device ? step_source[0] : (unsigned int)step;
   const long long blocks = (n + 3) / 4;
   for (long long b = blockIdx.x * (long long)blockDim.x + threadIdx.x; b < blocks;
        b += (long long)gridDim.x * blockDim.x) {
-    philox4 c = {{(unsigned int)b, (unsigned int)step, (unsigned int)layer, (unsigned int)draw}};
+    philox4 c = {{(unsigned int)b, counter_step, (unsigned int)layer, (unsigned int)draw}};
     c = philox4x32_10(c, k0, k1);
     for (int w = 0; w < 4; ++w) {
       const long long i = 4 * b + w;

@@ -20,14 +20,20 @@ FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints"
 def test_old_checkpoints_load_and_reproduce_their_outputs_and_gradients(kind, device):
     model = gn.load(FIXTURES / f"{kind}.safetensors", device=device).eval()
     expected = numpy.load(FIXTURES / f"{kind}.npz")
-    tol = {"rtol": 1e-5, "atol": 1e-7} if device == "cpu" else {"rtol": 1e-4, "atol": 1e-6}  # other kernels
-    y = model.forward(on(device, expected["x"]))
-    numpy.testing.assert_allclose(gn.to_numpy(y), expected["y"], **tol)
+    rtol = 1e-5 if device == "cpu" else 1e-4  # (other kernels on the GPU)
+
+    def assert_close(actual, desired, name):
+        # a float32 sum with cancellation (a gradient of 0.09 in a tensor whose entries reach 14) keeps an
+        # absolute error of about the tensor's scale times 1e-7, which differs between CPUs' BLAS kernels
+        atol = 1e-6 * max(1.0, float(numpy.abs(desired).max()))
+        numpy.testing.assert_allclose(gn.to_numpy(actual), desired, rtol=rtol, atol=atol, err_msg=name)
+
+    assert_close(model.forward(on(device, expected["x"])), expected["y"], "output")
     model.backward(on(device, expected["dy"]))
     names = [k[len("grad/"):] for k in expected.files if k.startswith("grad/")]
     assert list(model.params) == names  # the order optimizers and flat buffers see
     for name in names:
-        numpy.testing.assert_allclose(gn.to_numpy(model.grads[name]), expected[f"grad/{name}"], **tol, err_msg=name)
+        assert_close(model.grads[name], expected[f"grad/{name}"], name)
     if kind == "cnn":
         assert model.preprocess["shape"] == [2, 8, 8]
 

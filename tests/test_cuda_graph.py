@@ -98,11 +98,27 @@ def _step(model, opt, x, y):
     return loss
 
 
-def test_dropout_keeps_training_eager_with_one_line():
-    _, _, said = train(True, steps=3, model=lambda: gn.Sequential(gn.layers.Dense(784, 16), gn.layers.ReLU(),
-                                                                  gn.layers.Dropout(0.2), gn.layers.Dense(16, 10)))
-    assert said == ["cuda graph: off, training eagerly: its Dropout draws a new mask each step from the step number, "
-                    "which a replay would freeze"]
+def test_a_model_with_dropout_replays_as_it_trains_eagerly():
+    """Each replay draws new masks: the dropout kernels read the step from the graph's record, which
+    a replay writes first (a step frozen at capture would repeat the first replay's masks)."""
+    def model():
+        return gn.Sequential(gn.layers.Dense(784, 16), gn.layers.ReLU(), gn.layers.Dropout(0.2), gn.layers.Dense(16, 10))
+
+    eager, eager_history, _ = train(False, steps=9, model=model)
+    replayed, history, said = train(True, steps=9, model=model)
+    assert said == []
+    assert_same(replayed, eager)
+    assert history["train_loss"] == pytest.approx(eager_history["train_loss"], rel=TOLERANCE, abs=TOLERANCE)
+
+
+def test_the_record_holds_the_optimizer_scalars_then_the_step():
+    from gpunet.cuda_graph import step_record
+
+    record = step_record([0.5, 0.25, 0.125], 2**32 + 7)
+    assert record.dtype == numpy.float32 and list(record[:3]) == [0.5, 0.25, 0.125]
+    assert record.view(numpy.uint32)[3] == 7  # the step word of the dropout counter: the low 32 bits
+    with pytest.raises(ValueError, match="at most 3 values, got 4"):
+        step_record([1.0, 2.0, 3.0, 4.0], 0)
 
 
 @pytest.mark.skipif(not ON_STANDIN, reason="the stand-in refuses a host read inside a capture as CUDA does")
@@ -134,15 +150,25 @@ def test_a_cpu_model_says_why_there_is_no_graph():
     assert said == ["cuda graph: off, training eagerly: the model is on the cpu, and CUDA graphs need a GPU"]
 
 
-def test_the_train_command_asks_for_a_graph_with_its_flag(tmp_path, capsys):
+@pytest.mark.parametrize("flag, replays", [([], True), (["--cuda-graph"], True), (["--no-cuda-graph"], False)])
+def test_the_train_command_replays_on_a_gpu_unless_told_not_to(tmp_path, capsys, monkeypatch, flag, replays):
+    from gpunet import cuda_graph
     from gpunet.cli import main
 
-    argv = ["train", "--device", "gpu", "--steps", "2", "--batch-size", "16", "--no-progress"]
-    assert main(argv + ["--cuda-graph", "--out", str(tmp_path / "a")]) == 0
-    assert ("cuda graph: off, training eagerly: its Dropout draws a new mask each step from the step number, which "
-            "a replay would freeze") in capsys.readouterr().out.splitlines()  # the default MLP has dropout 0.1
-    assert main(argv + ["--no-cuda-graph", "--out", str(tmp_path / "b")]) == 0
+    runs = []
+    monkeypatch.setattr(cuda_graph.GraphedStep, "run", lambda self, x, y, original=cuda_graph.GraphedStep.run:
+                        runs.append(x.shape) or original(self, x, y))
+    argv = ["train", "--device", "gpu", "--steps", "3", "--batch-size", "16", "--no-progress"]
+    assert main(argv + flag + ["--out", str(tmp_path / "run")]) == 0  # (the default MLP has dropout)
     assert "cuda graph" not in capsys.readouterr().out
+    assert runs == ([(16, 28, 28)] * 3 if replays else [])  # raw images: the model flattens them
+
+
+def test_a_cpu_run_does_not_mention_graphs_unless_asked():
+    said = []
+    model = gn.models.mlp((784, 8, 10))
+    gn.fit(model, data(20), optimizer=gn.optim.SGD(model, lr=0.1), steps=1, progress=False, log=said.append)
+    assert not any("cuda graph" in line for line in said)
 
 
 def test_a_bad_label_in_a_replayed_step_is_reported_as_in_an_eager_one():
@@ -157,14 +183,18 @@ def test_a_bad_label_in_a_replayed_step_is_reported_as_in_an_eager_one():
                cuda_graph=True)
 
 
-def test_a_recurrent_model_replays_as_it_trains_eagerly():
-    """An LSTM keeps work buffers between calls; the graph keeps those it captured alive."""
+@pytest.mark.parametrize("build", [lambda: gn.models.char_rnn(12, embedding_dim=4, hidden_size=8),
+                                   lambda: gn.models.transformer(12, context=5, d_model=8, num_heads=2, num_layers=1,
+                                                                 dropout=0.1)], ids=["lstm", "transformer-dropout"])
+def test_a_sequence_model_replays_as_it_trains_eagerly(build):
+    """An LSTM keeps work buffers between calls, and the graph keeps those it captured alive; a
+    transformer block's dropout is fused with its residual add."""
     r = numpy.random.default_rng(1)
     ids = r.integers(0, 12, (40, 6))
 
     def run(cuda_graph):
         gn.manual_seed(0)
-        model = gn.models.char_rnn(12, embedding_dim=4, hidden_size=8).to("gpu")
+        model = build().to("gpu")
         gn.fit(model, (ids[:, :-1], ids[:, 1:]), optimizer=gn.optim.Adam(model, lr=1e-2), steps=6, batch_size=16,
                progress=False, cuda_graph=cuda_graph)
         return {k: gn.to_numpy(v) for k, v in model.params.items()}

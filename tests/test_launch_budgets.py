@@ -71,10 +71,12 @@ def test_char_lstm_step():
     assert counts["launches"] <= 160 and counts["d2h"] == 0 and counts["h2d"] == 0, counts  # issue 12: 170
 
 
-def test_fit_steps_transfer_nothing_to_the_host_between_its_reads():
+@pytest.mark.parametrize("cuda_graph, h2d", [(False, 2), (True, 3)])
+def test_fit_steps_transfer_nothing_to_the_host_between_its_reads(cuda_graph, h2d):
     """In gn.fit on a GPU the host reads the loss only every 25 steps and at evaluations: every
     other loop iteration (data to the device, forward, loss, backward, Adam, the running loss and
-    the divergence watch) moves nothing from the device to the host."""
+    the divergence watch) moves nothing from the device to the host, eagerly or replayed. It moves
+    the batch's images and labels to the device, and a replay also its 16-byte per-step record."""
     from gpunet import loop
 
     x, y = mnist_batch((784,), 64 * 30)
@@ -91,12 +93,13 @@ def test_fit_steps_transfer_nothing_to_the_host_between_its_reads():
 
     loop._Run._step = counted_step
     try:
-        gn.fit(model, (x, y), optimizer=gn.optim.Adam(model, lr=1e-3), steps=30, batch_size=64, progress=False)
+        gn.fit(model, (x, y), optimizer=gn.optim.Adam(model, lr=1e-3), steps=30, batch_size=64, progress=False,
+               cuda_graph=cuda_graph)
     finally:
         loop._Run._step = original
     quiet = [(step, c) for step, c in per_iteration if step % 25 != 0]  # after step s: no read unless s % 25 == 0
     assert len(quiet) == 28 and all(c["d2h"] == 0 for _, c in quiet), quiet
-    assert all(c["h2d"] == 2 for step, c in quiet if step > 1), quiet  # the batch: images and labels
+    assert all(c["h2d"] == h2d for step, c in quiet if step > 1), quiet
     assert any(c["d2h"] > 0 for step, c in per_iteration if step == 25)  # the counter does see the reads
 
 

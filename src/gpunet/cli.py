@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=validate.cli_seed, default=0)
     t.add_argument("--clip-norm", type=validate.cli_non_negative, default=None, metavar="X",
                    help="clip the gradient norm at X; 0 turns it off (default: 1.0 for rnn and transformer, off else)")
-    t.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
-                   help="on a GPU, capture the training step once as a CUDA graph and replay it (default: off)")
+    t.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture the training step once as a CUDA graph and replay it (default: on when training "
+                        "on a GPU)")
     t.add_argument("--val-fraction", type=validate.cli_fraction, default=0.1)
     t.add_argument("--holdout", type=validate.cli_non_negative_int, default=0, metavar="N",
                    help="keep the last N images of the dataset out of training and validation, and score the "

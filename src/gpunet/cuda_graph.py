@@ -3,8 +3,9 @@ of one per kernel (fit(cuda_graph=True), `gpunet train --cuda-graph`).
 
 A graph replays its kernels with the arguments and memory they had at capture, so everything a
 step changes lives in memory the graph owns or reads: the batch goes into static device buffers
-before each replay, and the optimizer reads its per-step scalars (learning rate, Adam's bias
-corrections) from a small device array written before each replay (Optimizer.step_scalars).
+before each replay, and a 16-byte record written before each replay holds the rest: the
+optimizer's per-step scalars (learning rate, Adam's bias corrections: Optimizer.step_scalars) and
+the step number the dropout kernels draw their masks from (gpunet.random.step_from_device).
 Memory the capture allocates comes from a pool of the graph's own, so nothing else is ever given
 an address the graph writes. Each batch shape gets its own graph, at most two per run (the full
 batch and a short last one); a third shape, or a step that cannot be captured, runs eagerly, and
@@ -16,9 +17,12 @@ from dataclasses import dataclass
 
 import numpy
 
+from gpunet import random
 from gpunet.backend import ops_for_device
 
 MAX_GRAPHS = 2
+RECORD_WORDS = 4  # the per-step record: float32 optimizer scalars in words 0..2, the uint32 step in word 3
+STEP_WORD = 3
 
 
 def why_not(model, optimizer, world_size: int = 1) -> str | None:
@@ -31,12 +35,21 @@ def why_not(model, optimizer, world_size: int = 1) -> str | None:
     if dtypes != {"float32"}:
         return f"its parameters are {', '.join(sorted(dtypes))}; only float32 kernels read their per-step scalars " \
                "from the device"
-    if any(getattr(layer, "p", 0) and "stream" in layer.__dict__ for layer in _layers(model)):
-        return "its Dropout draws a new mask each step from the step number, which a replay would freeze"
     if not getattr(optimizer, "reads_device_scalars", False):
         return f"the optimizer {type(optimizer).__name__} takes its learning rate as a kernel argument, which a " \
                "replay would freeze"
     return None
+
+
+def step_record(step_scalars, step: int):
+    """The host side of a replay's record: the optimizer's scalars, then the step as a uint32 word."""
+    if len(step_scalars) > STEP_WORD:
+        raise ValueError(f"cuda graph: an optimizer's step_scalars hold at most {STEP_WORD} values, got "
+                         f"{len(step_scalars)}")
+    record = numpy.zeros(RECORD_WORDS, dtype="float32")
+    record[: len(step_scalars)] = step_scalars
+    record.view("uint32")[STEP_WORD] = step % 2**32  # (the counter's step word: the kernels take 32 bits)
+    return record
 
 
 def _arrays(value) -> list:
@@ -82,7 +95,9 @@ class GraphedStep:
         self.ops = ops_for_device("gpu")
         self.xp = self.ops.xp
         self.graphs: dict[tuple, _Captured] = {}
-        self.scalars = self.xp.zeros(4, dtype="float32")  # the optimizer's per-step scalars
+        self.record = self.xp.zeros(RECORD_WORDS, dtype="float32")  # one copy per replay (see the module's doc)
+        self.scalars = self.record[:STEP_WORD]  # what the optimizer's kernels read
+        self.step = self.record.view("uint32")[STEP_WORD:]  # what the dropout kernels read
         self.pool = self.xp.cuda.MemoryPool()  # the captures' own memory
         self.active = True
         self._said_too_many = False
@@ -95,10 +110,7 @@ class GraphedStep:
             return self._first(key, x, y)
         captured.x.set(numpy.ascontiguousarray(x))
         captured.y.set(numpy.ascontiguousarray(y))
-        values = numpy.zeros(self.scalars.shape, dtype="float32")
-        step_scalars = self.optimizer.step_scalars()
-        values[: len(step_scalars)] = step_scalars
-        self.scalars.set(values)
+        self.record.set(step_record(self.optimizer.step_scalars(), random.current_step()))
         captured.graph.launch()
         self.optimizer.step_count += 1  # the host's count of what the replay did
         self.ops._unchecked |= captured.label_checks  # a replay runs no Python: mark its flags to be read
@@ -128,8 +140,9 @@ class GraphedStep:
         optimizer, steps = self.optimizer, self.optimizer.step_count
         optimizer.device_scalars = self.scalars  # the captured update reads them from the device
         self.ops._unchecked.clear()
+        random.set_step(random.current_step())  # the warm-up step ran its dropouts: count the captured ones from draw 0
         try:
-            with self.xp.cuda.using_allocator(self.pool.malloc), stream:
+            with self.xp.cuda.using_allocator(self.pool.malloc), stream, random.step_from_device(self.step):
                 stream.begin_capture()
                 try:
                     loss = self.device_step(x, y)

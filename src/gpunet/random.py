@@ -13,6 +13,8 @@ fit and parity).
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy
 
 _generator = numpy.random.default_rng(0)
@@ -48,6 +50,27 @@ def set_step(step: int) -> None:
 
 def current_step() -> int:
     return _step
+
+
+_step_source = None  # while a CUDA graph captures a step: the device array its dropout kernels read the step from
+
+
+@contextlib.contextmanager
+def step_from_device(source):
+    """Dropout kernels launched inside read their step from source (a one-element uint32 device
+    array) rather than taking current_step() as an argument: a CUDA graph replays its captured
+    arguments, so the graph writes each replay's step into source (gpunet.cuda_graph)."""
+    global _step_source
+    _step_source = source
+    try:
+        yield
+    finally:
+        _step_source = None
+
+
+def step_source():
+    """The device array dropout kernels read their step from, or None (see step_from_device)."""
+    return _step_source
 
 
 def draw_epoch() -> int:

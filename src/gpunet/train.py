@@ -62,7 +62,7 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
         steps: int | None = None, batch_size: int = 128, eval_every: int | None = None, schedule=None,
         clip_norm: float | None = None, early_stopping: int | None = None, out_dir=None, resume: bool = False,
         seed: int = 0, progress: bool | None = None, restore_best: bool = True, run_config: dict | None = None,
-        log=print, overwrite: bool = False, callbacks: list | None = None, cuda_graph: bool = False) -> History:
+        log=print, overwrite: bool = False, callbacks: list | None = None, cuda_graph: bool | None = None) -> History:
     """Train model in place and return its History.
 
     train: (x, y) raw arrays (the model's preprocess is applied per batch) or an object with
@@ -84,8 +84,9 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
     resume: the hyper-parameters are compared with the saved run's (see gpunet.resume); run_config
     adds the caller's own (model, dataset, ...) to that comparison; log prints what is applied.
     restore_best: with val and out_dir, the model ends with the weights of model.safetensors.
-    cuda_graph: on a GPU, capture the step once per batch shape and replay it (gpunet.cuda_graph);
-    a step that cannot be captured trains eagerly, after one line from log saying why.
+    cuda_graph: capture the step once per batch shape and replay it (gpunet.cuda_graph); None (the
+    default) does so when the model is on a GPU, False never. A step that cannot be captured trains
+    eagerly, after one line from log saying why.
     The History returned has .best_step (of the saved model, or None) and .written (the files).
     """
     _check_arguments(loss, epochs, steps, batch_size, eval_every, early_stopping, seed, clip_norm)
@@ -104,7 +105,7 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
     run = _Run(model, data, val, optimizer, schedule, loss=loss, batch_size=batch_size, seed=seed, epochs=epochs,
                steps=steps, eval_every=eval_every, clip_norm=clip_norm, patience=early_stopping,
                out=out if parallel.writes else None, callbacks=hooks, parallel=parallel)
-    if cuda_graph:
+    if cuda_graph or (cuda_graph is None and model.device == "gpu"):
         run.graph = _graphed_step(run, log)
     # out_dir: checked as `gpunet train` checks --out (a run there is refused unless resumed or moved aside),
     # locked (re-entrant: `gpunet train` holds it already), a dead run's temporaries removed

@@ -396,18 +396,22 @@ def test_philox4x32_10_known_answers(counter, key, expected):
     assert out.tolist() == [list(expected)] * 5
 
 
+@pytest.mark.parametrize("step_on_device", [False, True])
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("n", [1, 6, 4 * 3 * 64 + 3])
-def test_dropout_gives_the_cpu_mask_bit_for_bit(n, residual):
-    """Fewer blocks than the data needs; a size not a multiple of 4; with the fused residual add."""
+def test_dropout_gives_the_cpu_mask_bit_for_bit(n, residual, step_on_device):
+    """Fewer blocks than the data needs; a size not a multiple of 4; with the fused residual add; with
+    the step read from the device (a replayed graph's) rather than from its argument."""
     from gpunet import random
 
     x, r = (rng(n + i).standard_normal(n).astype("float32") for i in range(2))
     stream = (2**40 + 17, 9, 3, 1)
     want, _ = REFERENCE.dropout(x, 0.3, stream, r if residual else None)
     y = numpy.full_like(x, numpy.nan)
-    run("random", "dropout", 2, 64, x, r if residual else x, y, n, stream[0], stream[1], stream[2], stream[3],
-        random.dropout_threshold(0.3), numpy.float32(1 / 0.7), residual)
+    step_source = numpy.array([stream[1]], dtype=numpy.uint32)
+    run("random", "dropout", 2, 64, x, r if residual else x, y, n, stream[0], 77 if step_on_device else stream[1],
+        stream[2], stream[3], random.dropout_threshold(0.3), numpy.float32(1 / 0.7), residual, step_source,
+        step_on_device)
     assert y.tobytes() == want.tobytes()
 
 

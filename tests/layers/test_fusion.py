@@ -60,3 +60,25 @@ def test_an_absorbed_layer_called_alone_says_so():
     with pytest.raises(RuntimeError, match=r"^ReLU: its last forward ran inside the layer before it \(fused by "
                                            r"Sequential\); call the Sequential's backward$"):
         model.layers[1].backward(numpy.ones((1, 2), "float32"))
+
+
+def test_a_layer_run_alone_between_the_fused_forward_and_the_backward_is_refused():
+    """Dense's own forward replaces the fused one it saved: a backward would then skip the ReLU's
+    gradient (the ReLU is still marked absorbed) and return a wrong gradient without a word."""
+    model = Sequential(Dense(3, 2), ReLU(), Dense(2, 2))
+    x = rng(2).standard_normal((4, 3)).astype("float32")
+    model.forward(x)
+    for alone in (0, 1):  # the absorbing Dense, or the absorbed ReLU (whose gradient would then count twice)
+        model.forward(x)
+        model.layers[alone].forward(numpy.ones((4, 2), "float32") if alone else x)
+        with pytest.raises(RuntimeError, match=rf"^{type(model.layers[alone]).__name__} \(layer {alone} of the "
+                                               r"Sequential\) ran forward on its own after the Sequential's forward ran "
+                                               r"layers 0 to 1 as one; run the Sequential's forward again before its "
+                                               r"backward$"):
+            model.backward(numpy.ones((4, 2), "float32"))
+    model.forward(x)
+    fused = model.backward(numpy.ones((4, 2), "float32"))
+    h = x
+    for layer in model.layers:  # all alone, as gpunet parity runs them: consistent, and the same gradient
+        h = layer.forward(h)
+    numpy.testing.assert_allclose(model.backward(numpy.ones((4, 2), "float32")), fused, rtol=1e-6)

@@ -205,7 +205,7 @@ def softmax_xent(logits, labels, label_error):
 # ------------------------------------------------------------------ random.cu
 PHILOX = Kernel("random", "philox4x32_10_blocks", "int*, int*, long long, long long")
 DROPOUT = Kernel("random", "dropout",
-                 "float*, float*, float*, long long, long long, long long, int, int, int, float, int")
+                 "float*, float*, float*, long long, long long, long long, int, int, int, float, int, unsigned int*, int")
 
 
 def philox4x32_10(counters, key: int):
@@ -217,16 +217,18 @@ def philox4x32_10(counters, key: int):
     return out
 
 
-def dropout(x, threshold: int, scale: float, stream: tuple, residual=None):
+def dropout(x, threshold: int, scale: float, stream: tuple, residual=None, step_source=None):
     """x * mask (+ residual, of x's shape, when given), the mask generated in the kernel
     (gpunet.random.dropout_keep's bits for stream, (seed key, step, layer, draw)): nothing drawn
     on the host, nothing copied to the device. The backward is the same launch on dy. One thread
-    per 4 elements."""
+    per 4 elements. step_source: a one-element uint32 device array the kernel reads the step from
+    instead of stream's (a CUDA graph's capture: gpunet.random.step_source)."""
     key, step, layer, draw = stream
     y = _cupy().empty_like(x)
     DROPOUT(blocks_for(-(-x.size // 4)), x, x if residual is None else residual, y, x.size, _signed64(key),
             _signed64(step % 2**32), _signed32(layer % 2**32), _signed32(draw % 2**32), threshold, scale,
-            residual is not None)
+            residual is not None, x.view("uint32") if step_source is None else step_source,  # (unread then)
+            step_source is not None)
     return y
 
 

@@ -337,14 +337,15 @@ class CupyOps(Ops):
             return super().dropout(x, p, stream, residual)
         from gpunet import random
 
-        return kernels.dropout(x, random.dropout_threshold(p), 1.0 / (1.0 - p), stream, residual), None
+        return kernels.dropout(x, random.dropout_threshold(p), 1.0 / (1.0 - p), stream, residual,
+                               random.step_source()), None
 
     def dropout_backward(self, dy, p, stream, mask):
         if mask is not None or not _float32(dy) or dy.size == 0:
             return super().dropout_backward(dy, p, stream, mask)
         from gpunet import random
 
-        return kernels.dropout(dy, random.dropout_threshold(p), 1.0 / (1.0 - p), stream)
+        return kernels.dropout(dy, random.dropout_threshold(p), 1.0 / (1.0 - p), stream, None, random.step_source())
 
 
 def _float32(*arrays) -> bool:

@@ -302,7 +302,7 @@ class Sequential(Composite):
         written Dense(..., activation=...): fewer launches on a GPU, fewer passes over memory. The names,
         parameters and outputs are the model's as written (each layer's own forward still runs
         alone, as `gpunet parity` runs them)."""
-        layers, i = self.layers, 0
+        layers, i, fused = self.layers, 0, []
         while i < len(layers):
             layer = layers[i]
             absorbed: list[Layer] = []
@@ -312,13 +312,26 @@ class Sequential(Composite):
                 x = layer.forward_absorbing(x, absorbed)
                 for following in absorbed:
                     following.save_for_backward(absorbed=True)  # its backward runs inside the absorbing layer's
+                members = range(i, i + 1 + len(absorbed))
+                fused.append((members, [layers[k]._saved for k in members]))
             else:
                 x = layer.forward(x)
             i += 1 + len(absorbed)
+        self.save_for_backward(fused=fused)
         return x
 
     def backprop(self, dy, saved, need_dx):
         layers = self.layers
+        for members, states in getattr(saved, "fused", ()):
+            # A fused group whose layers ran forward again, some alone: the absorbed ones' flags or the absorbing
+            # layer's fused state would be stale, and the gradient silently wrong. (All alone, as gpunet parity
+            # runs them, is a consistent unfused state.)
+            same = [layers[k]._saved is state for k, state in zip(members, states)]
+            if any(same) and not all(same):
+                k = members[same.index(False)]
+                raise RuntimeError(f"{type(layers[k]).__name__} (layer {k} of the Sequential) ran forward on its own "
+                                   f"after the Sequential's forward ran layers {members[0]} to {members[-1]} as one; "
+                                   "run the Sequential's forward again before its backward")
         for layer in reversed(layers[1:]):
             if not getattr(layer._saved, "absorbed", False):
                 dy = layer.backward(dy)
