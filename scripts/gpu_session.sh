@@ -30,6 +30,14 @@ done
 python3 -m gpunet bench --device gpu --json "$out/gpu.json" --markdown "$out/gpu.md" --plot "$out/gpu.png" \
   > "$out/bench.txt" 2>&1
 echo "bench: exit $?" >> "$out/summary.txt"
+# CUDA-graph replay (on by default on a GPU) against eager steps: the same run both ways, its seconds and losses
+for graph in --cuda-graph --no-cuda-graph; do
+  python3 -m gpunet train --device gpu --model cnn --steps 300 --no-progress "$graph" --out "/tmp/graph$graph" \
+    >> "$out/parity.txt" 2>&1
+  echo "train cnn $graph: exit $? $(python3 -c "import json,sys; r=json.load(open(sys.argv[1]))[-1]; \
+print('seconds', r.get('seconds'), 'train_loss', r.get('train_loss'))" "/tmp/graph$graph/history.json" 2>&1)" \
+    >> "$out/summary.txt"
+done
 for model in mlp cnn rnn transformer; do
   python3 -m gpunet parity --model "$model" --steps 50 >> "$out/parity.txt" 2>&1
   echo "parity $model: exit $?" >> "$out/summary.txt"
