@@ -17,17 +17,25 @@
 #endif
 
 // y[n, :] = weight[ids[n], :] (+ position[n % T, :] with has_position); an id outside [0, V)
-// gives a row of NaN (the host does not check ids on the GPU: that would wait for it).
+// gives a row of NaN and is folded into id_error[0] (the smallest bad id, start LLONG_MAX) and
+// id_error[1] (the largest, start LLONG_MIN): the host does not check ids on the GPU (that would
+// wait for it) but reads these flags where it next reads the loss, and raises the CPU's error.
 // Launch: grid-stride over N * D.
 extern "C" __global__ void embedding_forward(const long long* __restrict__ ids, const float* __restrict__ weight,
                                              const float* __restrict__ position, float* __restrict__ y,
-                                             long long N, int T, int D, long long V, int has_position) {
+                                             long long* __restrict__ id_error, long long N, int T, int D, long long V,
+                                             int has_position) {
   const long long total = N * D;
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
        i += (long long)gridDim.x * blockDim.x) {
     const long long n = i / D, id = ids[n];
     const int k = (int)(i % D);
-    float v = (id >= 0 && id < V) ? weight[id * D + k] : __int_as_float(0x7fc00000);
+    const bool in_range = id >= 0 && id < V;
+    if (!in_range && k == 0) {  // (once per bad id, not once per element of its row)
+      atomicMin(&id_error[0], id);
+      atomicMax(&id_error[1], id);
+    }
+    float v = in_range ? weight[id * D + k] : __int_as_float(0x7fc00000);
     if (has_position) v += position[(n % T) * D + k];
     y[i] = v;
   }

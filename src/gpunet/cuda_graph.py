@@ -80,7 +80,7 @@ class _Captured:
     loss: object  # where a replay writes the step's loss
     graph: object
     keep: list  # every array the layers held after the capture: memory the graph's kernels read or write
-    label_checks: set  # the label-error flags the captured loss folds bad labels into (see run)
+    range_checks: set  # the range-error flags the captured step folds bad labels and ids into (see run)
 
 
 class GraphedStep:
@@ -113,7 +113,7 @@ class GraphedStep:
         self.record.set(step_record(self.optimizer.step_scalars(), random.current_step()))
         captured.graph.launch()
         self.optimizer.step_count += 1  # the host's count of what the replay did
-        self.ops._unchecked |= captured.label_checks  # a replay runs no Python: mark its flags to be read
+        self.ops._unchecked |= captured.range_checks  # a replay runs no Python: mark its flags to be read
         return captured.loss.copy()  # (the next replay overwrites the graph's own)
 
     def _first(self, key, x, y):

@@ -107,6 +107,34 @@ def test_a_label_out_of_range_raises_the_cpu_error_where_the_loss_is_read(device
     close(grad, want_grad, atol=1e-8)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])  # the embedding kernel, and the xp fallback
+@pytest.mark.parametrize("positions", [False, True])
+def test_an_embedding_id_out_of_range_raises_on_the_cpu_at_once_and_on_the_gpu_where_the_loss_is_read(
+        device, dtype, positions):
+    layers = [gn.layers.Embedding(6, 4)] + ([gn.layers.PositionalEmbedding(3, 4)] if positions else [])
+    model = gn.Sequential(*layers, gn.layers.Dense(4, 6)).to(device, dtype)
+    ids, bad_ids = numpy.array([[1, 5, 0], [2, 3, 4]]), numpy.array([[1, 7, 0], [-2, 3, 6]])
+    message = r"Embedding.*: id -2 is out of range \[0, 6\)"
+
+    def step(batch):
+        logits = model.forward(on(device, batch))
+        loss, grad = gn.losses.softmax_cross_entropy(logits.reshape(-1, 6), on(device, numpy.zeros(6, "int64")))
+        return gn.losses.item(loss)
+
+    if device == "cpu":
+        with pytest.raises(ValueError, match=message):
+            model.forward(bad_ids)
+    else:
+        if ON_STANDIN:
+            with gpu_standin.counting() as done:
+                model.forward(on(device, bad_ids))
+            assert done["d2h"] == 0, "the embedding read something back to the host"
+        with pytest.raises(ValueError, match=message):
+            step(bad_ids)
+    # reported once: the next, valid, step reads cleanly
+    assert numpy.isfinite(step(ids))
+
+
 def test_evaluate_reads_the_loss_through_the_check(device):
     model = gn.models.mlp((4, 3)).to(device)
     x, y = rng().standard_normal((6, 4)).astype("float32"), numpy.array([0, 1, 2, 3, 0, 1])

@@ -352,9 +352,10 @@ def test_embedding_forward_and_backward(positions):
     r = rng(9)
     ids = r.integers(0, v - 1, (b, t)).astype("int64")  # the last id is never used
     weight, position = r.standard_normal((v, d)).astype("float32"), r.standard_normal((p, d)).astype("float32")
-    y = numpy.full((b, t, d), numpy.nan, "float32")
-    run("embedding", "embedding_forward", 4, 64, ids, weight, position, y, ids.size, t, d, v, int(positions))
+    y, id_error = numpy.full((b, t, d), numpy.nan, "float32"), NO_LABEL_ERROR.copy()
+    run("embedding", "embedding_forward", 4, 64, ids, weight, position, y, id_error, ids.size, t, d, v, int(positions))
     numpy.testing.assert_array_equal(y, REFERENCE.embed(ids, weight, position if positions else None))
+    numpy.testing.assert_array_equal(id_error, NO_LABEL_ERROR)  # no id out of range
     dy = r.standard_normal((b, t, d)).astype("float32")
     want_w, want_p = numpy.full_like(weight, numpy.nan), numpy.full_like(position, numpy.nan)
     REFERENCE.embed_backward(ids, dy, want_w, want_p if positions else None)
@@ -366,6 +367,16 @@ def test_embedding_forward_and_backward(positions):
         numpy.testing.assert_allclose(got_p, want_p, rtol=1e-6, atol=1e-6)
     else:
         assert numpy.isnan(got_p).all()  # not written
+
+
+def test_embedding_ids_out_of_range_give_nan_rows_and_are_flagged():
+    ids = numpy.array([[3, -2, 0], [9, 4, 12]], dtype="int64")  # V = 9: -2, 9 and 12 are out of range
+    weight = rng(1).standard_normal((9, 70)).astype("float32")
+    y, id_error = numpy.zeros((2, 3, 70), "float32"), NO_LABEL_ERROR.copy()
+    run("embedding", "embedding_forward", 3, 64, ids, weight, weight, y, id_error, ids.size, 3, 70, 9, 0)
+    assert id_error.tolist() == [-2, 12]
+    bad = (ids < 0) | (ids >= 9)
+    assert numpy.isnan(y[bad]).all() and (y[~bad] == weight[ids[~bad]]).all()
 
 
 @pytest.mark.parametrize("activation", [a for a in ACTIVATION_CODES if a])

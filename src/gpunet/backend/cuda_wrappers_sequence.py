@@ -141,19 +141,20 @@ def attention_backward(qkv, probs, dmixed, causal):
 
 # ------------------------------------------------------------------ embedding.cu
 EMBEDDING_FORWARD = Kernel("embedding", "embedding_forward",
-                           "long long*, float*, float*, float*, long long, int, int, long long, int")
+                           "long long*, float*, float*, float*, long long*, long long, int, int, long long, int")
 EMBEDDING_BACKWARD = Kernel("embedding", "embedding_backward",
                             "long long*, float*, float*, float*, long long, int, int, long long, int")
 
 
-def embedding_forward(ids, weight, position=None):
-    """weight[ids] (int64 ids), plus position[t] at position t of (B, T) ids when given; a row of
-    NaN for an id out of range."""
+def embedding_forward(ids, weight, position, id_error):
+    """weight[ids] (int64 ids), plus position[t] at position t of (B, T) ids when given (else None);
+    a row of NaN for an id out of range, which is also folded into id_error (two int64 on the
+    device, NO_LABEL_ERROR's values when clean) for the host to check later."""
     v, d = weight.shape
     y = _cupy().empty(ids.shape + (d,), dtype="float32")
     t = ids.shape[-1] if ids.ndim else 1
-    EMBEDDING_FORWARD(blocks_for(y.size), ids, weight, weight if position is None else position, y, ids.size, t, d, v,
-                      position is not None)
+    EMBEDDING_FORWARD(blocks_for(y.size), ids, weight, weight if position is None else position, y, id_error, ids.size,
+                      t, d, v, position is not None)
     return y
 
 

@@ -12,9 +12,9 @@ a bias or activation runs as the fused kernel or as cuBLAS plus a separate epilo
 was faster when first timed for its size class (gemm_dispatch.py); GPUNET_GEMM=fused|cublas
 forces one.
 
-Errors found on the device (a label out of range in the fused softmax cross-entropy) are kept in
-device flags, so a step never waits for the GPU, and raised by check_errors, which gn.losses.item
-calls where the host reads the loss.
+Errors found on the device (a label out of range in the fused softmax cross-entropy, an embedding
+id out of range) are kept in device flags, so a step never waits for the GPU, and raised by
+check_errors, which gn.losses.item calls where the host reads the loss.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from gpunet.backend.cuda_wrappers import NO_LABEL_ERROR
 from gpunet.validate import env_choice
 from gpunet.backend.devices import configure_tf32, cupy_status, gpu_name
 from gpunet.backend.gemm_dispatch import GemmDispatch, source_hash
-from gpunet.backend.ops import Ops, label_range_error, pooled_size
+from gpunet.backend.ops import Ops, id_range_error, label_range_error, pooled_size
 
 
 # embed_backward's kernel lets each of the V rows of the gradient scan all N ids: up to V * N of
@@ -47,8 +47,10 @@ class CupyOps(Ops):
         self.gemm_mode = env_choice("GPUNET_GEMM")  # auto: whichever was measured faster
         self._dispatch = None  # made on first use: it asks the device for its name
         self.tf32 = configure_tf32(cupy)  # cuBLAS float32 mode: full float32 unless GPUNET_TF32=1
-        self._label_errors = {}  # classes -> device (smallest, largest) bad label, made once per class count
-        self._unchecked = set()  # class counts whose flags were handed to a kernel since the last check
+        # (what, bound) -> device (smallest, largest) value seen outside [0, bound): "label" for the labels of a
+        # class count, "id" for the ids of an embedding vocabulary; made once per key
+        self._range_errors = {}
+        self._unchecked = set()  # keys whose flags were handed to a kernel since the last check
 
     def erf(self, x):
         from cupyx.scipy.special import erf
@@ -172,41 +174,46 @@ class CupyOps(Ops):
         if not _float32(logits) or logits.size == 0:
             return super().softmax_cross_entropy(logits, labels)
         labels = self.xp.ascontiguousarray(labels, dtype=self.xp.int64)
-        return kernels.softmax_xent(logits, labels, self._label_error_flags(logits.shape[1]))
+        return kernels.softmax_xent(logits, labels, self._range_error_flags("label", logits.shape[1]))
 
     def check_labels(self, labels, classes):
         """Folds labels outside [0, classes) into the device flags (no host read: check_errors
         raises later) and returns the labels clipped into range, safe to index with."""
-        if labels.size == 0:
-            return labels
+        return self._fold_out_of_range(labels, "label", classes)
+
+    def _fold_out_of_range(self, values, what: str, bound: int):
+        """values outside [0, bound) folded into the device flags of (what, bound), with no host read
+        (check_errors raises later); returns values clipped into range, safe to index with."""
+        if values.size == 0:
+            return values
         xp = self.xp
-        flags = self._label_error_flags(classes)
-        bad = (labels < 0) | (labels >= classes)
+        flags = self._range_error_flags(what, bound)
+        bad = (values < 0) | (values >= bound)
         none_low, none_high = NO_LABEL_ERROR.tolist()
-        flags[0] = xp.minimum(flags[0], xp.where(bad, labels, none_low).min())
-        flags[1] = xp.maximum(flags[1], xp.where(bad, labels, none_high).max())
-        return xp.clip(labels, 0, classes - 1)
+        flags[0] = xp.minimum(flags[0], xp.where(bad, values, none_low).min())
+        flags[1] = xp.maximum(flags[1], xp.where(bad, values, none_high).max())
+        return xp.clip(values, 0, bound - 1)
 
     def check_errors(self):
-        """Raise the CPU's ValueError for a label out of range flagged since the last check.
+        """Raise the CPU's ValueError for a label (or an id) out of range flagged since the last check.
 
-        Reads the flags of the class counts used since then (a device-to-host copy, which waits
+        Reads the flags of the class counts (vocabularies) used since then (a device-to-host copy, which waits
         for the GPU: the caller is about to read the loss anyway) and resets a flag it raises for.
         """
         while self._unchecked:
-            classes = self._unchecked.pop()
-            flags = self._label_errors[classes]
+            what, bound = key = self._unchecked.pop()
+            flags = self._range_errors[key]
             low, high = (int(v) for v in flags.get())
-            if low <= high:  # some label was out of range
+            if low <= high:  # some value was out of range
                 flags.set(NO_LABEL_ERROR)
-                raise label_range_error(low if low < 0 else high, classes)
+                raise (label_range_error if what == "label" else id_range_error)(low if low < 0 else high, bound)
 
-    def _label_error_flags(self, classes: int):
-        """The device flags for labels of `classes` classes, marked as needing a check."""
-        flags = self._label_errors.get(classes)
+    def _range_error_flags(self, what: str, bound: int):
+        """The device flags for values of kind `what` ("label", "id") in [0, bound), marked as needing a check."""
+        flags = self._range_errors.get((what, bound))
         if flags is None:
-            flags = self._label_errors[classes] = self.xp.asarray(NO_LABEL_ERROR)
-        self._unchecked.add(classes)
+            flags = self._range_errors[(what, bound)] = self.xp.asarray(NO_LABEL_ERROR)
+        self._unchecked.add((what, bound))
         return flags
 
     def lstm_cell(self, x_gates, h_gates, c_prev, acts_out, h_out, c_out, tanh_c_out):
@@ -306,12 +313,15 @@ class CupyOps(Ops):
         return kernels.clip_grad_norm(grads[0].reshape(-1), max_norm)
 
     def embed(self, ids, weight, position=None):
-        """One launch, the positions' add included."""
+        """One launch, the positions' add included. An id out of range raises where the host next
+        reads the loss (check_errors), as a label out of range does."""
         if (not _float32(weight, position) or ids.size == 0 or ids.dtype.kind not in "iu"
                 or (position is not None and (ids.ndim != 2 or ids.shape[1] > position.shape[0]))):
+            if ids.dtype.kind in "iu":  # (CuPy's indexing would wrap a bad id around)
+                ids = self._fold_out_of_range(ids, "id", weight.shape[0])
             return super().embed(ids, weight, position)
         return sequence_kernels.embedding_forward(self.xp.ascontiguousarray(ids, dtype=self.xp.int64), weight,
-                                                     position)
+                                                     position, self._range_error_flags("id", weight.shape[0]))
 
     def embed_backward(self, ids, dy, grad_weight, grad_position=None):
         """One launch for both gradients, summed in a fixed order (no atomics) when the vocabulary

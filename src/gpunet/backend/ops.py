@@ -19,6 +19,11 @@ ACTIVATIONS = ("relu", "sigmoid", "tanh", "gelu", "gelu_tanh")
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
+def id_range_error(bad: int, vocabulary: int) -> ValueError:
+    """What the GPU raises for an embedding id out of range (found on the device, read later)."""
+    return ValueError(f"Embedding: id {bad} is out of range [0, {vocabulary})")
+
+
 def label_range_error(bad: int, classes: int) -> ValueError:
     """The one message for a class label outside [0, classes), on every device."""
     return ValueError(f"softmax_cross_entropy: label {bad} is out of range for {classes} classes")
