@@ -215,7 +215,7 @@ def test_bad_idx_files_through_eval(image_model, tmp_path, capsys, payload, mess
 @pytest.mark.parametrize("name, value, message", [
     ("GPUNET_DEVICE", "tpu", "environment variable GPUNET_DEVICE='tpu' is not one of auto, cpu, gpu"),
     ("GPUNET_TF32", "yes", "environment variable GPUNET_TF32='yes' is not one of 0, 1"),
-    ("GPUNET_GEMM", "fast", "environment variable GPUNET_GEMM='fast' is not one of auto, fused, cublas"),
+    ("GPUNET_GEMM", "fast", "environment variable GPUNET_GEMM='fast' is not one of auto, fused, cublas, cublaslt"),
     ("GPUNET_DATA", "", "GPUNET_DATA is set but empty"),
     ("GPUNET_MNIST_MIRRORS", "ftp://x/", "GPUNET_MNIST_MIRRORS: 'ftp://x/' is not an http(s) URL"),
 ])

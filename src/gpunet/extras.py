@@ -9,6 +9,7 @@ import importlib.util
 # (module, distribution whose version is shown, extra, what it adds)
 OPTIONAL = (
     ("cupy", None, "cuda12 or cuda13", "the GPU (CuPy with the CUDA toolkit, for the driver's CUDA 12 or 13)"),
+    ("nvmath", "nvmath-python", "cuda12-lt or cuda13-lt", "cuBLASLt's fused epilogues as a GEMM candidate on the GPU"),
     ("matplotlib", "matplotlib", "plot", "history.png and gpunet bench --plot"),
     ("torch", "torch", "bench", "gpunet bench's PyTorch side"),
     ("mpi4py", "mpi4py", "mpi", "data-parallel training with mpiexec"),

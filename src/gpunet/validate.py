@@ -77,7 +77,7 @@ cli_dropout = _argtype(lambda v: finite("value", v, 0, 1, high_open=True), "a dr
 ENVIRONMENT = {  # name -> the values it may take, its default (when unset or blank) first
     "GPUNET_DEVICE": ("auto", "cpu", "gpu"),
     "GPUNET_TF32": ("0", "1"),
-    "GPUNET_GEMM": ("auto", "fused", "cublas"),
+    "GPUNET_GEMM": ("auto", "fused", "cublas", "cublaslt"),
     "GPUNET_DEBUG": ("0", "1"),
 }
 

@@ -44,9 +44,10 @@ def test_linear_and_its_backward(device, activation, shape):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["fused", "cublas"])
-def test_both_gemm_paths_with_an_epilogue(monkeypatch, mode):
-    """The dispatch picks one path per size class by timing; this runs each on purpose."""
+@pytest.mark.parametrize("mode", ["fused", "cublas", "cublaslt"])
+def test_every_gemm_path_with_an_epilogue(monkeypatch, mode):
+    """The dispatch picks one path per size class by timing; this runs each on purpose (cuBLASLt's
+    takes a bias with or without ReLU; GELU falls back to the fused kernel)."""
     ops = ops_for_device("gpu")
     monkeypatch.setattr(ops, "gemm_mode", mode)
     x, w, b = (rng(i).standard_normal(s).astype("float32") for i, s in enumerate(((300, 130), (200, 130), (200,))))

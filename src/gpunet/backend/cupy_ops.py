@@ -8,9 +8,10 @@ not empty) and otherwise falls back to the base Ops, which is written against cu
 empty input never reaches a launch (CuPy would round a grid of no blocks up to one, running
 over memory the op does not own) and gets the base
 Ops' result, the NumPy one (empty outputs, zero gradients). A product with
-a bias or activation runs as the fused kernel or as cuBLAS plus a separate epilogue, whichever
-was faster when first timed for its size class (gemm_dispatch.py); GPUNET_GEMM=fused|cublas
-forces one.
+a bias or activation runs as the fused kernel, as cuBLAS plus a separate epilogue, or (with
+nvmath-python, for a bias with or without ReLU) as cuBLASLt's fused epilogue, whichever agreed
+with the fused kernel and was fastest when first timed for its size class (gemm_dispatch.py);
+GPUNET_GEMM=fused|cublas|cublaslt forces one.
 
 Errors found on the device (a label out of range in the fused softmax cross-entropy, an embedding
 id out of range) are kept in device flags, so a step never waits for the GPU, and raised by
@@ -20,6 +21,9 @@ from __future__ import annotations
 
 import math
 
+import warnings
+
+from gpunet.backend import cublaslt
 from gpunet.backend import cuda_wrappers as kernels
 from gpunet.backend import cuda_wrappers_sequence as sequence_kernels
 from gpunet.backend.cuda_kernels import ACTIVATION_CODES, compile_inputs
@@ -46,6 +50,7 @@ class CupyOps(Ops):
         self.xp = cupy
         self.gemm_mode = env_choice("GPUNET_GEMM")  # auto: whichever was measured faster
         self._dispatch = None  # made on first use: it asks the device for its name
+        self._lt = cublaslt.LtLinear() if cublaslt.available() else None  # cuBLASLt's epilogues (nvmath-python)
         self.tf32 = configure_tf32(cupy)  # cuBLAS float32 mode: full float32 unless GPUNET_TF32=1
         # (what, bound) -> device (smallest, largest) value seen outside [0, bound): "label" for the labels of a
         # class count, "id" for the ids of an embedding vocabulary; made once per key
@@ -72,25 +77,60 @@ class CupyOps(Ops):
         empty = x.shape[0] == 0 or weight.shape[0] == 0  # (no inputs, K = 0, is fine: y = act(bias))
         if (bias is None and activation is None) or not _float32(x, weight, bias, out) or empty:
             return super().linear(x, weight, bias, activation, out)  # cuBLAS
-        y = out if out is not None else self.xp.empty((x.shape[0], weight.shape[0]), dtype="float32")
-        args = (x, weight, bias, activation, y)
+        paths = self._linear_paths(bias, activation)
+        args = (x, weight, bias, activation)
         mode = self.gemm_mode
         if mode == "auto":
-            mode = self._gemm_dispatch().choose(
-                x.shape[0], weight.shape[0], x.shape[1], activation,
-                lambda: {"fused": lambda: kernels.gemm_bias_act(*args), "cublas": lambda: self._cublas_linear(*args)})
-        (self._cublas_linear if mode == "cublas" else kernels.gemm_bias_act)(*args)
+            mode = self._gemm_dispatch().choose(x.shape[0], weight.shape[0], x.shape[1], activation,
+                                                lambda: self._agreeing(paths, args))
+        return paths.get(mode, paths["fused"])(*args, out)  # (cublaslt forced or remembered, where it cannot run)
+
+    def _linear_paths(self, bias, activation) -> dict:
+        """The ways to run a Dense product with its epilogue: each (x, weight, bias, activation, out) -> y,
+        writing into out when given."""
+        paths = {"fused": self._fused_linear, "cublas": self._cublas_linear}
+        if self._lt is not None and cublaslt.handles(bias, activation):
+            paths["cublaslt"] = self._lt
+        return paths
+
+    def _agreeing(self, paths: dict, args) -> dict:
+        """The dispatch's candidates: the paths whose result agrees with gpunet's fused kernel (the
+        one the suite checks against the CPU), each as a call to time. Another library's path that
+        disagrees (a layout or an epilogue read otherwise than its documentation says) is never
+        timed, with one warning. Runs once per size class, so its host reads cost nothing later."""
+        reference = paths["fused"](*args)
+        scale = float(self.xp.abs(reference).max()) or 1.0
+        tolerance = 1e-2 if self.tf32 else 1e-4  # (TF32 products round to 10 bits)
+        agreeing = {}
+        for name, path in paths.items():
+            if name != "fused":
+                difference = float(self.xp.abs(path(*args) - reference).max()) / scale
+                if not difference <= tolerance:
+                    warnings.warn(f"gemm dispatch: the {name} path differs from gpunet's kernel by {difference:.1e} "
+                                  f"(relative) for x {args[0].shape}, weight {args[1].shape}; it is not used",
+                                  RuntimeWarning, stacklevel=2)
+                    continue
+            agreeing[name] = lambda path=path: path(*args)
+        return agreeing
+
+    def _fused_linear(self, x, weight, bias, activation, out=None):
+        """gpunet's GEMM with the bias and the activation in its epilogue."""
+        y = out if out is not None else self.xp.empty((x.shape[0], weight.shape[0]), dtype="float32")
+        kernels.gemm_bias_act(x, weight, bias, activation, y)
         return y
 
-    def _cublas_linear(self, x, weight, bias, activation, y):
+    def _cublas_linear(self, x, weight, bias, activation, out=None):
         """cuBLAS, then the bias and the activation in one pass."""
-        self.xp.matmul(x, weight.T, out=y)
+        y = self.xp.matmul(x, weight.T, out=out)
         kernels.bias_act_forward(y, bias, activation, y)
+        return y
 
     def _gemm_dispatch(self):
         if self._dispatch is None:
             device = self.xp.cuda.Device()
-            kernels_version = source_hash(*compile_inputs("gemm"))  # the source and the -D constants
+            # the source and the -D constants, and whether cuBLASLt is a candidate: a choice made without it is
+            # measured again once it is installed
+            kernels_version = source_hash(*compile_inputs("gemm"), f"cublaslt={self._lt is not None}")
             self._dispatch = GemmDispatch(f"{gpu_name(device.id)} sm_{device.compute_capability}", kernels_version,
                                           measure=self._time_on_gpu, tf32=self.tf32)
         return self._dispatch
