@@ -8,6 +8,7 @@ import pytest
 
 import gpunet as gn
 from gpunet.backend import cublaslt, ops_for_device
+from gpunet.backend.gemm_dispatch import agreeing
 from gpunet.backend.ops import Ops
 from tests.support.arrays import ON_STANDIN, on, rng
 
@@ -63,7 +64,7 @@ def test_a_path_that_disagrees_with_the_kernel_is_never_timed(monkeypatch):
     paths["cublas"] = lambda x, w, b, act, out=None: ops._cublas_linear(x, w, b, None, out)  # ReLU forgotten
     with pytest.warns(RuntimeWarning, match=r"^gemm dispatch: the cublas path differs from gpunet's kernel by .* "
                                             r"\(relative\) for x \(37, 19\), weight \(23, 19\); it is not used$"):
-        candidates = ops._agreeing(paths, (x, w, b, "relu"))
+        candidates = agreeing(paths, (x, w, b, "relu"), 1e-4)
     assert "cublas" not in candidates and "fused" in candidates
     assert ("cublaslt" in candidates) == cublaslt.available()
     close(candidates["fused"](), REFERENCE.linear(*operands(), "relu"), rtol=1e-5, atol=1e-5)

@@ -126,6 +126,7 @@ def test_an_embedding_id_out_of_range_raises_on_the_cpu_at_once_and_on_the_gpu_w
             model.forward(bad_ids)
     else:
         if ON_STANDIN:
+            model.forward(on(device, ids))  # (the GEMM dispatch measures a new size class once, reading the host)
             with gpu_standin.counting() as done:
                 model.forward(on(device, bad_ids))
             assert done["d2h"] == 0, "the embedding read something back to the host"
@@ -370,11 +371,16 @@ def test_a_kernel_wrapper_passes_an_array_where_its_launch_reads_nothing():
 
 @pytest.mark.gpu
 def test_the_gemm_choices_are_keyed_by_the_kernel_source_and_its_constants(monkeypatch):
+    from gpunet.backend import cublaslt
     from gpunet.backend.cupy_ops import CupyOps
     from gpunet.backend.gemm_dispatch import source_hash
 
     version = CupyOps()._gemm_dispatch().key.split("|")[-1]
-    assert version == source_hash(cuda_kernels.source("gemm"), *cuda_kernels.DEFINE_FLAGS)
+    assert version == source_hash(cuda_kernels.source("gemm"), *cuda_kernels.DEFINE_FLAGS,
+                                  f"cublaslt={cublaslt.available()}")
+    monkeypatch.setattr(cublaslt, "available", lambda flipped=not cublaslt.available(): flipped)
+    assert CupyOps()._gemm_dispatch().key.split("|")[-1] != version  # measured afresh once nvmath comes or goes
+    monkeypatch.undo()
     retiled = tuple(f"-DTILE_K={2 * cuda_kernels.TILE_K}" if f.startswith("-DTILE_K=") else f
                     for f in cuda_kernels.DEFINE_FLAGS)
     monkeypatch.setattr(cuda_kernels, "DEFINE_FLAGS", retiled)

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import math
 
-import warnings
-
 from gpunet.backend import cublaslt
 from gpunet.backend import cuda_wrappers as kernels
 from gpunet.backend import cuda_wrappers_sequence as sequence_kernels
@@ -30,7 +28,7 @@ from gpunet.backend.cuda_kernels import ACTIVATION_CODES, compile_inputs
 from gpunet.backend.cuda_wrappers import NO_LABEL_ERROR
 from gpunet.validate import env_choice
 from gpunet.backend.devices import configure_tf32, cupy_status, gpu_name
-from gpunet.backend.gemm_dispatch import GemmDispatch, source_hash
+from gpunet.backend.gemm_dispatch import GemmDispatch, agreeing, source_hash
 from gpunet.backend.ops import Ops, id_range_error, label_range_error, pooled_size
 
 
@@ -82,7 +80,7 @@ class CupyOps(Ops):
         mode = self.gemm_mode
         if mode == "auto":
             mode = self._gemm_dispatch().choose(x.shape[0], weight.shape[0], x.shape[1], activation,
-                                                lambda: self._agreeing(paths, args))
+                                                lambda: agreeing(paths, args, 1e-2 if self.tf32 else 1e-4))
         return paths.get(mode, paths["fused"])(*args, out)  # (cublaslt forced or remembered, where it cannot run)
 
     def _linear_paths(self, bias, activation) -> dict:
@@ -92,26 +90,6 @@ class CupyOps(Ops):
         if self._lt is not None and cublaslt.handles(bias, activation):
             paths["cublaslt"] = self._lt
         return paths
-
-    def _agreeing(self, paths: dict, args) -> dict:
-        """The dispatch's candidates: the paths whose result agrees with gpunet's fused kernel (the
-        one the suite checks against the CPU), each as a call to time. Another library's path that
-        disagrees (a layout or an epilogue read otherwise than its documentation says) is never
-        timed, with one warning. Runs once per size class, so its host reads cost nothing later."""
-        reference = paths["fused"](*args)
-        scale = float(self.xp.abs(reference).max()) or 1.0
-        tolerance = 1e-2 if self.tf32 else 1e-4  # (TF32 products round to 10 bits)
-        agreeing = {}
-        for name, path in paths.items():
-            if name != "fused":
-                difference = float(self.xp.abs(path(*args) - reference).max()) / scale
-                if not difference <= tolerance:
-                    warnings.warn(f"gemm dispatch: the {name} path differs from gpunet's kernel by {difference:.1e} "
-                                  f"(relative) for x {args[0].shape}, weight {args[1].shape}; it is not used",
-                                  RuntimeWarning, stacklevel=2)
-                    continue
-            agreeing[name] = lambda path=path: path(*args)
-        return agreeing
 
     def _fused_linear(self, x, weight, bias, activation, out=None):
         """gpunet's GEMM with the bias and the activation in its epilogue."""

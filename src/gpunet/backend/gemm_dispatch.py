@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from pathlib import Path
 
 from gpunet import paths
@@ -77,6 +78,27 @@ class GemmDispatch:
             atomic_write(self.path, json.dumps(data, indent=1, sort_keys=True).encode())
         except OSError:
             pass  # a read-only home only costs re-measuring in the next process
+
+
+def agreeing(paths: dict, args, tolerance: float) -> dict:
+    """The candidates to time: the paths (name -> path(*args) -> y) whose result agrees with the
+    "fused" one (gpunet's kernel, which the suite checks against the CPU) within tolerance, relative
+    to its largest magnitude, each as a call. Another library's path that disagrees (a layout or an
+    epilogue read otherwise than its documentation says) is never timed, and a warning says so.
+    Runs once per size class, so its host reads cost nothing later."""
+    reference = paths["fused"](*args)
+    scale = float(abs(reference).max()) or 1.0
+    chosen = {}
+    for name, path in paths.items():
+        if name != "fused":
+            difference = float(abs(path(*args) - reference).max()) / scale
+            if not difference <= tolerance:
+                warnings.warn(f"gemm dispatch: the {name} path differs from gpunet's kernel by {difference:.1e} "
+                              f"(relative) for x {args[0].shape}, weight {args[1].shape}; it is not used",
+                              RuntimeWarning, stacklevel=2)
+                continue
+        chosen[name] = lambda path=path: path(*args)
+    return chosen
 
 
 def _median_time(fn, warmup: int = 2, repeats: int = 5) -> float:
