@@ -15,7 +15,7 @@ from tests.support.arrays import ON_STANDIN
 MODELS = ["mlp", "cnn", "rnn", "transformer"]
 # Small for the stand-in, whose kernels run in the CPU emulator; the same sizes on a real GPU.
 STEPS, BATCH = 3, 4
-# The rate parity.compare gets per model: None keeps the recipe's (mlp has dropout 0.1, cnn 0.25);
+# The rate parity.compare gets per model: None keeps the recipe's (mlp and cnn have dropout 0.1);
 # rnn gets a Dropout on its output, the transformer's blocks their dropout. All four drop out.
 DROPOUT = {"mlp": None, "cnn": None, "rnn": 0.2, "transformer": 0.1}
 

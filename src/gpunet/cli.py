@@ -216,7 +216,9 @@ def _train(args, r, dataset, dev, run) -> int:
     clip = r.clip_norm if args.clip_norm is None else (args.clip_norm or None)
     print(f"training {args.model} on {ds.name}: {len(train)} train / {len(val[0])} validation "
           f"{'windows' if r.kind == 'text' else 'samples'}, {'%d epochs' % epochs if epochs else '%d steps' % steps}, "
-          f"batch {batch}, {type(optimizer).__name__} lr {optimizer.lr}" + (f", gradient clipping at norm {clip}" if clip else ""))
+          f"batch {batch}, {type(optimizer).__name__} lr {schedule.base_lr if schedule else optimizer.lr}"
+          + (f" after {schedule.warmup} warm-up steps" if getattr(schedule, "warmup", 0) else "")  # lr: warming up now
+          + (f", gradient clipping at norm {clip}" if clip else ""))
     out = run.path
     print(f"run folder: {out}" + (" (resumed)" if args.resume else ""))
     run.start()

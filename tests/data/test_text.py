@@ -156,3 +156,11 @@ def test_text_training_resumes_exactly(tmp_path):
     resumed = train(tmp_path / "b", 6, resume=True)
     for name, value in straight.params.items():
         numpy.testing.assert_array_equal(resumed.params[name], value, err_msg=name)
+
+
+def test_cli_says_the_peak_rate_of_a_warm_up(tmp_path, capsys):
+    """The transformer's recipe warms up over 5% of the steps: the optimizer starts at a fraction
+    of its rate, and the training line gives the rate it warms up to, not that fraction."""
+    assert main(["train", "--model", "transformer", "--steps", "40", "--batch-size", "2", "--device", "cpu",
+                 "--out", str(tmp_path / "t"), "--no-progress"]) == 0
+    assert "Adam lr 0.003 after 2 warm-up steps" in capsys.readouterr().out
