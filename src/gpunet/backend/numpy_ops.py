@@ -16,6 +16,12 @@ class NumpyOps(Ops):
     def erf(self, x):
         return cpu_kernels.erf(x)
 
+    def softmax_cross_entropy(self, logits, labels):
+        if logits.dtype != numpy.float32 or logits.ndim != 2 or not logits.size or not logits.flags.c_contiguous:
+            return super().softmax_cross_entropy(logits, labels)
+        labels = self.check_labels(labels, logits.shape[1])
+        return cpu_kernels.softmax_cross_entropy32(logits, numpy.ascontiguousarray(labels))
+
     def im2col(self, x, kernel, stride, padding):
         n, c = x.shape[:2]
         oh, ow = pooled_size(x.shape[2:], kernel, stride, padding)

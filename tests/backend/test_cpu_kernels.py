@@ -1,0 +1,60 @@
+"""The CPU backend's own Numba kernels against independent float64 references (NumPy in float64).
+
+Each kernel is NumpyOps' fast path of an op whose device-parametrised test compares CPU and GPU
+with the float32 base implementation; here the shapes and values aim at the kernels' own edges
+(odd sizes, rows split across threads, extreme logits, NaN) and the reference is exact math.
+"""
+from __future__ import annotations
+
+import numpy
+import pytest
+
+from gpunet.backend.numpy_ops import NumpyOps
+from tests.support.arrays import rng
+
+OPS = NumpyOps()
+
+
+def xent64(logits, labels):
+    x = logits.astype(numpy.float64)
+    shifted = x - x.max(axis=1, keepdims=True)
+    total = numpy.exp(shifted).sum(axis=1)
+    rows = numpy.arange(len(x))
+    grad = numpy.exp(shifted) / total[:, None]
+    grad[rows, labels] -= 1.0
+    return (numpy.log(total) - shifted[rows, labels]).mean(), grad / len(x)
+
+
+@pytest.mark.parametrize("rows, classes, scale", [(1, 1, 1.0), (3, 2, 1.0), (7, 33, 30.0), (129, 1000, 5.0),
+                                                  (2, 65_537, 1.0), (4096, 10, 100.0)])
+def test_softmax_cross_entropy_matches_float64(rows, classes, scale):
+    logits = (rng(rows).standard_normal((rows, classes)) * scale).astype("float32")
+    labels = rng(classes).integers(0, classes, rows)
+    loss, grad = OPS.softmax_cross_entropy(logits, labels)
+    want_loss, want_grad = xent64(logits, labels)
+    assert loss.dtype == numpy.float32 and grad.dtype == numpy.float32 and grad.shape == logits.shape
+    numpy.testing.assert_allclose(loss, want_loss, rtol=2e-6, atol=1e-6)
+    numpy.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-7 / rows)
+
+
+def test_softmax_cross_entropy_far_below_the_maximum_and_nan():
+    logits = numpy.array([[0.0, -80.0, -90.0, -1e30], [1.0, numpy.nan, 0.0, 2.0], [numpy.inf, 0.0, 1.0, 2.0]],
+                         dtype="float32")
+    loss, grad = OPS.softmax_cross_entropy(logits[:1], numpy.array([1]))
+    want_loss, want_grad = xent64(logits[:1], numpy.array([1]))
+    numpy.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    numpy.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=2e-38)  # e^-90 flushes to 0
+    for row in (1, 2):  # a NaN or infinite logit makes the loss NaN, as in torch
+        loss, _ = OPS.softmax_cross_entropy(logits[row:row + 1], numpy.array([0]))
+        assert numpy.isnan(loss)
+
+
+def test_softmax_cross_entropy_float64_and_strided_inputs_take_the_numpy_path():
+    logits = rng().standard_normal((40, 9))
+    labels = rng(1).integers(0, 9, 40)
+    for x in (logits, logits.astype("float32")[::2]):
+        loss, grad = OPS.softmax_cross_entropy(x, labels[: len(x)])
+        want_loss, want_grad = xent64(x, labels[: len(x)])
+        assert grad.dtype == x.dtype
+        numpy.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+        numpy.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-8)
