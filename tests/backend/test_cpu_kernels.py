@@ -44,7 +44,12 @@ def test_softmax_cross_entropy_far_below_the_maximum_and_nan():
     want_loss, want_grad = xent64(logits[:1], numpy.array([1]))
     numpy.testing.assert_allclose(loss, want_loss, rtol=1e-6)
     numpy.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=2e-38)  # e^-90 flushes to 0
-    for row in (1, 2):  # a NaN or infinite logit makes the loss NaN, as in torch
+    masked = numpy.array([[0.5, -numpy.inf, 2.0, -numpy.inf]], dtype="float32")  # -inf masks a class, as in torch
+    loss, grad = OPS.softmax_cross_entropy(masked, numpy.array([2]))
+    want_loss, want_grad = xent64(masked, numpy.array([2]))
+    numpy.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    numpy.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-8)
+    for row in (1, 2):  # a NaN or +inf logit makes the loss NaN, as in torch
         loss, _ = OPS.softmax_cross_entropy(logits[row:row + 1], numpy.array([0]))
         assert numpy.isnan(loss)
 

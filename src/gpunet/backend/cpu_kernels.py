@@ -65,46 +65,45 @@ def _softmax_kernels() -> SoftmaxKernels:
 
     f32 = numba.float32
 
-    # nnan lets LLVM vectorise the maximum; a NaN logit still makes its row's loss NaN, through
-    # the arithmetic of the exponential below, which has no such flag.
-    @numba.njit(cache=True, fastmath={"nnan", "ninf", "nsz"})
-    def row_max(row):
-        m = row[0]
-        for j in range(1, row.size):
-            m = max(m, row[j])
-        return m
-
-    @numba.njit(cache=True, inline="always")
-    def exp_nonpositive(x):
-        # e^x for x <= 0 (shifted logits), Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6
-        # polynomial in r, times 2^n built in the exponent bits. Within 1e-7 relative of exp, and
-        # unlike NumPy's or math.exp it vectorises inside a Numba loop (4x NumPy's exp here).
-        small = x < f32(-87.0)  # e^-87 is 1.6e-38, a normal float32; below it 2^n would not be: 0
-        x = max(x, f32(-87.0))
-        n = numpy.floor(x * f32(1.4426950408889634) + f32(0.5))
-        r = x - n * f32(0.693359375) - n * f32(-2.12194440e-4)  # ln2 in two parts: r exact
-        p = f32(1.9875691500e-4)
-        p = p * r + f32(1.3981999507e-3)
-        p = p * r + f32(8.3334519073e-3)
-        p = p * r + f32(4.1665795894e-2)
-        p = p * r + f32(1.6666665459e-1)
-        p = p * r + f32(5.0000001201e-1)
-        p = p * r * r + r + f32(1.0)
-        e = p * numpy.int32((numpy.int32(n) + 127) << 23).view(numpy.float32)
-        return f32(0.0) if small else e
-
     # One pass over each row while it sits in L1 (max, exp and sum, scale), rows split across the
-    # cores: the logits are read once and the gradient written once. reassoc: the sum vectorises.
-    @numba.njit(cache=True, parallel=True, error_model="numpy", fastmath={"reassoc", "contract"})
+    # cores: the logits are read once and the gradient written once. Flags: nnan vectorises the
+    # maximum, reassoc the sum; NaN is caught by its bits instead, which no flag touches.
+    # (Everything is inline: a kernel calling another jitted closure would never hit Numba's cache.)
+    @numba.njit(cache=True, parallel=True, error_model="numpy", fastmath={"nnan", "nsz", "reassoc", "contract"})
     def xent32(logits, labels, grad, losses):
         n, c = logits.shape
         inv_n = f32(1.0) / f32(n)
+        bits = logits.view(numpy.int32)
         for i in numba.prange(n):
             row, g = logits[i], grad[i]
-            m = row_max(row)
+            m = row[0]
+            worst = numpy.int32(0)
+            for j in range(c):
+                m = max(m, row[j])
+                worst = max(worst, bits[i, j] & numpy.int32(0x7FFFFFFF))
+            if worst > numpy.int32(0x7F800000) or m == numpy.inf or m == -numpy.inf:  # NaN, +inf, all -inf
+                g[:] = numpy.nan
+                losses[i] = numpy.nan
+                continue
             total = f32(0.0)
             for j in range(c):
-                e = exp_nonpositive(row[j] - m)
+                # e^x for x <= 0, Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial
+                # in r, times 2^n built in the exponent bits. Within 1e-7 relative of exp, and unlike
+                # NumPy's or math.exp it vectorises in this loop (4x NumPy's exp on this machine).
+                x = row[j] - m
+                small = x < f32(-87.0)  # e^-87 is 1.6e-38, a normal float32; below it 2^n would not be: 0
+                x = max(x, f32(-87.0))
+                k = numpy.floor(x * f32(1.4426950408889634) + f32(0.5))
+                r = x - k * f32(0.693359375) - k * f32(-2.12194440e-4)  # ln2 in two parts: r exact
+                p = f32(1.9875691500e-4)
+                p = p * r + f32(1.3981999507e-3)
+                p = p * r + f32(8.3334519073e-3)
+                p = p * r + f32(4.1665795894e-2)
+                p = p * r + f32(1.6666665459e-1)
+                p = p * r + f32(5.0000001201e-1)
+                p = p * r * r + r + f32(1.0)
+                e = p * numpy.int32((numpy.int32(k) + 127) << 23).view(numpy.float32)
+                e = f32(0.0) if small else e
                 g[j] = e
                 total += e
             scale = inv_n / total
