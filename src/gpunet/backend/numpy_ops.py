@@ -35,6 +35,24 @@ class NumpyOps(Ops):
         conv_kernels().col2im_t(numpy.ascontiguousarray(cols.T), *kernel, *stride, *padding, oh, ow, out)
         return out
 
+    def conv2d_relu_pool(self, x, weight, bias, stride, padding, pool):
+        y_t, cols, (oh, ow) = self.conv_gemm(x, weight, stride, padding)
+        n, out_c = x.shape[0], weight.shape[0]
+        pooled = numpy.empty((n, out_c, oh // pool[0], ow // pool[1]), dtype=y_t.dtype)
+        arg = numpy.empty(pooled.shape, dtype=numpy.int32)
+        has_bias = bias is not None
+        conv_kernels().bias_relu_pool_t(y_t, bias if has_bias else y_t[:, 0, 0], has_bias, *pool, oh, ow, pooled, arg)
+        return pooled, arg, cols, (n, out_c, oh, ow)
+
+    def conv2d_relu_pool_backward(self, dp, pooled, argmax, cols, x_shape, y_shape, weight, grad_weight, grad_bias,
+                                  stride, padding, pool, need_dx=True):
+        n, out_c, oh, ow = y_shape
+        dy_t = numpy.empty((out_c, n * oh * ow), dtype=dp.dtype)
+        has_bias = grad_bias is not None
+        conv_kernels().relu_pool_backward_t(numpy.ascontiguousarray(dp), pooled, argmax, *pool, oh, ow, dy_t,
+                                            grad_bias if has_bias else dy_t[:, 0], has_bias)
+        return self._conv_gemms_backward(dy_t, cols, x_shape, weight, grad_weight, stride, padding, need_dx)
+
     def max_pool(self, x, kernel, stride):
         n, c = x.shape[:2]
         y = numpy.empty((n, c, *pooled_size(x.shape[2:], kernel, stride)), dtype=x.dtype)
