@@ -93,3 +93,19 @@ def test_conv_relu_pool_and_backward_match_float64(dtype, shape, out_c, kernel, 
     for got, want in ((dx, want_dx), (gw, want_gw), (gb, want_gb)):
         if want is not None:
             numpy.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_gelu_and_its_derivative_match_float64():
+    import math
+    x = numpy.concatenate([numpy.linspace(-20, 20, 40_001), [0.0, -1e-30, 1e30, -1e30]]).astype("float32")
+    dy = rng().standard_normal(x.shape).astype("float32")
+    x64 = x.astype("float64")
+    cdf = 0.5 * (1 + numpy.array([math.erf(v / math.sqrt(2)) for v in x64]))
+    pdf = numpy.exp(-0.5 * x64 * x64) / math.sqrt(2 * math.pi)
+    y = OPS.activation("gelu", x)
+    assert y.dtype == numpy.float32
+    numpy.testing.assert_allclose(y, x64 * cdf, rtol=1e-6, atol=1e-6)
+    out = numpy.empty_like(x)
+    assert OPS.activation("gelu", x, out=out) is out and numpy.array_equal(out, y)
+    numpy.testing.assert_allclose(OPS.activation_backward("gelu", x, y, dy), dy * (cdf + x64 * pdf), rtol=1e-5,
+                                  atol=1e-6)

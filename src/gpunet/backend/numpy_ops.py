@@ -16,6 +16,16 @@ class NumpyOps(Ops):
     def erf(self, x):
         return cpu_kernels.erf(x)
 
+    def activation(self, name, x, out=None):
+        if name == "gelu" and x.dtype == numpy.float32:
+            return cpu_kernels.gelu32(x, out)
+        return super().activation(name, x, out)
+
+    def activation_backward(self, name, x, y, dy):
+        if name == "gelu" and x.dtype == numpy.float32 and dy.dtype == numpy.float32:
+            return cpu_kernels.gelu_grad32(x, dy)
+        return super().activation_backward(name, x, y, dy)
+
     def softmax_cross_entropy(self, logits, labels):
         if logits.dtype != numpy.float32 or logits.ndim != 2 or not logits.size or not logits.flags.c_contiguous:
             return super().softmax_cross_entropy(logits, labels)
