@@ -109,3 +109,34 @@ def test_gelu_and_its_derivative_match_float64():
     assert OPS.activation("gelu", x, out=out) is out and numpy.array_equal(out, y)
     numpy.testing.assert_allclose(OPS.activation_backward("gelu", x, y, dy), dy * (cdf + x64 * pdf), rtol=1e-5,
                                   atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape, affine, residual", [((3, 5, 7), True, False), ((1, 1), False, True),
+                                                     ((64, 257), True, True), ((2, 3, 4, 1000), False, False)])
+def test_layer_norm_and_backward_match_float64(dtype, shape, affine, residual):
+    r = rng(shape[-1])
+    x = r.standard_normal(shape) * 3 + 1
+    w, b = (r.standard_normal(shape[-1]), r.standard_normal(shape[-1])) if affine else (None, None)
+    dy, res = r.standard_normal(shape), r.standard_normal(shape) if residual else None
+    cast = lambda a: None if a is None else a.astype(dtype)  # noqa: E731
+    y, xhat, rstd = OPS.layer_norm(cast(x), cast(w), cast(b), 1e-5)
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    want_xhat = (x - mean) / numpy.sqrt(var + 1e-5)
+    want_y = want_xhat * w + b if affine else want_xhat
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == "float32" else dict(rtol=1e-10, atol=1e-10)
+    assert y.dtype == dtype and rstd.shape == (*shape[:-1], 1)
+    for got, want in ((y, want_y), (xhat, want_xhat), (rstd, 1 / numpy.sqrt(var + 1e-5))):
+        numpy.testing.assert_allclose(got, want, **tol)
+    gw, gb = (numpy.empty(shape[-1], dtype), numpy.empty(shape[-1], dtype)) if affine else (None, None)
+    dx, dw, db = OPS.layer_norm_backward(cast(dy), xhat, rstd, cast(w), gw, gb, cast(res))
+    g = dy * w if affine else dy
+    d = shape[-1]
+    want_dx = (g - g.mean(-1, keepdims=True) - want_xhat * (g * want_xhat).sum(-1, keepdims=True) / d) / numpy.sqrt(
+        var + 1e-5) + (res if residual else 0)
+    numpy.testing.assert_allclose(dx, want_dx, **tol)
+    if affine:
+        axes = tuple(range(len(shape) - 1))
+        assert dw is gw and db is gb
+        numpy.testing.assert_allclose(dw, (dy * want_xhat).sum(axes), **tol)
+        numpy.testing.assert_allclose(db, dy.sum(axes), **tol)

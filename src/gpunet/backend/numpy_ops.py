@@ -26,6 +26,33 @@ class NumpyOps(Ops):
             return cpu_kernels.gelu_grad32(x, dy)
         return super().activation_backward(name, x, y, dy)
 
+    def layer_norm(self, x, weight, bias, eps):
+        if not _fusable(x, weight, bias) or x.ndim < 1 or not x.size:
+            return super().layer_norm(x, weight, bias, eps)
+        d = x.shape[-1]
+        x2 = x.reshape(-1, d)
+        y, xhat = numpy.empty_like(x), numpy.empty_like(x)
+        rstd = numpy.empty((*x.shape[:-1], 1), dtype=x.dtype)
+        affine = weight is not None
+        sequence_kernels().layer_norm(x2, weight if affine else x2[0], bias if affine else x2[0], affine, float(eps),
+                                      y.reshape(-1, d), xhat.reshape(-1, d), rstd.reshape(-1))
+        return y, xhat, rstd
+
+    def layer_norm_backward(self, dy, xhat, rstd, weight, grad_weight=None, grad_bias=None, residual=None):
+        arrays = (dy, xhat, rstd, weight, grad_weight, grad_bias, residual)
+        affine = weight is not None
+        if not _fusable(*arrays) or not dy.size or (affine and (grad_weight is None or grad_bias is None)):
+            return super().layer_norm_backward(*arrays)
+        d = dy.shape[-1]
+        dx = numpy.empty_like(dy)
+        d2 = dy.reshape(-1, d)
+        sequence_kernels().layer_norm_backward(d2, xhat.reshape(-1, d), rstd.reshape(-1), weight if affine else d2[0],
+                                               affine, dx.reshape(-1, d), grad_weight if affine else d2[0],
+                                               grad_bias if affine else d2[0])
+        if residual is not None:
+            dx += residual
+        return dx, grad_weight, grad_bias
+
     def softmax_cross_entropy(self, logits, labels):
         if logits.dtype != numpy.float32 or logits.ndim != 2 or not logits.size or not logits.flags.c_contiguous:
             return super().softmax_cross_entropy(logits, labels)
