@@ -22,31 +22,41 @@ class SequenceKernels(NamedTuple):
     layer_norm_backward: Callable  # (dy, xhat, rstd, weight, affine, dx, dweight, dbias)
 
 
+f32 = numpy.float32
+
+
+def _tanh32_body(a):
+    x = min(max(a, f32(-7.90531110763549805)), f32(7.90531110763549805))
+    x2 = x * x
+    p = x2 * f32(-2.76076847742355e-16) + f32(2.00018790482477e-13)
+    p = x2 * p + f32(-8.60467152213735e-11)
+    p = x2 * p + f32(5.12229709037114e-08)
+    p = x2 * p + f32(1.48572235717979e-05)
+    p = x2 * p + f32(6.37261928875436e-04)
+    p = x2 * p + f32(4.89352455891786e-03)
+    q = x2 * f32(1.19825839466702e-06) + f32(1.18534705686654e-04)
+    q = x2 * q + f32(2.26843463243900e-03)
+    q = x2 * q + f32(4.89352518554385e-03)
+    return x * p / q
+
+
+def _sigmoid32_body(x):
+    return f32(0.5) + f32(0.5) * tanh32(f32(0.5) * x)
+
+
+# The bodies above, jitted by kernels(): the kernels call them as module globals, since a kernel
+# calling a jitted closure misses Numba's disk cache in every new process (its key pickles the closure).
+tanh32 = sigmoid32 = None
+
+
 @functools.cache
 def kernels() -> SequenceKernels:
     import numba
 
-    f32 = numba.float32
+    global tanh32, sigmoid32
+    tanh32 = numba.njit(cache=True, inline="always")(_tanh32_body)
+    sigmoid32 = numba.njit(cache=True, inline="always")(_sigmoid32_body)
     options = dict(cache=True, fastmath=True, error_model="numpy")
-
-    @numba.njit(inline="always")
-    def tanh32(a):
-        x = min(max(a, f32(-7.90531110763549805)), f32(7.90531110763549805))
-        x2 = x * x
-        p = x2 * f32(-2.76076847742355e-16) + f32(2.00018790482477e-13)
-        p = x2 * p + f32(-8.60467152213735e-11)
-        p = x2 * p + f32(5.12229709037114e-08)
-        p = x2 * p + f32(1.48572235717979e-05)
-        p = x2 * p + f32(6.37261928875436e-04)
-        p = x2 * p + f32(4.89352455891786e-03)
-        q = x2 * f32(1.19825839466702e-06) + f32(1.18534705686654e-04)
-        q = x2 * q + f32(2.26843463243900e-03)
-        q = x2 * q + f32(4.89352518554385e-03)
-        return x * p / q
-
-    @numba.njit(inline="always")
-    def sigmoid32(x):
-        return f32(0.5) + f32(0.5) * tanh32(f32(0.5) * x)
 
     @numba.njit(**options)
     def lstm_cell(x_gates, h_gates, c_prev, acts_out, h_out, c_out, tanh_c_out):
