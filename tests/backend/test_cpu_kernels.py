@@ -140,3 +140,23 @@ def test_layer_norm_and_backward_match_float64(dtype, shape, affine, residual):
         assert dw is gw and db is gb
         numpy.testing.assert_allclose(dw, (dy * want_xhat).sum(axes), **tol)
         numpy.testing.assert_allclose(db, dy.sum(axes), **tol)
+
+
+@pytest.mark.parametrize("shape, causal", [((1, 1, 1), True), ((3, 5, 5), True), ((2, 3, 33, 33), False),
+                                           ((4, 128, 128), True)])
+def test_attention_softmax_and_backward_match_float64(shape, causal):
+    r = rng(shape[-1])
+    scores, dprobs = r.standard_normal(shape) * 4, r.standard_normal(shape)
+    scale = 0.3
+    z = scores * scale
+    if causal:
+        z = numpy.where(numpy.tril(numpy.ones(shape[-2:], bool)), z, -numpy.inf)
+    want = numpy.exp(z - z.max(-1, keepdims=True))
+    want /= want.sum(-1, keepdims=True)
+    probs = OPS.attention_softmax(scores.astype("float32"), scale, causal)
+    numpy.testing.assert_allclose(probs, want, rtol=1e-5, atol=1e-7)
+    if causal:
+        assert not probs[..., numpy.triu(numpy.ones(shape[-2:], bool), 1)].any()  # exact zeros
+    want_d = want * (dprobs - (dprobs * want).sum(-1, keepdims=True)) * scale
+    got_d = OPS.attention_softmax_backward(probs, dprobs.astype("float32"), scale)
+    numpy.testing.assert_allclose(got_d, want_d, rtol=1e-4, atol=1e-6)

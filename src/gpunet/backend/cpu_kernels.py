@@ -17,6 +17,8 @@ class ErfUfuncs(NamedTuple):
 
 class SoftmaxKernels(NamedTuple):
     xent32: Callable  # (logits, labels, grad, losses): float32 softmax cross-entropy, both outputs in place
+    attention32: Callable  # (scores (R, T, T), scale, causal): softmax(scale * scores), in place
+    attention_backward32: Callable  # (probs, dprobs, scale): the scores' gradient, over dprobs
 
 
 class OptimizerKernels(NamedTuple):
@@ -158,7 +160,48 @@ def _softmax_kernels() -> SoftmaxKernels:
             g[label] -= inv_n
             losses[i] = numpy.log(total) - (row[label] - m)
 
-    return SoftmaxKernels(xent32)
+    # Attention's softmax a row at a time, as xent32 (one pass while the row sits in L1); a causal
+    # row t computes keys 0..t only and writes exact zeros past them. Serial: it runs between
+    # batched GEMMs that OpenBLAS spreads over the cores.
+    @numba.njit(cache=True, error_model="numpy", fastmath={"nnan", "nsz", "reassoc", "contract"})
+    def attention32(scores, scale, causal):
+        groups, t, keys = scores.shape
+        bits = scores.view(numpy.int32)
+        for q in range(groups * t):
+            row = scores[q // t, q % t]
+            seen = q % t + 1 if causal else keys
+            m = row[0] * scale
+            worst = numpy.int32(0)
+            for j in range(seen):
+                m = max(m, row[j] * scale)
+                worst = max(worst, bits[q // t, q % t, j] & numpy.int32(0x7FFFFFFF))
+            if worst > numpy.int32(0x7F800000) or m == numpy.inf or m == -numpy.inf:  # NaN in, NaN out
+                row[:seen] = numpy.nan
+                row[seen:] = 0
+                continue
+            total = f32(0.0)
+            for j in range(seen):
+                e = _exp_nonpositive32(row[j] * scale - m)
+                row[j] = e
+                total += e
+            inv = f32(1.0) / total
+            for j in range(seen):
+                row[j] *= inv
+            row[seen:] = 0
+
+    @numba.njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
+    def attention_backward32(probs, dprobs, scale):
+        groups, t, keys = probs.shape
+        for g in range(groups):
+            for i in range(t):
+                p, d = probs[g, i], dprobs[g, i]
+                dot = f32(0.0)
+                for j in range(keys):
+                    dot += d[j] * p[j]
+                for j in range(keys):
+                    d[j] = (d[j] - dot) * p[j] * scale
+
+    return SoftmaxKernels(xent32, attention32, attention_backward32)
 
 
 def softmax_cross_entropy32(logits, labels):
@@ -167,6 +210,19 @@ def softmax_cross_entropy32(logits, labels):
     losses = numpy.empty(logits.shape[0], dtype=numpy.float32)
     _softmax_kernels().xent32(logits, labels, grad, losses)
     return losses.mean(dtype=numpy.float32), grad
+
+
+def attention_softmax32(scores, scale, causal):
+    """softmax(scale * scores) over the last axis of contiguous float32 (..., T, T) scores, in place."""
+    _softmax_kernels().attention32(scores.reshape(-1, *scores.shape[-2:]), numpy.float32(scale), bool(causal))
+    return scores
+
+
+def attention_softmax_backward32(probs, dprobs, scale):
+    """The unscaled scores' gradient, written over contiguous float32 dprobs."""
+    shape = (-1, *probs.shape[-2:])
+    _softmax_kernels().attention_backward32(probs.reshape(shape), dprobs.reshape(shape), numpy.float32(scale))
+    return dprobs
 
 
 @functools.cache

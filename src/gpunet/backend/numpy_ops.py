@@ -53,6 +53,17 @@ class NumpyOps(Ops):
             dx += residual
         return dx, grad_weight, grad_bias
 
+    def attention_softmax(self, scores, scale, causal):
+        if scores.dtype != numpy.float32 or not scores.flags.c_contiguous or scores.shape[-1] != scores.shape[-2] \
+                or not scores.size:
+            return super().attention_softmax(scores, scale, causal)
+        return cpu_kernels.attention_softmax32(scores, scale, causal)
+
+    def attention_softmax_backward(self, probs, dprobs, scale):
+        if not _fusable(probs, dprobs) or probs.dtype != numpy.float32 or probs.shape != dprobs.shape:
+            return super().attention_softmax_backward(probs, dprobs, scale)
+        return cpu_kernels.attention_softmax_backward32(probs, dprobs, scale)
+
     def softmax_cross_entropy(self, logits, labels):
         if logits.dtype != numpy.float32 or logits.ndim != 2 or not logits.size or not logits.flags.c_contiguous:
             return super().softmax_cross_entropy(logits, labels)
