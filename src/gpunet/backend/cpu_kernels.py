@@ -129,15 +129,16 @@ def _softmax_kernels() -> SoftmaxKernels:
 
     _jit_scalars()
 
-    # One pass over each row while it sits in L1 (max, exp and sum, scale), rows split across the
-    # cores: the logits are read once and the gradient written once. Flags: nnan vectorises the
-    # maximum, reassoc the sum; NaN is caught by its bits instead, which no flag touches.
-    @numba.njit(cache=True, parallel=True, error_model="numpy", fastmath={"nnan", "nsz", "reassoc", "contract"})
+    # One pass over each row while it sits in L1 (max, exp and sum, scale): the logits are read once
+    # and the gradient written once. Flags: nnan vectorises the maximum, reassoc the sum; NaN is
+    # caught by its bits instead, which no flag touches. Serial: a Numba thread pool spinning after
+    # its loop took the cores from OpenBLAS's next GEMM (the MLP step at 2 threads: 2x slower).
+    @numba.njit(cache=True, error_model="numpy", fastmath={"nnan", "nsz", "reassoc", "contract"})
     def xent32(logits, labels, grad, losses):
         n, c = logits.shape
         inv_n = f32(1.0) / f32(n)
         bits = logits.view(numpy.int32)
-        for i in numba.prange(n):
+        for i in range(n):
             row, g = logits[i], grad[i]
             m = row[0]
             worst = numpy.int32(0)
@@ -161,8 +162,7 @@ def _softmax_kernels() -> SoftmaxKernels:
             losses[i] = numpy.log(total) - (row[label] - m)
 
     # Attention's softmax a row at a time, as xent32 (one pass while the row sits in L1); a causal
-    # row t computes keys 0..t only and writes exact zeros past them. Serial: it runs between
-    # batched GEMMs that OpenBLAS spreads over the cores.
+    # row t computes keys 0..t only and writes exact zeros past them.
     @numba.njit(cache=True, error_model="numpy", fastmath={"nnan", "nsz", "reassoc", "contract"})
     def attention32(scores, scale, causal):
         groups, t, keys = scores.shape
