@@ -13,6 +13,8 @@ class ConvKernels(NamedTuple):
     col2im_t: Callable  # (cols_t, kh, kw, sh, sw, ph, pw, oh, ow, out): their sum back into out
     max_pool: Callable  # (x, kh, kw, sh, sw, y, arg)
     max_pool_backward: Callable  # (dy, arg, kw, sh, sw, dx)
+    bias_relu_pool_t: Callable  # (y_t, bias, has_bias, kh, kw, oh, ow, pooled, arg)
+    relu_pool_backward_t: Callable  # (dp, pooled, arg, kh, kw, oh, ow, dy_t, grad_bias, has_bias)
 
 
 @functools.cache
@@ -87,4 +89,50 @@ def kernels() -> ConvKernels:
                         k = arg[b, ch, p, q]
                         dx[b, ch, p * sh + k // kw, q * sw + k % kw] += dy[b, ch, p, q]
 
-    return ConvKernels(im2col_t, col2im_t, max_pool, max_pool_backward)
+    # LeNet's Conv2D + ReLU + MaxPool2D (windows that do not overlap) straight from the GEMM's
+    # channel-major product y_t (C, N, oh*ow): bias, ReLU and the window's maximum in one read of
+    # it, instead of an NCHW copy with the bias, a ReLU pass and a pooling pass.
+    @numba.njit(cache=True)
+    def bias_relu_pool_t(y_t, bias, has_bias, kh, kw, oh, ow, pooled, arg):
+        n, c, ph, pw = pooled.shape
+        zero = pooled.dtype.type(0)
+        for plane in range(n * c):
+            b, ch = plane // c, plane % c
+            src = y_t[ch, b]
+            shift = bias[ch] if has_bias else zero
+            for p in range(ph):
+                for q in range(pw):
+                    base = p * kh * ow + q * kw
+                    best = max(src[base] + shift, zero)
+                    where = 0
+                    for i in range(kh):
+                        for j in range(kw):
+                            v = max(src[base + i * ow + j] + shift, zero)  # relu(z + b), as torch pools it
+                            if v > best:  # strict: ties keep the first maximum, as torch
+                                best, where = v, i * kw + j
+                    pooled[b, ch, p, q] = best
+                    arg[b, ch, p, q] = where
+
+    # Its backward: each window's gradient goes to its maximum where that was positive (relu' at
+    # the maximum), written channel-major (C, N*oh*ow) as the weight and input GEMMs read it, with
+    # the bias gradient summed on the way (in float64).
+    @numba.njit(cache=True)
+    def relu_pool_backward_t(dp, pooled, arg, kh, kw, oh, ow, dy_t, grad_bias, has_bias):
+        n, c, ph, pw = dp.shape
+        length = oh * ow
+        for ch in range(c):
+            total = 0.0
+            for b in range(n):
+                dst = dy_t[ch, b * length: (b + 1) * length]
+                dst[:] = 0
+                for p in range(ph):
+                    for q in range(pw):
+                        if pooled[b, ch, p, q] > 0:
+                            g = dp[b, ch, p, q]
+                            k = arg[b, ch, p, q]
+                            dst[(p * kh + k // kw) * ow + q * kw + k % kw] = g
+                            total += g
+            if has_bias:
+                grad_bias[ch] = total
+
+    return ConvKernels(im2col_t, col2im_t, max_pool, max_pool_backward, bias_relu_pool_t, relu_pool_backward_t)

@@ -11,38 +11,52 @@ from __future__ import annotations
 import functools
 from typing import Callable, NamedTuple
 
+import numpy
+
 
 class SequenceKernels(NamedTuple):
     lstm_cell: Callable  # (x_gates, h_gates, c_prev, acts_out, h_out, c_out, tanh_c_out)
     lstm_cell_backward: Callable  # (dh, dc, acts, c_prev, tanh_c, dgates): dc becomes d c_prev
     embedding_backward: Callable  # (ids, dy, grad): grad = the scatter-add of dy's rows at ids
+    layer_norm: Callable  # (x, weight, bias, affine, eps, y, xhat, rstd) over the rows of 2-D x
+    layer_norm_backward: Callable  # (dy, xhat, rstd, weight, affine, dx, dweight, dbias)
+
+
+f32 = numpy.float32
+
+
+def _tanh32_body(a):
+    x = min(max(a, f32(-7.90531110763549805)), f32(7.90531110763549805))
+    x2 = x * x
+    p = x2 * f32(-2.76076847742355e-16) + f32(2.00018790482477e-13)
+    p = x2 * p + f32(-8.60467152213735e-11)
+    p = x2 * p + f32(5.12229709037114e-08)
+    p = x2 * p + f32(1.48572235717979e-05)
+    p = x2 * p + f32(6.37261928875436e-04)
+    p = x2 * p + f32(4.89352455891786e-03)
+    q = x2 * f32(1.19825839466702e-06) + f32(1.18534705686654e-04)
+    q = x2 * q + f32(2.26843463243900e-03)
+    q = x2 * q + f32(4.89352518554385e-03)
+    return x * p / q
+
+
+def _sigmoid32_body(x):
+    return f32(0.5) + f32(0.5) * tanh32(f32(0.5) * x)
+
+
+# The bodies above, jitted by kernels(): the kernels call them as module globals, since a kernel
+# calling a jitted closure misses Numba's disk cache in every new process (its key pickles the closure).
+tanh32 = sigmoid32 = None
 
 
 @functools.cache
 def kernels() -> SequenceKernels:
     import numba
 
-    f32 = numba.float32
+    global tanh32, sigmoid32
+    tanh32 = numba.njit(cache=True, inline="always")(_tanh32_body)
+    sigmoid32 = numba.njit(cache=True, inline="always")(_sigmoid32_body)
     options = dict(cache=True, fastmath=True, error_model="numpy")
-
-    @numba.njit(inline="always")
-    def tanh32(a):
-        x = min(max(a, f32(-7.90531110763549805)), f32(7.90531110763549805))
-        x2 = x * x
-        p = x2 * f32(-2.76076847742355e-16) + f32(2.00018790482477e-13)
-        p = x2 * p + f32(-8.60467152213735e-11)
-        p = x2 * p + f32(5.12229709037114e-08)
-        p = x2 * p + f32(1.48572235717979e-05)
-        p = x2 * p + f32(6.37261928875436e-04)
-        p = x2 * p + f32(4.89352455891786e-03)
-        q = x2 * f32(1.19825839466702e-06) + f32(1.18534705686654e-04)
-        q = x2 * q + f32(2.26843463243900e-03)
-        q = x2 * q + f32(4.89352518554385e-03)
-        return x * p / q
-
-    @numba.njit(inline="always")
-    def sigmoid32(x):
-        return f32(0.5) + f32(0.5) * tanh32(f32(0.5) * x)
 
     @numba.njit(**options)
     def lstm_cell(x_gates, h_gates, c_prev, acts_out, h_out, c_out, tanh_c_out):
@@ -89,4 +103,58 @@ def kernels() -> SequenceKernels:
             for j in range(dst.size):
                 dst[j] += src[j]
 
-    return SequenceKernels(lstm_cell, lstm_cell_backward, embedding_backward)
+    # Layer norm one row at a time while it sits in L1 (statistics, then xhat and y in one pass),
+    # instead of NumPy's seven passes over the whole array; sums in float64 (reassoc: vectorised).
+    norm_options = dict(cache=True, fastmath={"reassoc", "contract"}, error_model="numpy")
+
+    @numba.njit(**norm_options)
+    def layer_norm(x, weight, bias, affine, eps, y, xhat, rstd):
+        rows, d = x.shape
+        for r in range(rows):
+            row = x[r]
+            total = 0.0
+            for j in range(d):
+                total += row[j]
+            mean = total / d
+            sq = 0.0
+            for j in range(d):
+                c = row[j] - mean
+                sq += c * c
+            inv = 1.0 / numpy.sqrt(sq / d + eps)
+            rstd[r] = inv
+            xr, yr = xhat[r], y[r]
+            m, s = x.dtype.type(mean), x.dtype.type(inv)
+            for j in range(d):
+                v = (row[j] - m) * s
+                xr[j] = v
+                yr[j] = v * weight[j] + bias[j] if affine else v
+
+    # dx = rstd (g - mean(g) - xhat mean(g xhat)) for g = dy * weight, and the parameter gradients
+    # summed over the rows (float64 accumulators, one pass).
+    @numba.njit(**norm_options)
+    def layer_norm_backward(dy, xhat, rstd, weight, affine, dx, dweight, dbias):
+        rows, d = dy.shape
+        acc_w = numpy.zeros(d)
+        acc_b = numpy.zeros(d)
+        for r in range(rows):
+            dr, xr, out = dy[r], xhat[r], dx[r]
+            sum_g = 0.0
+            sum_gx = 0.0
+            for j in range(d):
+                g = dr[j] * weight[j] if affine else dr[j]
+                sum_g += g
+                sum_gx += g * xr[j]
+                if affine:
+                    acc_w[j] += dr[j] * xr[j]
+                    acc_b[j] += dr[j]
+            mean_g, mean_gx = dy.dtype.type(sum_g / d), dy.dtype.type(sum_gx / d)
+            s = dy.dtype.type(rstd[r])
+            for j in range(d):
+                g = dr[j] * weight[j] if affine else dr[j]
+                out[j] = s * (g - mean_g - xr[j] * mean_gx)
+        if affine:
+            for j in range(d):
+                dweight[j] = acc_w[j]
+                dbias[j] = acc_b[j]
+
+    return SequenceKernels(lstm_cell, lstm_cell_backward, embedding_backward, layer_norm, layer_norm_backward)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy
 
-from gpunet.backend import cpu_kernels
+from gpunet.backend import cpu_kernels, sequence_ops
 from gpunet.backend.cpu_conv_kernels import kernels as conv_kernels
 from gpunet.backend.cpu_sequence_kernels import kernels as sequence_kernels
 from gpunet.backend.ops import Ops, adam_scalars, pooled_size
@@ -15,6 +15,66 @@ class NumpyOps(Ops):
 
     def erf(self, x):
         return cpu_kernels.erf(x)
+
+    def activation(self, name, x, out=None):
+        if name == "gelu" and x.dtype == numpy.float32:
+            return cpu_kernels.gelu32(x, out)
+        return super().activation(name, x, out)
+
+    def activation_backward(self, name, x, y, dy):
+        if name == "gelu" and x.dtype == numpy.float32 and dy.dtype == numpy.float32:
+            return cpu_kernels.gelu_grad32(x, dy)
+        return super().activation_backward(name, x, y, dy)
+
+    def layer_norm(self, x, weight, bias, eps):
+        if not _fusable(x, weight, bias) or x.ndim < 1 or not x.size:
+            return super().layer_norm(x, weight, bias, eps)
+        d = x.shape[-1]
+        x2 = x.reshape(-1, d)
+        y, xhat = numpy.empty_like(x), numpy.empty_like(x)
+        rstd = numpy.empty((*x.shape[:-1], 1), dtype=x.dtype)
+        affine = weight is not None
+        sequence_kernels().layer_norm(x2, weight if affine else x2[0], bias if affine else x2[0], affine, float(eps),
+                                      y.reshape(-1, d), xhat.reshape(-1, d), rstd.reshape(-1))
+        return y, xhat, rstd
+
+    def layer_norm_backward(self, dy, xhat, rstd, weight, grad_weight=None, grad_bias=None, residual=None):
+        arrays = (dy, xhat, rstd, weight, grad_weight, grad_bias, residual)
+        affine = weight is not None
+        if not _fusable(*arrays) or not dy.size or (affine and (grad_weight is None or grad_bias is None)):
+            return super().layer_norm_backward(*arrays)
+        d = dy.shape[-1]
+        dx = numpy.empty_like(dy)
+        d2 = dy.reshape(-1, d)
+        sequence_kernels().layer_norm_backward(d2, xhat.reshape(-1, d), rstd.reshape(-1), weight if affine else d2[0],
+                                               affine, dx.reshape(-1, d), grad_weight if affine else d2[0],
+                                               grad_bias if affine else d2[0])
+        if residual is not None:
+            dx += residual
+        return dx, grad_weight, grad_bias
+
+    def attention_softmax(self, scores, scale, causal):
+        if scores.dtype != numpy.float32 or not scores.flags.c_contiguous or scores.shape[-1] != scores.shape[-2] \
+                or not scores.size:
+            return super().attention_softmax(scores, scale, causal)
+        return cpu_kernels.attention_softmax32(scores, scale, causal)
+
+    def attention_softmax_backward(self, probs, dprobs, scale):
+        if not _fusable(probs, dprobs) or probs.dtype != numpy.float32 or probs.shape != dprobs.shape:
+            return super().attention_softmax_backward(probs, dprobs, scale)
+        return cpu_kernels.attention_softmax_backward32(probs, dprobs, scale)
+
+    def attention(self, qkv, causal):
+        return sequence_ops.attention(numpy, qkv, causal, self.attention_softmax)
+
+    def attention_backward(self, dmixed, state):
+        return sequence_ops.attention_backward(numpy, dmixed, state, self.attention_softmax_backward)
+
+    def softmax_cross_entropy(self, logits, labels):
+        if logits.dtype != numpy.float32 or logits.ndim != 2 or not logits.size or not logits.flags.c_contiguous:
+            return super().softmax_cross_entropy(logits, labels)
+        labels = self.check_labels(labels, logits.shape[1])
+        return cpu_kernels.softmax_cross_entropy32(logits, numpy.ascontiguousarray(labels))
 
     def im2col(self, x, kernel, stride, padding):
         n, c = x.shape[:2]
@@ -28,6 +88,24 @@ class NumpyOps(Ops):
         out = numpy.empty(x_shape, dtype=cols.dtype)
         conv_kernels().col2im_t(numpy.ascontiguousarray(cols.T), *kernel, *stride, *padding, oh, ow, out)
         return out
+
+    def conv2d_relu_pool(self, x, weight, bias, stride, padding, pool):
+        y_t, cols, (oh, ow) = self.conv_gemm(x, weight, stride, padding)
+        n, out_c = x.shape[0], weight.shape[0]
+        pooled = numpy.empty((n, out_c, oh // pool[0], ow // pool[1]), dtype=y_t.dtype)
+        arg = numpy.empty(pooled.shape, dtype=numpy.int32)
+        has_bias = bias is not None
+        conv_kernels().bias_relu_pool_t(y_t, bias if has_bias else y_t[:, 0, 0], has_bias, *pool, oh, ow, pooled, arg)
+        return pooled, arg, cols, (n, out_c, oh, ow)
+
+    def conv2d_relu_pool_backward(self, dp, pooled, argmax, cols, x_shape, y_shape, weight, grad_weight, grad_bias,
+                                  stride, padding, pool, need_dx=True):
+        n, out_c, oh, ow = y_shape
+        dy_t = numpy.empty((out_c, n * oh * ow), dtype=dp.dtype)
+        has_bias = grad_bias is not None
+        conv_kernels().relu_pool_backward_t(numpy.ascontiguousarray(dp), pooled, argmax, *pool, oh, ow, dy_t,
+                                            grad_bias if has_bias else dy_t[:, 0], has_bias)
+        return self._conv_gemms_backward(dy_t, cols, x_shape, weight, grad_weight, stride, padding, need_dx)
 
     def max_pool(self, x, kernel, stride):
         n, c = x.shape[:2]

@@ -31,7 +31,7 @@ def environment(device: str) -> dict:
     versions = {"gpunet": gpunet.__version__, "python": platform.python_version(), "numpy": numpy.__version__,
                 "torch": torch.__version__}
     machine = {"cpu": _cpu_name(), "cores": os.cpu_count(),
-               "torch_threads": torch.get_num_threads()}
+               "torch_threads": torch.get_num_threads(), **_gpunet_threads()}
     if device == "gpu":
         import cupy
 
@@ -115,9 +115,28 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _gpunet_threads() -> dict:
+    """The CPU side's thread pools: OpenBLAS's (GEMMs; through threadpoolctl when installed, else
+    its environment variable or None) and Numba's (the parallel kernels), which take turns with it."""
+    import numba
+
+    blas = os.environ.get("OPENBLAS_NUM_THREADS")
+    try:
+        from threadpoolctl import threadpool_info
+
+        blas = next((p["num_threads"] for p in threadpool_info() if p.get("internal_api") == "openblas"), blas)
+    except ImportError:
+        pass
+    return {"blas_threads": None if blas is None else int(blas), "numba_threads": numba.get_num_threads()}
+
+
 def machine_name(env) -> str:
     m = env["machine"]
-    return m.get("gpu") or f"{m['cpu']}, {m['cores']} cores"
+    if m.get("gpu"):
+        return m["gpu"]
+    threads = (f"; threads: PyTorch {m['torch_threads']}, OpenBLAS {m.get('blas_threads') or '?'}, "
+               f"Numba {m['numba_threads']}" if "numba_threads" in m else "")
+    return f"{m['cpu']}, {m['cores']} cores{threads}"
 
 
 def format_time(seconds: float) -> str:

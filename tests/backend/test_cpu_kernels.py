@@ -1,0 +1,162 @@
+"""The CPU backend's own Numba kernels against independent float64 references (NumPy in float64).
+
+Each kernel is NumpyOps' fast path of an op whose device-parametrised test compares CPU and GPU
+with the float32 base implementation; here the shapes and values aim at the kernels' own edges
+(odd sizes, rows split across threads, extreme logits, NaN) and the reference is exact math.
+"""
+from __future__ import annotations
+
+import numpy
+import pytest
+
+from gpunet.backend.numpy_ops import NumpyOps
+from gpunet.backend.ops import Ops
+from tests.support.arrays import rng
+
+OPS = NumpyOps()
+
+
+def xent64(logits, labels):
+    x = logits.astype(numpy.float64)
+    shifted = x - x.max(axis=1, keepdims=True)
+    total = numpy.exp(shifted).sum(axis=1)
+    rows = numpy.arange(len(x))
+    grad = numpy.exp(shifted) / total[:, None]
+    grad[rows, labels] -= 1.0
+    return (numpy.log(total) - shifted[rows, labels]).mean(), grad / len(x)
+
+
+@pytest.mark.parametrize("rows, classes, scale", [(1, 1, 1.0), (3, 2, 1.0), (7, 33, 30.0), (129, 1000, 5.0),
+                                                  (2, 65_537, 1.0), (4096, 10, 100.0)])
+def test_softmax_cross_entropy_matches_float64(rows, classes, scale):
+    logits = (rng(rows).standard_normal((rows, classes)) * scale).astype("float32")
+    labels = rng(classes).integers(0, classes, rows)
+    loss, grad = OPS.softmax_cross_entropy(logits, labels)
+    want_loss, want_grad = xent64(logits, labels)
+    assert loss.dtype == numpy.float32 and grad.dtype == numpy.float32 and grad.shape == logits.shape
+    numpy.testing.assert_allclose(loss, want_loss, rtol=2e-6, atol=1e-6)
+    numpy.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-7 / rows)
+
+
+def test_softmax_cross_entropy_far_below_the_maximum_and_nan():
+    logits = numpy.array([[0.0, -80.0, -90.0, -1e30], [1.0, numpy.nan, 0.0, 2.0], [numpy.inf, 0.0, 1.0, 2.0]],
+                         dtype="float32")
+    loss, grad = OPS.softmax_cross_entropy(logits[:1], numpy.array([1]))
+    want_loss, want_grad = xent64(logits[:1], numpy.array([1]))
+    numpy.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    numpy.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=2e-38)  # e^-90 flushes to 0
+    masked = numpy.array([[0.5, -numpy.inf, 2.0, -numpy.inf]], dtype="float32")  # -inf masks a class, as in torch
+    loss, grad = OPS.softmax_cross_entropy(masked, numpy.array([2]))
+    want_loss, want_grad = xent64(masked, numpy.array([2]))
+    numpy.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    numpy.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-8)
+    for row in (1, 2):  # a NaN or +inf logit makes the loss NaN, as in torch
+        loss, _ = OPS.softmax_cross_entropy(logits[row:row + 1], numpy.array([0]))
+        assert numpy.isnan(loss)
+
+
+def test_softmax_cross_entropy_float64_and_strided_inputs_take_the_numpy_path():
+    logits = rng().standard_normal((40, 9))
+    labels = rng(1).integers(0, 9, 40)
+    for x in (logits, logits.astype("float32")[::2]):
+        loss, grad = OPS.softmax_cross_entropy(x, labels[: len(x)])
+        want_loss, want_grad = xent64(x, labels[: len(x)])
+        assert grad.dtype == x.dtype
+        numpy.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+        numpy.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape, out_c, kernel, padding, pool, bias", [
+    ((3, 2, 9, 9), 4, (3, 3), (0, 0), (2, 2), True),  # 7x7 conv output: the last row and column pool nowhere
+    ((2, 1, 8, 6), 3, (2, 3), (1, 0), (3, 2), False), ((5, 3, 6, 6), 1, (1, 1), (0, 0), (1, 1), True)])
+def test_conv_relu_pool_and_backward_match_float64(dtype, shape, out_c, kernel, padding, pool, bias):
+    r = rng(out_c)
+    x = r.standard_normal(shape)
+    w = r.standard_normal((out_c, shape[1], *kernel))
+    b = r.standard_normal(out_c) if bias else None
+    reference = Ops()  # the base class's layer-by-layer NumPy ops, here in float64
+    want_y, want_cols = reference.conv2d(x, w, b, (1, 1), padding, "relu")
+    want_p, want_arg = reference.max_pool(want_y, pool, pool)
+    pooled, arg, cols, y_shape = OPS.conv2d_relu_pool(*(a if a is None else a.astype(dtype) for a in (x, w, b)),
+                                                      (1, 1), padding, pool)
+    assert y_shape == want_y.shape and pooled.dtype == dtype
+    numpy.testing.assert_allclose(pooled, want_p, rtol=1e-5, atol=1e-5)
+    dp = r.standard_normal(want_p.shape)
+    gw, gb = numpy.empty(w.shape, dtype), numpy.empty(out_c, dtype) if bias else None
+    dx = OPS.conv2d_relu_pool_backward(dp.astype(dtype), pooled, arg, cols, x.shape, y_shape, w.astype(dtype), gw, gb,
+                                       (1, 1), padding, pool)
+    want_gw, want_gb = numpy.empty(w.shape), numpy.empty(out_c) if bias else None
+    dy = reference.max_pool_backward(dp, want_arg, want_y.shape, pool, pool)
+    want_dx = reference.conv2d_backward(dy, want_cols, x.shape, w, want_gw, want_gb, (1, 1), padding,
+                                        activation="relu", y=want_y)
+    for got, want in ((dx, want_dx), (gw, want_gw), (gb, want_gb)):
+        if want is not None:
+            numpy.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_gelu_and_its_derivative_match_float64():
+    import math
+    x = numpy.concatenate([numpy.linspace(-20, 20, 40_001), [0.0, -1e-30, 1e30, -1e30]]).astype("float32")
+    dy = rng().standard_normal(x.shape).astype("float32")
+    x64 = x.astype("float64")
+    cdf = 0.5 * (1 + numpy.array([math.erf(v / math.sqrt(2)) for v in x64]))
+    pdf = numpy.exp(-0.5 * x64 * x64) / math.sqrt(2 * math.pi)
+    y = OPS.activation("gelu", x)
+    assert y.dtype == numpy.float32
+    numpy.testing.assert_allclose(y, x64 * cdf, rtol=1e-6, atol=1e-6)
+    out = numpy.empty_like(x)
+    assert OPS.activation("gelu", x, out=out) is out and numpy.array_equal(out, y)
+    numpy.testing.assert_allclose(OPS.activation_backward("gelu", x, y, dy), dy * (cdf + x64 * pdf), rtol=1e-5,
+                                  atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape, affine, residual", [((3, 5, 7), True, False), ((1, 1), False, True),
+                                                     ((64, 257), True, True), ((2, 3, 4, 1000), False, False)])
+def test_layer_norm_and_backward_match_float64(dtype, shape, affine, residual):
+    r = rng(shape[-1])
+    x = r.standard_normal(shape) * 3 + 1
+    w, b = (r.standard_normal(shape[-1]), r.standard_normal(shape[-1])) if affine else (None, None)
+    dy, res = r.standard_normal(shape), r.standard_normal(shape) if residual else None
+    cast = lambda a: None if a is None else a.astype(dtype)  # noqa: E731
+    y, xhat, rstd = OPS.layer_norm(cast(x), cast(w), cast(b), 1e-5)
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    want_xhat = (x - mean) / numpy.sqrt(var + 1e-5)
+    want_y = want_xhat * w + b if affine else want_xhat
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == "float32" else dict(rtol=1e-10, atol=1e-10)
+    assert y.dtype == dtype and rstd.shape == (*shape[:-1], 1)
+    for got, want in ((y, want_y), (xhat, want_xhat), (rstd, 1 / numpy.sqrt(var + 1e-5))):
+        numpy.testing.assert_allclose(got, want, **tol)
+    gw, gb = (numpy.empty(shape[-1], dtype), numpy.empty(shape[-1], dtype)) if affine else (None, None)
+    dx, dw, db = OPS.layer_norm_backward(cast(dy), xhat, rstd, cast(w), gw, gb, cast(res))
+    g = dy * w if affine else dy
+    d = shape[-1]
+    want_dx = (g - g.mean(-1, keepdims=True) - want_xhat * (g * want_xhat).sum(-1, keepdims=True) / d) / numpy.sqrt(
+        var + 1e-5) + (res if residual else 0)
+    numpy.testing.assert_allclose(dx, want_dx, **tol)
+    if affine:
+        axes = tuple(range(len(shape) - 1))
+        assert dw is gw and db is gb
+        numpy.testing.assert_allclose(dw, (dy * want_xhat).sum(axes), **tol)
+        numpy.testing.assert_allclose(db, dy.sum(axes), **tol)
+
+
+@pytest.mark.parametrize("shape, causal", [((1, 1, 1), True), ((3, 5, 5), True), ((2, 3, 33, 33), False),
+                                           ((4, 128, 128), True)])
+def test_attention_softmax_and_backward_match_float64(shape, causal):
+    r = rng(shape[-1])
+    scores, dprobs = r.standard_normal(shape) * 4, r.standard_normal(shape)
+    scale = 0.3
+    z = scores * scale
+    if causal:
+        z = numpy.where(numpy.tril(numpy.ones(shape[-2:], bool)), z, -numpy.inf)
+    want = numpy.exp(z - z.max(-1, keepdims=True))
+    want /= want.sum(-1, keepdims=True)
+    probs = OPS.attention_softmax(scores.astype("float32"), scale, causal)
+    numpy.testing.assert_allclose(probs, want, rtol=1e-5, atol=1e-7)
+    if causal:
+        assert not probs[..., numpy.triu(numpy.ones(shape[-2:], bool), 1)].any()  # exact zeros
+    want_d = want * (dprobs - (dprobs * want).sum(-1, keepdims=True)) * scale
+    got_d = OPS.attention_softmax_backward(probs, dprobs.astype("float32"), scale)
+    numpy.testing.assert_allclose(got_d, want_d, rtol=1e-4, atol=1e-6)
