@@ -64,7 +64,7 @@ def test_a_path_that_disagrees_with_the_kernel_is_never_timed(monkeypatch):
     paths["cublas"] = lambda x, w, b, act, out=None: ops._cublas_linear(x, w, b, None, out)  # ReLU forgotten
     with pytest.warns(RuntimeWarning, match=r"^gemm dispatch: the cublas path differs from gpunet's kernel by .* "
                                             r"\(relative\) for x \(37, 19\), weight \(23, 19\); it is not used$"):
-        candidates = agreeing(paths, (x, w, b, "relu"), 1e-4)
+        candidates = agreeing(paths, (x, w, b, "relu"), 1e-4, ops.xp)
     assert "cublas" not in candidates and "fused" in candidates
     assert ("cublaslt" in candidates) == cublaslt.available()
     close(candidates["fused"](), REFERENCE.linear(*operands(), "relu"), rtol=1e-5, atol=1e-5)
@@ -75,3 +75,20 @@ def test_a_gelu_or_a_missing_bias_never_takes_the_cublaslt_path():
     b = on("gpu", operands()[2])
     assert not cublaslt.handles(b, "gelu") and not cublaslt.handles(None, "relu")
     assert "cublaslt" not in ops._linear_paths(b, "gelu") and "cublaslt" not in ops._linear_paths(None, "relu")
+
+
+def test_a_nan_in_the_batch_that_is_measured_first_excludes_no_path():
+    """The first batch of a size class decides its candidates, and the choice is kept on disk: a NaN
+    that every path carries through alike must not shut a path out for good."""
+    import warnings
+
+    ops = ops_for_device("gpu")
+    x, w, b = operands()
+    x[3, 5] = numpy.nan
+    x[7, 2] = numpy.inf
+    paths = ops._linear_paths(on("gpu", b), "relu")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        candidates = agreeing(paths, (on("gpu", x), on("gpu", w), on("gpu", b), "relu"), 1e-4, ops.xp)
+    assert set(candidates) == set(paths)
+    assert not [w for w in said if "gemm dispatch" in str(w.message)]

@@ -80,7 +80,7 @@ class CupyOps(Ops):
         mode = self.gemm_mode
         if mode == "auto":
             mode = self._gemm_dispatch().choose(x.shape[0], weight.shape[0], x.shape[1], activation,
-                                                lambda: agreeing(paths, args, 1e-2 if self.tf32 else 1e-4))
+                                                lambda: agreeing(paths, args, 1e-2 if self.tf32 else 1e-4, self.xp))
         return paths.get(mode, paths["fused"])(*args, out)  # (cublaslt forced or remembered, where it cannot run)
 
     def _linear_paths(self, bias, activation) -> dict:

@@ -80,18 +80,21 @@ class GemmDispatch:
             pass  # a read-only home only costs re-measuring in the next process
 
 
-def agreeing(paths: dict, args, tolerance: float) -> dict:
+def agreeing(paths: dict, args, tolerance: float, xp) -> dict:
     """The candidates to time: the paths (name -> path(*args) -> y) whose result agrees with the
     "fused" one (gpunet's kernel, which the suite checks against the CPU) within tolerance, relative
-    to its largest magnitude, each as a call. Another library's path that disagrees (a layout or an
-    epilogue read otherwise than its documentation says) is never timed, and a warning says so.
-    Runs once per size class, so its host reads cost nothing later."""
+    to its largest finite magnitude, each as a call. Another library's path that disagrees (a layout
+    or an epilogue read otherwise than its documentation says) is never timed, and a warning says
+    so. A NaN or infinity where the kernel has the same (a batch with a NaN) agrees. Runs once per
+    size class, so its host reads cost nothing later."""
     reference = paths["fused"](*args)
-    scale = float(abs(reference).max()) or 1.0
+    scale = float(xp.abs(xp.where(xp.isfinite(reference), reference, 0)).max()) or 1.0
     chosen = {}
     for name, path in paths.items():
         if name != "fused":
-            difference = float(abs(path(*args) - reference).max()) / scale
+            got = path(*args)
+            same = (got == reference) | (xp.isnan(got) & xp.isnan(reference))
+            difference = float(xp.where(same, 0, xp.abs(got - reference)).max()) / scale
             if not difference <= tolerance:
                 warnings.warn(f"gemm dispatch: the {name} path differs from gpunet's kernel by {difference:.1e} "
                               f"(relative) for x {args[0].shape}, weight {args[1].shape}; it is not used",
