@@ -49,6 +49,7 @@ class CupyOps(Ops):
         self.gemm_mode = env_choice("GPUNET_GEMM")  # auto: whichever was measured faster
         self._dispatch = None  # made on first use: it asks the device for its name
         self._lt = cublaslt.LtLinear() if cublaslt.available() else None  # cuBLASLt's epilogues (nvmath-python)
+        self._paths: dict = {}  # (has a bias, activation) -> _linear_paths
         self.tf32 = configure_tf32(cupy)  # cuBLAS float32 mode: full float32 unless GPUNET_TF32=1
         # (what, bound) -> device (smallest, largest) value seen outside [0, bound): "label" for the labels of a
         # class count, "id" for the ids of an embedding vocabulary; made once per key
@@ -85,10 +86,13 @@ class CupyOps(Ops):
 
     def _linear_paths(self, bias, activation) -> dict:
         """The ways to run a Dense product with its epilogue: each (x, weight, bias, activation, out) -> y,
-        writing into out when given."""
-        paths = {"fused": self._fused_linear, "cublas": self._cublas_linear}
-        if self._lt is not None and cublaslt.handles(bias, activation):
-            paths["cublaslt"] = self._lt
+        writing into out when given. Made once per kind of epilogue (a Dense forward asks every step)."""
+        key = (bias is not None, activation)
+        paths = self._paths.get(key)
+        if paths is None:
+            paths = self._paths[key] = {"fused": self._fused_linear, "cublas": self._cublas_linear}
+            if self._lt is not None and cublaslt.handles(bias, activation):
+                paths["cublaslt"] = self._lt
         return paths
 
     def _fused_linear(self, x, weight, bias, activation, out=None):
