@@ -14,7 +14,7 @@ import numpy
 import pytest
 
 from gpunet.backend.cuda_kernels import ACTIVATION_CODES, DEFINE_FLAGS, ROWS_PER_CHUNK, THREADS, TILE_M, TILE_N, source
-from gpunet.backend.cuda_wrappers import NO_LABEL_ERROR
+from gpunet.backend.cuda_wrappers import NO_RANGE_ERROR
 from gpunet.backend.ops import Ops, pooled_size
 from tests.cuda import emulator as cuda_emulator
 from tests.support.arrays import rng
@@ -178,7 +178,7 @@ def test_softmax_xent(rows, classes):
     logits = (rng().standard_normal((rows, classes)) * 8).astype("float32")
     logits[0, 0] = 80.0  # exp would overflow without the running maximum
     labels = rng(1).integers(0, classes, rows).astype("int64")
-    grad, row_loss, errors = numpy.zeros_like(logits), numpy.zeros(rows, "float32"), NO_LABEL_ERROR.copy()
+    grad, row_loss, errors = numpy.zeros_like(logits), numpy.zeros(rows, "float32"), NO_RANGE_ERROR.copy()
     loss, done = numpy.full((), numpy.nan, "float32"), numpy.zeros(1, "uint32")
     run("softmax_xent", "softmax_xent", rows, THREADS, logits, labels, grad, row_loss, loss, errors, done, classes,
         1.0 / rows)
@@ -186,7 +186,7 @@ def test_softmax_xent(rows, classes):
     numpy.testing.assert_allclose(loss, want_loss, rtol=1e-5)
     assert done[0] == 0  # reset by the last block for the next launch
     numpy.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-7)
-    numpy.testing.assert_array_equal(errors, NO_LABEL_ERROR)
+    numpy.testing.assert_array_equal(errors, NO_RANGE_ERROR)
 
 
 def test_lstm_cell_and_backward():
@@ -352,10 +352,10 @@ def test_embedding_forward_and_backward(positions):
     r = rng(9)
     ids = r.integers(0, v - 1, (b, t)).astype("int64")  # the last id is never used
     weight, position = r.standard_normal((v, d)).astype("float32"), r.standard_normal((p, d)).astype("float32")
-    y, id_error = numpy.full((b, t, d), numpy.nan, "float32"), NO_LABEL_ERROR.copy()
+    y, id_error = numpy.full((b, t, d), numpy.nan, "float32"), NO_RANGE_ERROR.copy()
     run("embedding", "embedding_forward", 4, 64, ids, weight, position, y, id_error, ids.size, t, d, v, int(positions))
     numpy.testing.assert_array_equal(y, REFERENCE.embed(ids, weight, position if positions else None))
-    numpy.testing.assert_array_equal(id_error, NO_LABEL_ERROR)  # no id out of range
+    numpy.testing.assert_array_equal(id_error, NO_RANGE_ERROR)  # no id out of range
     dy = r.standard_normal((b, t, d)).astype("float32")
     want_w, want_p = numpy.full_like(weight, numpy.nan), numpy.full_like(position, numpy.nan)
     REFERENCE.embed_backward(ids, dy, want_w, want_p if positions else None)
@@ -372,7 +372,7 @@ def test_embedding_forward_and_backward(positions):
 def test_embedding_ids_out_of_range_give_nan_rows_and_are_flagged():
     ids = numpy.array([[3, -2, 0], [9, 4, 12]], dtype="int64")  # V = 9: -2, 9 and 12 are out of range
     weight = rng(1).standard_normal((9, 70)).astype("float32")
-    y, id_error = numpy.zeros((2, 3, 70), "float32"), NO_LABEL_ERROR.copy()
+    y, id_error = numpy.zeros((2, 3, 70), "float32"), NO_RANGE_ERROR.copy()
     run("embedding", "embedding_forward", 3, 64, ids, weight, weight, y, id_error, ids.size, 3, 70, 9, 0)
     assert id_error.tolist() == [-2, 12]
     bad = (ids < 0) | (ids >= 9)

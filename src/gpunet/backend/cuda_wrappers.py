@@ -19,9 +19,9 @@ from gpunet.backend.cuda_kernels import (ACTIVATION_CODES, ROWS_PER_CHUNK, TILE_
                                          done_blocks_counter, grid_2d)
 from gpunet.backend.ops import adam_scalars, pooled_size
 
-# softmax_xent's label-error flags: (smallest, largest) out-of-range label seen, which the kernel
-# folds bad labels into with atomicMin/Max; these values mean "none".
-NO_LABEL_ERROR = numpy.array([numpy.iinfo(numpy.int64).max, numpy.iinfo(numpy.int64).min], dtype=numpy.int64)
+# The range-error flags of softmax_xent's labels and embedding_forward's ids: (smallest, largest)
+# out-of-range value seen, which the kernels fold bad values into with atomicMin/Max; these values mean "none".
+NO_RANGE_ERROR = numpy.array([numpy.iinfo(numpy.int64).max, numpy.iinfo(numpy.int64).min], dtype=numpy.int64)
 
 
 # ------------------------------------------------------------------ gemm.cu
@@ -193,7 +193,7 @@ def softmax_xent(logits, labels, label_error):
     """(loss, grad): the mean softmax cross-entropy (a 0-d array) of (N, C) logits and N int64
     labels, and its gradient; one block per row, the last block to finish sums the rows' losses
     (one launch). A label outside [0, C) gets loss and gradient 0 and is folded into label_error
-    (two int64 on the device, NO_LABEL_ERROR when clean) for the host to check later."""
+    (two int64 on the device, NO_RANGE_ERROR when clean) for the host to check later."""
     n, classes = logits.shape
     grad = _cupy().empty_like(logits)
     row_loss = _cupy().empty(n, dtype="float32")

@@ -149,7 +149,7 @@ EMBEDDING_BACKWARD = Kernel("embedding", "embedding_backward",
 def embedding_forward(ids, weight, position, id_error):
     """weight[ids] (int64 ids), plus position[t] at position t of (B, T) ids when given (else None);
     a row of NaN for an id out of range, which is also folded into id_error (two int64 on the
-    device, NO_LABEL_ERROR's values when clean) for the host to check later."""
+    device, NO_RANGE_ERROR's values when clean) for the host to check later."""
     v, d = weight.shape
     y = _cupy().empty(ids.shape + (d,), dtype="float32")
     t = ids.shape[-1] if ids.ndim else 1

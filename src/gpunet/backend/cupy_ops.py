@@ -25,7 +25,7 @@ from gpunet.backend import cublaslt
 from gpunet.backend import cuda_wrappers as kernels
 from gpunet.backend import cuda_wrappers_sequence as sequence_kernels
 from gpunet.backend.cuda_kernels import ACTIVATION_CODES, compile_inputs
-from gpunet.backend.cuda_wrappers import NO_LABEL_ERROR
+from gpunet.backend.cuda_wrappers import NO_RANGE_ERROR
 from gpunet.validate import env_choice
 from gpunet.backend.devices import configure_tf32, cupy_status, gpu_name
 from gpunet.backend.gemm_dispatch import GemmDispatch, agreeing, source_hash
@@ -211,7 +211,7 @@ class CupyOps(Ops):
         xp = self.xp
         flags = self._range_error_flags(what, bound)
         bad = (values < 0) | (values >= bound)
-        none_low, none_high = NO_LABEL_ERROR.tolist()
+        none_low, none_high = NO_RANGE_ERROR.tolist()
         flags[0] = xp.minimum(flags[0], xp.where(bad, values, none_low).min())
         flags[1] = xp.maximum(flags[1], xp.where(bad, values, none_high).max())
         return xp.clip(values, 0, bound - 1)
@@ -227,14 +227,14 @@ class CupyOps(Ops):
             flags = self._range_errors[key]
             low, high = (int(v) for v in flags.get())
             if low <= high:  # some value was out of range
-                flags.set(NO_LABEL_ERROR)
+                flags.set(NO_RANGE_ERROR)
                 raise (label_range_error if what == "label" else id_range_error)(low if low < 0 else high, bound)
 
     def _range_error_flags(self, what: str, bound: int):
         """The device flags for values of kind `what` ("label", "id") in [0, bound), marked as needing a check."""
         flags = self._range_errors.get((what, bound))
         if flags is None:
-            flags = self._range_errors[(what, bound)] = self.xp.asarray(NO_LABEL_ERROR)
+            flags = self._range_errors[(what, bound)] = self.xp.asarray(NO_RANGE_ERROR)
         self._unchecked.add((what, bound))
         return flags
 
