@@ -115,6 +115,28 @@ def test_a_space_file_replaces_the_default_space(tmp_path):
         main(["search", *SMALL, "--trials", "2", "--out", str(out)])
 
 
+def test_a_space_may_set_the_random_shift_of_image_models_only(tmp_path, monkeypatch, capsys):
+    shifts, real_fit = [], gn.fit
+
+    def recording_fit(model, train, *args, **kwargs):
+        shifts.append(train.shift)
+        return real_fit(model, train, *args, **kwargs)
+
+    monkeypatch.setattr(gn, "fit", recording_fit)
+    space = tmp_path / "space.json"
+    space.write_text('{"shift": {"choices": [3]}, "hidden1": 8, "hidden2": 4}')
+    assert main(["search", *SMALL, "--trials", "1", "--space", str(space), "--out", str(tmp_path / "s")]) == 0
+    assert read_rows(tmp_path / "s")[0]["shift"] == "3"
+    assert main(["search", *SMALL, "--trials", "1", "--out", str(tmp_path / "default")]) == 0
+    assert shifts == [3, gn.recipes.recipe("mlp").shift]  # without one in the space: the recipe's
+    text_space = tmp_path / "text.json"
+    text_space.write_text('{"shift": 1}')
+    with pytest.raises(SystemExit):
+        main(["search", "--model", "rnn", "--steps", "2", "--device", "cpu", "--trials", "1",
+              "--space", str(text_space), "--out", str(tmp_path / "t")])
+    assert "unknown parameter 'shift' for --model rnn" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("text, suffix, message", [
     ('{"lr": {"low": 0.1, "high": 0.01}}', ".json", "'lr': low (0.1) must be below high (0.01)"),
     ('{"widht": 3}', ".json", "unknown parameter 'widht' for --model mlp"),

@@ -8,8 +8,8 @@ A space maps a parameter name to a range, a list of choices, or one fixed value:
      "batch_size": {"choices": [64, 128, 256]},
      "dropout": 0.1}                                     # fixed
 
-The names are the training settings of TRAINING (all models) and the model's own shape settings (the
-recipe's `arch`: widths, dropout). A parameter the space leaves out keeps the recipe's value.
+The names are the training settings of TRAINING (all models), IMAGE_TRAINING (image models: random
+shifts) and the model's own shape settings (the recipe's `arch`: widths, dropout). A parameter the space leaves out keeps the recipe's value.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ TRAINING = {
     "weight_decay": (float, "the optimizer's weight decay"),
     "warmup": (float, "fraction of the run's optimizer steps that warm the rate up linearly"),
 }
+IMAGE_TRAINING = {"shift": (int, "random image shifts of up to this many pixels")}
 
 _COMMON = {"lr": {"low": 3e-4, "high": 1e-2, "log": True}, "batch_size": {"choices": [32, 64, 128, 256]},
            "weight_decay": {"low": 1e-6, "high": 1e-3, "log": True}, "warmup": {"low": 0.0, "high": 0.1}}
@@ -44,7 +45,8 @@ DEFAULT_SPACES = {
 
 def kinds(recipe) -> dict:
     """Every name a space may hold for this recipe -> int or float."""
-    return {**{name: kind for name, (kind, _) in TRAINING.items()},
+    training = {**TRAINING, **(IMAGE_TRAINING if recipe.kind == "image" else {})}
+    return {**{name: kind for name, (kind, _) in training.items()},
             **{name: type(value) for name, value in recipe.arch.items()}}
 
 

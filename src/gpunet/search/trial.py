@@ -7,6 +7,7 @@ the rest of the training part and selects on its last (text) or a random (images
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -82,9 +83,13 @@ def run(recipe, data: SearchData, params: dict, trial, *, epochs, steps, device,
     total = steps or epochs * -(-len(data.train) // batch)
     schedule = recipe.make_schedule(optimizer, total, params.get("warmup"))
     pruning = _Pruning(trial)
+    train = data.train
+    if "shift" in params:  # the images are loaded once per search: a trial with its own shift gets its own view
+        train = copy.copy(train)
+        train.shift = int(params["shift"])
     try:
         with numpy.errstate(all="ignore"):  # a diverging trial is reported by fit, not by NumPy warnings
-            history = gn.fit(model, data.train, data.select, optimizer=optimizer, epochs=epochs, steps=steps,
+            history = gn.fit(model, train, data.select, optimizer=optimizer, epochs=epochs, steps=steps,
                              batch_size=batch, eval_every=max(1, steps // EVALUATIONS) if steps else None,
                              schedule=schedule, clip_norm=recipe.clip_norm, out_dir=out, seed=seed, progress=False,
                              overwrite=bool(holds_run(out)),  # an interrupted attempt: moved aside, not lost
