@@ -16,7 +16,7 @@ def test_train_then_eval_on_idx_files(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--steps", "60", "--device", "cpu", "--out", str(out), "--no-progress", "--seed", "3"]) == 0
     text = capsys.readouterr().out
-    assert "device: cpu" in text and "total" in text and "266,610" in text and "wrote" in text
+    assert "device: cpu" in text and "total" in text and "1,068,810" in text and "wrote" in text
     history = json.loads((out / "history.json").read_text())
     assert history[-1]["step"] == 60 and {"epoch", "train_loss", "val_loss", "val_accuracy"} <= set(history[-1])
     x, y = gn.data.load_mnist_sample()
