@@ -105,13 +105,16 @@ def attention_softmax_backward(xp, probs, dprobs, scale):
 def attention(xp, qkv, causal, softmax=None):
     """Multi-head scaled dot-product attention of qkv (B, T, 3, H, Dh), the input projection's
     output as it comes: (mixed (B, T, H, Dh), state), state for attention_backward. Heads and
-    batch rows go through batched matmuls. softmax(scores, scale, causal): a backend's own
-    attention_softmax (NumpyOps' kernel), else the one above."""
-    q, k, v = xp.ascontiguousarray(qkv.transpose(2, 0, 3, 1, 4))  # each (B, H, T, Dh)
+    batch rows go through batched matmuls on strided views of qkv and of the output (each matrix
+    has unit-stride rows, which BLAS reads and writes in place: no transposing copies). softmax(scores,
+    scale, causal): a backend's own attention_softmax (NumpyOps' kernel), else the one above."""
+    q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # views, each (B, H, T, Dh)
     scale = 1.0 / math.sqrt(qkv.shape[-1])
     scores = xp.matmul(q, k.swapaxes(-1, -2))
     probs = attention_softmax(xp, scores, scale, causal) if softmax is None else softmax(scores, scale, causal)
-    mixed = xp.ascontiguousarray(xp.matmul(probs, v).transpose(0, 2, 1, 3))
+    b, t, _, h, dh = qkv.shape
+    mixed = xp.empty((b, t, h, dh), dtype=probs.dtype)
+    xp.matmul(probs, v, out=mixed.transpose(0, 2, 1, 3))
     return mixed, (qkv, probs, (q, k, v))
 
 
@@ -120,15 +123,15 @@ def attention_backward(xp, dmixed, state, softmax_backward=None):
     softmax_backward(probs, dprobs, scale) as attention's softmax."""
     qkv, probs, (q, k, v) = state
     scale = 1.0 / math.sqrt(qkv.shape[-1])
-    dmixed = xp.ascontiguousarray(dmixed.transpose(0, 2, 1, 3))  # (B, H, T, Dh)
+    dmixed = dmixed.transpose(0, 2, 1, 3)  # a view: (B, H, T, Dh)
     dqkv = xp.empty(qkv.shape, dtype=dmixed.dtype)
-    dqkv_heads = dqkv.transpose(2, 0, 3, 1, 4)  # a view: (3, B, H, T, Dh)
-    dqkv_heads[2] = xp.matmul(probs.swapaxes(-1, -2), dmixed)
+    dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)  # views, written by the matmuls
+    xp.matmul(probs.swapaxes(-1, -2), dmixed, out=dv)
     dprobs = xp.matmul(dmixed, v.swapaxes(-1, -2))
     dscores = (attention_softmax_backward(xp, probs, dprobs, scale) if softmax_backward is None
                else softmax_backward(probs, dprobs, scale))
-    dqkv_heads[0] = xp.matmul(dscores, k)
-    dqkv_heads[1] = xp.matmul(dscores.swapaxes(-1, -2), q)
+    xp.matmul(dscores, k, out=dq)
+    xp.matmul(dscores.swapaxes(-1, -2), q, out=dk)
     return dqkv
 
 
