@@ -6,6 +6,8 @@ pytest-benchmark times each side's rounds back to back; bench/conftest.py prints
 """
 from __future__ import annotations
 
+import time
+
 import pytest
 
 import gpunet as gn
@@ -38,13 +40,13 @@ def test_case(benchmark, device, name, side):
         fn()
         sync()
 
+    time.sleep(runner.SETTLE_SECONDS)  # the previous case's worker threads park (runner.SETTLE_SECONDS says why)
     benchmark.group = f"{device}:{name}"
     benchmark.name = f"{device}:{name}[{side}]"
     benchmark.pedantic(call, rounds=max(3, min(100, int(1.0 / _seconds(call)))), iterations=1, warmup_rounds=2)
 
 
 def _seconds(call) -> float:
-    import time
     call()
     start = time.perf_counter()
     call()

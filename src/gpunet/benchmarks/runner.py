@@ -2,7 +2,8 @@
 
 Method: each pair is built, its first results checked to agree, then warmed up (JIT and
 kernel compilation happen there); then gpunet and PyTorch alternate for `repeats` rounds of
-about ROUND_SECONDS each (many calls of a fast op, one of a slow one), synchronising the GPU before every clock read. A row reports the median
+about ROUND_SECONDS each (many calls of a fast op, one of a slow one), each after a pause of
+SETTLE_SECONDS, synchronising the GPU before every clock read. A row reports the median
 seconds per call of both, the spread (p10-p90 over rounds, relative to the median) and their
 ratio; rate rows add GFLOP/s or GB/s and the share of the roofline measured in the same run
 (the plain BLAS GEMM, or a device-to-device copy).
@@ -18,9 +19,13 @@ from gpunet.benchmarks import kernels, steps
 from gpunet.benchmarks.report import format_time
 
 
-# Rounds this long keep the handover between the libraries' thread pools (each spins on the
-# cores for a while after its last call, slowing the other by up to 2x) a small part of a round.
+# Rounds this long keep the handover between the libraries' thread pools a small part of a round.
 ROUND_SECONDS = 0.25
+# Before each round, a pause that lets the other library's idle worker threads park. OpenBLAS's
+# spin on the cores for 2^28 cycles (about 0.1 s) after their last GEMM; one untimed call did not
+# outlast that, so PyTorch's rounds after gpunet's shared the cores with spinning OpenBLAS threads
+# and short steps read up to 2x slower for PyTorch (2026-12-07: the MLP at 0.54 instead of 0.7-0.8).
+SETTLE_SECONDS = 0.3
 
 
 @dataclass
@@ -89,7 +94,7 @@ def run(device: str = "cpu", only=None, tiny: bool = False, repeats: int | None 
         pair = case.build()
         check_agreement(case.name, pair)
         rounds = repeats or (3 if tiny else 5)
-        inner = 1 if tiny else None
+        inner = 1 if tiny else None  # tiny checks the harness: one call a round, no pauses
         ours_t, theirs_t = _alternate(pair.ours, pair.theirs, sync, rounds, inner)
         result = _summarise(case, pair, ours_t, theirs_t, sync, rounds, inner)
         log(f"  {case.name}: gpunet {format_time(result.gpunet_s)}, PyTorch {format_time(result.torch_s)}, "
@@ -114,7 +119,7 @@ def _alternate(ours, theirs, sync, rounds, inner):
     times = {ours: [], theirs: []}
     for _ in range(rounds):
         for fn in (ours, theirs):
-            times[fn].append(_round(fn, calls[fn], sync))
+            times[fn].append(_round(fn, calls[fn], sync, settle=inner is None))
     return numpy.array(times[ours]), numpy.array(times[theirs])
 
 
@@ -129,10 +134,12 @@ def _calls_per_round(fn, sync, inner) -> int:
     return inner or max(1, min(5000, int(ROUND_SECONDS / max(time.perf_counter() - start, 1e-7))))
 
 
-def _round(fn, calls: int, sync) -> float:
+def _round(fn, calls: int, sync, settle: bool = False) -> float:
     """Seconds per call over one round."""
+    if settle:
+        time.sleep(SETTLE_SECONDS)  # the other library's worker threads park
     if calls > 1:
-        fn()  # untimed: the other library's worker threads may still be spinning on the cores
+        fn()  # untimed: wakes this library's own workers
     sync()
     start = time.perf_counter()
     for _ in range(calls):
@@ -149,7 +156,7 @@ def _summarise(case, pair, ours_t, theirs_t, sync, rounds, inner) -> Result:
         result.rate = pair.work / med_ours / 1e9
         if pair.roofline is not None:
             calls = _calls_per_round(pair.roofline, sync, inner)
-            roof_t = [_round(pair.roofline, calls, sync) for _ in range(rounds)]
+            roof_t = [_round(pair.roofline, calls, sync, settle=inner is None) for _ in range(rounds)]
             result.roofline_rate = pair.work / float(numpy.median(roof_t)) / 1e9
             result.percent_of_roofline = 100.0 * result.rate / result.roofline_rate
     if pair.samples:
