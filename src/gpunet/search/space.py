@@ -9,7 +9,8 @@ A space maps a parameter name to a range, a list of choices, or one fixed value:
      "dropout": 0.1}                                     # fixed
 
 The names are the training settings of TRAINING (all models), IMAGE_TRAINING (image models: random
-shifts) and the model's own shape settings (the recipe's `arch`: widths, dropout). A parameter the space leaves out keeps the recipe's value.
+shifts) and the model's own shape settings (the recipe's `arch`: widths, dropout). A parameter the
+space leaves out keeps the recipe's value.
 """
 from __future__ import annotations
 
