@@ -22,9 +22,9 @@ from gpunet.benchmarks.report import format_time
 # Rounds this long keep the handover between the libraries' thread pools a small part of a round.
 ROUND_SECONDS = 0.25
 # Before each round, a pause that lets the other library's idle worker threads park. OpenBLAS's
-# spin on the cores for 2^28 cycles (about 0.1 s) after their last GEMM; one untimed call did not
-# outlast that, so PyTorch's rounds after gpunet's shared the cores with spinning OpenBLAS threads
-# and short steps read up to 2x slower for PyTorch (2026-12-07: the MLP at 0.54 instead of 0.7-0.8).
+# workers spin on the cores for about 0.1 s after their last GEMM; one untimed call did not outlast
+# that, so PyTorch's rounds after gpunet's shared the cores with spinning OpenBLAS threads and its
+# short steps read up to 4x slower (bench/handover.py; bench/RESULTS.md, 2026-12-07).
 SETTLE_SECONDS = 0.3
 
 
