@@ -155,6 +155,35 @@ def test_attention_softmax_and_backward(device, shape, causal):
           rtol=1e-4, atol=1e-6)
 
 
+def _einsum_attention(qkv, dmixed, causal):
+    """Attention and its backward written out in float64 einsums: (mixed, dqkv)."""
+    q, k, v = (qkv[:, :, i].astype("float64") for i in range(3))  # each (B, T, H, Dh)
+    t, scale = qkv.shape[1], 1.0 / numpy.sqrt(qkv.shape[-1])
+    scores = numpy.einsum("bthd,bshd->bhts", q, k) * scale
+    if causal:
+        scores[..., numpy.triu(numpy.ones((t, t), dtype=bool), 1)] = -numpy.inf
+    probs = numpy.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    dprobs = numpy.einsum("bthd,bshd->bhts", dmixed, v)
+    dscores = probs * (dprobs - (dprobs * probs).sum(axis=-1, keepdims=True)) * scale
+    dq, dk = numpy.einsum("bhts,bshd->bthd", dscores, k), numpy.einsum("bhts,bthd->bshd", dscores, q)
+    dv = numpy.einsum("bhts,bthd->bshd", probs, dmixed)
+    return numpy.einsum("bhts,bshd->bthd", probs, v), numpy.stack([dq, dk, dv], axis=2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])  # float64: each backend's xp code (strided matmuls)
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_and_backward_match_an_einsum_reference(device, dtype, causal):
+    qkv = rng(3).standard_normal((2, 7, 3, 3, 4)).astype(dtype)
+    dmixed = rng(4).standard_normal((2, 7, 3, 4)).astype(dtype)
+    want, want_dqkv = _einsum_attention(qkv, dmixed, causal)
+    ops = ops_for_device(device)
+    mixed, state = ops.attention(on(device, qkv), causal)
+    tolerance = dict(rtol=1e-4, atol=1e-5) if dtype == "float32" else dict(rtol=1e-10, atol=1e-12)
+    close(mixed, want, **tolerance)
+    close(ops.attention_backward(on(device, dmixed), state), want_dqkv, **tolerance)
+
+
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("shape", [(3, 1), (4, 9, 256), (2, 1000)], ids=lambda s: "x".join(map(str, s)))
 def test_layer_norm_and_backward(device, shape, affine):
