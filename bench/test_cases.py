@@ -29,8 +29,8 @@ def pair(device, name):
     return _built[device, name]
 
 
+@pytest.mark.parametrize("side", ["gpunet", "torch"])  # the innermost: each case's two sides run one after the other
 @pytest.mark.parametrize("device, name", CASES, ids=[f"{d}-{n}" for d, n in CASES])
-@pytest.mark.parametrize("side", ["gpunet", "torch"])
 def test_case(benchmark, device, name, side):
     built = pair(device, name)
     fn = built.ours if side == "gpunet" else built.theirs
