@@ -19,6 +19,9 @@ import numpy
 from gpunet.backend import is_cupy_array
 
 FAILURE_GRACE = 3.0  # seconds a failing rank waits for the others to fail too before aborting the job
+# MPI_Abort may end the job before the launcher has forwarded what the rank just printed (its one-line
+# message came out empty once in a loaded CI run; chapel-lang/chapel#14464 saw the same): a short wait.
+ABORT_LINE_SECONDS = 0.5
 DEFAULT_TIMEOUT = 900.0  # seconds a collective may wait (the first GPU step compiles kernels)
 OPS = ("sum", "max", "min")
 
@@ -115,6 +118,7 @@ class MPIWorld(Single):
         while not request.Test():
             if time.monotonic() > deadline:
                 _abort_line(self.rank, self.world_size, message)
+                time.sleep(ABORT_LINE_SECONDS)
                 self.comm.Abort(code or 1)
             time.sleep(0.005)
 
