@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy
 
-from gpunet.backend import cpu_kernels, sequence_ops
+from gpunet.backend import cpu_kernels
 from gpunet.backend.cpu_conv_kernels import kernels as conv_kernels
 from gpunet.backend.cpu_sequence_kernels import kernels as sequence_kernels
 from gpunet.backend.ops import Ops, adam_scalars, pooled_size
@@ -63,12 +63,6 @@ class NumpyOps(Ops):
         if not _fusable(probs, dprobs) or probs.dtype != numpy.float32 or probs.shape != dprobs.shape:
             return super().attention_softmax_backward(probs, dprobs, scale)
         return cpu_kernels.attention_softmax_backward32(probs, dprobs, scale)
-
-    def attention(self, qkv, causal):
-        return sequence_ops.attention(numpy, qkv, causal, self.attention_softmax)
-
-    def attention_backward(self, dmixed, state):
-        return sequence_ops.attention_backward(numpy, dmixed, state, self.attention_softmax_backward)
 
     def softmax_cross_entropy(self, logits, labels):
         if logits.dtype != numpy.float32 or logits.ndim != 2 or not logits.size or not logits.flags.c_contiguous:

@@ -247,11 +247,11 @@ class Ops(ConvOps):
 
     def attention(self, qkv, causal):
         """Self-attention of qkv (B, T, 3, H, Dh): (mixed (B, T, H, Dh), state for attention_backward)."""
-        return sequence_ops.attention(self.xp, qkv, causal)
+        return sequence_ops.attention(self.xp, qkv, causal, self.attention_softmax)
 
     def attention_backward(self, dmixed, state):
         """dqkv (B, T, 3, H, Dh) from dmixed (B, T, H, Dh) and attention's state."""
-        return sequence_ops.attention_backward(self.xp, dmixed, state)
+        return sequence_ops.attention_backward(self.xp, dmixed, state, self.attention_softmax_backward)
 
     def embed(self, ids, weight, position=None):
         """weight[ids]; with position (P, D), ids are (B, T) and position[t] is added at position t."""

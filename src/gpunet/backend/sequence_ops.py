@@ -102,23 +102,23 @@ def attention_softmax_backward(xp, probs, dprobs, scale):
     return dprobs
 
 
-def attention(xp, qkv, causal, softmax=None):
+def attention(xp, qkv, causal, softmax):
     """Multi-head scaled dot-product attention of qkv (B, T, 3, H, Dh), the input projection's
     output as it comes: (mixed (B, T, H, Dh), state), state for attention_backward. Heads and
     batch rows go through batched matmuls on strided views of qkv and of the output (each matrix
-    has unit-stride rows, which BLAS reads and writes in place: no transposing copies). softmax(scores,
-    scale, causal): a backend's own attention_softmax (NumpyOps' kernel), else the one above."""
+    has unit-stride rows, which BLAS reads and writes in place: no transposing copies).
+    softmax(scores, scale, causal): the backend's attention_softmax (a kernel, or the one above)."""
     q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # views, each (B, H, T, Dh)
     scale = 1.0 / math.sqrt(qkv.shape[-1])
     scores = xp.matmul(q, k.swapaxes(-1, -2))
-    probs = attention_softmax(xp, scores, scale, causal) if softmax is None else softmax(scores, scale, causal)
+    probs = softmax(scores, scale, causal)
     b, t, _, h, dh = qkv.shape
     mixed = xp.empty((b, t, h, dh), dtype=probs.dtype)
     xp.matmul(probs, v, out=mixed.transpose(0, 2, 1, 3))
     return mixed, (qkv, probs, (q, k, v))
 
 
-def attention_backward(xp, dmixed, state, softmax_backward=None):
+def attention_backward(xp, dmixed, state, softmax_backward):
     """dqkv (B, T, 3, H, Dh) from the gradient of attention's output, dmixed (B, T, H, Dh);
     softmax_backward(probs, dprobs, scale) as attention's softmax."""
     qkv, probs, (q, k, v) = state
@@ -128,8 +128,7 @@ def attention_backward(xp, dmixed, state, softmax_backward=None):
     dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)  # views, written by the matmuls
     xp.matmul(probs.swapaxes(-1, -2), dmixed, out=dv)
     dprobs = xp.matmul(dmixed, v.swapaxes(-1, -2))
-    dscores = (attention_softmax_backward(xp, probs, dprobs, scale) if softmax_backward is None
-               else softmax_backward(probs, dprobs, scale))
+    dscores = softmax_backward(probs, dprobs, scale)
     xp.matmul(dscores, k, out=dq)
     xp.matmul(dscores.swapaxes(-1, -2), q, out=dk)
     return dqkv
