@@ -67,28 +67,30 @@ def test_softmax_cross_entropy_float64_and_strided_inputs_take_the_numpy_path():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("shape, out_c, kernel, padding, pool, bias", [
-    ((3, 2, 9, 9), 4, (3, 3), (0, 0), (2, 2), True),  # 7x7 conv output: the last row and column pool nowhere
-    ((2, 1, 8, 6), 3, (2, 3), (1, 0), (3, 2), False), ((5, 3, 6, 6), 1, (1, 1), (0, 0), (1, 1), True)])
-def test_conv_relu_pool_and_backward_match_float64(dtype, shape, out_c, kernel, padding, pool, bias):
+@pytest.mark.parametrize("shape, out_c, kernel, padding, pool, bias, stride", [
+    ((3, 2, 9, 9), 4, (3, 3), (0, 0), (2, 2), True, (1, 1)),  # 7x7 conv output: the last row and column pool nowhere
+    ((2, 1, 8, 6), 3, (2, 3), (1, 0), (3, 2), False, (1, 1)), ((5, 3, 6, 6), 1, (1, 1), (0, 0), (1, 1), True, (1, 1)),
+    ((2, 2, 11, 9), 3, (3, 3), (1, 1), (2, 2), True, (2, 2)),  # strided: the columns of im2col, not wide rows
+    ((2, 3, 13, 12), 2, (3, 2), (0, 1), (3, 2), False, (2, 1))])
+def test_conv_relu_pool_and_backward_match_float64(dtype, shape, out_c, kernel, padding, pool, bias, stride):
     r = rng(out_c)
     x = r.standard_normal(shape)
     w = r.standard_normal((out_c, shape[1], *kernel))
     b = r.standard_normal(out_c) if bias else None
     reference = Ops()  # the base class's layer-by-layer NumPy ops, here in float64
-    want_y, want_cols = reference.conv2d(x, w, b, (1, 1), padding, "relu")
+    want_y, want_cols = reference.conv2d(x, w, b, stride, padding, "relu")
     want_p, want_arg = reference.max_pool(want_y, pool, pool)
     pooled, arg, cols, y_shape = OPS.conv2d_relu_pool(*(a if a is None else a.astype(dtype) for a in (x, w, b)),
-                                                      (1, 1), padding, pool)
+                                                      stride, padding, pool)
     assert y_shape == want_y.shape and pooled.dtype == dtype
     numpy.testing.assert_allclose(pooled, want_p, rtol=1e-5, atol=1e-5)
     dp = r.standard_normal(want_p.shape)
     gw, gb = numpy.empty(w.shape, dtype), numpy.empty(out_c, dtype) if bias else None
     dx = OPS.conv2d_relu_pool_backward(dp.astype(dtype), pooled, arg, cols, x.shape, y_shape, w.astype(dtype), gw, gb,
-                                       (1, 1), padding, pool)
+                                       stride, padding, pool)
     want_gw, want_gb = numpy.empty(w.shape), numpy.empty(out_c) if bias else None
     dy = reference.max_pool_backward(dp, want_arg, want_y.shape, pool, pool)
-    want_dx = reference.conv2d_backward(dy, want_cols, x.shape, w, want_gw, want_gb, (1, 1), padding,
+    want_dx = reference.conv2d_backward(dy, want_cols, x.shape, w, want_gw, want_gb, stride, padding,
                                         activation="relu", y=want_y)
     for got, want in ((dx, want_dx), (gw, want_gw), (gb, want_gb)):
         if want is not None:

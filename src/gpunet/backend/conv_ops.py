@@ -56,13 +56,13 @@ class ConvOps:
         return self.xp.matmul(weight.reshape(out_c, -1), cols.T).reshape(out_c, n, oh * ow), cols, (oh, ow)
 
     def conv_epilogue(self, y_t, bias, activation):
-        """(N, C, L) = activation(y_t (C, N, L) moved to NCHW, + bias (C))."""
-        out_c, n, length = y_t.shape
-        out = self.xp.empty((n, out_c, length), dtype=y_t.dtype)
+        """(N, C, ...) = activation(y_t (C, N, ...) moved to NCHW, + bias (C))."""
+        out_c, n, *spatial = y_t.shape
+        out = self.xp.empty((n, out_c, *spatial), dtype=y_t.dtype)
         if bias is None:
-            out[...] = y_t.transpose(1, 0, 2)
+            out[...] = y_t.swapaxes(0, 1)
         else:
-            self.xp.add(y_t.transpose(1, 0, 2), bias.reshape(1, out_c, 1), out=out)
+            self.xp.add(y_t.swapaxes(0, 1), bias.reshape(1, out_c, *[1] * len(spatial)), out=out)
         return out if activation is None else self.activation(activation, out, out=out)
 
     def conv2d_backward(self, dy, cols, x_shape, weight, grad_weight, grad_bias, stride, padding, need_dx=True,
@@ -97,11 +97,16 @@ class ConvOps:
 
     def conv_bias_act_backward(self, dy, y, activation, grad_bias):
         """dZ = dy * activation'(y) as (C, N * L), channel-major; writes sum dZ per channel into grad_bias."""
+        dz = self._conv_dz(dy, y, activation, grad_bias)
+        return dz.transpose(1, 0, 2, 3).reshape(dz.shape[1], -1)
+
+    def _conv_dz(self, dy, y, activation, grad_bias):
+        """dZ = dy * activation'(y), NCHW; writes sum dZ per channel into grad_bias."""
         if activation is not None:
             dy = self.activation_backward(activation, y, y, dy)  # relu'(z) = relu'(y); sigmoid', tanh' read y
         if grad_bias is not None:
             self.xp.sum(dy, axis=(0, 2, 3), out=grad_bias)
-        return dy.transpose(1, 0, 2, 3).reshape(dy.shape[1], -1)
+        return dy
 
     # ---------------------------------------------------------------- pooling (through im2col)
     def max_pool(self, x, kernel, stride):

