@@ -120,11 +120,8 @@ class NumpyOps(Ops):
         pooled = numpy.empty((n, out_c, oh // pool[0], ow // pool[1]), dtype=y_t.dtype)
         arg = numpy.empty(pooled.shape, dtype=numpy.int32)
         has_bias = bias is not None
-        planes, bias = y_t.reshape(out_c, n, oh * pitch), bias if has_bias else pooled.ravel()[:0]
-        if tuple(pool) == (2, 2):
-            conv_kernels().bias_relu_pool2_t(planes, bias, has_bias, pitch, pooled, arg)
-        else:
-            conv_kernels().bias_relu_pool_t(planes, bias, has_bias, *pool, pitch, pooled, arg)
+        conv_kernels().bias_relu_pool_t(y_t.reshape(out_c, n, oh * pitch), bias if has_bias else pooled.ravel()[:0],
+                                        has_bias, *pool, pitch, pooled, arg)
         return pooled, arg, cols, (n, out_c, oh, ow)
 
     def conv2d_relu_pool_backward(self, dp, pooled, argmax, cols, x_shape, y_shape, weight, grad_weight, grad_bias,
