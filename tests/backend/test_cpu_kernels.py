@@ -97,6 +97,39 @@ def test_conv_relu_pool_and_backward_match_float64(dtype, shape, out_c, kernel, 
             numpy.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def conv_round_trip(x, w, b, pool):
+    """A stride-1 Conv2D forward and backward (with ReLU, or ReLU and max pool): what callers keep."""
+    gw, gb = numpy.empty_like(w), numpy.empty_like(b)
+    if pool:
+        pooled, arg, cols, y_shape = OPS.conv2d_relu_pool(x, w, b, (1, 1), (1, 1), (2, 2))
+        dx = OPS.conv2d_relu_pool_backward(numpy.ones_like(pooled), pooled, arg, cols, x.shape, y_shape, w, gw, gb,
+                                           (1, 1), (1, 1), (2, 2))
+        return pooled, cols, dx, gw, gb
+    y, cols = OPS.conv2d(x, w, b, (1, 1), (1, 1), "relu")
+    dx = OPS.conv2d_backward(numpy.ones_like(y), cols, x.shape, w, gw, gb, (1, 1), (1, 1), True, "relu", y)
+    return y, cols, dx, gw, gb
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_conv_work_arrays_never_reach_the_caller(pool, monkeypatch):
+    """The CPU convolutions reuse their work arrays from call to call: nothing they return may be
+    one of them (a later call on a larger input would change it), and the numbers are those of
+    fresh arrays."""
+    from gpunet.backend import numpy_ops
+    r = rng(11)
+    w, b = r.standard_normal((4, 3, 3, 3)).astype("float32"), r.standard_normal(4).astype("float32")
+    x = r.standard_normal((2, 3, 8, 8)).astype("float32")
+    first = conv_round_trip(x, w, b, pool)
+    kept = [a.copy() for a in first]
+    for shape in ((2, 3, 8, 8), (1, 3, 5, 6), (5, 3, 12, 10)):  # the same arrays again, a part of them, larger ones
+        conv_round_trip(r.standard_normal(shape).astype("float32"), w, b, pool)
+    for got, want in zip(first, kept):
+        numpy.testing.assert_array_equal(got, want)
+    monkeypatch.setattr(numpy_ops, "SCRATCH_KEPT_BYTES", 0)  # every work array fresh
+    for got, want in zip(conv_round_trip(x, w, b, pool), kept):
+        numpy.testing.assert_array_equal(got, want)
+
+
 def test_gelu_and_its_derivative_match_float64():
     import math
     x = numpy.concatenate([numpy.linspace(-20, 20, 40_001), [0.0, -1e-30, 1e30, -1e30]]).astype("float32")

@@ -218,13 +218,16 @@ class NumpyOps(Ops):
 
 
 _SCRATCH = threading.local()
+SCRATCH_KEPT_BYTES = 256 << 20  # a larger work array is made fresh each call, not kept for the process's life
 
 
 def _scratch(name, shape, dtype) -> numpy.ndarray:
     """A work array of this thread, reused from call to call: a fresh array of megabytes costs a
     page fault per 4 KiB (a conv backward's dX GEMM ran 0.4 ms alone, 4.7 ms on new memory).
     Only for arrays that die inside the op that asks: the next call overwrites them."""
-    size, store = math.prod(shape), _SCRATCH.__dict__
+    size, store, dtype = math.prod(shape), _SCRATCH.__dict__, numpy.dtype(dtype)
+    if size * dtype.itemsize > SCRATCH_KEPT_BYTES:
+        return numpy.empty(shape, dtype=dtype)
     array = store.get((name, dtype))
     if array is None or array.size < size:
         array = store[(name, dtype)] = numpy.empty(size, dtype=dtype)
