@@ -1,6 +1,7 @@
 """The convolution and pooling ops of Ops (which inherits them), written once against `xp` like
 the rest: im2col and one channel-major GEMM, its epilogue (bias, activation, and LeNet's ReLU then
-max pool), and their backwards. CupyOps overrides the epilogues and im2col/col2im with kernels."""
+max pool), and their backwards. CupyOps overrides the epilogues and im2col/col2im with kernels;
+NumpyOps runs stride-1 convolutions over wide rows (see there)."""
 from __future__ import annotations
 
 

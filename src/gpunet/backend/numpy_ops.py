@@ -236,7 +236,7 @@ def _scratch(name, shape, dtype) -> numpy.ndarray:
 
 def _wide_rows(x_shape, dtype, stride) -> bool:
     """Whether a convolution runs over wide rows: the forward and the backward decide alike."""
-    return tuple(stride) == (1, 1) and min(x_shape) > 0 and dtype.kind == "f"
+    return tuple(stride) == (1, 1) and min(x_shape) > 0 and dtype in (numpy.float32, numpy.float64)
 
 
 def _plane_size(hp, wp, kw) -> int:
