@@ -148,7 +148,7 @@ def kernels() -> ConvKernels:
                     out[q], at[q] = best, where
 
     # Its backward: each window's gradient goes to its maximum where that was positive (relu' at
-    # the maximum), written channel-major (C, N*oh*ow) as the weight and input GEMMs read it, with
+    # the maximum), written channel-major (C, N*oh*pitch) as the weight and input GEMMs read it, with
     # the bias gradient summed on the way (in float64).
     @numba.njit(cache=True)
     def relu_pool_backward_t(dp, pooled, arg, kh, kw, oh, pitch, dy_t, grad_bias, has_bias):

@@ -165,8 +165,8 @@ class NumpyOps(Ops):
         n, c, h, w = x_shape
         (ph, pw), hp, wp = padding, h + 2 * padding[0], w + 2 * padding[1]
         planes = _scratch("planes", (n, c, _plane_size(hp, wp, kw)), dy_wide.dtype)
-        dcols = numpy.matmul(weight.reshape(out_c, -1).T, dy_wide, out=_scratch("dcols", (kh * kw * c, dy_wide.shape[1]),
-                                                                              dy_wide.dtype))
+        dcols = _scratch("dcols", (c * kh * kw, dy_wide.shape[1]), dy_wide.dtype)
+        numpy.matmul(weight.reshape(out_c, -1).T, dy_wide, out=dcols)
         conv_kernels().col2im_rows(dcols, kh, kw, wp, hp - kh + 1, planes)
         return planes[:, :, : hp * wp].reshape(n, c, hp, wp)[:, :, ph: ph + h, pw: pw + w].copy()
 
