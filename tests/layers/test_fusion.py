@@ -7,7 +7,9 @@ import numpy
 import pytest
 
 import gpunet as gn
-from gpunet.layers import GELU, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, Sigmoid, Tanh
+from gpunet.layers import (GELU, GRU, LSTM, RNN, Conv2D, Dense, Embedding, Flatten, MaxPool2D, ReLU, Sequential, Sigmoid,
+                           Tanh)
+from gpunet.layers.recurrent import EmbeddedIds
 from tests.support.arrays import DEVICES, on, rng
 
 
@@ -43,6 +45,45 @@ def test_fused_layers_equal_the_layers_run_one_by_one(device):
     numpy.testing.assert_allclose(gn.to_numpy(dx), want_dx, rtol=tol, atol=tol)
     for name, want in want_grads.items():
         numpy.testing.assert_allclose(gn.to_numpy(model.grads[name]), want, rtol=tol, atol=tol, err_msg=name)
+
+
+def char_model(cell, vocab):
+    gn.manual_seed(5)
+    return Sequential(Embedding(vocab, 6), {"LSTM": LSTM, "GRU": GRU, "RNN": RNN}[cell](6, 5), Dense(5, vocab))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("vocab", [7, 40], ids=["table-rows-projected", "tokens-projected"])
+def test_an_embedding_absorbing_a_recurrent_layer_equals_the_layers_run_one_by_one(device, cell, vocab):
+    """Fewer table rows (7) than tokens (24): the recurrent layer projects each row once and sums
+    the gates' gradient per id. More (40): the embedded tokens as usual, inside the Embedding."""
+    ids = rng(1).integers(0, vocab, (3, 8))
+    ids[0, :3] = 2  # a repeated id
+    dy = rng(2).standard_normal((3, 8, vocab))
+    want_out, _, want_grads = one_by_one(char_model(cell, vocab).to("cpu", dtype="float64"), ids, dy)
+
+    dtype = "float64" if device == "cpu" else "float32"
+    model = char_model(cell, vocab).to(device, dtype=dtype)
+    for g in model.grads.values():
+        g[...] = 9.0  # every entry must be written
+    out = model.forward(on(device, ids))
+    assert isinstance(model.layers[0].saved.recurrent[1].xs, EmbeddedIds) == (vocab < ids.size)
+    assert model.backward(on(device, dy.astype(dtype))) is None  # ids have no gradient
+    tol = 1e-12 if dtype == "float64" else 1e-5
+    numpy.testing.assert_allclose(gn.to_numpy(out), want_out, rtol=tol, atol=tol)
+    for name, want in want_grads.items():
+        numpy.testing.assert_allclose(gn.to_numpy(model.grads[name]), want, rtol=tol, atol=tol, err_msg=name)
+
+
+def test_an_absorbed_recurrent_layer_refuses_an_embedding_of_the_wrong_size_as_it_does_alone():
+    model = Sequential(Embedding(4, 6), LSTM(5, 3))
+    ids = numpy.zeros((2, 5), "int64")
+    with pytest.raises(ValueError) as alone:
+        model.layers[1].forward(model.layers[0].forward(ids))
+    with pytest.raises(ValueError) as fused:
+        model.forward(ids)
+    assert str(fused.value) == str(alone.value) and "LSTM(5, 3" in str(fused.value)
 
 
 def test_which_layers_are_absorbed():

@@ -6,6 +6,7 @@ from gpunet.backend import Array, is_cupy_array, ops_for
 from gpunet.backend.sequence_ops import position_backward
 from gpunet.layers.base import Layer, register
 from gpunet.layers.checks import check_float_input, check_ndim
+from gpunet.layers.recurrent import EmbeddedIds, _Recurrent
 
 
 @register("Embedding")
@@ -25,15 +26,26 @@ class Embedding(Layer):
         return self._embed(ids, None)
 
     def absorbs(self, following) -> bool:
-        """A PositionalEmbedding right after: both in one pass each way (one launch on a GPU)."""
-        return len(following) == 1 and isinstance(following[0], PositionalEmbedding)
+        """A PositionalEmbedding right after: both in one pass each way (one launch on a GPU).
+        A recurrent layer right after: it projects each table row once, not each token's copy."""
+        return len(following) == 1 and isinstance(following[0], (PositionalEmbedding, _Recurrent))
 
     def forward_absorbing(self, ids, following):
-        return self._embed(ids, following[0])
-
-    def _embed(self, ids, positional):
+        (layer,) = following
+        if isinstance(layer, PositionalEmbedding):
+            return self._embed(ids, layer)
         w = self.params["weight"]
-        ops = ops_for(ids, w, op="Embedding.forward")
+        if layer.takes_embedded(ids, w):
+            self._check_ids(ids)
+            y = layer.forward_embedded(ids, w)
+        else:
+            y = layer.forward(self._embed(ids, None))
+        # Sequential marks the absorbed layer's own saved state; what its backward needs is kept here
+        self.save_for_backward(ids=ids, positional=None, recurrent=(layer, layer.saved))
+        return y
+
+    def _check_ids(self, ids):
+        w = self.params["weight"]
         if ids.dtype.kind not in "iu":
             raise TypeError(f"{self.describe()}: expected integer ids, got {ids.dtype}")
         if not is_cupy_array(ids) and ids.size:  # on the GPU this check would stall the stream
@@ -41,6 +53,11 @@ class Embedding(Layer):
             if low < 0 or high >= w.shape[0]:
                 raise ValueError(f"{self.describe()}: id {low if low < 0 else high} is out of range "
                                  f"[0, {w.shape[0]})")
+
+    def _embed(self, ids, positional):
+        w = self.params["weight"]
+        ops = ops_for(ids, w, op="Embedding.forward")
+        self._check_ids(ids)
         position = None
         if positional is not None:
             positional.check_input(ids.shape + (w.shape[1],))
@@ -49,6 +66,13 @@ class Embedding(Layer):
         return ops.embed(ids, w, position)
 
     def backprop(self, dy, saved, need_dx):
+        recurrent = getattr(saved, "recurrent", None)
+        if recurrent is not None:  # the absorbed recurrent layer's backward first
+            layer, layer_saved = recurrent
+            if isinstance(layer_saved.xs, EmbeddedIds):
+                layer.backprop_embedded(dy, layer_saved, self.grads["weight"])
+                return None
+            dy = layer.backprop(dy, layer_saved, need_dx=True)
         ops = ops_for(dy, self.params["weight"], op="Embedding.backward")
         if saved.positional is None:
             ops.embedding_backward(saved.ids, dy, self.grads["weight"])

@@ -6,7 +6,8 @@ torch's order (LSTM i, f, g, o; GRU r, z, n), so weights move both ways (torch.n
 weight_ih_l0 etc. are the same arrays under other names).
 
 The input projection of all time steps is one GEMM before the loop, and the weight gradients
-one GEMM each after it; only h @ W_hh and the cell's pointwise work run per step, on
+one GEMM each after it (after an Embedding that absorbs the layer: one GEMM over the table's rows,
+gathered per token, and the gates' gradient summed per id; see forward_embedded); only h @ W_hh and the cell's pointwise work run per step, on
 time-major buffers whose per-step slices are contiguous. The LSTM's step is one op
 (Ops.lstm_step and its backward), which a GPU runs as one launch: product and cell fused.
 GRU and RNN keep a product and a cell launch per step.
@@ -15,11 +16,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 from gpunet import init as initialisers
 from gpunet.backend import Array, ops_for
 from gpunet.layers.base import Layer, register
 from gpunet.layers.checks import check_float_input, check_last_dim, check_ndim
+
+
+class EmbeddedIds(NamedTuple):
+    """A recurrent layer's input given as ids into an embedding table (Embedding absorbing it)."""
+
+    ids: Array  # (T, B), time-major
+    weight: Array  # the table, (num_embeddings, input_size)
 
 
 class _Recurrent(Layer):
@@ -61,16 +70,44 @@ class _Recurrent(Layer):
         b, t, f = x.shape
         xs = self._buffer(ops, "xs", (t, b, f), x.dtype)
         xs[...] = x.transpose(1, 0, 2)
-        hs = self._buffer(ops, "hs", (t + 1, b, self.config["hidden_size"]), x.dtype)
-        initial = self._initial_state(ops, state, b, x.dtype)
-        cell = self._forward(ops, xs, hs, initial)  # the cell's own arrays for its backward
-        self.save_for_backward(xs=xs, hs=hs, state_given=state is not None, **cell)
+        return self._run(ops, xs, b, t, state)
+
+    def takes_embedded(self, ids, weight) -> bool:
+        """Whether forward_embedded(ids, weight) may stand for forward(embedding of ids) and pays:
+        fewer rows in the embedding table than tokens in the batch."""
+        w = self.params["weight_ih"]
+        return (ids.ndim == 2 and weight.ndim == 2 and weight.shape[1] == w.shape[1] and weight.dtype == w.dtype
+                and weight.shape[0] < ids.size)
+
+    def forward_embedded(self, ids, weight) -> Array:
+        """forward(weight[ids]) for ids (B, T) checked by the Embedding that owns weight. The input
+        projection of each table row is computed once and gathered per token, which replaces the
+        per-token GEMM; in backward the gates' gradient is summed per id first (backprop_embedded)."""
+        ops = ops_for(ids, weight, self.params["weight_ih"], op=f"{type(self).__name__}.forward")
+        b, t = ids.shape
+        return self._run(ops, EmbeddedIds(ops.xp.ascontiguousarray(ids.T), weight), b, t, None)
+
+    def _run(self, ops, inputs, b, t, state):
+        """The steps over time-major inputs: xs (T, B, F), or EmbeddedIds."""
+        dtype = self.params["weight_ih"].dtype
+        hs = self._buffer(ops, "hs", (t + 1, b, self.config["hidden_size"]), dtype)
+        initial = self._initial_state(ops, state, b, dtype)
+        cell = self._forward(ops, inputs, hs, initial)  # the cell's own arrays for its backward
+        self.save_for_backward(xs=inputs, hs=hs, state_given=state is not None, **cell)
         return ops.xp.ascontiguousarray(hs[1:].transpose(1, 0, 2))
 
     def backprop(self, dy, saved, need_dx):
+        return self._backprop(dy, saved, need_dx, None)
+
+    def backprop_embedded(self, dy, saved, grad_embedding) -> None:
+        """The backward of forward_embedded: the parameter gradients, and the embedding weight's
+        gradient written into grad_embedding."""
+        self._backprop(dy, saved, False, grad_embedding)
+
+    def _backprop(self, dy, saved, need_dx, grad_embedding):
         ops = ops_for(dy, self.params["weight_hh"], op=f"{type(self).__name__}.backward")
         dgi, dgh = self._backward_steps(ops, saved, ops.xp.ascontiguousarray(dy.transpose(1, 0, 2)))
-        return self._weight_grads(ops, saved, dgi, dgh, need_dx)
+        return self._weight_grads(ops, saved, dgi, dgh, need_dx, grad_embedding)
 
     def _initial_state(self, ops, state, batch, dtype):
         shape = (batch, self.config["hidden_size"])
@@ -88,26 +125,45 @@ class _Recurrent(Layer):
             array = self._work[name] = ops.xp.empty(shape, dtype=dtype)
         return array
 
-    def _input_projection(self, ops, xs, with_hidden_bias):
+    def _input_projection(self, ops, inputs, with_hidden_bias):
         """W_ih x_t + b_ih (+ b_hh) for every step at once: (T, B, G*H)."""
-        t, b, f = xs.shape
         bias = self.params.get("bias_ih")
         if bias is not None and with_hidden_bias:
             bias = bias + self.params["bias_hh"]
-        out = self._buffer(ops, "x_gates", (t * b, self.blocks * self.config["hidden_size"]), xs.dtype)
-        return ops.linear(xs.reshape(t * b, f), self.params["weight_ih"], bias, out=out).reshape(t, b, -1)
+        if isinstance(inputs, EmbeddedIds):
+            return ops.linear(inputs.weight, self.params["weight_ih"], bias)[inputs.ids]
+        t, b, f = inputs.shape
+        out = self._buffer(ops, "x_gates", (t * b, self.blocks * self.config["hidden_size"]), inputs.dtype)
+        return ops.linear(inputs.reshape(t * b, f), self.params["weight_ih"], bias, out=out).reshape(t, b, -1)
 
-    def _weight_grads(self, ops, saved, dgi, dgh, need_dx):
-        t, b, f = saved.xs.shape
+    def _weight_grads(self, ops, saved, dgi, dgh, need_dx, grad_embedding):
+        t, b = dgi.shape[:2]
         g, hidden = self.grads, self.config["hidden_size"]
         shared = dgi is dgh  # RNN and LSTM: both biases get the same gradient; sum it once
         ops.linear_backward(saved.hs[:-1].reshape(t * b, hidden), self.params["weight_hh"],
                             dgh.reshape(t * b, -1), g["weight_hh"], g.get("bias_hh"), need_dx=False)
-        dxs = ops.linear_backward(saved.xs.reshape(t * b, f), self.params["weight_ih"], dgi.reshape(t * b, -1),
-                                  g["weight_ih"], None if shared else g.get("bias_ih"), need_dx)
+        grad_bias_ih = None if shared else g.get("bias_ih")
+        if isinstance(saved.xs, EmbeddedIds):
+            dxs = None
+            self._embedded_grads(ops, saved.xs, dgi, grad_bias_ih, grad_embedding)
+        else:
+            f = saved.xs.shape[2]
+            dxs = ops.linear_backward(saved.xs.reshape(t * b, f), self.params["weight_ih"], dgi.reshape(t * b, -1),
+                                      g["weight_ih"], grad_bias_ih, need_dx)
         if shared and "bias_ih" in g:
             g["bias_ih"][...] = g["bias_hh"]
         return None if dxs is None else dxs.reshape(t, b, f).transpose(1, 0, 2)
+
+    def _embedded_grads(self, ops, inputs, dgi, grad_bias_ih, grad_embedding):
+        """W_ih's, b_ih's and the embedding's gradients from the gates' gradient summed per id:
+        a row per table entry instead of one per token."""
+        weight = inputs.weight
+        per_id = self._buffer(ops, "dgates_per_id", (weight.shape[0], dgi.shape[-1]), dgi.dtype)
+        ops.embedding_backward(inputs.ids, dgi, per_id)
+        ops.matmul(per_id.T, weight, out=self.grads["weight_ih"])
+        if grad_bias_ih is not None:
+            ops.xp.sum(per_id, axis=0, out=grad_bias_ih)
+        ops.matmul(per_id, self.params["weight_ih"], out=grad_embedding)
 
     def _recurrent_grad(self, ops, saved, dgates_t, t):
         """dh_{t-1} through W_hh, or None at t = 0 when nobody needs the initial state's gradient."""
@@ -124,7 +180,7 @@ class RNN(_Recurrent):
         hs[0] = state[0]
         pre = self._input_projection(ops, xs, with_hidden_bias=True)
         w_hh_t = ops.xp.ascontiguousarray(self.params["weight_hh"].T)
-        for t in range(len(xs)):
+        for t in range(len(hs) - 1):
             pre[t] += ops.matmul(hs[t], w_hh_t)
             ops.activation("tanh", pre[t], out=hs[t + 1])
         self.final_state = hs[-1].copy()
@@ -156,7 +212,7 @@ class LSTM(_Recurrent):
         x_gates = self._input_projection(ops, xs, with_hidden_bias=True)
         gates = self._buffer(ops, "gates", x_gates.shape, x_gates.dtype)  # activated
         w_hh_t = xp.ascontiguousarray(self.params["weight_hh"].T)
-        for t in range(len(xs)):  # on a GPU one launch a step: h @ W_hh^T fused with the cell
+        for t in range(len(hs) - 1):  # on a GPU one launch a step: h @ W_hh^T fused with the cell
             ops.lstm_step(x_gates[t], w_hh_t, hs[t], cs[t], gates[t], hs[t + 1], cs[t + 1], tanh_c[t])
         self.final_state = (hs[-1].copy(), cs[-1].copy())
         return {"gates": gates, "cs": cs, "tanh_c": tanh_c}
@@ -187,7 +243,7 @@ class GRU(_Recurrent):
         gh = self._buffer(ops, "gh", gi.shape, gi.dtype)
         w_hh, b_hh = self.params["weight_hh"], self.params.get("bias_hh")
         w_hh_t = xp.ascontiguousarray(w_hh.T)
-        for t in range(len(xs)):
+        for t in range(len(hs) - 1):
             ops.matmul(hs[t], w_hh_t, out=gh[t])
             if b_hh is not None:
                 gh[t] += b_hh
