@@ -6,9 +6,10 @@ torch's order (LSTM i, f, g, o; GRU r, z, n), so weights move both ways (torch.n
 weight_ih_l0 etc. are the same arrays under other names).
 
 The input projection of all time steps is one GEMM before the loop, and the weight gradients
-one GEMM each after it (after an Embedding that absorbs the layer: one GEMM over the table's rows,
-gathered per token, and the gates' gradient summed per id; see forward_embedded); only h @ W_hh and the cell's pointwise work run per step, on
-time-major buffers whose per-step slices are contiguous. The LSTM's step is one op
+one GEMM each after it (after an Embedding that absorbs the layer: one GEMM over the table's
+rows, gathered per token, and the gates' gradient summed per id; see forward_embedded); only
+h @ W_hh and the cell's pointwise work run per step, on time-major buffers whose per-step slices
+are contiguous. The LSTM's step is one op
 (Ops.lstm_step and its backward), which a GPU runs as one launch: product and cell fused.
 GRU and RNN keep a product and a cell launch per step.
 """
@@ -33,7 +34,8 @@ class EmbeddedIds(NamedTuple):
 
 class _Recurrent(Layer):
     """The sequence loop shared by the cells. A cell supplies _forward(ops, xs, hs, state), which
-    runs the steps and returns the arrays its backward reads (saved with xs and hs), and
+    runs the steps and returns the arrays its backward reads (saved with xs and hs; xs is the
+    time-major input, or EmbeddedIds, which _input_projection reads either way), and
     _backward_steps(ops, saved, dys) -> (dgates_ih, dgates_hh), time-major. state holds the
     initial state's parts, arrays or 0 for zeros, for the cell to write into its buffers at step 0."""
 
