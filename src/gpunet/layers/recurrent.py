@@ -142,29 +142,29 @@ class _Recurrent(Layer):
         t, b = dgi.shape[:2]
         g, hidden = self.grads, self.config["hidden_size"]
         shared = dgi is dgh  # RNN and LSTM: both biases get the same gradient; sum it once
-        ops.linear_backward(saved.hs[:-1].reshape(t * b, hidden), self.params["weight_hh"],
-                            dgh.reshape(t * b, -1), g["weight_hh"], g.get("bias_hh"), need_dx=False)
-        grad_bias_ih = None if shared else g.get("bias_ih")
-        if isinstance(saved.xs, EmbeddedIds):
+        embedded = isinstance(saved.xs, EmbeddedIds)
+        ops.linear_backward(saved.hs[:-1].reshape(t * b, hidden), self.params["weight_hh"], dgh.reshape(t * b, -1),
+                            g["weight_hh"], None if shared and embedded else g.get("bias_hh"), need_dx=False)
+        if embedded:  # the gates' gradient summed per id gives the shared bias gradient too: 65 rows, not T * B
             dxs = None
-            self._embedded_grads(ops, saved.xs, dgi, grad_bias_ih, grad_embedding)
+            self._embedded_grads(ops, saved.xs, dgi, g.get("bias_hh" if shared else "bias_ih"), grad_embedding)
         else:
             f = saved.xs.shape[2]
             dxs = ops.linear_backward(saved.xs.reshape(t * b, f), self.params["weight_ih"], dgi.reshape(t * b, -1),
-                                      g["weight_ih"], grad_bias_ih, need_dx)
+                                      g["weight_ih"], None if shared else g.get("bias_ih"), need_dx)
         if shared and "bias_ih" in g:
             g["bias_ih"][...] = g["bias_hh"]
         return None if dxs is None else dxs.reshape(t, b, f).transpose(1, 0, 2)
 
-    def _embedded_grads(self, ops, inputs, dgi, grad_bias_ih, grad_embedding):
-        """W_ih's, b_ih's and the embedding's gradients from the gates' gradient summed per id:
-        a row per table entry instead of one per token."""
+    def _embedded_grads(self, ops, inputs, dgi, grad_bias, grad_embedding):
+        """W_ih's, the embedding's and (into grad_bias) b_ih's gradients from the gates' gradient
+        summed per id: a row per table entry instead of one per token."""
         weight = inputs.weight
         per_id = self._buffer(ops, "dgates_per_id", (weight.shape[0], dgi.shape[-1]), dgi.dtype)
         ops.embedding_backward(inputs.ids, dgi, per_id)
         ops.matmul(per_id.T, weight, out=self.grads["weight_ih"])
-        if grad_bias_ih is not None:
-            ops.xp.sum(per_id, axis=0, out=grad_bias_ih)
+        if grad_bias is not None:
+            ops.xp.sum(per_id, axis=0, out=grad_bias)
         ops.matmul(per_id, self.params["weight_ih"], out=grad_embedding)
 
     def _recurrent_grad(self, ops, saved, dgates_t, t):
