@@ -212,8 +212,9 @@ class CupyOps(Ops):
         flags = self._range_error_flags(what, bound)
         bad = (values < 0) | (values >= bound)
         none_low, none_high = NO_RANGE_ERROR.tolist()
-        flags[0] = xp.minimum(flags[0], xp.where(bad, values, none_low).min())
-        flags[1] = xp.maximum(flags[1], xp.where(bad, values, none_high).max())
+        wide = values.astype(xp.int64, copy=False)  # where(bad, int32 ids, 2**63 - 1) would wrap to -1
+        flags[0] = xp.minimum(flags[0], xp.where(bad, wide, none_low).min())
+        flags[1] = xp.maximum(flags[1], xp.where(bad, wide, none_high).max())
         return xp.clip(values, 0, bound - 1)
 
     def check_errors(self):
