@@ -1,45 +1,66 @@
 #!/usr/bin/env bash
-# Everything a session lent a GPU should run, in one device call (see the device tool's
-# README): the GPU test suite, compute-sanitizer's memcheck and racecheck over the kernel tests,
-# `gpunet bench --device gpu` and `gpunet parity` for each model.
+# Everything a session lent a GPU should run, in ONE device call of at most 5 minutes on an H100,
+# the most informative stages first, each under its own `timeout`:
+#   1. preflight (scripts/gpu_preflight.py): GPU, driver, CUDA, CuPy, NVRTC, cuBLAS, NCCL,
+#      compute-sanitizer, the Python packages; stops the whole session when a required part is
+#      missing, naming it and the offline step (a wheel to carry) that adds it;
+#   2. the gpu tests, under GPUNET_REQUIRE_GPU=1: the CuPy stand-in refuses to load, so a test
+#      cannot pass on it; without a usable GPU every gpu test fails with the reason;
+#   3. `gpunet parity` for the four models;
+#   4. compute-sanitizer (memcheck, racecheck) over a few training steps;
+#   5. timings: `gpunet bench --device gpu`, and a CUDA-graph run against an eager one.
+# A stage whose timeout would pass the budget is not started (the summary says so).
 # Usage there, from the repository root:  bash scripts/gpu_session.sh "$OUT"
 # The machine has no package registry: it runs from the source tree with PYTHONPATH=src.
-# It writes 8 files, the most a device call brings back.
+# It writes 7 files into the folder (a device call brings back 8 at most); summary.txt says each
+# stage's exit status and seconds.
 set -uo pipefail
-out="${1:-gpu-results}"
-mkdir -p "$out"
-export PYTHONPATH=src PYTHONUNBUFFERED=1
-{
-  date -u +%Y-%m-%dT%H:%M:%SZ
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python3 -c "import cupy, torch, numpy; print('cupy', cupy.__version__, 'torch', torch.__version__, 'numpy', numpy.__version__)"
-  python3 -m gpunet info
-} > "$out/environment.txt" 2>&1
-python3 -m pytest -m gpu -q -ra > "$out/tests.txt" 2>&1
-echo "gpu tests: exit $?" >> "$out/summary.txt"
-python3 -m pytest -q -ra >> "$out/tests.txt" 2>&1
-echo "all tests: exit $?" >> "$out/summary.txt"
-# Every kernel, every launch configuration CupyOps uses: out-of-bounds accesses, then shared-memory
-# races (racecheck is slow: the op suite only). Appended to tests.txt: a call brings back 8 files.
-for tool in memcheck racecheck; do
-  echo "== compute-sanitizer --tool $tool" >> "$out/tests.txt"
-  compute-sanitizer --tool "$tool" --error-exitcode 3 --target-processes all \
-    python3 -m pytest -q -m gpu -p no:cacheprovider tests/backend/test_ops.py >> "$out/tests.txt" 2>&1
-  echo "compute-sanitizer $tool: exit $?" >> "$out/summary.txt"
-done
-python3 -m gpunet bench --device gpu --json "$out/gpu.json" --markdown "$out/gpu.md" --plot "$out/gpu.png" \
-  > "$out/bench.txt" 2>&1
-echo "bench: exit $?" >> "$out/summary.txt"
-# CUDA-graph replay (on by default on a GPU) against eager steps: the same run both ways, its seconds and losses
-for graph in --cuda-graph --no-cuda-graph; do
-  python3 -m gpunet train --device gpu --model cnn --steps 300 --no-progress "$graph" --out "/tmp/graph$graph" \
-    >> "$out/parity.txt" 2>&1
-  echo "train cnn $graph: exit $? $(python3 -c "import json,sys; r=json.load(open(sys.argv[1]))[-1]; \
-print('seconds', r.get('seconds'), 'train_loss', r.get('train_loss'))" "/tmp/graph$graph/history.json" 2>&1)" \
-    >> "$out/summary.txt"
-done
+out="${1:?usage: bash scripts/gpu_session.sh RESULTS_FOLDER}"
+mkdir -p "$out" || exit 2
+export PYTHONPATH=src PYTHONUNBUFFERED=1 GPUNET_REQUIRE_GPU=1 GPUNET_DEVICE=gpu
+budget=290  # seconds: the call's 5 minutes, less the machine's start and the files' way back
+start=$SECONDS
+summary="$out/summary.txt"
+date -u +"gpu session %Y-%m-%dT%H:%M:%SZ" > "$summary"
+
+# stage NAME SECONDS FILE COMMAND...: COMMAND under `timeout SECONDS`, its output appended to FILE,
+# one line in the summary; returns the command's status (124: it ran out of time).
+stage() {
+  local name=$1 seconds=$2 file=$3 began=$SECONDS status
+  shift 3
+  if (( began - start + seconds > budget )); then
+    echo "$name: not started: ${seconds} s would pass the ${budget} s budget" | tee -a "$summary"
+    return 125
+  fi
+  echo "== $name" >> "$file"
+  timeout --kill-after=5 "$seconds" "$@" >> "$file" 2>&1
+  status=$?
+  echo "$name: exit $status$([[ $status == 124 ]] && echo ' (timed out)'), $((SECONDS - began)) s" | tee -a "$summary"
+  return "$status"
+}
+
+if ! stage preflight 40 "$out/preflight.txt" python3 scripts/gpu_preflight.py; then
+  grep '^preflight: STOP' "$out/preflight.txt" | tee -a "$summary"
+  exit 2
+fi
+stage "gpu tests" 100 "$out/tests.txt" python3 -m pytest -m gpu -q -ra -p no:cacheprovider --durations=5
 for model in mlp cnn rnn transformer; do
-  python3 -m gpunet parity --model "$model" --steps 50 >> "$out/parity.txt" 2>&1
-  echo "parity $model: exit $?" >> "$out/summary.txt"
+  stage "parity $model" 15 "$out/parity.txt" python3 -m gpunet parity --model "$model" --steps 30
 done
-cat "$out/summary.txt"
+if command -v compute-sanitizer > /dev/null; then
+  # out-of-bounds accesses, then shared-memory races, over a few steps of the kernels' models
+  stage "memcheck cnn" 20 "$out/sanitizer.txt" compute-sanitizer --tool memcheck --error-exitcode 3 \
+    python3 -m gpunet train --model cnn --steps 3 --no-progress --no-cuda-graph --out /tmp/gpunet-memcheck --overwrite
+  stage "racecheck transformer" 20 "$out/sanitizer.txt" compute-sanitizer --tool racecheck --error-exitcode 3 \
+    python3 -m gpunet train --model transformer --steps 2 --no-progress --no-cuda-graph --out /tmp/gpunet-racecheck --overwrite
+else
+  echo "compute-sanitizer: not on PATH, sanitizer stages not run (it ships with the CUDA toolkit: put its bin/ on PATH)" \
+    | tee -a "$summary"
+fi
+stage bench 35 "$out/timings.txt" python3 -m gpunet bench --device gpu --repeats 3 --json "$out/bench.json"
+# CUDA-graph replay (on by default on a GPU) against eager steps: the same run both ways
+for graph in --cuda-graph --no-cuda-graph; do
+  stage "train cnn $graph" 10 "$out/timings.txt" python3 -m gpunet train --model cnn --steps 200 --no-progress \
+    "$graph" --out "/tmp/gpunet-graph$graph" --overwrite
+done
+echo "total: $((SECONDS - start)) s" | tee -a "$summary"

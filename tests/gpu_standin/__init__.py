@@ -6,6 +6,7 @@ Never import `tests.gpu_standin.cupy` directly: the stand-in is the module named
 """
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from contextlib import contextmanager
@@ -15,9 +16,13 @@ HERE = Path(__file__).resolve().parent
 KIND: str | None = None  # what activate() decided, once
 
 
+REQUIRE_GPU = "GPUNET_REQUIRE_GPU"  # =1 (scripts/gpu_session.sh): a real GPU or nothing
+
+
 def activate() -> str:
     """"real" when CuPy sees a usable GPU, "standin" once the stand-in is in place, or the reason
-    neither can run (no g++ to build the emulated kernels). Decided once per process."""
+    neither can run (no g++ to build the emulated kernels; or GPUNET_REQUIRE_GPU=1, under which the
+    stand-in refuses to load, so that no GPU check passes on it). Decided once per process."""
     global KIND
     if KIND is None:
         KIND = _activate()
@@ -27,8 +32,11 @@ def activate() -> str:
 def _activate() -> str:
     from gpunet.backend import devices, dispatch
 
-    if devices.has_gpu():
+    usable, why = devices.gpu_status()
+    if usable:
         return "real"
+    if required():
+        return f"{REQUIRE_GPU}=1 and the real GPU is unusable: {why}"
     if shutil.which("g++") is None:
         return "g++ is not on this machine, so the CuPy stand-in cannot build the emulated kernels"
     for name in [m for m in sys.modules if m == "cupy" or m.startswith(("cupy.", "cupyx"))]:
@@ -43,6 +51,10 @@ def _activate() -> str:
     if not usable:
         raise RuntimeError(f"the CuPy stand-in is installed but gpunet does not take it: {why}")
     return "standin"
+
+
+def required() -> bool:
+    return os.environ.get(REQUIRE_GPU, "").strip() == "1"
 
 
 def counters() -> dict:
