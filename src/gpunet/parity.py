@@ -14,6 +14,7 @@ from gpunet.backend import to_device, to_numpy
 from gpunet.data import CharWindows, image_preprocess, load_dataset, text_preprocess
 from gpunet.data.pipeline import apply_preprocess
 from gpunet.layers import Dropout, Sequential, build_layer
+from gpunet.parity_bound import step_bound
 from gpunet.recipes import recipe
 
 
@@ -85,56 +86,91 @@ def _set_dropout(config, p: float) -> bool:
     return found
 
 
-def run(model, data, device: str, lr: float, seed: int):
-    """Train a copy of model on device; per step: loss, activations and gradients per layer, each
-    a host copy taken when it was made (layers and optimizers reuse their buffers in place)."""
-    model = _copy(model).to(device)
-    optimizer = gn.optim.Adam(model, lr=lr)
-    xp = gn.backend.ops_for_device(device).xp
-    record = []
-    gn.manual_seed(seed)  # the dropout masks' key
-    for step, (x, y) in enumerate(data):
+class _Side:
+    """One device's copy of the model and its Adam, stepped one batch at a time."""
+
+    def __init__(self, model, device: str, lr: float):
+        self.device, self.model = device, _copy(model).to(device)
+        self.optimizer = gn.optim.Adam(self.model, lr=lr)
+        self.xp = gn.backend.ops_for_device(device).xp
+
+    def take_state_of(self, other: "_Side") -> None:
+        """The other side's parameters and Adam state (moments and step count), bit for bit."""
+        self.model.load_state_dict({k: to_numpy(v) for k, v in other.model.state_dict().items()})
+        self.optimizer.load_state_dict(*other.optimizer.state_dict())
+
+    def step(self, step: int, x, y):
+        """Train on one batch: (loss, activations per layer, gradients per parameter), host copies
+        taken when each was made (layers and optimizers reuse their buffers in place)."""
         gn.random.set_step(step)
-        out = apply_preprocess(model.preprocess, to_device(x, device), xp)
+        out = apply_preprocess(self.model.preprocess, to_device(x, self.device), self.xp)
         activations = []
-        for layer in model.layers:
+        for layer in self.model.layers:
             out = layer.forward(out)
             activations.append(_host_copy(out))
-        loss, grad = gn.losses.softmax_cross_entropy(out, to_device(y, device))
-        model.backward(grad, input_grad=False)
-        grads = {k: _host_copy(v) for k, v in model.grads.items()}
-        optimizer.step()
-        record.append((gn.losses.item(loss), activations, grads))
-    return record
+        loss, grad = gn.losses.softmax_cross_entropy(out, to_device(y, self.device))
+        self.model.backward(grad, input_grad=False)
+        grads = {k: _host_copy(v) for k, v in self.model.grads.items()}
+        self.optimizer.step()
+        return gn.losses.item(loss), activations, grads
+
+
+def run(model, data, device: str, lr: float, seed: int):
+    """Train a copy of model on device; per step: loss, activations and gradients per layer, each
+    a host copy taken when it was made."""
+    return _run_sides(model, data, (device,), lr, seed, lockstep=False)[0]
+
+
+def _run_sides(model, data, devices, lr: float, seed: int, lockstep: bool):
+    """Each device's record (see run). lockstep: before every step after the first, each later
+    side takes the first side's parameters and optimizer state, so a step's differences are that
+    step's arithmetic alone (not rounding carried and amplified from earlier steps)."""
+    gn.manual_seed(seed)  # the dropout masks' key
+    sides = [_Side(model, device, lr) for device in devices]
+    records = [[] for _ in sides]
+    for step, (x, y) in enumerate(data):
+        if lockstep and step:
+            for side in sides[1:]:
+                side.take_state_of(sides[0])
+        for side, record in zip(sides, records):
+            record.append(side.step(step, x, y))
+    return records
 
 
 def compare(name: str, steps: int = 20, devices=("cpu", "gpu"), batch_size: int | None = None, seed: int = 0,
-            dropout: float | None = None) -> dict:
+            dropout: float | None = None, lockstep: bool = False) -> dict:
     """Train `name` on both devices and compare: per layer and parameter the largest relative
     difference over all steps (activation_diff, grad_diff), and per step the loss, activation
     and gradient differences (loss_diff, step_activation_diff, step_grad_diff; the latter two the
     largest over layers and parameters). dropout: a rate for every dropout of the model (None:
-    the recipe's own), see with_dropout."""
+    the recipe's own), see with_dropout. lockstep: the second device starts every step from the
+    first one's parameters and optimizer state (see _run_sides): each step's differences are then
+    one step's rounding, which an error bound can be derived for; without it, differences of a step
+    include those carried from all earlier steps, which Adam amplifies (its update divides by the
+    root of tiny second moments)."""
     model, data, r = model_and_batches(name, steps, batch_size, seed, dropout)
-    first, second = (run(model, data, device, r.lr, seed) for device in devices)
+    first, second = _run_sides(model, data, devices, r.lr, seed, lockstep)
     layers = [f"{i}: {layer.describe()}" for i, layer in enumerate(model.layers)]
+    inputs = apply_preprocess(model.preprocess, data[0][0], numpy)
     # per step: [layer or parameter] -> relative difference of the second device from the first
     activations = [[relative_difference(y, x) for x, y in zip(a[1], b[1])] for a, b in zip(first, second)]
     grads = [_gradient_differences(a[2], b[2]) for a, b in zip(first, second)]
-    return {"model": name, "devices": list(devices), "dropout": dropout, "layers": layers,
+    return {"model": name, "devices": list(devices), "dropout": dropout, "lockstep": lockstep, "layers": layers,
             "activation_diff": [max(step[i] for step in activations) for i in range(len(layers))],
             "grad_diff": {k: max(step[k] for step in grads) for k in first[0][2]},
             "losses": [[a[0], b[0]] for a, b in zip(first, second)],
             "loss_diff": [relative_difference(b[0], a[0]) for a, b in zip(first, second)],
             "step_activation_diff": [max(step) for step in activations],
-            "step_grad_diff": [max(step.values(), default=0.0) for step in grads]}
+            "step_grad_diff": [max(step.values(), default=0.0) for step in grads],
+            "bound": step_bound(model.layers, inputs.shape, first[0][1][-1].shape[-1])}
 
 
 def format_report(report: dict) -> str:
     a, b = report["devices"]
     dropout = "" if report.get("dropout") is None else f", dropout {report['dropout']}"
-    lines = [f"parity of {report['model']}: {a} vs {b}, {len(report['losses'])} steps{dropout} (largest relative "
-             f"difference over all steps)", "", "layer activations:"]
+    lockstep = ", in lockstep" if report.get("lockstep") else ""
+    lines = [f"parity of {report['model']}: {a} vs {b}, {len(report['losses'])} steps{dropout}{lockstep} (largest "
+             f"relative difference over all steps)", "", "layer activations:"]
     lines += [f"  {name:<60} {diff:.2e}" for name, diff in zip(report["layers"], report["activation_diff"])]
     lines += ["", "parameter gradients:"]
     lines += [f"  {name:<60} {diff:.2e}" for name, diff in report["grad_diff"].items()]
@@ -143,7 +179,20 @@ def format_report(report: dict) -> str:
     rows = zip(report["losses"], report["loss_diff"], report["step_activation_diff"], report["step_grad_diff"])
     for step, ((x, y), loss, act, grad) in enumerate(rows, 1):
         lines.append(f"{step:>5}  {x:>14.6f}  {y:>14.6f}  {loss:>10.2e}  {act:>11.2e}  {grad:>10.2e}")
+    bound = report["bound"]
+    if report.get("lockstep"):
+        over = [i + 1 for i, row in enumerate(zip(*rows_of(report))) if max(row) > bound]
+        verdict = f"steps over it: {over}" if over else "every step within it"
+        lines += ["", f"bound on one float32 step's differences: {bound:.2e} (gpunet.parity_bound); {verdict}"]
+    else:
+        lines += ["", f"(differences carry over from step to step; --lockstep holds each step to the bound "
+                      f"{bound:.2e})"]
     return "\n".join(lines)
+
+
+def rows_of(report: dict):
+    """The per-step differences held to the bound: loss, activations, gradients."""
+    return report["loss_diff"], report["step_activation_diff"], report["step_grad_diff"]
 
 
 def _host_copy(a) -> numpy.ndarray:
