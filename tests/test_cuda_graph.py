@@ -91,6 +91,24 @@ def test_a_third_batch_shape_runs_eagerly_and_says_so():
                     "last batch, or keep the batch size fixed)"]
 
 
+def test_the_capture_allocates_from_the_graphs_own_pool_and_a_replay_allocates_nothing():
+    """cupy.cuda.using_allocator routes what the captured step allocates to GraphedStep.pool (on the
+    stand-in as in CuPy; it did nothing before issue 27), so nothing else gets an address a replay writes."""
+    from gpunet import cuda_graph
+
+    model = gn.models.mlp((784, 16, 10)).to("gpu")
+    opt = gn.optim.SGD(model, lr=0.1)
+    graphed = cuda_graph.GraphedStep(lambda x, y: _step(model, opt, x, y), opt, print)
+    x, y = data(100)
+    graphed.run(x[:10], y[:10])  # an eager step (default memory), then the capture (the pool's)
+    assert len(graphed.graphs) == 1 and graphed.active
+    captured = graphed.pool.total_bytes()
+    assert captured >= 10 * 16 * 4  # at least the hidden activations of the captured forward
+    for _ in range(3):
+        graphed.run(x[:10], y[:10])
+    assert graphed.pool.total_bytes() == captured
+
+
 def _step(model, opt, x, y):
     loss, grad = gn.losses.softmax_cross_entropy(model.forward(x), y)
     model.backward_params(grad)

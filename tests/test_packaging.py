@@ -37,8 +37,8 @@ def test_mit_licence_file_and_spdx_expression():
 
 def test_extras():
     optional = PROJECT["optional-dependencies"]
-    assert optional["cuda12"] == ["cupy-cuda12x[ctk]>=14"]  # [ctk]: NVRTC and cuBLAS as wheels (CuPy 14 on)
-    assert optional["cuda13"] == ["cupy-cuda13x[ctk]>=14"]
+    assert optional["cuda12"] == ["cupy-cuda12x[ctk]>=14", "nvidia-nccl-cu12>=2.16,<3"]  # [ctk]: NVRTC, cuBLAS; NCCL
+    assert optional["cuda13"] == ["cupy-cuda13x[ctk]>=14", "nvidia-nccl-cu13>=2.27,<3"]
     assert optional["plot"] == ["matplotlib>=3.8"]
     assert not any(d.startswith("matplotlib") for d in PROJECT["dependencies"])
     assert [d for d in optional["bench"] if d.startswith("torch")]

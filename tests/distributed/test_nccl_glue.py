@@ -56,7 +56,7 @@ def test_torchrun_launch_bootstraps_over_tcp_on_its_local_device(nccl):
     made, cupy = nccl
     world = NCCLWorld(Launch("torchrun", 1, 2, 0, "10.0.0.1", 29500))
     assert {k: made[k] for k in ("n_devices", "rank", "backend", "host", "port", "use_mpi")} == \
-        {"n_devices": 2, "rank": 1, "backend": "nccl", "host": "10.0.0.1", "port": 29500, "use_mpi": False}
+        {"n_devices": 2, "rank": 1, "backend": "nccl", "host": "10.0.0.1", "port": 29501, "use_mpi": False}
     assert (world.rank, world.world_size, world.backend) == (1, 2, "nccl")
     assert cupy.cuda.Device().id == 0
 

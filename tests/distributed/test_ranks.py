@@ -48,7 +48,7 @@ def test_collectives_give_numpy_results_for_several_dtypes_and_shapes(tmp_path):
     inputs = [worker.reference_inputs(rank) for rank in (0, 1)]
     for rank in (0, 1):
         got, report = outcome(tmp_path / "c", rank)
-        assert report == {"object": {"from": 1}, "world_size": 2, "writes": None}
+        assert report == {"object": {"from": 1}, "world_size": 2, "writes": None, "backend": "mpi"}
         for key in inputs[0]:
             stacked = numpy.stack([inputs[0][key], inputs[1][key]])
             expected = {"sum": stacked.sum(0, dtype=stacked.dtype), "max": stacked.max(0), "min": stacked.min(0),
@@ -175,15 +175,19 @@ def test_gpunet_train_failing_on_rank_zero_alone_ends_the_job(tmp_path):
 
 @pytest.mark.gpu
 def test_two_gpu_ranks_through_mpi_host_copies_equal_one_gpu_process(tmp_path):
-    """The fallback where NCCL is not usable (here: the CuPy stand-in has no cupyx.distributed; on a real
-    one-GPU machine both ranks share the device): gradients go through host copies and MPI."""
+    """The fallback where NCCL is not usable (the stand-in's cupy.cuda.nccl.available is False, as with
+    CuPy's [ctk] extra: cupyx.distributed imports, its init_process_group would raise "NCCL is not
+    available"; on a real one-GPU machine both ranks share the device): gradients go through host
+    copies and MPI, said in one line by rank 0."""
     job = {"kind": "train", "model": "mlp", "n": 60, "batch": 25, "steps": 10, "device": "gpu",
            "result": str(tmp_path / "g")}
     done = launch([job])
     assert done.returncode == 0, done.stderr
+    assert done.stderr.count("gpunet: NCCL is not usable (CuPy cannot load its library; CuPy's [ctk] extra ships none); "
+                             "the 2 ranks' collectives go through MPI with host copies (slower)\n") == 1, done.stderr
     expected, single = worker.train(job)
     for rank in (0, 1):
         got, report = outcome(job["result"], rank)
-        assert report["world_size"] == 2 and report["last_step"] == 10
+        assert report["world_size"] == 2 and report["last_step"] == 10 and report["backend"] == "mpi"
         worst = max(relative_difference(got[name], expected[name]) for name in expected)
         assert worst <= (1e-12 if job.get("dtype") == "float64" else 1e-6), f"rank {rank}: largest per-tensor difference {worst:.2e}"

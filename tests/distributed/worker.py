@@ -143,6 +143,7 @@ def main(jobs: list) -> None:
         watch = WriteWatch(job["out"]) if job.get("out") and job.get("watch") else None
         params, report = {"collectives": collectives, "late": late_partner, "train": train}[job["kind"]](job)
         report["world_size"] = distributed.world_size()
+        report["backend"] = distributed.world().backend
         report["writes"] = watch.seen if watch else None
         numpy.savez(f"{job['result']}.rank{rank}.npz", **params)
         Path(f"{job['result']}.rank{rank}.json").write_text(json.dumps(report))

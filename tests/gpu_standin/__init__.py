@@ -72,3 +72,17 @@ def counting():
     yield delta
     after = counters()
     delta.update({k: after[k] - before[k] for k in after})
+
+
+@contextmanager
+def cupy_faithful_capture():
+    """Inside the block a host-to-device copy from cupy.asarray/cupy.array in a stream capture is
+    recorded as real CuPy records it (an async copy from the staging buffer filled at capture; a 0-d
+    value frozen into a fill kernel) instead of refused: what a replay would compute is then visible."""
+    import cupy._ndarray as device_memory
+
+    device_memory.RECORD_HOST_COPIES = True
+    try:
+        yield
+    finally:
+        device_memory.RECORD_HOST_COPIES = False

@@ -137,3 +137,85 @@ extern "C" __global__ void read_at(const float* x, float* y, int i) { y[0] = x[i
     for result in (x * 2, cupy.empty((3, 2), dtype=cupy.float32), x.copy()):  # op results are guarded too
         with pytest.raises(KernelFault, match="invalid memory access"):
             read_at((1,), (1,), (result, y, numpy.int32(result.size)))
+
+
+# --- held to CuPy 14 (issue 27): each of these differed from CuPy before ----------------------------
+def test_the_stand_in_reports_cupy_14():
+    import cupy
+
+    assert cupy.__version__.startswith("14.") and cupy.__version__.endswith("+gpunet.standin")
+
+
+def test_using_allocator_routes_every_allocation_inside_it_and_only_there():
+    import cupy
+
+    pool = cupy.cuda.MemoryPool()
+    outside = cupy.zeros(7, dtype=cupy.float32)
+    with cupy.cuda.using_allocator(pool.malloc):
+        made = [cupy.empty((10,), dtype=cupy.float32), outside * 2, cupy.asarray(numpy.arange(3))]
+        with pytest.raises(ValueError, match="Can't change the global allocator inside `using_allocator`"):
+            cupy.cuda.set_allocator(None)
+    assert pool.total_bytes() == 40 + 28 + 24 and pool.allocations == 3
+    cupy.ones(5)  # after the block: the default allocator again
+    assert pool.total_bytes() == 92 and [m.size for m in made] == [10, 7, 3]
+
+
+def test_set_checks_dtype_shape_and_type_as_cupy_does():
+    import cupy
+
+    a = cupy.zeros(4, dtype=cupy.float32)
+    with pytest.raises(TypeError, match="^float64 array cannot be set to float32 array$"):
+        a.set(numpy.zeros(4))  # (it cast silently before)
+    with pytest.raises(ValueError, match=r"^Shape mismatch. Old shape: \(4,\), new shape: \(1,\)$"):
+        a.set(numpy.zeros(1, dtype=numpy.float32))  # (it broadcast silently before)
+    with pytest.raises(TypeError, match="^Only numpy.ndarray can be set to cupy.ndarray$"):
+        a.set([1.0, 2.0, 3.0, 4.0])
+    a.set(numpy.arange(4, dtype=numpy.float32))
+    numpy.testing.assert_array_equal(a.get(), [0, 1, 2, 3])
+
+
+def test_the_compute_type_gpunet_sets_makes_float32_products_tf32(monkeypatch):
+    import cupy
+    from cupy._core import _routines_linalg as linalg
+
+    from gpunet.backend import devices
+
+    a = numpy.float32([[1 + 2**-12, 1 + 2**-11 + 2**-12, 3.0]])  # 2**-12: below TF32's half ulp at 1
+    b = numpy.float32([[1.0], [1.0], [2**-13]])
+    x, w = cupy.asarray(a), cupy.asarray(b)
+    monkeypatch.delenv("CUPY_TF32", raising=False)
+    monkeypatch.setenv("GPUNET_TF32", "1")
+    try:
+        assert devices.configure_tf32(cupy) is True and cupy._core.get_compute_type(numpy.float32) == 7
+        tf32 = numpy.float32([[1.0, 1 + 2**-10, 3.0]]) @ numpy.float32([[1.0], [1.0], [2**-13]])
+        for product in (x @ w, cupy.matmul(x, w), x.dot(w), cupy.tensordot(x, w, 1)):
+            numpy.testing.assert_array_equal(product.get(), tf32)
+        assert float((x.astype(cupy.float64) @ w.astype(cupy.float64))[0, 0]) == (a.astype(float) @ b.astype(float))[0, 0]
+    finally:
+        monkeypatch.setenv("GPUNET_TF32", "0")
+        assert devices.configure_tf32(cupy) is False
+    assert linalg.compute_types[2] == linalg.COMPUTE_TYPE_DEFAULT
+    numpy.testing.assert_array_equal((x @ w).get(), a @ b)  # full float32 again
+
+
+def test_a_host_copy_in_a_capture_fails_by_default_and_replays_stale_data_as_cupy_records_it():
+    import cupy
+
+    from tests.gpu_standin import cupy_faithful_capture
+
+    scale, offset = numpy.float32([2.0, 3.0]), numpy.array(1.0, dtype=numpy.float32)  # host values a step reads each time
+    x = cupy.asarray(numpy.float32([10.0, 20.0]))
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        with pytest.raises(RuntimeError, match="cudaErrorStreamCaptureUnsupported: a host-to-device copy"):
+            cupy.asarray(scale)  # the stand-in's default: stricter than CuPy
+        stream.end_capture()
+        with cupy_faithful_capture():
+            stream.begin_capture()
+            y = x * cupy.asarray(scale) + cupy.asarray(offset)  # CuPy: a staged async copy, a frozen fill
+            graph = stream.end_capture()
+    scale[:], offset[...] = [5.0, 7.0], 100.0  # the next step's values, on the host
+    graph.launch()
+    numpy.testing.assert_array_equal(y.get(), [21.0, 61.0])  # the replay used capture's: 10*2+1, 20*3+1
+    assert (y.get() != x.get() * scale + offset).all()  # not what the step meant: [150, 240]

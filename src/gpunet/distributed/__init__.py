@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import warnings
 
 from gpunet import errors
 from gpunet.distributed.data_parallel import Replicas
@@ -24,30 +26,49 @@ _world = None
 
 def init(device: str | None = None, timeout: float = DEFAULT_TIMEOUT):
     """The world of this process, made on the first call (later calls return it): Single with no
-    launcher; else NCCLWorld for a torchrun launch, or for device "gpu" where cupyx.distributed
-    imports; else MPIWorld. timeout: the seconds a collective waits for the other ranks."""
+    launcher; else NCCLWorld for a torchrun launch, or for device "gpu" where CuPy has NCCL; else
+    MPIWorld (GPU arrays through host copies, said in one line when NCCL is what is missing). A
+    torchrun launch without NCCL is refused: it starts no MPI world to fall back on.
+    timeout: the seconds a collective waits for the other ranks."""
     global _world
     if _world is None:
         launch = detect(os.environ)
         if launch.world_size == 1:
             _world = Single(launch)
-        elif launch.launcher == "torchrun" or (device == "gpu" and _nccl_importable()):
-            if launch.launcher == "torchrun" and device == "cpu":
+        elif launch.launcher == "torchrun":
+            if device == "cpu":
                 raise RuntimeError(f"a torchrun launch (RANK={launch.rank}, WORLD_SIZE={launch.world_size}) trains on "
                                    "GPUs through NCCL; on the CPU start the ranks with mpiexec -n N (pip install "
                                    "'gpunet[mpi]')")
+            usable, why = nccl_status()
+            if not usable:
+                raise RuntimeError(f"a torchrun launch (RANK={launch.rank}, WORLD_SIZE={launch.world_size}) needs NCCL, "
+                                   f"and {why}: install it (the cuda12/cuda13 extras bring nvidia-nccl-cu12/-cu13), or "
+                                   "start the ranks with mpiexec -n N, whose collectives fall back to MPI host copies")
+            _world = NCCLWorld(launch, timeout)
+        elif device == "gpu" and nccl_status()[0]:
             _world = NCCLWorld(launch, timeout)
         else:
+            if device == "gpu" and launch.rank == 0:
+                print(f"gpunet: {nccl_status()[1]}; the {launch.world_size} ranks' collectives go through MPI with "
+                      "host copies (slower)", file=sys.stderr, flush=True)
             _world = MPIWorld(launch, timeout)
     return _world
 
 
-def _nccl_importable() -> bool:
+def nccl_status() -> tuple[bool, str]:
+    """(usable, why not): cupyx.distributed imports and CuPy loaded NCCL's library. (cupyx.distributed
+    imports without NCCL, with a warning; its init_process_group then raises "NCCL is not available".)"""
     try:
-        from cupyx import distributed  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # CuPy's own multi-line warning when libnccl is missing
+            from cupy.cuda import nccl
+            from cupyx import distributed  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a broken CuPy raising anything
+        return False, f"NCCL is not usable (cupyx.distributed cannot be imported: {type(exc).__name__}: {exc})"
+    if not getattr(nccl, "available", False):
+        return False, "NCCL is not usable (CuPy cannot load its library; CuPy's [ctk] extra ships none)"
+    return True, ""
 
 
 def world():

@@ -65,3 +65,21 @@ def _number(env, name: str, low: int) -> int:
     if value < low:
         raise ValueError(f"the environment variable {name}={value} must be at least {low}")
     return value
+
+
+def nccl_store(launch: Launch, env) -> dict:
+    """Where rank 0 serves cupyx.distributed's TCP store (NCCL's bootstrap) for a torchrun launch:
+    host MASTER_ADDR; port CUPYX_DISTRIBUTED_PORT when set, else MASTER_PORT + 1 (- 1 at 65535).
+    Never MASTER_PORT itself: torchrun's agent listens there with its own store for the whole job,
+    and cupyx binds its store in a child process whose failure nobody sees, after which the ranks
+    would talk to torchrun's store. An empty dict when there is no MASTER_PORT (cupyx's defaults)."""
+    store = {"host": launch.master_addr} if launch.master_addr else {}
+    if "CUPYX_DISTRIBUTED_PORT" in env:
+        port = _number(env, "CUPYX_DISTRIBUTED_PORT", low=1)
+        if port > 65535 or port == launch.master_port:
+            raise ValueError(f"CUPYX_DISTRIBUTED_PORT={port} must be a TCP port (1 to 65535) other than "
+                             "MASTER_PORT, which torchrun holds")
+        return {**store, "port": port}
+    if launch.master_port is None:
+        return store
+    return {**store, "port": launch.master_port + 1 if launch.master_port < 65535 else launch.master_port - 1}

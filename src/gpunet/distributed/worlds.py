@@ -11,12 +11,15 @@ whole job (MPI_Abort) with its message on stderr, so no rank waits on a dead par
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sys
 import time
 
 import numpy
 
 from gpunet.backend import is_cupy_array
+from gpunet.distributed.environment import nccl_store
 
 FAILURE_GRACE = 3.0  # seconds a failing rank waits for the others to fail too before aborting the job
 # MPI_Abort may end the job before the launcher has forwarded what the rank just printed (its one-line
@@ -125,7 +128,8 @@ class MPIWorld(Single):
 
 class NCCLWorld(Single):
     """One GPU per rank, collectives through cupyx.distributed's NCCL backend. Bootstrapped over MPI
-    when mpiexec started the job, else over TCP at MASTER_ADDR:MASTER_PORT (torchrun)."""
+    when mpiexec started the job, else over a TCP store that rank 0 serves at MASTER_ADDR on the port
+    nccl_store picks (torchrun: not MASTER_PORT, which torchrun's own store holds)."""
 
     backend = "nccl"
 
@@ -135,11 +139,12 @@ class NCCLWorld(Single):
 
         self.launch, self.timeout, self.cupy = launch, timeout, cupy
         cupy.cuda.Device(launch.local_rank % cupy.cuda.runtime.getDeviceCount()).use()  # one process per device
-        options = {"use_mpi": True} if launch.launcher in ("mpi", "slurm") else {}
-        if launch.master_addr:
-            options["host"] = launch.master_addr
-        if launch.master_port:
-            options["port"] = launch.master_port
+        if launch.launcher in ("mpi", "slurm"):
+            options = {"use_mpi": True}
+        else:
+            options = nccl_store(launch, os.environ)
+            if launch.rank == 0 and "port" in options:
+                _check_free(options.get("host", "127.0.0.1"), options["port"])
         self.comm = cupy_distributed.init_process_group(launch.world_size, launch.rank, backend="nccl", **options)
         self.rank, self.world_size, self.local_rank = launch.rank, launch.world_size, launch.local_rank
 
@@ -171,6 +176,17 @@ class NCCLWorld(Single):
     def end_failed(self, code: int, message: str | None) -> None:
         # NCCL has no abort across processes here; torchrun (or mpiexec) ends the job when a rank exits non-zero
         _abort_line(self.rank, self.world_size, message)
+
+
+def _check_free(host: str, port: int) -> None:
+    """Refuse, in one line, a store port that rank 0 cannot bind (cupyx would not say: see nccl_store)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as cupyx's store binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise RuntimeError(f"rank 0 cannot serve NCCL's bootstrap store on {host}:{port} ({exc.strerror}); set "
+                               "CUPYX_DISTRIBUTED_PORT to a free port (the same on every rank)") from None
 
 
 def _check(array, op: str, what: str, root: int = 0, world_size: int = 1) -> None:

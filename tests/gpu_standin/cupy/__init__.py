@@ -10,10 +10,11 @@ from __future__ import annotations
 import numpy
 
 from cupy import cuda  # noqa: F401  (cupy.cuda is an attribute of the real module too)
+from cupy import _core  # noqa: F401  (the compute type of products: _core.set_compute_type)
 from cupy._ndarray import COUNTERS, ndarray, call_numpy, count, record, refill
 from cupy._raw import RawKernel, RawModule
 
-__version__ = "13.6.0+gpunet.standin"
+__version__ = "14.2.0+gpunet.standin"  # gpunet requires CuPy 14
 STANDIN = True  # how a test tells the stand-in from the real CuPy
 
 # NumPy names that are not functions of arrays: dtypes, constants, helpers that make no array.
@@ -53,15 +54,28 @@ def asarray(a, dtype=None, order=None, blocking=False):
     """Device arrays pass through (converted if dtype says so); host data is copied to the device."""
     if isinstance(a, ndarray):
         return a if dtype is None or numpy.dtype(dtype) == a.dtype else a.astype(dtype)
-    count("h2d")
-    return ndarray._wrap(numpy.array(a, dtype=dtype, order=order or "K", copy=True))
+    return _from_host(numpy.array(a, dtype=dtype, order=order or "K", copy=True))
 
 
 def array(a, dtype=None, copy=True, order="K", ndmin=0, blocking=False):
     if isinstance(a, ndarray):
         return a.astype(dtype or a.dtype, copy=True)
-    count("h2d")
-    return ndarray._wrap(numpy.array(a, dtype=dtype, order=order, ndmin=ndmin, copy=True))
+    return _from_host(numpy.array(a, dtype=dtype, order=order, ndmin=ndmin, copy=True))
+
+
+def _from_host(staging: numpy.ndarray) -> ndarray:
+    """As CuPy 14's _array_default: host data goes into a (pinned) staging buffer, here `staging`,
+    and an async copy takes it to the device; a 0-d value is a fill kernel instead. In a capture
+    (where the stand-in allows it: RECORD_HOST_COPIES) a replay copies the staging buffer as it was
+    at capture, and fills the frozen value."""
+    count("h2d", staged=True)
+    result = ndarray._wrap(staging)
+    if staging.ndim == 0:
+        value = staging[()]
+        record(lambda: result._host.fill(value))
+    else:
+        record(lambda: numpy.copyto(result._host, staging))
+    return result
 
 
 def ascontiguousarray(a, dtype=None):

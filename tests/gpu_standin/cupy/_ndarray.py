@@ -8,19 +8,31 @@ launch; every host<->device copy counts one transfer (COUNTERS, read by tests).
 """
 from __future__ import annotations
 
-import ctypes
 import mmap
 
 import numpy
 from numpy.lib.mixins import NDArrayOperatorsMixin
+
+from cupy.cuda import memory
 
 COUNTERS = {"launches": 0, "raw_launches": 0, "d2h": 0, "h2d": 0, "graph_launches": 0}
 IMPLICIT_CONVERSION = ("Implicit conversion to a NumPy array is not allowed. "
                        "Please use `.get()` to construct a NumPy array explicitly.")
 
 
-def count(kind: str, n: int = 1) -> None:
-    if CAPTURING and kind in ("d2h", "h2d"):  # CUDA refuses a synchronous copy inside a capture
+# A host-to-device copy of host data inside a capture: real CuPy records it (cupy.asarray copies
+# through a pinned staging buffer with an async copy, and a 0-d value becomes a fill kernel with
+# the value frozen into the graph), so a replay reads the staging buffer as it was at capture:
+# stale data, silently. The stand-in is deliberately stricter and refuses it, unless
+# RECORD_HOST_COPIES (tests.gpu_standin.cupy_faithful_capture()) asks for CuPy's behaviour.
+RECORD_HOST_COPIES = False
+
+
+def count(kind: str, n: int = 1, staged: bool = False) -> None:
+    """Count a launch or a transfer. staged: an h2d copy CuPy makes from a staging buffer of its own
+    (recordable in a capture); the others (.get(), .set() from pageable memory) are synchronous,
+    and CUDA refuses them while a stream captures."""
+    if CAPTURING is not None and kind in ("d2h", "h2d") and not (staged and RECORD_HOST_COPIES):
         raise RuntimeError(f"cudaErrorStreamCaptureUnsupported: a {'device-to-host' if kind == 'd2h' else 'host-to-device'}"
                            " copy while a stream is capturing a graph")
     COUNTERS[kind] += n
@@ -51,26 +63,12 @@ def refill(target, fresh) -> None:
         numpy.copyto(target._host, fresh, casting="unsafe")
 
 
-_PAGE = mmap.PAGESIZE
-_libc = ctypes.CDLL(None, use_errno=True)
-_PROT_NONE = 0
-
-
 def guarded_empty(shape, dtype, order="C") -> numpy.ndarray:
-    """Device memory: a buffer that ends where a PROT_NONE page begins, so a kernel reading or
-    writing even one element past the end of its array faults (the emulator reports it as a KernelFault) instead
-    of silently touching a neighbour in NumPy's heap, as a GPU would corrupt memory silently."""
+    """Device memory from the current allocator (cupy.cuda.memory: it ends at a guard page)."""
     dtype = numpy.dtype(dtype)
     shape = (shape,) if isinstance(shape, (int, numpy.integer)) else tuple(shape)
-    # The array ends exactly at the guard page, so its start is aligned only to its element size:
-    # enough for gpunet's kernels, which make no vector (float4) loads.
-    padded = int(numpy.prod(shape, dtype=numpy.int64)) * dtype.itemsize
-    pages = max(1, -(-padded // _PAGE))
-    buffer = mmap.mmap(-1, (pages + 1) * _PAGE)
-    start = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
-    if _libc.mprotect(ctypes.c_void_p(start + pages * _PAGE), ctypes.c_size_t(_PAGE), _PROT_NONE) != 0:
-        raise OSError(ctypes.get_errno(), "mprotect of a guard page failed")
-    return numpy.ndarray(shape, dtype, buffer=buffer, offset=pages * _PAGE - padded, order=order)
+    pointer = memory.alloc(int(numpy.prod(shape, dtype=numpy.int64)) * dtype.itemsize)
+    return numpy.ndarray(shape, dtype, buffer=pointer.mem.buffer, offset=pointer.mem.offset, order=order)
 
 
 def _in_device_memory(host: numpy.ndarray) -> bool:
@@ -146,8 +144,15 @@ class ndarray(NDArrayOperatorsMixin):
         return numpy.array(self._host, order=order, copy=True)
 
     def set(self, arr, stream=None) -> None:
+        """As CuPy 14's (cupy/_core/core.pyx): same dtype and shape or an error, no cast, no broadcast."""
         if not isinstance(arr, numpy.ndarray):
-            raise TypeError(f"set() takes a numpy.ndarray, got {type(arr).__name__}")
+            raise TypeError("Only numpy.ndarray can be set to cupy.ndarray")
+        if self.dtype != arr.dtype:
+            raise TypeError(f"{arr.dtype} array cannot be set to {self.dtype} array")
+        if self.shape != arr.shape:
+            raise ValueError(f"Shape mismatch. Old shape: {self.shape}, new shape: {arr.shape}")
+        if not (self._host.flags.c_contiguous or self._host.flags.f_contiguous):
+            raise RuntimeError("Cannot set to non-contiguous array")
         count("h2d")
         self._host[...] = arr
 
@@ -283,8 +288,8 @@ def _unwrap_index(key):
         return tuple(_unwrap_index(k) for k in key)
     if isinstance(key, ndarray):
         return key._host
-    if isinstance(key, (numpy.ndarray, list)):  # CuPy copies host index arrays to the device
-        count("h2d")
+    if isinstance(key, (numpy.ndarray, list)):  # CuPy copies host index arrays to the device (cupy.asarray)
+        count("h2d", staged=True)
     return key
 
 
@@ -301,8 +306,28 @@ def _operand(x, name: str):
     return x
 
 
+_CUBLAS_PRODUCTS = {"matmul", "dot", "tensordot"}  # CuPy's tensordot_core: cuBLAS, under the compute type
+
+
+def _under_compute_type(func):
+    """func (a product) with its float32 inputs rounded to TF32 when cupy._core's compute type
+    for float32 is COMPUTE_TYPE_TF32, as cuBLAS rounds them (decided at each call: a replay too)."""
+    def product(*args, **kwargs):
+        from cupy._core import _routines_linalg as linalg  # (cupy._core imports this module)
+
+        arrays = [a for a in args if isinstance(a, numpy.ndarray)]
+        if (arrays and all(a.dtype == numpy.float32 for a in arrays)
+                and linalg.get_compute_type(numpy.float32) == linalg.COMPUTE_TYPE_TF32):
+            args = tuple(linalg.tf32(a) if isinstance(a, numpy.ndarray) else a for a in args)
+        return func(*args, **kwargs)
+
+    return product
+
+
 def call_numpy(func, args, kwargs, name: str):
     """Run NumPy's `func` on device memory; results become device arrays (`out=` ones stay theirs)."""
+    if name.partition(".")[0] in _CUBLAS_PRODUCTS:
+        func = _under_compute_type(func)
     outs = kwargs.get("out")
     host_args = _operand(list(args), name)
     host_kwargs = _operand(dict(kwargs), name)

@@ -6,7 +6,8 @@ import contextlib
 import time
 
 import cupy._ndarray as device_memory
-from cupy.cuda import compiler, memory, runtime  # noqa: F401
+from cupy.cuda import compiler, memory, nccl, runtime  # noqa: F401
+from cupy.cuda.memory import MemoryPointer, MemoryPool, alloc, get_allocator, set_allocator  # noqa: F401
 
 COMPUTE_CAPABILITY = "90"  # the kernels are checked against sm_90's limits (tests/cuda/emulator.py)
 
@@ -89,19 +90,17 @@ class Graph:
             replay()
 
 
-class MemoryPool:
-    """CuPy's pool: here memory comes from the stand-in's own allocator whatever the pool."""
-
-    def malloc(self, size):
-        raise NotImplementedError("the stand-in allocates device arrays itself")
-
-    def free_all_blocks(self):
-        pass
-
-
 @contextlib.contextmanager
 def using_allocator(allocator=None):
-    yield
+    """As CuPy 14's (cupy/cuda/__init__.py): a thread-local allocator for every allocation inside."""
+    if allocator is None:
+        allocator = memory._malloc
+    previous = memory._get_thread_local_allocator()
+    memory._set_thread_local_allocator(allocator)
+    try:
+        yield
+    finally:
+        memory._set_thread_local_allocator(previous)
 
 
 def get_current_stream():
