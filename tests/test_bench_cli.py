@@ -25,7 +25,7 @@ def test_tiny_bench_writes_json_markdown_and_plot(tmp_path, capsys):
     assert {"date", "device", "machine", "versions", "command", "tiny", "results", "skipped"} <= set(report)
     assert report["device"] == "cpu" and report["tiny"] is True and report["versions"]["torch"].startswith("2.13.0")
     names = [r["name"] for r in report["results"]]
-    assert names == ["gemm-64", "gemm-bias-relu-64", "softmax-xent-64x10", "dispatch-add-1", "lstm-lm-b32-t64-h256"]
+    assert names == ["gemm-64", "gemm-bias-relu-64", "softmax-xent-64x10", "dispatch-add-1", "lstm-lm-b4-t8-h16"]
     for r in report["results"]:
         assert set(r) == RESULT_FIELDS
         assert r["gpunet_s"] > 0 and r["torch_s"] > 0 and r["ratio"] == pytest.approx(r["gpunet_s"] / r["torch_s"])

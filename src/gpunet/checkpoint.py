@@ -3,11 +3,17 @@ preprocessing as JSON in its metadata. Written atomically; read without unpickli
 
 Every tensor's sha256 (of its bytes as stored) is kept in the metadata under "checksums", and
 read_checkpoint refuses a file whose tensor differs from its checksum, naming the tensor.
-Checkpoints written before checksums existed (no "checksums" entry) still load."""
+Checkpoints written before checksums existed (no "checksums" entry) still load.
+
+Before a model is built from a file, every size its architecture names is checked against the
+tensors stored for that layer (check_sizes), so an edited architecture such as Dense(1e9, 1e9) is
+refused in one line instead of allocating exabytes; the preprocessing is checked as well."""
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
 import os
 import struct
 from pathlib import Path
@@ -19,7 +25,9 @@ from safetensors.numpy import save as dump_tensors
 
 from gpunet.backend import Device, to_numpy
 from gpunet.files import atomic_write
-from gpunet.layers.base import Layer, build_layer
+from gpunet.layers.base import LAYER_TYPES, Layer, build_layer
+from gpunet.preprocess import check_spec
+from gpunet.validate import not_special_file
 
 __all__ = ["load", "read_checkpoint", "save"]
 
@@ -44,6 +52,9 @@ def _stored_bytes(a: numpy.ndarray) -> memoryview:
 def save(model: Layer, path: str | os.PathLike[str], extra_tensors: dict | None = None,
          extra_metadata: dict | None = None) -> Path:
     """Save model (weights, architecture, preprocessing) to one .safetensors file, atomically."""
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"gn.save: {path} is a folder; give a file path such as "
+                                f"{Path(path) / 'model.safetensors'}")
     tensors = {name: numpy.array(to_numpy(a), order="C") for name, a in model.state_dict().items()}
     for name, a in (extra_tensors or {}).items():
         tensors[EXTRA_PREFIX + name] = numpy.array(to_numpy(a), order="C")
@@ -71,6 +82,7 @@ def _read(path):
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder, not a checkpoint file (give {path / 'model.safetensors'})")
+    not_special_file(path)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -134,11 +146,91 @@ def _verify(path, raw: bytes, data_start: int, header: dict, checksums) -> None:
 def load(path: str | os.PathLike[str], device: str | Device | None = None) -> Layer:
     """Rebuild the model saved at path (on the CPU, or on `device`)."""
     weights, _, meta, verify = _read(path)
+    check_sizes(path, meta.get("architecture"), weights)
+    preprocess = meta.get("preprocess")
+    check_spec(preprocess, f"{path}: preprocessing")
     try:
         model = build_layer(meta["architecture"])
         model.load_state_dict(weights, strict=True)
     except (KeyError, ValueError, TypeError) as exc:
-        raise ValueError(f"{path}: checkpoint does not match its architecture: {exc}") from None
+        reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # str(KeyError) adds quotes
+        raise ValueError(f"{path}: checkpoint does not match its architecture: {reason}") from None
     verify()  # after the architecture check, which names a wrong shape more precisely
-    model.preprocess = meta.get("preprocess")
+    _check_values(path, model, weights)
+    model.preprocess = preprocess
     return model.to(device) if device is not None else model
+
+
+def _check_values(path, model: Layer, weights: dict) -> None:
+    """Refuse tensors that load_state_dict would cast without a word: integers where the layer keeps
+    floats, or the reverse (a file without checksums, or with rewritten ones, can hold them). NaN
+    weights load: eval reports their loss as null and generate refuses them, naming the cause."""
+    own = model.state_dict()
+    for name, stored in weights.items():
+        kept = own[name].dtype
+        if (stored.dtype.kind == "f") != (kept.kind == "f"):
+            raise ValueError(f"{path}: tensor {name!r} holds {stored.dtype} values, but the layer keeps {kept}; "
+                             "the file was edited or damaged")
+
+
+# Sizes an architecture may name beyond what its tensors hold: a small model whose layer names
+# sizes a little off allocates at most this many values before load_state_dict names the mismatch.
+SLACK_VALUES = 2**20
+
+
+def check_sizes(path, architecture, weights: dict) -> None:
+    """Refuse an architecture that names sizes its tensors do not have, before anything is built.
+
+    A built-in layer's parameters are shaped from the numbers in its description (a Dense's in and
+    out features, a convolution's channels and kernel, an LSTM's sizes): in a file that matches its
+    architecture, the largest of those numbers, and the products of the two and of the three
+    largest, are at most the number of values the layer's tensors hold (a weight holds at least
+    that product; stride and padding rarely exceed the kernel, and SLACK_VALUES covers them). A
+    layer with no tensors in the file (a pool, or a layer whose tensors were removed) is measured
+    against the whole file. Layers a user registered are built as they are: their numbers may
+    mean anything. So Dense(1e9, 1e9) in an edited file is one line, not 6.94 EiB allocated."""
+    everything = sum(t.size for t in weights.values())
+    for name, config in _leaf_layers(architecture, ""):
+        cls = LAYER_TYPES.get(config.get("type"))
+        if cls is None or not cls.__module__.startswith("gpunet."):
+            continue
+        own = [t for key, t in weights.items() if not name or key.startswith(name + ".")]
+        values = sum(t.size for t in own) if own else everything
+        sizes = sorted((v for v in _numbers(config.get("args")) if not v < 1), reverse=True)  # NaN stays
+        for k in range(1, 4):
+            if len(sizes) < k:
+                break
+            product = math.prod(sizes[:k])
+            if not product <= max(values, SLACK_VALUES):  # also NaN
+                named = ", ".join(_size(v) for v in sizes[:k])
+                raise ValueError(f"{path}: layer {name or 'the model'} ({config['type']}): its architecture names "
+                                 f"the size{'s' if k > 1 else ''} {named}, more than the {values} values of "
+                                 f"{'its' if own else 'all'} tensors in the file allow; the architecture does not "
+                                 "match the weights (the file was edited or damaged)")
+
+
+def _size(value: float) -> str:
+    return str(int(value)) if math.isfinite(value) and value == int(value) else f"{value:g}"
+
+
+def _leaf_layers(config, prefix: str):
+    """(state_dict prefix, config) of each layer description with "args" in a Sequential tree."""
+    if not isinstance(config, dict):
+        return
+    if isinstance(config.get("layers"), list):
+        for i, child in enumerate(config["layers"]):
+            yield from _leaf_layers(child, f"{prefix}{i}" if not prefix else f"{prefix}.{i}")
+    elif "args" in config:
+        yield prefix, config
+
+
+def _numbers(value):
+    """Every real number in a layer's args (inside lists too), booleans aside."""
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _numbers(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _numbers(item)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        yield float(value)

@@ -10,7 +10,7 @@ import sys
 import numpy
 
 import gpunet as gn
-from gpunet import distributed, errors, extras, runs, validate
+from gpunet import benchmarks, distributed, errors, extras, runs, validate
 from gpunet import predict as predict_command
 from gpunet.backend import device_info
 from gpunet.backend.devices import check_device_name
@@ -18,7 +18,7 @@ from gpunet.distributed import command
 from gpunet.data import (TEXT_DATASETS, CharWindows, consecutive_windows, image_preprocess, load_dataset, read_idx,
                          text_preprocess)
 from gpunet.data import user as user_data
-from gpunet.generate import generate
+from gpunet.generate import MAX_LENGTH, stream
 from gpunet.history import strict_json
 from gpunet.recipes import RECIPES, recipe
 from gpunet.search import command as search_command
@@ -95,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="sample text from a trained character-level model")
     g.add_argument("checkpoint")
     g.add_argument("--prompt", default="\n", help="text to start from (default: a newline)")
-    g.add_argument("--length", type=validate.cli_non_negative_int, default=300,
-                   help="characters to sample after the prompt")
+    g.add_argument("--length", type=validate.cli_int_up_to(MAX_LENGTH), default=300,
+                   help=f"characters to sample after the prompt, printed as they come (default 300, at most "
+                        f"{MAX_LENGTH:_})")
     g.add_argument("--temperature", type=validate.cli_non_negative, default=0.8,
                    help="below 1 is more conservative; 0 is greedy")
     g.add_argument("--seed", type=validate.cli_seed, default=0)
@@ -109,8 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", default=None, metavar="FILE")
     b.add_argument("--markdown", default=None, metavar="FILE")
     b.add_argument("--plot", default=None, metavar="FILE", help="bar chart of the ratios (PNG)")
-    b.add_argument("--repeats", type=validate.cli_positive_int, default=None, help="timed rounds per side (default 7)")
-    b.add_argument("--tiny", action="store_true", help="smallest sizes and 3 rounds: checks the harness in seconds")
+    b.add_argument("--repeats", type=validate.cli_positive_int, default=None,
+                   help=f"timed rounds per side (default {benchmarks.REPEATS}; {benchmarks.TINY_REPEATS} with --tiny)")
+    b.add_argument("--tiny", action="store_true",
+                   help=f"toy sizes (named by them) and {benchmarks.TINY_REPEATS} rounds of one call: a smoke test of "
+                        "the harness in seconds, not a measurement")
     b.add_argument("--ranks", type=validate.cli_positive_int, default=None, metavar="N",
                    help="instead: data-parallel training samples/s at 1 and N ranks through mpiexec (the mpi extra)")
 
@@ -266,10 +270,11 @@ def cmd_generate(args) -> int:
     model = gn.load(args.checkpoint)
     model.to(_device(args))
     try:
-        text = generate(model, args.prompt, args.length, args.temperature, args.seed)
+        for piece in stream(model, args.prompt, args.length, args.temperature, args.seed):
+            print(piece, end="", flush=True)  # as sampled: a long text shows from its first characters on
     except ValueError as exc:
         raise SystemExit(f"gpunet generate: {args.checkpoint}: {exc}") from None
-    print(text)
+    print()
     return 0
 
 
@@ -280,6 +285,8 @@ def cmd_eval(args) -> int:
                          "(its validation loss is in the history.json beside it; sample it with gpunet generate)")
     dev = _device(args)
     model.to(dev)
+    for option in ("images", "labels"):  # a device or FIFO would never end or never start
+        validate.not_special_file(getattr(args, option), f"--{option}")
     images, labels = read_idx(args.images), read_idx(args.labels)
     validate.not_empty(len(images), args.images, "images")
     if len(images) != len(labels):
@@ -322,6 +329,10 @@ def cmd_bench(args) -> int:
                          "(pip install 'gpunet[bench]'; the README says how to get its CPU build)") from None
     if args.plot and not extras.present("matplotlib"):
         raise errors.UsageError(f"--plot {args.plot} needs matplotlib, which is not installed (pip install 'gpunet[plot]')")
+    for option in ("json", "markdown", "plot"):  # said before minutes of measuring, not after them
+        target = getattr(args, option)
+        if target and os.path.isdir(target):
+            raise errors.UsageError(f"--{option} {target} is a folder; give the name of a file to write")
     dev = _device(args)
     skipped = []
     if dev.name == "cpu" and not gn.has_gpu():
@@ -336,11 +347,11 @@ def cmd_bench(args) -> int:
         results = runner.run(dev.name, only, args.tiny, args.repeats)
     except ValueError as exc:
         raise SystemExit(f"gpunet bench: {exc}") from None
-    print(report.table(results, skipped))
+    print(report.table(results, skipped, args.tiny))
     if args.json:
         report.write_text(args.json, report.to_json(results, skipped, env, args.tiny))
     if args.markdown:
-        report.write_text(args.markdown, report.markdown(results, skipped, env))
+        report.write_text(args.markdown, report.markdown(results, skipped, env, args.tiny))
     if args.plot:
         report.plot(results, args.plot, env)
     written = [f for f in (args.json, args.markdown, args.plot) if f]

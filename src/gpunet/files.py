@@ -22,6 +22,8 @@ def atomic_write(path, data: bytes) -> None:
     fsync, rename over path, fsync the folder. On any failure path keeps its old content, the
     temporary is removed, and the OSError names path."""
     path = Path(path)
+    if path.is_dir():  # os.replace would fail only after the temporary was written, naming the temporary
+        raise IsADirectoryError(f"{path} is a folder, not a file; give the path of a file to write")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -3,7 +3,38 @@ text_preprocess made, saved in its checkpoint) to raw inputs. A leaf module: the
 predict applies it, and the data pipeline re-exports it."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy
+
+KINDS = ("image", "text")
+
+
+def check_spec(spec, where: str) -> None:
+    """Refuse a spec apply_preprocess could not use (a checkpoint's metadata edited by hand: a string
+    for `scale`, a std of 0), in one line starting with `where` and naming the key."""
+    if spec is None:
+        return
+    if not isinstance(spec, dict) or spec.get("kind") not in KINDS:
+        kind = spec.get("kind") if isinstance(spec, dict) else spec
+        raise ValueError(f"{where}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if spec["kind"] == "text":
+        vocabulary = spec.get("vocabulary")
+        if not isinstance(vocabulary, str) or not vocabulary or len(set(vocabulary)) != len(vocabulary):
+            raise ValueError(f"{where}: 'vocabulary' must be a non-empty string of distinct characters, "
+                             f"got {vocabulary!r:.80}")
+        return
+    for key in ("scale", "mean", "std"):
+        value = spec.get(key)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"{where}: {key!r} must be a finite number, got {value!r:.80}")
+        if key != "mean" and value <= 0:
+            raise ValueError(f"{where}: {key!r} must be positive, got {value!r}")
+    shape = spec.get("shape")
+    if not isinstance(shape, list) or not shape or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape):
+        raise ValueError(f"{where}: 'shape' must be a list of positive whole numbers, got {shape!r:.80}")
 
 
 def apply_preprocess(spec: dict | None, x, xp=numpy):

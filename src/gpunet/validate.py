@@ -7,6 +7,7 @@ import argparse
 import math
 import numbers
 import os
+import stat
 
 import numpy
 
@@ -73,6 +74,11 @@ cli_fraction = _argtype(lambda v: finite("value", v, 0, 1, True, True), "a numbe
 cli_dropout = _argtype(lambda v: finite("value", v, 0, 1, high_open=True), "a dropout rate in [0, 1)", float)
 
 
+def cli_int_up_to(maximum: int):
+    """The command-line type of a whole number from 0 to maximum (a documented cap)."""
+    return _argtype(lambda v: non_negative_int("value", v, maximum), f"a non-negative integer up to {maximum:_}")
+
+
 # ---------------------------------------------------------------- environment variables
 ENVIRONMENT = {  # name -> the values it may take, its default (when unset or blank) first
     "GPUNET_DEVICE": ("auto", "cpu", "gpu"),
@@ -95,11 +101,27 @@ def env_choice(name: str, env=None) -> str:
     return choice
 
 
+def numba_threads(env=None) -> None:
+    """Refuse a NUMBA_NUM_THREADS that Numba would fail on at import ("Number of threads specified must
+    be > 0", naming no variable) or print a multi-line warning with a traceback for (not a number)."""
+    value = (os.environ if env is None else env).get("NUMBA_NUM_THREADS")
+    if value is None:
+        return
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise ValueError(f"environment variable NUMBA_NUM_THREADS={value!r} must be a whole number of at least 1 "
+                         "(Numba's worker threads; unset it for one per CPU core)")
+
+
 def environment(env=None) -> None:
     """Refuse a gpunet environment variable with a value gpunet does not understand."""
     env = os.environ if env is None else env
     for name in ENVIRONMENT:
         env_choice(name, env)
+    numba_threads(env)
     data = env.get("GPUNET_DATA")
     if data is not None:
         if not data.strip():
@@ -111,6 +133,27 @@ def environment(env=None) -> None:
         for url in (m.strip() for m in mirrors.split(",") if m.strip()):
             if not url.startswith(("http://", "https://", "file:")):
                 raise ValueError(f"environment variable GPUNET_MNIST_MIRRORS: {url!r} is not an http(s) URL")
+
+
+# ---------------------------------------------------------------- files to read
+# what stat says a path is, for the files gpunet never reads: reading a device such as /dev/zero
+# never ends (or fills the memory), and opening a FIFO blocks until some other process writes to it
+_SPECIAL = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+            (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"))
+
+
+def not_special_file(path, what: str = "") -> None:
+    """Refuse, by stat and before anything opens it, a path (after symlinks) that is a device, a FIFO
+    or a socket, naming `what` (an option such as "--data") and the path. A missing path or a folder
+    is left to the caller, whose message says what it expected there."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing or unreadable: the caller's own open says so, naming the file
+    for test, kind in _SPECIAL:
+        if test(mode):
+            label = f"{what} {os.fspath(path)}" if what else os.fspath(path)
+            raise ValueError(f"{label} is {kind}, not a regular file; gpunet reads only regular files")
 
 
 # ---------------------------------------------------------------- data

@@ -20,7 +20,9 @@ class ConvKernels(NamedTuple):
 
 @functools.cache
 def kernels() -> ConvKernels:
-    import numba
+    from gpunet.backend.cpu_kernels import numba_module
+
+    numba = numba_module()  # NUMBA_NUM_THREADS checked first
 
     # Columns are written transposed, (c*kh*kw, n*oh*ow): the inner loop then runs along an
     # output row, contiguous in memory on both sides. Callers see cols_t.T, the (n*oh*ow, c*kh*kw)

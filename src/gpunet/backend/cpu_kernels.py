@@ -7,6 +7,8 @@ from typing import Callable, NamedTuple
 
 import numpy
 
+from gpunet import validate
+
 
 class ErfUfuncs(NamedTuple):
     erf32: Callable
@@ -27,6 +29,15 @@ class OptimizerKernels(NamedTuple):
 
 
 f32 = numpy.float32
+
+
+def numba_module():
+    """Numba, imported after NUMBA_NUM_THREADS is checked: every Numba kernel of gpunet starts here, so
+    a bad value is one line naming the variable (Numba's own import fails without naming it)."""
+    validate.numba_threads()
+    import numba
+
+    return numba
 
 
 def _erf32_body(a):
@@ -75,7 +86,7 @@ _erf32 = _exp_nonpositive32 = None
 def _jit_scalars() -> None:
     global _erf32, _exp_nonpositive32
     if _erf32 is None:
-        import numba
+        numba = numba_module()
 
         _erf32 = numba.njit(cache=True, inline="always")(_erf32_body)
         _exp_nonpositive32 = numba.njit(cache=True, inline="always")(_exp_nonpositive32_body)
@@ -83,7 +94,7 @@ def _jit_scalars() -> None:
 
 @functools.cache
 def _erf_ufuncs() -> ErfUfuncs:
-    import numba
+    numba = numba_module()
 
     _jit_scalars()
 
@@ -125,7 +136,7 @@ def gelu_grad32(x: numpy.ndarray, dy: numpy.ndarray) -> numpy.ndarray:
 
 @functools.cache
 def _softmax_kernels() -> SoftmaxKernels:
-    import numba
+    numba = numba_module()
 
     _jit_scalars()
 
@@ -230,7 +241,7 @@ def attention_softmax_backward32(probs, dprobs, scale):
 
 @functools.cache
 def _optimizer_kernels() -> OptimizerKernels:
-    import numba
+    numba = numba_module()
 
     # error_model="numpy": no division-by-zero checks, which would keep LLVM from vectorising.
     @numba.njit(cache=True, error_model="numpy")

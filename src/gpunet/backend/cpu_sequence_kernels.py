@@ -51,7 +51,9 @@ tanh32 = sigmoid32 = None
 
 @functools.cache
 def kernels() -> SequenceKernels:
-    import numba
+    from gpunet.backend.cpu_kernels import numba_module
+
+    numba = numba_module()  # NUMBA_NUM_THREADS checked first
 
     global tanh32, sigmoid32
     tanh32 = numba.njit(cache=True, inline="always")(_tanh32_body)

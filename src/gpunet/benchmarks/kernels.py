@@ -24,10 +24,9 @@ def kernel_cases(case, pair, device: str, tiny: bool) -> list:
         out.append(case(f"conv2d-b{b}-c{c}-{o}-{s}px-k{k}", "kernel",
                         lambda shape=shape: pair(*steps.conv_steps(*shape, device=device))))
     unfold_shape = (4, 2, 6, 6) if tiny else (64, 6, 14, 14)
-    out.append(case("im2col-b64-c6-14px-k5" if not tiny else "im2col-tiny", "kernel",
-                    lambda: _unfold(pair, device, unfold_shape)))
-    out.append(case("col2im-b64-c6-14px-k5" if not tiny else "col2im-tiny", "kernel",
-                    lambda: _fold(pair, device, unfold_shape)))
+    n, c, h, _ = unfold_shape
+    out.append(case(f"im2col-b{n}-c{c}-{h}px-k5", "kernel", lambda: _unfold(pair, device, unfold_shape)))
+    out.append(case(f"col2im-b{n}-c{c}-{h}px-k5", "kernel", lambda: _fold(pair, device, unfold_shape)))
     out += [case("dispatch-add-1", "dispatch", lambda: _tiny_add(pair, device)),
             case("dispatch-matmul-64", "dispatch", lambda: _matmul64(pair, device)),
             case("dispatch-dense-64", "dispatch", lambda: _dense64(pair, device))]

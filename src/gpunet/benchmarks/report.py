@@ -52,7 +52,13 @@ def rows(results) -> list[tuple]:
     return out
 
 
-def table(results, skipped) -> str:
+# Said under every table of a --tiny run: one call a round at toy sizes times mostly Python overhead
+# and the clock, so its ratios (0.02 or 50) and spreads (thousands of percent) mean nothing.
+TINY_NOTE = ("tiny sizes, one call a round: a smoke test of the harness, not a measurement; its ratios and "
+             "spreads say nothing about speed (run without --tiny to measure)")
+
+
+def table(results, skipped, tiny: bool = False) -> str:
     body = [COLUMNS, *rows(results)]
     widths = [max(len(row[i]) for row in body) for i in range(len(COLUMNS))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
@@ -60,15 +66,18 @@ def table(results, skipped) -> str:
     lines.insert(1, "-" * len(lines[0]))
     lines.append("ratio = gpunet time / PyTorch time (below 1: gpunet is faster); spread = p10-p90 of the rounds "
                  "over the median, the larger of the two sides")
+    if tiny:
+        lines.append(TINY_NOTE)
     lines += [f"skipped {name}: {reason}" for name, reason in skipped]
     return "\n".join(lines)
 
 
-def markdown(results, skipped, env: dict) -> str:
+def markdown(results, skipped, env: dict, tiny: bool = False) -> str:
     head = (f"Measured {env['date']} on {env['device']} ({machine_name(env)}); versions "
             + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + f"; command `{env['command']}`.\n\n")
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in rows(results)]
+    lines += [f"\n{TINY_NOTE[0].upper()}{TINY_NOTE[1:]}."] if tiny else []
     lines += [f"\nSkipped {name}: {reason}." for name, reason in skipped]
     return head + "\n".join(lines) + "\n"
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy
 
-from gpunet.benchmarks import kernels, steps
+from gpunet.benchmarks import REPEATS, TINY_REPEATS, kernels, steps
 from gpunet.benchmarks.report import format_time
 
 
@@ -63,17 +63,27 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
+TINY_BATCH = 4
+
+
 def cases(device: str = "cpu", tiny: bool = False) -> list[Case]:
-    """Every benchmark, in report order; tiny shrinks every size to check the harness quickly."""
-    def model(name, make, batch, tiny_sizes):
-        return Case(name, "model", lambda: _model(make, device, 4 if tiny else batch, **(tiny_sizes if tiny else {})))
+    """Every benchmark, in report order; tiny shrinks every size to check the harness quickly, and
+    its names say the sizes it runs (a tiny run is never mistaken for the full-size one)."""
+    def model(names, make, batch, tiny_sizes):
+        name, tiny_name = names
+        if tiny:
+            return Case(tiny_name, "model", lambda: _model(make, device, TINY_BATCH, **tiny_sizes))
+        return Case(name, "model", lambda: _model(make, device, batch))
+    b = TINY_BATCH
     return kernels.kernel_cases(Case, Pair, device, tiny) + [
-        model("mlp-784-300-100-10-b128", steps.mlp_steps, 128, {}),
-        model("lenet-b64", steps.lenet_steps, 64, {}),
-        model("lstm-lm-b32-t64-h256", steps.lstm_lm_steps, 32, dict(context=8, hidden=16, embedding=8)),
-        model("attention-block-b16-t128-d256-h4", steps.attention_block_steps, 16, dict(context=8, d_model=16,
-                                                                                           heads=2)),
-        model("transformer-2x-b16-t128-d256", steps.transformer_steps, 16, dict(context=8, d_model=16, heads=2)),
+        model(("mlp-784-300-100-10-b128", f"mlp-784-300-100-10-b{b}"), steps.mlp_steps, 128, {}),
+        model(("lenet-b64", f"lenet-b{b}"), steps.lenet_steps, 64, {}),
+        model(("lstm-lm-b32-t64-h256", f"lstm-lm-b{b}-t8-h16"), steps.lstm_lm_steps, 32,
+              dict(context=8, hidden=16, embedding=8)),
+        model(("attention-block-b16-t128-d256-h4", f"attention-block-b{b}-t8-d16-h2"), steps.attention_block_steps, 16,
+              dict(context=8, d_model=16, heads=2)),
+        model(("transformer-2x-b16-t128-d256", f"transformer-2x-b{b}-t8-d16"), steps.transformer_steps, 16,
+              dict(context=8, d_model=16, heads=2)),
     ]
 
 
@@ -93,7 +103,7 @@ def run(device: str = "cpu", only=None, tiny: bool = False, repeats: int | None 
     for case in selected:
         pair = case.build()
         check_agreement(case.name, pair)
-        rounds = repeats or (3 if tiny else 5)
+        rounds = repeats or (TINY_REPEATS if tiny else REPEATS)
         inner = 1 if tiny else None  # tiny checks the harness: one call a round, no pauses
         ours_t, theirs_t = _alternate(pair.ours, pair.theirs, sync, rounds, inner)
         result = _summarise(case, pair, ours_t, theirs_t, sync, rounds, inner)

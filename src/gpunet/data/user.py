@@ -29,6 +29,7 @@ PIXELS = {"kind": "image", "scale": 1.0 / 255.0}  # the range check of the built
 def read_array(path) -> numpy.ndarray:
     """An .npy file (never unpickled) or else an IDX file (.idx, .idx.gz, MNIST's -ubyte names)."""
     path = Path(path)
+    validate.not_special_file(path)  # /dev/zero or a FIFO: reading would never end or never start
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder, not an .npy or IDX file")
     if not path.exists():
@@ -49,6 +50,7 @@ def read_array(path) -> numpy.ndarray:
 def load(path, recipe, val_fraction: float, seed: int, holdout: int = 0):
     """(dataset, recipe) for `gpunet train --data path`: the recipe adapted to the data's image size."""
     path = Path(path)
+    validate.not_special_file(path, "--data")  # /dev/zero or a FIFO: reading would never end or never start
     if not path.exists():
         raise FileNotFoundError(f"--data {path}: no such file or folder")
     if recipe.kind == "text":

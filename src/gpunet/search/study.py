@@ -48,53 +48,73 @@ def search(recipe, model: str, trials: int, out, *, epochs=None, steps=None, spa
     device = device or gn.device("auto")
     if sampler not in SAMPLERS or pruner not in PRUNERS:
         raise ValueError(f"sampler must be one of {SAMPLERS} and pruner one of {PRUNERS}, got {sampler!r}, {pruner!r}")
-    space = space if space is not None else spaces.default_space(model, recipe)
+    # a space from Python is checked as a space file is (the CLI's is checked already: the same again)
+    space = spaces.check(space, recipe, "space", model) if space is not None else spaces.default_space(model, recipe)
     dataset = dataset or recipe.dataset
     steps = steps if steps or epochs else recipe.steps
     epochs = None if steps else (epochs or recipe.epochs)
     out = Path(out)
     runs.check_out_folder(out)
-    if out.is_dir() and any(out.iterdir()) and not (out / "study.db").exists():
-        raise FileExistsError(f"--out {out} holds files but no search (no study.db); choose a new or empty folder")
+    made = not out.exists()  # removed again if the search fails while it is still empty
     settings = {"model": model, "dataset": dataset, "epochs": epochs, "steps": steps, "seed": seed,
                 "sampler": sampler, "pruner": pruner, "val_fraction": val_fraction, "holdout": holdout,
                 "space": space}
-    with runs.RunLock(out):  # one search at a time in a folder
-        optuna.logging.set_verbosity(logging.WARNING)  # the search prints its own line per trial
-        study = optuna.create_study(study_name=STUDY_NAME, storage=f"sqlite:///{out.resolve() / 'study.db'}",
-                                    direction="minimize", load_if_exists=True,
-                                    pruner=_pruner(optuna, pruner, epochs or trial_run.EVALUATIONS))
-        _check_settings(study, settings, out)
-        _fail_interrupted(study, optuna)
-        data = trial_run.load(recipe, dataset, data_dir, download, val_fraction, seed, holdout)
-        log(f"search: {model} on {dataset}, {trials} trials of {f'{steps} steps' if steps else f'{epochs} epochs'}, "
-            f"{sampler} sampler, {pruner} pruner, seed {seed}; {data.description}")
-        log(f"space: {spaces.describe(space)}")
-        if not report.can_plot():
-            log("no trials.png: matplotlib is not installed (pip install 'gpunet[plot]')")
-        done = finished(study, optuna)
-        for number in range(trials):
-            if number in done:
-                continue
-            study.sampler = _sampler(optuna, sampler, trial_seed(seed, number))
-            trial = study.ask()
-            trial.set_user_attr("trial", number)
-            params = spaces.suggest(trial, space)
-            folder = out / "trials" / f"trial-{number:03d}"
+    try:
+        # Locked before anything else is looked at or written: a second search started while the first
+        # has not yet made its study.db is refused as "in use", not as a folder of strangers' files.
+        with runs.RunLock(out):  # one search at a time in a folder
+            if any(p.name != runs.LOCK_NAME for p in out.iterdir()) and not (out / "study.db").exists():
+                raise FileExistsError(f"--out {out} holds files but no search (no study.db); choose a new or "
+                                      "empty folder")
+            # the data before the study: a search that cannot load its data leaves no study.db behind
+            data = trial_run.load(recipe, dataset, data_dir, download, val_fraction, seed, holdout)
+            return _run(optuna, recipe, model, trials, out, data, space, settings, device, log)
+    finally:
+        if made:
             try:
-                outcome = trial_run.run(recipe, data, params, trial, epochs=epochs, steps=steps, device=device,
-                                     seed=seed, out=folder, log=lambda line, n=number: log(f"  trial {n}: {line}"))
-            except KeyboardInterrupt:
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                raise KeyboardInterrupt(f"interrupted in trial {number}; run the same command again to resume the "
-                                        f"search (trial {number} starts over)") from None
-            except BaseException:  # an error: the trial stays unfinished, and runs again next time
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                raise
-            _tell(study, trial, outcome, optuna)
-            rows = report.write(out, finished(study, optuna), space, classifier=recipe.kind != "text")
-            log(report.progress_line(number, trials, params, outcome, rows))
+                out.rmdir()  # only while empty: a search that wrote anything keeps its folder
+            except OSError:
+                pass
+
+
+def _run(optuna, recipe, model, trials, out, data, space, settings, device, log) -> list[dict]:
+    """The search proper, in the locked folder out."""
+    steps, epochs, seed = settings["steps"], settings["epochs"], settings["seed"]
+    sampler, pruner, dataset = settings["sampler"], settings["pruner"], settings["dataset"]
+    optuna.logging.set_verbosity(logging.WARNING)  # the search prints its own line per trial
+    study = optuna.create_study(study_name=STUDY_NAME, storage=f"sqlite:///{out.resolve() / 'study.db'}",
+                                direction="minimize", load_if_exists=True,
+                                pruner=_pruner(optuna, pruner, epochs or trial_run.EVALUATIONS))
+    _check_settings(study, settings, out)
+    _fail_interrupted(study, optuna)
+    log(f"search: {model} on {dataset}, {trials} trials of {f'{steps} steps' if steps else f'{epochs} epochs'}, "
+        f"{sampler} sampler, {pruner} pruner, seed {seed}; {data.description}")
+    log(f"space: {spaces.describe(space)}")
+    if not report.can_plot():
+        log("no trials.png: matplotlib is not installed (pip install 'gpunet[plot]')")
+    done = finished(study, optuna)
+    for number in range(trials):
+        if number in done:
+            continue
+        study.sampler = _sampler(optuna, sampler, trial_seed(seed, number))
+        trial = study.ask()
+        trial.set_user_attr("trial", number)
+        params = spaces.suggest(trial, space)
+        folder = out / "trials" / f"trial-{number:03d}"
+        try:
+            outcome = trial_run.run(recipe, data, params, trial, epochs=epochs, steps=steps, device=device,
+                                 seed=seed, out=folder, log=lambda line, n=number: log(f"  trial {n}: {line}"))
+        except KeyboardInterrupt:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise KeyboardInterrupt(f"interrupted in trial {number}; run the same command again to resume the "
+                                    f"search (trial {number} starts over)") from None
+        except BaseException:  # an error: the trial stays unfinished, and runs again next time
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise
+        _tell(study, trial, outcome, optuna)
         rows = report.write(out, finished(study, optuna), space, classifier=recipe.kind != "text")
+        log(report.progress_line(number, trials, params, outcome, rows))
+    rows = report.write(out, finished(study, optuna), space, classifier=recipe.kind != "text")
     return rows
 
 
