@@ -43,7 +43,7 @@ if ! stage preflight 40 "$out/preflight.txt" python3 scripts/gpu_preflight.py; t
   grep '^preflight: STOP' "$out/preflight.txt" | tee -a "$summary"
   exit 2
 fi
-stage "gpu tests" 100 "$out/tests.txt" python3 -m pytest -m gpu -q -ra -p no:cacheprovider --durations=5
+stage "gpu tests" 95 "$out/tests.txt" python3 -m pytest -m gpu -q -ra -p no:cacheprovider --durations=5
 for model in mlp cnn rnn transformer; do
   stage "parity $model" 15 "$out/parity.txt" python3 -m gpunet parity --model "$model" --steps 30
 done
