@@ -21,6 +21,9 @@ import sys
 PACKAGES = [("numpy", "numpy", "gpunet"), ("numba", "numba", "gpunet (CPU kernels)"),
             ("safetensors", "safetensors", "gpunet (checkpoints)"), ("tqdm", "tqdm", "gpunet (progress bar)"),
             ("pytest", "pytest", "the gpu tests"), ("torch", "torch", "gpunet parity and bench")]
+# What else gpunet imports, only for optional parts: reported on one line, never required
+OPTIONAL = [("nvmath", "nvmath-python"), ("mpi4py", "mpi4py"), ("matplotlib", "matplotlib"),
+            ("threadpoolctl", "threadpoolctl"), ("optuna", "optuna")]
 # The minimum driver of each CuPy wheel (NVIDIA's CUDA minor-version compatibility: a CUDA 12.x
 # runtime needs driver >= 525.60.13, a 13.x runtime driver >= 580); see docs/install.md.
 WHEEL_DRIVER = {"cupy-cuda12x": ((525, 60, 13), 12), "cupy-cuda13x": ((580,), 13)}
@@ -86,6 +89,14 @@ def check_packages(report: Report) -> None:
             report.need(module, f"cannot be imported ({type(exc).__name__}: {exc}); needed by {why}", carry(dist))
             continue
         report.line(module, version)
+    found = []
+    for module, dist in OPTIONAL:
+        try:
+            importlib.import_module(module)
+            found.append(f"{dist} {importlib.metadata.version(dist)}")
+        except Exception:  # noqa: BLE001 - optional: absent or broken, the part it serves is skipped
+            found.append(f"{dist} absent")
+    report.line("optional", ", ".join(found))
 
 
 def check_cupy(report: Report, driver: tuple[int, ...] | None):
