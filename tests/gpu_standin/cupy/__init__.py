@@ -4,6 +4,9 @@ Arrays are NumPy memory behind CuPy's rules (_ndarray.py); `RawModule` compiles 
 sources with the kernel emulator and launches them with CuPy's argument marshalling and a real
 GPU's launch limits (_raw.py). Module-level NumPy functions work on device arrays and return
 device arrays; host arrays are refused. tests/gpu_standin/__init__.py decides when it is used.
+It is held to CuPy 14.2's source (issue 27): the version, cupy.cuda.using_allocator,
+ndarray.set, cupy._core's compute type (TF32 products), cupyx.distributed and what a stream
+capture records; where it is deliberately stricter, the docstring of the part says so.
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """cupy.cuda for the stand-in: one emulated device, events timed on the host clock, the null
-stream (launches run synchronously, so synchronising is free)."""
+stream (launches run synchronously, so synchronising is free), CuPy 14's allocator routing
+(memory.py) and an NCCL that is absent by default (nccl.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -42,7 +43,8 @@ class Stream:
             raise runtime.CUDARuntimeError("cudaErrorStreamCaptureUnsupported: synchronize on a capturing stream")
 
     # Graph capture, with CUDA's rules: not on the null (legacy) stream, one capture at a time here,
-    # no copies to or from the host while capturing (_ndarray.count refuses them).
+    # no synchronous copy to or from the host while capturing (_ndarray.count refuses them); stricter
+    # than CuPy: cupy.asarray of host data is refused too, unless RECORD_HOST_COPIES (see _ndarray).
     def begin_capture(self, mode=None):
         if self.ptr == 0:
             raise runtime.CUDARuntimeError("cudaErrorStreamCaptureUnsupported: the null stream cannot capture")
