@@ -269,6 +269,9 @@ def test_a_resume_whose_last_checkpoint_is_a_fifo_is_refused(tmp_path, capsys):
      "byte)"),
     (lambda p: written(p / "space.json", b"[1, 2]"),
      "space file {p}/space.json: expected a table of parameter name -> range, choices or value"),
+    (lambda p: written(p / "space.json", b'{"lr": ' + b"[" * 100000 + b"]" * 100000 + b"}"),
+     "space file {p}/space.json: not valid JSON (maximum recursion depth exceeded while decoding a JSON array from "
+     "a unicode string)"),
 ])
 def test_a_space_file_that_is_no_file_or_no_table_is_refused(make, message, tmp_path, capsys):
     path = make(tmp_path)
@@ -391,6 +394,22 @@ def test_a_text_vocabulary_that_is_not_text_is_refused(tmp_path, capsys):
     line = refused(["generate", path, "--device", "cpu"], capsys, tmp_path)
     assert line == (f"gpunet generate: {path}: preprocessing: 'vocabulary' must be a non-empty string of distinct "
                     "characters, got ['a', 'b', 'c']")
+
+
+def test_metadata_nested_too_deeply_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    source = char_checkpoint(tmp_path / "m.safetensors")
+    deep = edited(source, tmp_path / "deep.safetensors", metadata=lambda meta: {
+        **meta, "architecture": '{"type": "Sequential", "layers": ' + "[" * 100000 + "]" * 100000 + "}"})
+    assert refused(["generate", deep, "--device", "cpu"], capsys, tmp_path) == (
+        f"gpunet generate: {deep}: corrupt checkpoint metadata (maximum recursion depth exceeded while decoding a "
+        "JSON array from a unicode string)")
+
+    def too_deep(config):  # what building Sequentials nested a few hundred deep ends in
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(gn.checkpoint, "build_layer", too_deep)
+    assert refused(["generate", source, "--device", "cpu"], capsys, tmp_path) == (
+        f"gpunet generate: {source}: checkpoint does not match its architecture: layers nested too deeply to build")
 
 
 def test_every_model_the_library_builds_passes_the_size_check():

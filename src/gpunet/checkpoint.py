@@ -101,7 +101,7 @@ def _read(path):
         raise ValueError(f"{path}: not a gpunet checkpoint (metadata format={meta.get('format')!r})")
     try:
         decoded = {k: (json.loads(v) if k not in ("format", "format_version") else v) for k, v in meta.items()}
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested thousands deep
         raise ValueError(f"{path}: corrupt checkpoint metadata ({exc})") from None
     checksums = decoded.pop("checksums", None)
 
@@ -146,19 +146,29 @@ def _verify(path, raw: bytes, data_start: int, header: dict, checksums) -> None:
 def load(path: str | os.PathLike[str], device: str | Device | None = None) -> Layer:
     """Rebuild the model saved at path (on the CPU, or on `device`)."""
     weights, _, meta, verify = _read(path)
-    check_sizes(path, meta.get("architecture"), weights)
     preprocess = meta.get("preprocess")
     check_spec(preprocess, f"{path}: preprocessing")
     try:
-        model = build_layer(meta["architecture"])
-        model.load_state_dict(weights, strict=True)
-    except (KeyError, ValueError, TypeError) as exc:
-        reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # str(KeyError) adds quotes
-        raise ValueError(f"{path}: checkpoint does not match its architecture: {reason}") from None
+        check_sizes(path, meta.get("architecture"), weights)
+        model = _build(path, meta.get("architecture"), weights)
+    except RecursionError:  # an edited architecture of Sequentials nested thousands deep
+        raise ValueError(f"{path}: checkpoint does not match its architecture: layers nested too deeply to "
+                         "build") from None
     verify()  # after the architecture check, which names a wrong shape more precisely
     _check_values(path, model, weights)
     model.preprocess = preprocess
     return model.to(device) if device is not None else model
+
+
+def _build(path, architecture, weights: dict) -> Layer:
+    """The model of architecture with weights loaded; a mismatch is one line naming the file."""
+    try:
+        model = build_layer(architecture)
+        model.load_state_dict(weights, strict=True)
+    except (KeyError, ValueError, TypeError) as exc:
+        reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # str(KeyError) adds quotes
+        raise ValueError(f"{path}: checkpoint does not match its architecture: {reason}") from None
+    return model
 
 
 def _check_values(path, model: Layer, weights: dict) -> None:

@@ -90,7 +90,8 @@ def load_space(path, recipe, model: str) -> dict:
         raise OSError(exc.errno, exc.strerror, str(path)) from None
     try:
         raw = tomllib.loads(text.decode("utf-8")) if path.suffix.lower() == ".toml" else json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # JSONDecodeError and TOMLDecodeError are
+        # ValueErrors; RecursionError: lists nested thousands deep
         kind = "TOML" if path.suffix.lower() == ".toml" else "JSON"
         raise ValueError(f"space file {path}: not valid {kind} ({exc})") from None
     if not isinstance(raw, dict) or not raw:
