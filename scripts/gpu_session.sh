@@ -21,10 +21,12 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1 GPUNET_REQUIRE_GPU=1 GPUNET_DEVICE=gpu
 budget=290  # seconds: the call's 5 minutes, less the machine's start and the files' way back
 start=$SECONDS
 summary="$out/summary.txt"
+failed=0
 date -u +"gpu session %Y-%m-%dT%H:%M:%SZ" > "$summary"
 
 # stage NAME SECONDS FILE COMMAND...: COMMAND under `timeout SECONDS`, its output appended to FILE,
-# one line in the summary; returns the command's status (124: it ran out of time).
+# one line in the summary; returns the command's status (124: it ran out of time). The script's
+# own status is 1 when any stage failed, 2 when the preflight stopped it.
 stage() {
   local name=$1 seconds=$2 file=$3 began=$SECONDS status
   shift 3
@@ -36,6 +38,7 @@ stage() {
   timeout --kill-after=5 "$seconds" "$@" >> "$file" 2>&1
   status=$?
   echo "$name: exit $status$([[ $status == 124 ]] && echo ' (timed out)'), $((SECONDS - began)) s" | tee -a "$summary"
+  (( status == 0 )) || failed=$((failed + 1))
   return "$status"
 }
 
@@ -63,4 +66,5 @@ for graph in --cuda-graph --no-cuda-graph; do
   stage "train cnn $graph" 10 "$out/timings.txt" python3 -m gpunet train --model cnn --steps 200 --no-progress \
     "$graph" --out "/tmp/gpunet-graph$graph" --overwrite
 done
-echo "total: $((SECONDS - start)) s" | tee -a "$summary"
+echo "total: $((SECONDS - start)) s, $failed stage(s) failed" | tee -a "$summary"
+(( failed == 0 ))  # the session's status: 0 when every stage that ran passed

@@ -64,3 +64,54 @@ def test_the_preflight_lists_what_it_found_and_stops_naming_the_missing_gpu(tmp_
     assert stops[0] == ("preflight: STOP: GPU: no NVIDIA GPU is visible (nvidia-smi is not on PATH or fails); run on "
                         "the machine with the GPU; its NVIDIA driver cannot be carried as a wheel")
     assert "preflight: ready" not in lines and done.stderr == ""
+
+
+def test_the_session_script_stops_after_the_preflight_naming_what_is_missing(tmp_path):
+    """scripts/gpu_session.sh spends no stage's time when the preflight stops: its summary says why."""
+    import shutil
+
+    tools = tmp_path / "bin"  # the tools the script calls, and no nvidia-smi or compute-sanitizer
+    tools.mkdir()
+    for tool in ("bash", "mkdir", "date", "timeout", "tee", "grep", "rm"):
+        (tools / tool).symlink_to(shutil.which(tool))
+    (tools / "python3").symlink_to(sys.executable)
+    out = tmp_path / "results"
+    started = time.monotonic()
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_session.sh"), str(out)], cwd=ROOT,
+                          env=_env(PATH=str(tools)), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["preflight.txt", "summary.txt"]
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert summary[0].startswith("gpu session ") and summary[1].startswith("preflight: exit 2, ")
+    assert summary[2].startswith("preflight: STOP: GPU: no NVIDIA GPU is visible")
+    assert "gpu tests" not in done.stdout and time.monotonic() - started < 60
+
+
+def test_past_the_preflight_every_stage_runs_under_its_timeout_and_a_missing_sanitizer_is_said(tmp_path):
+    """The stages after a preflight that passes (faked here: no GPU), with no compute-sanitizer on PATH:
+    each stage's exit in the summary, the gpu tests failing under GPUNET_REQUIRE_GPU=1, the sanitizer
+    stages replaced by one line (not exit 127), and the run within its budget."""
+    import shutil
+
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for tool in ("bash", "mkdir", "date", "timeout", "tee", "grep", "rm"):
+        (tools / tool).symlink_to(shutil.which(tool))
+    (tools / "python3").write_text(f'#!{shutil.which("bash")}\n'
+                                   '[ "$1" = scripts/gpu_preflight.py ] && { echo "preflight: ready"; exit 0; }\n'
+                                   f'exec {sys.executable} "$@"\n')
+    (tools / "python3").chmod(0o755)
+    out = tmp_path / "results"
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_session.sh"), str(out)], cwd=ROOT,
+                          env=_env(PATH=str(tools)), capture_output=True, text=True, timeout=300)
+    summary = (out / "summary.txt").read_text()
+    stages = [line.split(":")[0] for line in summary.splitlines()[1:]]
+    assert stages == ["preflight", "gpu tests", "parity mlp", "parity cnn", "parity rnn", "parity transformer",
+                      "compute-sanitizer", "bench", "train cnn --cuda-graph", "train cnn --no-cuda-graph", "total"]
+    assert "gpu tests: exit 1, " in summary and "parity cnn: exit 1, " in summary  # no GPU: they fail, and say so
+    assert ("compute-sanitizer: not on PATH, sanitizer stages not run (it ships with the CUDA toolkit: put its bin/ "
+            "on PATH)") in summary and "exit 127" not in summary
+    assert REASON in (out / "tests.txt").read_text()
+    total = summary.splitlines()[-1]
+    assert int(total.split()[1]) < 290 and total.endswith(" s, 8 stage(s) failed"), summary
+    assert done.returncode == 1, done.stderr
