@@ -85,4 +85,6 @@ from importlib.metadata import version as v
 print("cupy-cuda13x", v("cupy-cuda13x"), "and nvmath-python", v("nvmath-python"))')
 say "$installed in $venv ($(since "$start") s to install or confirm, from $wheels)"
 
+# `import cupy` makes CuPy's kernel cache folder (~/.cupy by default): keep it in the tier's environment.
+export CUPY_CACHE_DIR=$PWD/$venv/cupy-cache
 exec "$venv/bin/python" -m pytest tests/real_cupy -q -p no:cacheprovider

@@ -25,7 +25,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-CACHE = Path(tempfile.mkdtemp(prefix="gpunet-real-cupy-kernels-"))
+# A fresh kernel cache (inside the caller's CUPY_CACHE_DIR, if set): every cubin in it is this run's.
+CACHE = Path(tempfile.mkdtemp(prefix="gpunet-real-cupy-kernels-", dir=os.environ.get("CUPY_CACHE_DIR")))
 os.environ["CUPY_CACHE_DIR"] = str(CACHE)  # before cupy is imported: it reads the variable once
 
 import cupy  # noqa: E402

@@ -25,6 +25,7 @@ FALLBACK = "gpunet: no usable GPU, running on the CPU: CuPy is installed but "  
 
 
 def run(args, cwd, cache, timeout=600):
+    """sys.executable ARGS in cwd, CuPy's kernel cache in `cache` (made by pytest, not under ~/.cupy)."""
     env = {k: v for k, v in os.environ.items() if k not in ("GPUNET_DEVICE", "CUPY_CACHE_DIR")}
     env["CUPY_CACHE_DIR"] = str(cache)
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
