@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy
 
+from gpunet.backend import activations
 from gpunet.backend.devices import cupy_status
 
 THREADS = 256  # threads per block of every kernel; the block reductions size their scratch by it
@@ -26,7 +27,7 @@ TILE_M = 64  # rows of C per block of gemm_bias_act (16 x 16 threads, each a 4 x
 TILE_N = 64  # columns of C per block of gemm_bias_act
 TILE_K = 16  # depth of the A and W tiles gemm_bias_act stages in shared memory
 ROWS_PER_CHUNK = 64  # rows summed by one block of bias_act_backward
-ACTIVATION_CODES = {None: 0, "relu": 1, "sigmoid": 2, "tanh": 3, "gelu": 4, "gelu_tanh": 5}  # codes of gemm.cu
+ACTIVATION_CODES = {None: 0, **{a.name: a.code for a in activations.TABLE.values()}}  # codes of gemm.cu
 
 DEFINES = {"THREADS": THREADS, "TILE_M": TILE_M, "TILE_N": TILE_N, "TILE_K": TILE_K, "ROWS_PER_CHUNK": ROWS_PER_CHUNK,
            **{f"ACT_{(name or 'none').upper()}": code for name, code in ACTIVATION_CODES.items()}}

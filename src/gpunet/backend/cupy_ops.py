@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 
 from gpunet.backend import cublaslt
+from gpunet.backend import activations
 from gpunet.backend import cuda_wrappers as kernels
 from gpunet.backend import cuda_wrappers_sequence as sequence_kernels
 from gpunet.backend.cuda_kernels import ACTIVATION_CODES, compile_inputs
@@ -139,13 +140,13 @@ class CupyOps(Ops):
         return self.xp.matmul(dz, weight) if need_dx else None
 
     def conv_epilogue(self, y_t, bias, activation):
-        if activation not in ("relu", "sigmoid", "tanh", None) or not _float32(y_t, bias) or y_t.size == 0:
+        if not activations.from_output(activation) or not _float32(y_t, bias) or y_t.size == 0:
             return super().conv_epilogue(y_t, bias, activation)
         return kernels.conv_bias_act(y_t, bias, activation)
 
     def conv_bias_act_backward(self, dy, y, activation, grad_bias):
         dy = self.xp.ascontiguousarray(dy)
-        if activation not in ("relu", "sigmoid", "tanh", None) or not _float32(dy, y, grad_bias) or dy.size == 0:
+        if not activations.from_output(activation) or not _float32(dy, y, grad_bias) or dy.size == 0:
             return super().conv_bias_act_backward(dy, y, activation, grad_bias)
         return kernels.conv_bias_act_backward(dy, y, activation, grad_bias)
 

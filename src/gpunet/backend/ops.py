@@ -12,11 +12,10 @@ import math
 
 import numpy
 
-from gpunet.backend import sequence_ops
+from gpunet.backend import activations, sequence_ops
 from gpunet.backend.conv_ops import ConvOps, pooled_size  # noqa: F401  (pooled_size: imported from here too)
 
-ACTIVATIONS = ("relu", "sigmoid", "tanh", "gelu", "gelu_tanh")
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+ACTIVATIONS = activations.NAMES
 
 
 def id_range_error(bad: int, vocabulary: int) -> ValueError:
@@ -74,46 +73,11 @@ class Ops(ConvOps):
         return self.xp.asarray(vec(x).astype(x.dtype))
 
     def activation(self, name, x, out=None):
-        xp = self.xp
-        if name == "relu":
-            return xp.maximum(x, 0, out=out)
-        if name == "sigmoid":
-            # exp of a non-positive number only: no overflow warnings for large |x|.
-            e = xp.exp(-xp.abs(x))
-            y = xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
-        elif name == "tanh":
-            return xp.tanh(x, out=out)
-        elif name == "gelu":
-            y = 0.5 * x * (1 + self.erf(x * (1 / math.sqrt(2.0))))
-        elif name == "gelu_tanh":
-            y = 0.5 * x * (1 + xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x**3)))
-        else:
-            raise ValueError(f"unknown activation {name!r}; choose one of {ACTIVATIONS}")
-        y = y.astype(x.dtype, copy=False)
-        if out is None:
-            return y
-        out[...] = y
-        return out
+        return activations.lookup(name).forward(self, x, out)
 
     def activation_backward(self, name, x, y, dy):
         """dx from the input x, the output y and the upstream gradient dy."""
-        xp = self.xp
-        if name == "relu":
-            return dy * (x > 0)
-        if name == "sigmoid":
-            return dy * y * (1 - y)
-        if name == "tanh":
-            return dy * (1 - y * y)
-        if name == "gelu":
-            cdf = 0.5 * (1 + self.erf(x * (1 / math.sqrt(2.0))))
-            pdf = xp.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
-            return (dy * (cdf + x * pdf)).astype(x.dtype, copy=False)
-        if name == "gelu_tanh":
-            inner = _SQRT_2_OVER_PI * (x + 0.044715 * x**3)
-            t = xp.tanh(inner)
-            dinner = _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
-            return (dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * dinner)).astype(x.dtype, copy=False)
-        raise ValueError(f"unknown activation {name!r}; choose one of {ACTIVATIONS}")
+        return activations.lookup(name).backward(self, x, y, dy)
 
     # ---------------------------------------------------------------- softmax family
     def softmax(self, x, axis=-1):

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 from gpunet import init as initialisers
 from gpunet.backend import Array, ops_for
+from gpunet.backend import activations
 from gpunet.backend.ops import pooled_size
 from gpunet.layers.activations import Activation
 from gpunet.layers.base import Layer, register
@@ -51,7 +52,7 @@ class Conv2D(Layer):
         """An activation whose derivative reads its output (relu, sigmoid, tanh); after a ReLU also
         a MaxPool2D whose windows do not overlap (stride = kernel), as in LeNet."""
         first = following[0]
-        if not isinstance(first, Activation) or first.kind not in ("relu", "sigmoid", "tanh"):
+        if not isinstance(first, Activation) or not activations.from_output(first.kind):
             return False
         if len(following) == 1:
             return True

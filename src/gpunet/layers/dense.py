@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from gpunet import init as initialisers
 from gpunet.backend import Array, ops_for
+from gpunet.backend import activations
 from gpunet.layers.activations import Activation
 from gpunet.layers.base import Layer, register
 from gpunet.layers.checks import check_float_input, check_last_dim
@@ -51,11 +52,11 @@ class Dense(Layer):
         ops = ops_for(x, w, op="Dense.forward")
         x2 = x.reshape(-1, w.shape[1])
         b = self.params.get("bias")
-        if activation in ("gelu", "gelu_tanh"):  # their derivative needs the pre-activation
+        if activations.from_output(activation):  # fused: the derivative reads y alone
+            y = z = ops.linear(x2, w, b, activation)
+        else:  # the derivative needs the pre-activation
             z = ops.linear(x2, w, b)
             y = ops.activation(activation, z)
-        else:  # relu'(z) can be read off y = relu(z); sigmoid' and tanh' are functions of y
-            y = z = ops.linear(x2, w, b, activation)
         self.save_for_backward(x=x2, z=z, y=y, activation=activation)
         return y.reshape(*x.shape[:-1], w.shape[0])
 
