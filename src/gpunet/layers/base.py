@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 import numpy
 
 from gpunet.backend import device as resolve_device
-from gpunet.backend import Array, Device, to_device
+from gpunet.backend import Array, Device, is_cupy_array, to_device
 
 LAYER_TYPES: dict[str, type[Layer]] = {}  # name in a checkpoint's architecture -> layer class
 L = TypeVar("L", bound="Layer")
@@ -384,7 +384,7 @@ def _number_streams(layer: Layer) -> None:
 def _host(value):
     if hasattr(value, "detach"):  # a torch tensor, for weights moving in from PyTorch
         return value.detach().cpu().numpy()
-    return value.get() if type(value).__module__.startswith("cupy") else value
+    return value.get() if is_cupy_array(value) else value
 
 
 def _assign(layer: Layer, name: str, value) -> None:
