@@ -18,6 +18,7 @@ import numpy
 import pytest
 
 from gpunet import distributed
+from gpunet.distributed import Launch
 from tests.distributed import worker
 
 pytestmark = pytest.mark.gpu
@@ -68,6 +69,35 @@ def nccl(monkeypatch):
 
     monkeypatch.setattr(module, "available", True)
     return module
+
+
+MPI, SLURM, TORCHRUN = Launch("mpi", 0, 2, 0), Launch("slurm", 1, 4, 1), Launch("torchrun", 0, 2, 0, "127.0.0.1", 29500)
+FALLBACK = f"gpunet: {NO_NCCL}; the 2 ranks' collectives go through MPI with host copies (slower)\n"
+
+
+@pytest.mark.parametrize("launch, device, has_nccl, backend, said", [
+    (Launch(), "gpu", True, "single", ""),
+    (MPI, "gpu", True, "nccl", ""),
+    (MPI, "gpu", False, "mpi", FALLBACK),  # rank 0 says it
+    (SLURM, "gpu", False, "mpi", ""),  # (rank 1 of srun: quiet)
+    (SLURM, "gpu", True, "nccl", ""),
+    (MPI, "cpu", True, "mpi", ""),
+    (TORCHRUN, "gpu", True, "nccl", ""),
+    (TORCHRUN, None, True, "nccl", ""),
+], ids=["single", "mpiexec-nccl", "mpiexec-no-nccl", "srun-no-nccl", "srun-nccl", "mpiexec-cpu", "torchrun-nccl",
+        "torchrun-unsaid-device"])
+def test_each_launcher_gets_its_collectives(monkeypatch, capsys, launch, device, has_nccl, backend, said):
+    from cupy.cuda import nccl as module
+
+    monkeypatch.setattr(module, "available", has_nccl)
+    assert distributed.backend_for(launch, device) == backend
+    assert capsys.readouterr().err == said
+
+
+def test_torchrun_on_the_cpu_is_refused_in_one_line(capsys):
+    with pytest.raises(RuntimeError, match=r"^a torchrun launch \(RANK=0, WORLD_SIZE=2\) trains on GPUs through NCCL; "
+                                           r"on the CPU start the ranks with mpiexec -n N \(pip install 'gpunet\[mpi\]'\)$"):
+        distributed.backend_for(TORCHRUN, "cpu")
 
 
 def test_torchrun_without_nccl_is_refused_in_one_line_naming_nccl(torchrun_rank0):

@@ -25,35 +25,43 @@ _world = None
 
 
 def init(device: str | None = None, timeout: float = DEFAULT_TIMEOUT):
-    """The world of this process, made on the first call (later calls return it): Single with no
-    launcher; else NCCLWorld for a torchrun launch, or for device "gpu" where CuPy has NCCL; else
-    MPIWorld (GPU arrays through host copies, said in one line when NCCL is what is missing). A
-    torchrun launch without NCCL is refused: it starts no MPI world to fall back on.
-    timeout: the seconds a collective waits for the other ranks."""
+    """The world of this process, made on the first call (later calls return it), of the kind
+    backend_for picks. timeout: the seconds a collective waits for the other ranks."""
     global _world
     if _world is None:
         launch = detect(os.environ)
-        if launch.world_size == 1:
-            _world = Single(launch)
-        elif launch.launcher == "torchrun":
-            if device == "cpu":
-                raise RuntimeError(f"a torchrun launch (RANK={launch.rank}, WORLD_SIZE={launch.world_size}) trains on "
-                                   "GPUs through NCCL; on the CPU start the ranks with mpiexec -n N (pip install "
-                                   "'gpunet[mpi]')")
-            usable, why = nccl_status()
-            if not usable:
-                raise RuntimeError(f"a torchrun launch (RANK={launch.rank}, WORLD_SIZE={launch.world_size}) needs NCCL, "
-                                   f"and {why}: install it (the cuda12/cuda13 extras bring nvidia-nccl-cu12/-cu13), or "
-                                   "start the ranks with mpiexec -n N, whose collectives fall back to MPI host copies")
-            _world = NCCLWorld(launch, timeout)
-        elif device == "gpu" and nccl_status()[0]:
-            _world = NCCLWorld(launch, timeout)
-        else:
-            if device == "gpu" and launch.rank == 0:
-                print(f"gpunet: {nccl_status()[1]}; the {launch.world_size} ranks' collectives go through MPI with "
-                      "host copies (slower)", file=sys.stderr, flush=True)
-            _world = MPIWorld(launch, timeout)
+        worlds = {"single": Single, "nccl": NCCLWorld, "mpi": MPIWorld}
+        _world = worlds[backend_for(launch, device)](*((launch,) if launch.world_size == 1 else (launch, timeout)))
     return _world
+
+
+def backend_for(launch: Launch, device: str | None) -> str:
+    """"single" with no launcher; "nccl" for a torchrun launch, or for device "gpu" where CuPy has
+    NCCL; else "mpi" (GPU arrays through host copies: rank 0 says so in one line when NCCL is what
+    is missing). A torchrun launch on the CPU, or without NCCL, is refused in one line: torchrun
+    starts no MPI world to fall back on."""
+    if launch.world_size == 1:
+        return "single"
+    if launch.launcher == "torchrun":
+        if device == "cpu":
+            raise RuntimeError(f"a torchrun launch (RANK={launch.rank}, WORLD_SIZE={launch.world_size}) trains on "
+                               "GPUs through NCCL; on the CPU start the ranks with mpiexec -n N (pip install "
+                               "'gpunet[mpi]')")
+        usable, why = nccl_status()
+        if not usable:
+            raise RuntimeError(f"a torchrun launch (RANK={launch.rank}, WORLD_SIZE={launch.world_size}) needs NCCL, "
+                               f"and {why}: install it (the cuda12/cuda13 extras bring nvidia-nccl-cu12/-cu13), or "
+                               "start the ranks with mpiexec -n N, whose collectives fall back to MPI host copies")
+        return "nccl"
+    if device != "gpu":
+        return "mpi"
+    usable, why = nccl_status()
+    if usable:
+        return "nccl"
+    if launch.rank == 0:
+        print(f"gpunet: {why}; the {launch.world_size} ranks' collectives go through MPI with host copies (slower)",
+              file=sys.stderr, flush=True)
+    return "mpi"
 
 
 def nccl_status() -> tuple[bool, str]:

@@ -12,7 +12,7 @@ AUTHKEY = b"gpunet-standin-nccl"
 class Server:
     def __init__(self, world_size: int, host: str, port: int):
         self.world_size = world_size
-        self._listener = Listener((host, port), authkey=AUTHKEY)  # OSError when the port is taken
+        self._listener = Listener((host, port), backlog=64, authkey=AUTHKEY)  # OSError when the port is taken
         self.address = self._listener.address
         self._parts: dict = {}  # sequence -> {rank: payload}
         self._taken: dict = {}  # sequence -> ranks that got the parts back
