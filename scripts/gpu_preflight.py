@@ -106,12 +106,14 @@ def check_cupy(report: Report, driver: tuple[int, ...] | None):
         import cupy
     except Exception as exc:  # noqa: BLE001
         report.need("CuPy", f"cannot be imported ({type(exc).__name__}: {exc})",
-                    carry("cupy-cuda13x[ctk]>=14", deps=True) + " (cupy-cuda12x[ctk] where the driver is older than 580)")
+                    carry("cupy-cuda13x[ctk]>=14", deps=True)
+                    + " (cupy-cuda12x[ctk] where the driver is older than 580)")
         return None
     wheel = wheels[0] if wheels else "not a cupy-cudaNNx wheel"
     report.line("CuPy", f"{cupy.__version__} ({wheel})")
     if _version(cupy.__version__)[:1] < (14,):
-        report.need("CuPy", f"{cupy.__version__} is older than 14, which gpunet requires", carry("cupy-cuda13x[ctk]>=14", deps=True))
+        report.need("CuPy", f"{cupy.__version__} is older than 14, which gpunet requires",
+                    carry("cupy-cuda13x[ctk]>=14", deps=True))
     if wheels and driver:
         least, major = WHEEL_DRIVER[wheels[0]]
         if driver < least:
