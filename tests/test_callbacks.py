@@ -100,7 +100,8 @@ def test_bad_callbacks_are_refused_before_training(callbacks, message):
 
 
 def test_early_stopping_names_a_missing_monitor():
+    model = gn.models.mlp((8, 3))  # (one model: fit refuses an optimizer made with another)
     with pytest.raises(ValueError, match=r"EarlyStopping: the evaluation record has no 'val_accuracy' to monitor"):
-        gn.fit(gn.models.mlp((8, 3)), (problem()[0], problem()[1].astype("float32")[:, None].repeat(3, 1)),
-               optimizer=gn.optim.SGD(gn.models.mlp((8, 3)), 0.1), loss="mse", epochs=1, progress=False,
+        gn.fit(model, (problem()[0], problem()[1].astype("float32")[:, None].repeat(3, 1)),
+               optimizer=gn.optim.SGD(model, 0.1), loss="mse", epochs=1, progress=False,
                callbacks=[EarlyStopping(1, monitor="val_accuracy")])

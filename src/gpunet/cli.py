@@ -294,6 +294,7 @@ def cmd_eval(args) -> int:
     if labels.ndim != 1:
         raise ValueError(f"{args.labels}: labels must be one number per image, but the file holds an array of shape "
                          f"{labels.shape}")
+    user_data.image_dims(images, args.images)
     validate.images(images, model.preprocess, args.images)
     validate.class_labels(labels, _num_classes(model, images[:1], dev), args.labels)
     result = gn.evaluate(model, images, labels.astype("int64"), batch_size=args.batch_size)

@@ -21,6 +21,11 @@ class UsageError(ValueError):
     """The command line is wrong: exit status 2."""
 
 
+class DeviceOutOfMemory(MemoryError):
+    """The CPU or the GPU ran out of memory in a batch of training, evaluation or prediction; the
+    message names the batch and suggests a smaller one (see out_of_memory)."""
+
+
 class Exit(SystemExit):
     """Ends the command with `code` after its one-line message went to stderr; str() is the
     message, so callers (and tests) can read what was said."""
@@ -52,13 +57,39 @@ _OS_MESSAGES = {
 }
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether exc is the backend running out of memory: NumPy raises MemoryError (its
+    _ArrayMemoryError), CuPy cupy.cuda.memory.OutOfMemoryError (a MemoryError too); the name is
+    matched as well, for a CuPy build whose class does not derive from MemoryError."""
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+
+
+@contextlib.contextmanager
+def out_of_memory(device: str, doing: str, batch: int, option: str):
+    """Turn the backend's out-of-memory error inside the block into DeviceOutOfMemory, one line naming
+    the device, what it was doing, the batch and a smaller batch size to try (half of it), through
+    `option` (how the caller sets the batch size). The one place out-of-memory is recognised."""
+    try:
+        yield
+    except DeviceOutOfMemory:
+        raise
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        detail = one_line(str(exc)) or type(exc).__name__
+        advice = (f"try a smaller batch size, e.g. {batch // 2} ({option})" if batch > 1 else
+                  "one sample does not fit: free memory, or use a smaller model")
+        raise DeviceOutOfMemory(f"the {device.upper()} ran out of memory {doing} with a batch of {batch} ({detail}); "
+                                f"{advice}") from exc
+
+
 def describe(exc: BaseException) -> str:
     """What went wrong, in one line, for a user."""
     if isinstance(exc, OSError) and exc.errno is not None and exc.filename is not None:
         what = _OS_MESSAGES.get(exc.errno) or (exc.strerror or str(exc)).lower()
         return one_line(f"{os.fsdecode(exc.filename)}: {what}")
-    if isinstance(exc, MemoryError) and not str(exc):
-        return "out of memory"
+    if is_out_of_memory(exc) and not isinstance(exc, DeviceOutOfMemory):  # outside a batch (which names itself)
+        return one_line(f"out of memory ({exc})") if str(exc) else "out of memory"
     if isinstance(exc, UnicodeError):
         return one_line(f"text that is not valid UTF-8 or cannot be shown ({exc})")
     if isinstance(exc, (OSError, ValueError, TypeError, RuntimeError, MemoryError)) and str(exc):

@@ -9,10 +9,11 @@ import csv
 import io
 import json
 import math
+import numbers
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
 from gpunet import extras
 from gpunet.files import atomic_write
@@ -50,7 +51,9 @@ def _finite_or_none(value):
 
 class History:
     """A list of records, one per evaluation, each with at least step, epoch, train_loss and
-    val_loss (and val_accuracy for classifiers)."""
+    val_loss (and val_accuracy for classifiers). As a list: history[i] and history[-1] are
+    records (dicts), history[a:b] a list of them, `for record in history` goes through them;
+    history["val_loss"] is a column: that entry of every record (None where a record lacks it)."""
 
     def __init__(self, records: list[dict] | None = None):
         self.records = list(records or [])
@@ -58,8 +61,27 @@ class History:
     def append(self, record: dict) -> None:
         self.records.append(record)
 
-    def __getitem__(self, key: str) -> list:
-        return [r.get(key) for r in self.records]
+    @overload
+    def __getitem__(self, key: str) -> list: ...
+    @overload
+    def __getitem__(self, key: int) -> dict: ...
+    @overload
+    def __getitem__(self, key: slice) -> list[dict]: ...
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return [r.get(key) for r in self.records]
+        if isinstance(key, slice) or (isinstance(key, numbers.Integral) and not isinstance(key, bool)):
+            try:
+                return self.records[key]
+            except IndexError:
+                raise IndexError(f"History: record {key} is out of range; it holds {len(self.records)} "
+                                 f"record{'' if len(self.records) == 1 else 's'}") from None
+        raise TypeError(f"History: index with a record number (history[-1]), a slice or an entry's name "
+                        f"(history['val_loss']), got {type(key).__name__}")
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.records)
 
     def __len__(self) -> int:
         return len(self.records)

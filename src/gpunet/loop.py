@@ -12,6 +12,7 @@ import numpy
 from tqdm.auto import tqdm
 
 from gpunet import callbacks, checkpoint, distributed, random, resume as resuming
+from gpunet.errors import DeviceOutOfMemory, out_of_memory
 from gpunet.backend import ops_for_device, to_device
 from gpunet.data.pipeline import apply_preprocess, minibatches
 from gpunet.divergence import DivergenceWatch, first_non_finite_tensor
@@ -27,10 +28,6 @@ class TrainingDiverged(RuntimeError):
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped training after a step; what a resume needs was saved first."""
-
-
-class DeviceOutOfMemory(MemoryError):
-    """The GPU ran out of memory during training."""
 
 
 @dataclass
@@ -136,19 +133,15 @@ class _Run:
         """One optimizer step on the samples idx; returns the loss (a device scalar on a GPU)."""
         s, model = self.state, self.model
         everyone, idx = idx, self.parallel.share(idx)  # this rank's share of the global batch
-        xb, yb = self.data.get(idx, numpy.random.default_rng(self.parallel.stream(self.seed, s.epoch, s.batch)))
         random.set_step(s.step)  # dropout masks: a function of (seed, step, layer, element), so a resume redraws them
-        try:
+        # gathering the batch allocates too: out of memory there is named as in the step
+        with out_of_memory(model.device, f"in step {s.step + 1}", len(idx), "--batch-size, or batch_size= of gn.fit"):
+            xb, yb = self.data.get(idx, numpy.random.default_rng(self.parallel.stream(self.seed, s.epoch, s.batch)))
             if self.graph is not None and self.graph.active:  # replayed (after its first step on a batch shape)
                 value = self.graph.run(xb, yb)
             else:
                 value = self._device_step(*(to_device(b, model.device) if len(idx) else None for b in (xb, yb)),
                                           len(idx), len(everyone))
-        except Exception as exc:
-            if type(exc).__name__ == "OutOfMemoryError":  # cupy.cuda.memory.OutOfMemoryError
-                raise DeviceOutOfMemory(f"the GPU ran out of memory in step {s.step + 1} with a batch of "
-                                        f"{len(idx)} ({exc}); try a smaller batch size (--batch-size)") from exc
-            raise
         s.running, s.running_count = s.running + value, s.running_count + 1
         s.step, s.batch, s.sample = s.step + 1, s.batch + 1, s.sample + len(everyone)
         return value
@@ -185,7 +178,7 @@ class _Run:
                   "val_loss": None, "lr": self.step_lr, "seconds": round(time.perf_counter() - started, 3),
                   "world_size": self.parallel.world_size}
         if self.val is not None:
-            result = (self.parallel.evaluate(_evaluate, self.model, *self.val, self.loss)  # (sums over the ranks)
+            result = (self.parallel.evaluate(self._validate, self.model, *self.val, self.loss)  # (sums over the ranks)
                       if isinstance(self.val, tuple) else self.val.evaluate(self.model, self.loss))
             record["val_loss"] = result["loss"]
             if "accuracy" in result:
@@ -194,6 +187,13 @@ class _Run:
         self.history.append(record)
         self._check_evaluation(record)
         return record
+
+    def _validate(self, model, x, y, loss, batch_size) -> dict:
+        """_evaluate of the validation arrays; out of memory names this evaluation and how to validate in
+        smaller batches (fit's are of a fixed size)."""
+        return _evaluate(model, x, y, loss, batch_size, doing=f"validating after step {self.state.step}",
+                         option="fit validates in batches of up to 1000 samples; pass val as an object whose "
+                                "evaluate(model, loss) returns gn.evaluate(model, x, y, loss, batch_size=...)")
 
     def _after_evaluation(self, record) -> bool:
         """The best and last checkpoints, early stopping; True: stop training."""
@@ -289,26 +289,36 @@ def _xp(model):
     return ops_for_device(model.device).xp
 
 
-def _evaluate(model, x, y, loss, batch_size) -> dict:
-    """evaluate without its input checks: fit checks its validation data once, not at every evaluation."""
+def _evaluate(model, x, y, loss, batch_size, doing: str = "evaluating",
+              option: str = "--batch-size, or batch_size= of gn.evaluate") -> dict:
+    """evaluate without its input checks: fit checks its validation data once, not at every evaluation.
+    doing and option: how an out-of-memory error names this evaluation and its batch size."""
     loss_fn = LOSSES[loss]
     if batch_size is None:
         batch_size = max(1, min(1000, 32768 // max(1, int(numpy.prod(y.shape[1:])))))
     was_training = model.training
     model.eval()
-    total, correct = 0.0, 0  # summed on the device: the host reads each once, after the last batch
     try:
-        for idx in minibatches(len(x), batch_size, None):
-            xb = apply_preprocess(model.preprocess, to_device(x[idx], model.device), _xp(model))
-            yb = to_device(y[idx], model.device)
-            out = model.forward(xb)
-            value, _ = loss_fn(out, yb)
-            total = total + value.astype("float64") * len(idx)  # float64, as the host sum was
-            if loss == "softmax_cross_entropy":
-                correct = correct + (out.argmax(axis=-1) == yb).sum()
+        with out_of_memory(model.device, doing, min(batch_size, len(x)), option):
+            total, correct = _evaluate_batches(model, x, y, loss_fn, loss, batch_size)
     finally:
         model.train(was_training)
     result = {"loss": item(total) / len(x), "samples": int(len(x))}
     if loss == "softmax_cross_entropy":
         result["accuracy"] = int(correct) / (len(x) * (y[0].size if y.ndim > 1 else 1))
     return result
+
+
+def _evaluate_batches(model, x, y, loss_fn, loss, batch_size):
+    """The loss summed over every sample, and the correct predictions of a classifier, on the device
+    (the host reads each once, after the last batch)."""
+    total, correct = 0.0, 0
+    for idx in minibatches(len(x), batch_size, None):
+        xb = apply_preprocess(model.preprocess, to_device(x[idx], model.device), _xp(model))
+        yb = to_device(y[idx], model.device)
+        out = model.forward(xb)
+        value, _ = loss_fn(out, yb)
+        total = total + value.astype("float64") * len(idx)  # float64, as the host sum was
+        if loss == "softmax_cross_entropy":
+            correct = correct + (out.argmax(axis=-1) == yb).sum()
+    return total, correct

@@ -34,6 +34,9 @@ class Optimizer:
 
     def __init__(self, model: Layer, lr: float, **hyper: Any) -> None:
         name = type(self).__name__
+        if not isinstance(model, Layer):  # gn.optim.Adam(lr) without the model, or a model's name
+            raise TypeError(f"{name}: the first argument must be the model it updates (a gpunet layer or model), "
+                            f"got {type(model).__name__}")
         if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"{name}: lr must be positive and finite, got {lr!r}")
         for key, value in hyper.items():

@@ -7,6 +7,7 @@ import numpy
 
 import gpunet as gn
 from gpunet import validate
+from gpunet.data.arrays import image_dims
 from gpunet.data.user import read_array
 
 
@@ -28,10 +29,8 @@ def run(args) -> int:
         raise SystemExit(f"gpunet predict: {args.checkpoint} is a character-level model; predict takes image "
                          "classifiers (sample it with gpunet generate)")
     images = read_array(args.images)
-    if images.ndim < 2:
-        raise ValueError(f"{args.images}: images must be an array with one image per row of its first axis, got "
-                         f"shape {images.shape}")
-    validate.not_empty(len(images), args.images, "images")
+    validate.not_empty(len(images) if images.ndim else 0, args.images, "images")
+    image_dims(images, args.images)
     validate.images(images, spec, args.images)
     model.to(gn.device(args.device))
     classes, probabilities = model.predict(images, args.batch_size)

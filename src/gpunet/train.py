@@ -14,6 +14,7 @@ import numpy
 
 from gpunet import cuda_graph, distributed, resume as resuming, validate
 from gpunet.callbacks import check as check_callbacks
+from gpunet.data import arrays
 from gpunet.data.pipeline import random_shift
 from gpunet.history import History
 from gpunet.layers import Layer
@@ -47,14 +48,22 @@ class ArrayData:
 def evaluate(model, x, y, loss="softmax_cross_entropy", batch_size: int | None = None) -> dict:
     """Mean loss (and accuracy for classification) over raw inputs x and targets y.
 
-    batch_size defaults to 1000 samples, or fewer for sequences (32,768 targets a batch).
+    batch_size defaults to 1000 samples, or fewer for sequences (32,768 targets a batch). x and y may be
+    nested Python lists (converted as gpunet.data.arrays says).
     """
+    _check_model(model, "evaluate")
+    if loss not in LOSSES:
+        raise ValueError(f"evaluate: unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    x, y = arrays.inputs(model, x, "evaluate"), arrays.targets(model, y, "evaluate", loss)
     if len(x) != len(y):
         raise ValueError(f"evaluate: {len(x)} inputs but {len(y)} targets")
     validate.not_empty(len(x), "evaluate")
     validate.positive_int("evaluate: batch_size", batch_size, allow_none=True)
     if isinstance(x, numpy.ndarray):
+        validate.finite_array(x, "evaluate")
         validate.images(x, model.preprocess, "evaluate: images")
+    if isinstance(y, numpy.ndarray):
+        validate.finite_array(y, "evaluate", "targets")
     return _evaluate(model, x, y, loss, batch_size)
 
 
@@ -67,7 +76,9 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
 
     train: (x, y) raw arrays (the model's preprocess is applied per batch) or an object with
     __len__ and get(indices, rng). val: (x, y) raw arrays, or an object with evaluate(model, loss)
-    returning {"loss": ..., ["accuracy": ...]}. Stops after `epochs` (counted in samples served, so a
+    returning {"loss": ..., ["accuracy": ...]}. Arrays may be nested Python lists (gpunet.data.arrays).
+    optimizer: made with this model (gn.optim.Adam(model)); one made with another model or a part of
+    this one is refused. Stops after `epochs` (counted in samples served, so a
     resume with another batch size still ends at the last epoch's end) or after `steps` optimizer
     steps; evaluates at each epoch end, or every `eval_every` steps, and at the end. schedule.step() is called
     after each optimizer step (gpunet.optim.CosineLR's t_max and warmup count optimizer steps).
@@ -89,15 +100,16 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
     eagerly, after one line from log saying why.
     The History returned has .best_step (of the saved model, or None) and .written (the files).
     """
+    _check_model(model, "fit")
     _check_arguments(loss, epochs, steps, batch_size, eval_every, early_stopping, seed, clip_norm)
+    _check_optimizer(model, optimizer)
     if resume and overwrite:
         raise ValueError("fit: resume=True continues the run in out_dir and overwrite=True moves it aside; give one "
                          "of them")
     if resume and out_dir is None:
         raise ValueError("fit: resume=True needs out_dir, the folder of the run to continue")
     hooks = check_callbacks(callbacks)
-    data = ArrayData(*train) if isinstance(train, tuple) else train
-    _check_data(model, data, val)
+    data, val = _data(model, train, val, loss)
     out = Path(out_dir) if out_dir is not None else None
     parallel = distributed.replicas(model.device)  # world size 1 without a launcher (mpiexec, srun, torchrun)
     if not parallel.writes:  # only rank 0 writes the run folder and logs; the others read it to resume
@@ -148,11 +160,79 @@ def _check_arguments(loss, epochs, steps, batch_size, eval_every, early_stopping
         raise ValueError(f"fit: unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
 
 
-def _check_data(model, data, val) -> None:
-    """Refuse empty sets, NaN/Inf and images outside the model's pixel range before any work."""
+def _check_model(model, where: str) -> None:
+    if not isinstance(model, Layer):
+        raise TypeError(f"{where}: model must be a gpunet layer or model (gn.Sequential(...), gn.models.mlp(...)), "
+                        f"got {type(model).__name__}")
+
+
+def _check_optimizer(model, optimizer) -> None:
+    """Refuse an optimizer that would not update exactly this model's parameters: one made with another
+    model (a notebook that rebuilt the model) or with a part of it trains nothing, or only that part,
+    and says nothing. Which arrays it updates is what counts: it steps the parameters of its .model."""
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"fit: optimizer must be a gpunet optimizer made with the model (gn.optim.SGD(model, lr), "
+                        f"gn.optim.Adam(model), gn.optim.AdamW(model)), got {_name(optimizer)}")
+    own = {id(a): name for name, a in model.params.items()}
+    theirs = {id(a): name for name, a in optimizer.model.params.items()}
+    if own.keys() == theirs.keys():
+        return
+    name, shared = type(optimizer).__name__, [own[i] for i in own if i in theirs]
+    if shared and len(shared) == len(theirs):
+        left = [own[i] for i in own if i not in theirs]
+        what = (f"was made with a part of the model being fitted: it updates {len(shared)} of its {len(own)} parameters "
+                f"({_names(shared)}), so {len(left)} ({_names(left)}) would never train")
+    else:
+        what = (f"was made with another model: it updates {len(theirs)} parameters ({_names(theirs.values())}) "
+                f"of a {type(optimizer.model).__name__}, and {'only ' + str(len(shared)) if shared else 'none'} of "
+                f"them belong to the {type(model).__name__} being fitted ({len(own)} parameters: {_names(own.values())})")
+    raise ValueError(f"fit: the optimizer ({name}) {what}; make it with the model you fit, gn.optim.{name}(model, ...); "
+                     "to train only a part, make it with the whole model and freeze the rest (layer.freeze(), planned), "
+                     'or give that part its own learning rate with parameter groups (groups={pattern: {"lr": ...}}, '
+                     "planned)")
+
+
+def _name(value) -> str:
+    return value.__name__ if isinstance(value, type) else type(value).__name__
+
+
+def _names(names, shown: int = 3) -> str:
+    names = list(names)
+    return ", ".join(names[:shown]) + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")
+
+
+def _data(model, train, val, loss):
+    """The training data as an object with __len__ and get; val as (x, y) arrays or an object with evaluate.
+    Lists become arrays (gpunet.data.arrays); then empty sets, NaN/Inf and images outside the model's
+    pixel range are refused before any work."""
+    if isinstance(train, tuple):
+        if len(train) != 2:
+            raise ValueError(f"fit: train must be (x, y), got a tuple of {len(train)} item{'' if len(train) == 1 else 's'}")
+        data = ArrayData(arrays.inputs(model, train[0], "training data"),
+                         arrays.targets(model, train[1], "training data", loss))
+    elif hasattr(train, "get") and hasattr(train, "__len__"):
+        data = train
+    else:
+        raise TypeError(f"fit: train must be a tuple (x, y) of arrays or lists, or an object with __len__ and "
+                        f"get(indices, rng), got {_name(train)}")
+    if isinstance(val, tuple):
+        if len(val) != 2:
+            raise ValueError(f"fit: val must be (x_val, y_val), got a tuple of {len(val)} item{'' if len(val) == 1 else 's'}")
+        val = (arrays.inputs(model, val[0], "validation data"), arrays.targets(model, val[1], "validation data", loss))
+    elif val is not None and not hasattr(val, "evaluate"):
+        raise TypeError(f"fit: val must be a tuple (x_val, y_val) of arrays or lists, or an object with "
+                        f"evaluate(model, loss), got {_name(val)}")
+    _check_data(model, data, val, loss)
+    return data, val
+
+
+def _check_data(model, data, val, loss) -> None:
+    """Refuse empty sets, NaN/Inf, images outside the model's pixel range and fractional class labels
+    before any work."""
     validate.not_empty(len(data), "training data")
     if isinstance(data, ArrayData):
         validate.images(data.x, model.preprocess, "training data")
+        _class_ids(data.y, loss, "training data")
     if isinstance(val, tuple):
         x, y = val
         if len(x) != len(y):
@@ -161,6 +241,18 @@ def _check_data(model, data, val) -> None:
         validate.finite_array(x, "validation data")
         validate.finite_array(y, "validation data", "targets")
         validate.images(x, model.preprocess, "validation data")
+        _class_ids(y, loss, "validation data")
+
+
+def _class_ids(y, loss: str, where: str) -> None:
+    """softmax_cross_entropy takes class ids, or probabilities with a class axis: float labels of one
+    number per sample are neither (the loss would say only that the shapes differ)."""
+    if loss == "softmax_cross_entropy" and isinstance(y, numpy.ndarray) and y.ndim == 1 and y.dtype.kind == "f":
+        whole = bool((y == numpy.round(y)).all())
+        raise ValueError(f"{where}: softmax_cross_entropy takes integer class ids, got {y.dtype} labels"
+                         + ("; convert them with y.astype('int64')" if whole else
+                            f" with fractions ({y[numpy.argmax(y != numpy.round(y))]} at index "
+                            f"{int(numpy.argmax(y != numpy.round(y)))})"))
 
 
 def _graphed_step(run, log):

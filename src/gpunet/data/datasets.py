@@ -27,13 +27,20 @@ class Dataset:
     y_holdout: numpy.ndarray | None = None
 
 
+def too_small(n: int, where: str) -> None:
+    """Refuse a data set of fewer than 2 images: one trains and one validates at the least."""
+    if n < 2:
+        raise ValueError(f"{where}: the data set is too small: it holds {n} image{'' if n == 1 else 's'}, and "
+                         "training needs at least 2 (one to train on, one to validate)")
+
+
 def split(x: numpy.ndarray, y: numpy.ndarray, val_fraction: float, seed: int
           ) -> tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray, numpy.ndarray]:
     """A seeded random split into (x_train, y_train, x_val, y_val)."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     order = numpy.random.default_rng(seed).permutation(len(x))
-    n_val = max(1, int(round(len(x) * val_fraction)))
+    n_val = min(max(1, int(round(len(x) * val_fraction))), len(x) - 1)  # one image at least trains
     val, train = order[:n_val], order[n_val:]
     return x[train], y[train], x[val], y[val]
 
@@ -60,6 +67,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, down
         (x, y), _ = load_mnist(data_dir, download)
     else:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    too_small(len(x), name if data_dir is None else f"{name} in {data_dir}")
     if isinstance(holdout, bool) or not isinstance(holdout, int) or not 0 <= holdout <= len(x) - 2:
         raise ValueError(f"holdout must be a whole number of images from 0 to {len(x) - 2} ({name} has {len(x)}), "
                          f"got {holdout!r}")

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy
 
 from gpunet import validate
-from gpunet.data.datasets import Dataset, split
+from gpunet.data.arrays import image_dims
+from gpunet.data.datasets import Dataset, split, too_small
 from gpunet.data.idx import read_idx
 from gpunet.data.text import TextDataset, encode
 
@@ -100,6 +101,7 @@ def load_images(folder, val_fraction: float, seed: int, holdout: int = 0) -> Dat
         raise FileNotFoundError(f"--data {folder}: {given} is there but not its "
                                 f"{'val_labels' if given == 'val_images' else 'val_images'}; give both or neither")
     x, y = _pair(files["train_images"], files["train_labels"])
+    too_small(len(x), str(files["train_images"]))  # before --holdout, which a user may not have given
     if isinstance(holdout, bool) or not 0 <= holdout <= len(x) - 2:
         raise ValueError(f"--holdout must be from 0 to {len(x) - 2} ({files['train_images']} has {len(x)} images), "
                          f"got {holdout}")
@@ -125,9 +127,7 @@ def _pair(images_path: Path, labels_path: Path) -> tuple[numpy.ndarray, numpy.nd
     """Images and labels, checked as the built-in sets are: pixel values 0..255, whole class numbers."""
     x, y = read_array(images_path), read_array(labels_path)
     validate.not_empty(len(x) if x.ndim else 0, str(images_path), "images")
-    if x.ndim < 2:
-        raise ValueError(f"{images_path}: images must be an array (N, H, W), (N, C, H, W) or (N, features), "
-                         f"got shape {x.shape}")
+    image_dims(x, str(images_path))
     validate.images(x, {**PIXELS, "shape": list(x.shape[1:])}, str(images_path))
     if y.ndim != 1:
         raise ValueError(f"{labels_path}: labels must be one number per image, but the file holds an array of "

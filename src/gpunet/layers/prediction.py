@@ -7,6 +7,8 @@ import numpy
 
 from gpunet import validate
 from gpunet.backend import ops_for, ops_for_device, to_device, to_numpy
+from gpunet.data import arrays
+from gpunet.errors import out_of_memory
 from gpunet.preprocess import apply_preprocess
 
 
@@ -17,26 +19,37 @@ class Prediction(NamedTuple):
 
 def predict(model, inputs, batch_size: int = 1000) -> Prediction:
     """Run model in eval mode over raw inputs (images as stored, e.g. uint8 0..255, or character ids)
-    batch by batch, after model.preprocess; its outputs are taken as logits over the last axis."""
+    batch by batch, after model.preprocess; its outputs are taken as logits over the last axis. inputs
+    may be nested Python lists (converted as gpunet.data.arrays says); NaN or Inf is refused."""
     validate.positive_int("predict: batch_size", batch_size)
     spec = getattr(model, "preprocess", None)
-    x = inputs if type(inputs).__module__.startswith("cupy") else numpy.asarray(inputs)
+    x = arrays.inputs(model, inputs, "predict")
     if x.ndim == 0:
         raise ValueError(f"predict: inputs must be a batch (first axis: samples), got a scalar of dtype {x.dtype}")
     validate.not_empty(len(x), "predict: inputs")
+    host = x if isinstance(x, numpy.ndarray) else None  # a CuPy array is not copied to the host to be checked
+    if host is not None:
+        validate.finite_array(host, "predict")
     if spec and spec.get("kind") == "image":
-        validate.images(x if isinstance(x, numpy.ndarray) else to_numpy(x), spec, "predict: inputs")
-    xp = ops_for_device(model.device).xp
+        arrays.image_dims(x, "predict: inputs")
+        validate.images(to_numpy(x) if host is None else host, spec, "predict: inputs")
     was_training = model.training
     model.eval()
-    classes, probabilities = [], []
     try:
-        for begin in range(0, len(x), batch_size):
-            batch = apply_preprocess(spec, to_device(x[begin : begin + batch_size], model.device), xp)
-            logits = model.forward(batch)
-            probs = ops_for(logits, op="predict").softmax(logits, axis=-1)
-            classes.append(to_numpy(probs.argmax(axis=-1)).astype("int64"))
-            probabilities.append(to_numpy(probs))
+        with out_of_memory(model.device, "predicting", min(batch_size, len(x)), "--batch-size, or batch_size= of "
+                                                                                 "model.predict"):
+            return _batches(model, spec, x, batch_size)
     finally:
         model.train(was_training)
+
+
+def _batches(model, spec, x, batch_size: int) -> Prediction:
+    xp = ops_for_device(model.device).xp
+    classes, probabilities = [], []
+    for begin in range(0, len(x), batch_size):
+        batch = apply_preprocess(spec, to_device(x[begin : begin + batch_size], model.device), xp)
+        logits = model.forward(batch)
+        probs = ops_for(logits, op="predict").softmax(logits, axis=-1)
+        classes.append(to_numpy(probs.argmax(axis=-1)).astype("int64"))
+        probabilities.append(to_numpy(probs))
     return Prediction(numpy.concatenate(classes), numpy.concatenate(probabilities))

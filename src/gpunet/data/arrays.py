@@ -1,0 +1,112 @@
+"""The arrays a user hands to fit, evaluate and model.predict: NumPy (or CuPy) arrays are taken as
+they are; Python lists and tuples (nested, of numbers) are converted by one dtype rule, as Keras
+converts them; anything else, a ragged list or one holding something other than numbers, is
+refused in one line naming where.
+
+The dtype rule for lists: floats (and bools) take the model's float dtype (float32 unless its
+parameters are float64); integers stay integers (int64) where they are ids or labels (the targets
+of softmax_cross_entropy, the inputs of a model whose preprocessing takes raw pixels or character
+ids), and take the model's float dtype elsewhere.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy
+
+IMAGE_DIMS = "(N, H, W), (N, C, H, W) or (N, features)"
+
+
+def float_dtype(model) -> numpy.dtype:
+    """The dtype of the model's parameters when it is floating point (float32 without any)."""
+    for value in model.params.values():
+        if numpy.dtype(value.dtype).kind == "f":
+            return numpy.dtype(value.dtype)
+    return numpy.dtype("float32")
+
+
+def inputs(model, value, where: str):
+    """value as the model's inputs (see the module's dtype rule)."""
+    keep_ints = (getattr(model, "preprocess", None) or {}).get("kind") in ("image", "text")
+    return _convert(value, where, "inputs", float_dtype(model), keep_ints)
+
+
+def targets(model, value, where: str, loss: str):
+    """value as targets of `loss`: whole numbers stay int64 class ids for softmax_cross_entropy."""
+    return _convert(value, where, "targets", float_dtype(model), loss == "softmax_cross_entropy")
+
+
+def image_dims(x, where: str) -> None:
+    """Refuse images whose array has fewer than 2 or more than 4 dimensions (with the batch axis)."""
+    if not 2 <= x.ndim <= 4:
+        raise ValueError(f"{where}: images must be an array {IMAGE_DIMS}, got shape {tuple(x.shape)} "
+                         f"({x.ndim} dimension{'' if x.ndim == 1 else 's'})")
+
+
+def _convert(value, where: str, what: str, floats: numpy.dtype, keep_ints: bool):
+    if isinstance(value, numpy.ndarray) or type(value).__module__.startswith("cupy"):
+        return value  # the caller's own array and dtype
+    if hasattr(value, "__array__"):  # a tensor or data frame of another library, in its own dtype
+        return numpy.asarray(value)
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{where}: {what} must be an array or a list of samples, got {_kind(value)}")
+    if value and all(isinstance(v, numpy.ndarray) for v in value):
+        # gn.Model (DESIGN.md) will take several inputs as a list of arrays: one array is stacked by the caller
+        raise ValueError(f"{where}: {what} is a list of {len(value)} arrays; give one array (numpy.stack) or "
+                         "nested lists of numbers")
+    try:
+        array = numpy.asarray(value)
+    except ValueError:  # NumPy: "inhomogeneous shape"; say where
+        _ragged(value, where, what, ())
+        raise
+    if array.dtype.kind not in "biuf":
+        _not_numbers(value, where, what, ())
+        raise ValueError(f"{where}: {what} must hold real numbers, got dtype {array.dtype}")
+    if array.ndim == 0:
+        raise ValueError(f"{where}: {what} must be a list of samples, got an empty or scalar value")
+    if array.dtype.kind in "iu" and keep_ints:
+        return array.astype("int64")
+    return array.astype(floats)
+
+
+def _shape(value) -> tuple:
+    return (len(value), *_shape(value[0])) if isinstance(value, (list, tuple)) and value else \
+        ((0,) if isinstance(value, (list, tuple)) else numpy.shape(value))
+
+
+def _ragged(value, where: str, what: str, index: tuple) -> None:
+    """Raise naming the first item whose shape differs from its first sibling's (depth first)."""
+    if not isinstance(value, (list, tuple)) or not value:
+        return
+    first = _shape(value[0])
+    for i, item in enumerate(value):
+        if _shape(item) != first:
+            raise ValueError(f"{where}: {what} is a ragged list: item {_at(index + (0,))} has shape {first} but "
+                             f"item {_at(index + (i,))} has shape {_shape(item)}; every sample must have the same "
+                             "shape")
+    for i, item in enumerate(value):
+        _ragged(item, where, what, index + (i,))
+
+
+def _not_numbers(value, where: str, what: str, index: tuple) -> None:
+    """Raise naming the first item that is not a real number (depth first)."""
+    if isinstance(value, (list, tuple, numpy.ndarray)):
+        for i, item in enumerate(value):
+            _not_numbers(item, where, what, index + (i,))
+    elif isinstance(value, numpy.generic) and value.dtype.kind in "biuf":
+        return
+    elif isinstance(value, (bool, numbers.Real)) and not isinstance(value, numpy.generic):
+        return
+    else:
+        raise ValueError(f"{where}: {what} must hold numbers, found {_kind(value)} at index {_at(index)}")
+
+
+def _at(index: tuple) -> str:
+    return str(index[0]) if len(index) == 1 else str(index)
+
+
+def _kind(value) -> str:
+    if value is None:
+        return "None"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 30 else text[:27] + '...'}"
