@@ -69,6 +69,8 @@ def train(name, steps=STEPS, out=None, resume=False, log=print):
 def test_fit_steps_the_schedule_once_per_optimizer_step_as_pytorch(name):
     ours, theirs = train(name), torch_rates(SCHEDULES[name][1])
     assert len(ours) == STEPS
+    # Python floats (float64) on both sides, a few roundings of rates <= 1: within 1e-15, and 1e-7 is no
+    # more than a rate printed with 7 decimals; a wrong step count or warm-up moves a rate by 1e-3 or more
     numpy.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-7)
     assert len(set(ours)) > STEPS // 4 * (name != "step")  # many distinct rates, not one per evaluation
 

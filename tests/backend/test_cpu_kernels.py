@@ -12,8 +12,11 @@ import pytest
 from gpunet.backend.numpy_ops import NumpyOps
 from gpunet.backend.ops import Ops
 from tests.support.arrays import rng
+from tests.support.tolerance import (ULPS, U, assert_within, conv_atol, conv_backward_atol, path_atol, softmax_atol,
+                                     softmax_backward_atol, ulps, xent_atol, xent_grad_atol)
 
 OPS = NumpyOps()
+ERF_ABS = 4e-7  # NumpyOps' float32 erf is within this of math.erf (tests/backend/test_ops.py checks it)
 
 
 def xent64(logits, labels):
@@ -34,8 +37,8 @@ def test_softmax_cross_entropy_matches_float64(rows, classes, scale):
     loss, grad = OPS.softmax_cross_entropy(logits, labels)
     want_loss, want_grad = xent64(logits, labels)
     assert loss.dtype == numpy.float32 and grad.dtype == numpy.float32 and grad.shape == logits.shape
-    numpy.testing.assert_allclose(loss, want_loss, rtol=2e-6, atol=1e-6)
-    numpy.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-7 / rows)
+    assert_within(loss, want_loss, xent_atol(logits, labels), "loss")
+    assert_within(grad, want_grad, xent_grad_atol(logits, want_grad), "gradient")
 
 
 def test_softmax_cross_entropy_far_below_the_maximum_and_nan():
@@ -43,13 +46,13 @@ def test_softmax_cross_entropy_far_below_the_maximum_and_nan():
                          dtype="float32")
     loss, grad = OPS.softmax_cross_entropy(logits[:1], numpy.array([1]))
     want_loss, want_grad = xent64(logits[:1], numpy.array([1]))
-    numpy.testing.assert_allclose(loss, want_loss, rtol=1e-6)
-    numpy.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=2e-38)  # e^-90 flushes to 0
+    assert_within(loss, want_loss, xent_atol(logits[:1], [1]), "loss")
+    assert_within(grad, want_grad, xent_grad_atol(logits[:1], want_grad), "gradient")  # e^-90 flushes to 0
     masked = numpy.array([[0.5, -numpy.inf, 2.0, -numpy.inf]], dtype="float32")  # -inf masks a class, as in torch
     loss, grad = OPS.softmax_cross_entropy(masked, numpy.array([2]))
     want_loss, want_grad = xent64(masked, numpy.array([2]))
-    numpy.testing.assert_allclose(loss, want_loss, rtol=1e-6)
-    numpy.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-8)
+    assert_within(loss, want_loss, xent_atol(masked, [2]), "masked loss")
+    assert_within(grad, want_grad, xent_grad_atol(masked, want_grad), "masked gradient")
     for row in (1, 2):  # a NaN or +inf logit makes the loss NaN, as in torch
         loss, _ = OPS.softmax_cross_entropy(logits[row:row + 1], numpy.array([0]))
         assert numpy.isnan(loss)
@@ -62,8 +65,9 @@ def test_softmax_cross_entropy_float64_and_strided_inputs_take_the_numpy_path():
         loss, grad = OPS.softmax_cross_entropy(x, labels[: len(x)])
         want_loss, want_grad = xent64(x, labels[: len(x)])
         assert grad.dtype == x.dtype
-        numpy.testing.assert_allclose(loss, want_loss, rtol=1e-5)
-        numpy.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-8)
+        # float64 input: its own unit roundoff, far inside the float32 bound used for both
+        assert_within(loss, want_loss, xent_atol(x, labels[: len(x)]), f"loss {x.dtype}")
+        assert_within(grad, want_grad, xent_grad_atol(x, want_grad), f"gradient {x.dtype}")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -73,18 +77,22 @@ def test_softmax_cross_entropy_float64_and_strided_inputs_take_the_numpy_path():
     ((2, 2, 11, 9), 3, (3, 3), (1, 1), (2, 2), True, (2, 2)),  # strided: the columns of im2col, not wide rows
     ((2, 3, 13, 12), 2, (3, 2), (0, 1), (3, 2), False, (2, 1))])
 def test_conv_relu_pool_and_backward_match_float64(dtype, shape, out_c, kernel, padding, pool, bias, stride):
-    r = rng(out_c)
-    x = r.standard_normal(shape)
-    w = r.standard_normal((out_c, shape[1], *kernel))
-    b = r.standard_normal(out_c) if bias else None
+    r = rng(out_c)  # values exact in float32: the reference sees what the kernel sees
+    x = r.standard_normal(shape).astype("float32").astype("float64")
+    w = r.standard_normal((out_c, shape[1], *kernel)).astype("float32").astype("float64")
+    b = r.standard_normal(out_c).astype("float32").astype("float64") if bias else None
     reference = Ops()  # the base class's layer-by-layer NumPy ops, here in float64
     want_y, want_cols = reference.conv2d(x, w, b, stride, padding, "relu")
     want_p, want_arg = reference.max_pool(want_y, pool, pool)
     pooled, arg, cols, y_shape = OPS.conv2d_relu_pool(*(a if a is None else a.astype(dtype) for a in (x, w, b)),
                                                       stride, padding, pool)
     assert y_shape == want_y.shape and pooled.dtype == dtype
-    numpy.testing.assert_allclose(pooled, want_p, rtol=1e-5, atol=1e-5)
-    dp = r.standard_normal(want_p.shape)
+    # the conv is a GEMM of inner length C kh kw (plus the bias); ReLU and the max move no error up
+    y_atol = conv_atol(x, w, stride, padding) + (numpy.abs(b).reshape(-1, 1, 1) if bias else 0) * 2 * U
+    # the bounds in the dtype's unit roundoff: float64's is 2^-29 of float32's
+    scaled = lambda bound: bound * (1.0 if dtype == "float32" else 2.0**-29)  # noqa: E731
+    assert_within(pooled, want_p, scaled(reference.max_pool(y_atol, pool, pool)[0]), "pooled")
+    dp = r.standard_normal(want_p.shape).astype("float32").astype("float64")
     gw, gb = numpy.empty(w.shape, dtype), numpy.empty(out_c, dtype) if bias else None
     dx = OPS.conv2d_relu_pool_backward(dp.astype(dtype), pooled, arg, cols, x.shape, y_shape, w.astype(dtype), gw, gb,
                                        stride, padding, pool)
@@ -92,9 +100,10 @@ def test_conv_relu_pool_and_backward_match_float64(dtype, shape, out_c, kernel, 
     dy = reference.max_pool_backward(dp, want_arg, want_y.shape, pool, pool)
     want_dx = reference.conv2d_backward(dy, want_cols, x.shape, w, want_gw, want_gb, stride, padding,
                                         activation="relu", y=want_y)
-    for got, want in ((dx, want_dx), (gw, want_gw), (gb, want_gb)):
+    bounds = conv_backward_atol(x, w, dy, stride, padding)
+    for name, got, want, bound in zip(("dx", "dW", "db"), (dx, gw, gb), (want_dx, want_gw, want_gb), bounds):
         if want is not None:
-            numpy.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+            assert_within(got, want, scaled(bound), name)
 
 
 def conv_round_trip(x, w, b, pool):
@@ -139,11 +148,17 @@ def test_gelu_and_its_derivative_match_float64():
     pdf = numpy.exp(-0.5 * x64 * x64) / math.sqrt(2 * math.pi)
     y = OPS.activation("gelu", x)
     assert y.dtype == numpy.float32
-    numpy.testing.assert_allclose(y, x64 * cdf, rtol=1e-6, atol=1e-6)
+    # 0.5 x (1 + erf(x / sqrt 2)): the fast erf within ERF_ABS (test_ops' erf test), 4 roundings of 0.5|x|(1 + |erf|)
+    erf = 2 * cdf - 1
+    assert_within(y, x64 * cdf, 0.5 * numpy.abs(x64) * (ERF_ABS + 4 * 2 * U * (1 + numpy.abs(erf))) + ulps(y, 1),
+                  "gelu")
     out = numpy.empty_like(x)
     assert OPS.activation("gelu", x, out=out) is out and numpy.array_equal(out, y)
-    numpy.testing.assert_allclose(OPS.activation_backward("gelu", x, y, dy), dy * (cdf + x64 * pdf), rtol=1e-5,
-                                  atol=1e-6)
+    # dy (cdf + x pdf): cdf within ERF_ABS / 2, exp within ULPS, 6 roundings of the terms
+    want = dy * (cdf + x64 * pdf)
+    assert_within(OPS.activation_backward("gelu", x, y, dy), want,
+                  numpy.abs(dy) * (ERF_ABS / 2 + (ULPS + 6) * 2 * U * (cdf + numpy.abs(x64) * pdf)) + ulps(want, 1),
+                  "gelu backward")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -151,30 +166,33 @@ def test_gelu_and_its_derivative_match_float64():
                                                      ((64, 257), True, True), ((2, 3, 4, 1000), False, False)])
 def test_layer_norm_and_backward_match_float64(dtype, shape, affine, residual):
     r = rng(shape[-1])
-    x = r.standard_normal(shape) * 3 + 1
-    w, b = (r.standard_normal(shape[-1]), r.standard_normal(shape[-1])) if affine else (None, None)
-    dy, res = r.standard_normal(shape), r.standard_normal(shape) if residual else None
+    exact = lambda a: a.astype("float32").astype("float64")  # noqa: E731  (the reference sees the kernel's inputs)
+    x = exact(r.standard_normal(shape) * 3 + 1)
+    w, b = (exact(r.standard_normal(shape[-1])), exact(r.standard_normal(shape[-1]))) if affine else (None, None)
+    dy, res = exact(r.standard_normal(shape)), exact(r.standard_normal(shape)) if residual else None
     cast = lambda a: None if a is None else a.astype(dtype)  # noqa: E731
     y, xhat, rstd = OPS.layer_norm(cast(x), cast(w), cast(b), 1e-5)
     mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
     want_xhat = (x - mean) / numpy.sqrt(var + 1e-5)
     want_y = want_xhat * w + b if affine else want_xhat
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == "float32" else dict(rtol=1e-10, atol=1e-10)
+    # the sums as gpunet.parity_bound counts LayerNorm's, in the dtype's unit roundoff (float64's is 2^-29 of float32's)
+    length, unit = 4 * shape[-1] + x.size // shape[-1], 1.0 if dtype == "float32" else 2.0**-29
+    within = lambda got, want, what: assert_within(got, want, unit * path_atol(want, length), what)  # noqa: E731
     assert y.dtype == dtype and rstd.shape == (*shape[:-1], 1)
-    for got, want in ((y, want_y), (xhat, want_xhat), (rstd, 1 / numpy.sqrt(var + 1e-5))):
-        numpy.testing.assert_allclose(got, want, **tol)
+    for got, want, what in ((y, want_y, "y"), (xhat, want_xhat, "xhat"), (rstd, 1 / numpy.sqrt(var + 1e-5), "rstd")):
+        within(got, want, what)
     gw, gb = (numpy.empty(shape[-1], dtype), numpy.empty(shape[-1], dtype)) if affine else (None, None)
     dx, dw, db = OPS.layer_norm_backward(cast(dy), xhat, rstd, cast(w), gw, gb, cast(res))
     g = dy * w if affine else dy
     d = shape[-1]
     want_dx = (g - g.mean(-1, keepdims=True) - want_xhat * (g * want_xhat).sum(-1, keepdims=True) / d) / numpy.sqrt(
         var + 1e-5) + (res if residual else 0)
-    numpy.testing.assert_allclose(dx, want_dx, **tol)
+    within(dx, want_dx, "dx")
     if affine:
         axes = tuple(range(len(shape) - 1))
         assert dw is gw and db is gb
-        numpy.testing.assert_allclose(dw, (dy * want_xhat).sum(axes), **tol)
-        numpy.testing.assert_allclose(db, dy.sum(axes), **tol)
+        within(dw, (dy * want_xhat).sum(axes), "dw")
+        within(db, dy.sum(axes), "db")
 
 
 @pytest.mark.parametrize("shape, causal", [((1, 1, 1), True), ((3, 5, 5), True), ((2, 3, 33, 33), False),
@@ -189,9 +207,13 @@ def test_attention_softmax_and_backward_match_float64(shape, causal):
     want = numpy.exp(z - z.max(-1, keepdims=True))
     want /= want.sum(-1, keepdims=True)
     probs = OPS.attention_softmax(scores.astype("float32"), scale, causal)
-    numpy.testing.assert_allclose(probs, want, rtol=1e-5, atol=1e-7)
+    p_atol = softmax_atol(z)  # its spread term covers the scores' rounding to float32 too
+    assert_within(probs, want, p_atol, "attention_softmax")
     if causal:
         assert not probs[..., numpy.triu(numpy.ones(shape[-2:], bool), 1)].any()  # exact zeros
     want_d = want * (dprobs - (dprobs * want).sum(-1, keepdims=True)) * scale
     got_d = OPS.attention_softmax_backward(probs, dprobs.astype("float32"), scale)
-    numpy.testing.assert_allclose(got_d, want_d, rtol=1e-4, atol=1e-6)
+    # the kernel's own probs differ by p_atol: through scale (dp - s) and through the sum s
+    carried = scale * (p_atol * numpy.abs(dprobs - (dprobs * want).sum(-1, keepdims=True))
+                       + want * (numpy.abs(dprobs) * p_atol).sum(-1, keepdims=True))
+    assert_within(got_d, want_d, softmax_backward_atol(want, dprobs, scale) + carried, "attention_softmax_backward")

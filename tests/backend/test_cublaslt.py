@@ -11,14 +11,16 @@ from gpunet.backend import cublaslt, ops_for_device
 from gpunet.backend.gemm_dispatch import agreeing
 from gpunet.backend.ops import Ops
 from tests.support.arrays import ON_STANDIN, on, rng
+from tests.support.tolerance import assert_within, linear_atol
 
 REFERENCE = Ops()
 
 pytestmark = pytest.mark.gpu
 
 
-def close(got, want, rtol, atol):
-    numpy.testing.assert_allclose(gn.to_numpy(got), want, rtol=rtol, atol=atol)
+def close_to_linear(got, x, w, b, activation):
+    """A GEMM path's output against the reference Ops, within tests/support/tolerance.py's bound."""
+    assert_within(gn.to_numpy(got), REFERENCE.linear(x, w, b, activation), linear_atol(x, w, b, activation), "linear")
 
 
 def operands(m=37, k=19, n=23):
@@ -34,11 +36,11 @@ def test_the_cublaslt_path_gives_a_row_major_y_without_a_copy(activation):
     for _ in range(2):  # planned, then its operands reset
         y = ops._lt(on("gpu", x), on("gpu", w), on("gpu", b), activation)
         assert y.shape == (37, 23) and y.flags.c_contiguous
-        close(y, REFERENCE.linear(x, w, b, activation), rtol=1e-5, atol=1e-5)
+        close_to_linear(y, x, w, b, activation)
         x = x[::-1].copy()
     out = on("gpu", numpy.full((37, 23), numpy.nan, "float32"))
     assert ops._lt(on("gpu", x), on("gpu", w), on("gpu", b), activation, out) is out
-    close(out, REFERENCE.linear(x, w, b, activation), rtol=1e-5, atol=1e-5)
+    close_to_linear(out, x, w, b, activation)
 
 
 @pytest.mark.skipif(not ON_STANDIN, reason="checks the stand-in's nvmath rules")
@@ -67,7 +69,7 @@ def test_a_path_that_disagrees_with_the_kernel_is_never_timed(monkeypatch):
         candidates = agreeing(paths, (x, w, b, "relu"), 1e-4, ops.xp)
     assert "cublas" not in candidates and "fused" in candidates
     assert ("cublaslt" in candidates) == cublaslt.available()
-    close(candidates["fused"](), REFERENCE.linear(*operands(), "relu"), rtol=1e-5, atol=1e-5)
+    close_to_linear(candidates["fused"](), *operands(), "relu")
 
 
 def test_a_gelu_or_a_missing_bias_never_takes_the_cublaslt_path():

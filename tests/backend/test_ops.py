@@ -14,6 +14,9 @@ import gpunet as gn
 from gpunet.backend import cuda_kernels, ops_for_device
 from gpunet.backend.ops import Ops
 from tests.support.arrays import on, rng
+from tests.support.tolerance import (activation_grad_atol, assert_within, elementwise_atol, gamma, linear_atol,
+                                     linear_backward_atol, path_atol, softmax_atol, softmax_backward_atol, xent_atol,
+                                     xent_grad_atol)
 
 REFERENCE = Ops()
 KERNELS = sorted((Path(__file__).parents[2] / "kernels").glob("*.cu"))
@@ -23,24 +26,32 @@ def close(got, want, rtol=1e-5, atol=1e-6):
     numpy.testing.assert_allclose(gn.to_numpy(got), want, rtol=rtol, atol=atol)
 
 
+def check_linear(ops, device, x, w, b, dy, activation):
+    """ops.linear and its backward against the reference Ops, within the bounds of
+    tests/support/tolerance.py (the GEMMs' inner lengths, the activation's ulps)."""
+    assert_within(gn.to_numpy(ops.linear(on(device, x), on(device, w), on(device, b), activation)),
+                  REFERENCE.linear(x, w, b, activation), linear_atol(x, w, b, activation), "linear")
+    z = REFERENCE.linear(x, w, b)
+    y = REFERENCE.activation(activation, z) if activation else z
+    n, k = w.shape
+    grads = [numpy.zeros((n, k), "float32"), numpy.zeros(n, "float32") if b is not None else None]
+    want_dx = REFERENCE.linear_act_backward(x, w, z, y, dy, activation, *grads)
+    got = [None if g is None else on(device, g) for g in grads]
+    got_dx = ops.linear_act_backward(*(on(device, a) for a in (x, w, z, y, dy)), activation, *got)
+    dz = REFERENCE.activation_backward(activation, z, y, dy) if activation else dy
+    bounds = linear_backward_atol(x, w, dz, activation_grad_atol(dy, activation))
+    for name, g, want, bound in zip(("dx", "dW", "db"), (got_dx, *got), (want_dx, *grads), bounds):
+        if want is not None:
+            assert_within(gn.to_numpy(g), want, bound, name)
+
+
 @pytest.mark.parametrize("activation", [None, "relu", "sigmoid", "tanh", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (130, 77, 203), (257, 300, 65)], ids=lambda s: "x".join(map(str, s)))
 def test_linear_and_its_backward(device, activation, shape):
     m, k, n = shape
     r = rng(m + n)
     x, w, b, dy = (r.standard_normal(s).astype("float32") for s in ((m, k), (n, k), (n,), (m, n)))
-    ops = ops_for_device(device)
-    close(ops.linear(on(device, x), on(device, w), on(device, b), activation),
-          REFERENCE.linear(x, w, b, activation), rtol=1e-4, atol=1e-5)
-    z = REFERENCE.linear(x, w, b)
-    y = REFERENCE.activation(activation, z) if activation else z
-    grads = [numpy.zeros((n, k), "float32"), numpy.zeros(n, "float32")]
-    want_dx = REFERENCE.linear_act_backward(x, w, z, y, dy, activation, *grads)
-    got = [on(device, g) for g in grads]
-    got_dx = ops.linear_act_backward(*(on(device, a) for a in (x, w, z, y, dy)), activation, *got)
-    close(got_dx, want_dx, rtol=1e-4, atol=1e-4)
-    close(got[0], grads[0], rtol=1e-4, atol=1e-3)
-    close(got[1], grads[1], rtol=1e-4, atol=1e-4)
+    check_linear(ops_for_device(device), device, x, w, b, dy, activation)
 
 
 @pytest.mark.gpu
@@ -52,8 +63,8 @@ def test_every_gemm_path_with_an_epilogue(monkeypatch, mode):
     monkeypatch.setattr(ops, "gemm_mode", mode)
     x, w, b = (rng(i).standard_normal(s).astype("float32") for i, s in enumerate(((300, 130), (200, 130), (200,))))
     for activation in (None, "relu", "gelu"):
-        close(ops.linear(on("gpu", x), on("gpu", w), on("gpu", b), activation), REFERENCE.linear(x, w, b, activation),
-              rtol=1e-4, atol=1e-5)
+        assert_within(gn.to_numpy(ops.linear(on("gpu", x), on("gpu", w), on("gpu", b), activation)),
+                      REFERENCE.linear(x, w, b, activation), linear_atol(x, w, b, activation), f"{mode} {activation}")
 
 
 GEOMETRIES = [((2, 3, 9, 11), (3, 3), (1, 1), (1, 1)), ((5, 4, 28, 28), (5, 5), (2, 2), (2, 2)),
@@ -68,8 +79,11 @@ def test_im2col_and_col2im(device, shape, kernel, stride, padding):
     want = REFERENCE.im2col(x, kernel, stride, padding)
     close(cols, want, rtol=0, atol=0)
     dcols = rng(1).standard_normal(want.shape).astype("float32")
-    close(ops.col2im(on(device, dcols), shape, kernel, stride, padding),
-          REFERENCE.col2im(dcols, shape, kernel, stride, padding))
+    want_dx = REFERENCE.col2im(dcols, shape, kernel, stride, padding)  # each pixel a sum of at most kh*kw taps
+    taps = kernel[0] * kernel[1]
+    assert_within(gn.to_numpy(ops.col2im(on(device, dcols), shape, kernel, stride, padding)), want_dx,
+                  2 * gamma(taps) * REFERENCE.col2im(numpy.abs(dcols), shape, kernel, stride, padding),
+                  "col2im")
 
 
 @pytest.mark.parametrize("shape, kernel, stride", [((2, 3, 8, 8), (2, 2), (2, 2)), ((3, 5, 13, 11), (3, 3), (2, 2)),
@@ -82,8 +96,11 @@ def test_max_pool_and_backward(device, shape, kernel, stride):
     close(y, want_y, rtol=0, atol=0)
     numpy.testing.assert_array_equal(gn.to_numpy(argmax).reshape(-1), want_arg.reshape(-1))  # layouts differ
     dy = rng(1).standard_normal(want_y.shape).astype("float32")
-    close(ops.max_pool_backward(on(device, dy), argmax, shape, kernel, stride),
-          REFERENCE.max_pool_backward(dy, want_arg, shape, kernel, stride))
+    taps = kernel[0] * kernel[1]  # a pixel is the maximum of at most this many windows: a sum of their dy
+    assert_within(gn.to_numpy(ops.max_pool_backward(on(device, dy), argmax, shape, kernel, stride)),
+                  REFERENCE.max_pool_backward(dy, want_arg, shape, kernel, stride),
+                  2 * gamma(taps) * REFERENCE.max_pool_backward(numpy.abs(dy), want_arg, shape, kernel, stride),
+                  "max_pool_backward")
 
 
 @pytest.mark.parametrize("rows, classes", [(3, 2), (257, 1000), (2, 100_003)])
@@ -91,23 +108,27 @@ def test_softmax_cross_entropy(device, rows, classes):
     logits = (rng().standard_normal((rows, classes)) * 5).astype("float32")
     labels = rng(1).integers(0, classes, rows)
     loss, grad = ops_for_device(device).softmax_cross_entropy(on(device, logits), on(device, labels))
+    check_xent(loss, grad, logits, labels)
+
+
+def check_xent(loss, grad, logits, labels):
+    """A softmax cross-entropy's mean loss and gradient against the reference Ops's, within the bounds of
+    tests/support/tolerance.py (the sums over the classes and the rows)."""
     want_loss, want_grad = REFERENCE.softmax_cross_entropy(logits, labels)
-    close(loss, want_loss)
-    close(grad, want_grad, atol=1e-8)
+    assert_within(gn.to_numpy(loss), want_loss, xent_atol(logits, labels), "loss")
+    assert_within(gn.to_numpy(grad), want_grad, xent_grad_atol(logits, want_grad), "gradient")
 
 
 def test_non_contiguous_inputs(device):
     x = rng().standard_normal((40, 33)).astype("float32")
     w = rng(1).standard_normal((33, 21)).astype("float32")  # used transposed: a non-contiguous weight
     ops = ops_for_device(device)
-    close(ops.linear(on(device, x)[:, :], on(device, w).T, None, "relu"), REFERENCE.linear(x, w.T, None, "relu"),
-          rtol=1e-4, atol=1e-5)
+    assert_within(gn.to_numpy(ops.linear(on(device, x)[:, :], on(device, w).T, None, "relu")),
+                  REFERENCE.linear(x, w.T, None, "relu"), linear_atol(x, w.T, None, "relu"), "linear")
     logits = rng(2).standard_normal((33, 40)).astype("float32")
     labels = rng(3).integers(0, 33, 40)
     loss, grad = ops.softmax_cross_entropy(on(device, logits).T, on(device, labels))
-    want_loss, want_grad = REFERENCE.softmax_cross_entropy(numpy.ascontiguousarray(logits.T), labels)
-    close(loss, want_loss)
-    close(grad, want_grad, atol=1e-8)
+    check_xent(loss, grad, numpy.ascontiguousarray(logits.T), labels)
 
 
 def test_embedding_backward_adds_repeated_ids(device):
@@ -117,7 +138,10 @@ def test_embedding_backward_adds_repeated_ids(device):
     REFERENCE.embedding_backward(ids, dy, want)
     got = on(device, numpy.full((7, 5), 3.0, "float32"))
     ops_for_device(device).embedding_backward(on(device, ids), on(device, dy), got)
-    close(got, want)
+    count = numpy.bincount(ids.ravel(), minlength=7).max()  # each row a sum of at most this many dy rows
+    abs_sum = numpy.zeros((7, 5))
+    numpy.add.at(abs_sum, ids.ravel(), numpy.abs(dy.reshape(-1, 5)))
+    assert_within(gn.to_numpy(got), want, 2 * gamma(count) * abs_sum, "embedding gradient")
 
 
 @pytest.mark.parametrize("batch, hidden", [(1, 1), (32, 256), (5, 300)])
@@ -130,15 +154,25 @@ def test_lstm_cell_and_backward(device, batch, hidden):
     ops = ops_for_device(device)
     got = [on(device, numpy.zeros_like(a)) for a in want]
     ops.lstm_cell(on(device, xg), on(device, hg), on(device, c_prev), *got)
-    for g, w in zip(got, want):
-        close(g, w)
+    forward_atol, backward_atol = lstm_cell_atols(c_prev, dh, dc)
+    for g, w, name in zip(got, want, ("gates", "c", "h", "tanh(c)")):
+        assert_within(gn.to_numpy(g), w, forward_atol if g.shape == c_prev.shape else numpy.tile(forward_atol, 4), name)
     acts, _, _, tanh_c = want
     want_dc, want_dgates = dc.copy(), numpy.zeros_like(acts)
     REFERENCE.lstm_cell_backward(dh, want_dc, acts, c_prev, tanh_c, want_dgates)
     got_dc, got_dgates = on(device, dc), on(device, numpy.zeros_like(acts))
     ops.lstm_cell_backward(on(device, dh), got_dc, on(device, acts), on(device, c_prev), on(device, tanh_c), got_dgates)
-    close(got_dgates, want_dgates)
-    close(got_dc, want_dc)
+    assert_within(gn.to_numpy(got_dgates), want_dgates, numpy.tile(backward_atol, 4), "dgates")
+    assert_within(gn.to_numpy(got_dc), want_dc, backward_atol, "dc")
+
+
+def lstm_cell_atols(c_prev, dh, dc):
+    """The LSTM cell is elementwise: gates sigma/tanh(xg + hg), c = f c_prev + i g, h = o tanh(c),
+    each output within 10 roundings and 4 functions of terms of size |c_prev| + 2 (gates <= 1);
+    the backward's dc and dgates within 10 roundings of (|dh| + |dc|)(|c_prev| + 2)."""
+    c_prev = numpy.abs(c_prev.astype("float64"))
+    return (elementwise_atol(c_prev + 2, 10, 4),
+            elementwise_atol((numpy.abs(dh) + numpy.abs(dc)) * (c_prev + 2), 10))
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -148,11 +182,14 @@ def test_attention_softmax_and_backward(device, shape, causal):
     ops = ops_for_device(device)
     want = REFERENCE.attention_softmax(scores.copy(), 0.125, causal)
     probs = ops.attention_softmax(on(device, scores.copy()), 0.125, causal)
-    close(probs, want, atol=1e-7)
+    z = scores.astype("float64") * 0.125
+    if causal:
+        z = numpy.where(numpy.tril(numpy.ones(shape[-2:], bool)), z, -numpy.inf)
+    assert_within(gn.to_numpy(probs), want, softmax_atol(z), "attention_softmax")
     dprobs = rng(1).standard_normal(shape).astype("float32")
     expected = REFERENCE.attention_softmax_backward(want, dprobs.copy(), 0.125)  # both work in place
-    close(ops.attention_softmax_backward(on(device, want), on(device, dprobs.copy()), 0.125), expected,
-          rtol=1e-4, atol=1e-6)
+    assert_within(gn.to_numpy(ops.attention_softmax_backward(on(device, want), on(device, dprobs.copy()), 0.125)),
+                  expected, softmax_backward_atol(want, dprobs, 0.125), "attention_softmax_backward")
 
 
 def _einsum_attention(qkv, dmixed, causal):
@@ -179,9 +216,15 @@ def test_attention_and_backward_match_an_einsum_reference(device, dtype, causal)
     want, want_dqkv = _einsum_attention(qkv, dmixed, causal)
     ops = ops_for_device(device)
     mixed, state = ops.attention(on(device, qkv), causal)
-    tolerance = dict(rtol=1e-4, atol=1e-5) if dtype == "float32" else dict(rtol=1e-10, atol=1e-12)
-    close(mixed, want, **tolerance)
-    close(ops.attention_backward(on(device, dmixed), state), want_dqkv, **tolerance)
+    dqkv = ops.attention_backward(on(device, dmixed), state)
+    if dtype == "float64":  # float64's roundoff (1e-16) times these sums' lengths: far inside 1e-10
+        close(mixed, want, rtol=1e-10, atol=1e-12)
+        close(dqkv, want_dqkv, rtol=1e-10, atol=1e-12)
+        return
+    # the sums along the way: scores over Dh, the softmax's over T, the mix over T; back: Dh, T, T, T
+    length = 2 * qkv.shape[-1] + 5 * qkv.shape[1]
+    assert_within(gn.to_numpy(mixed), want, path_atol(want, length), "attention")
+    assert_within(gn.to_numpy(dqkv), want_dqkv, path_atol(want_dqkv, length), "attention_backward")
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -196,14 +239,15 @@ def test_layer_norm_and_backward(device, shape, affine):
     y, xhat, rstd = ops.layer_norm(on(device, x), on(device, w) if affine else None, on(device, b) if affine else None,
                                    1e-5)
     want_y, want_xhat, want_rstd = REFERENCE.layer_norm(x, w, b, 1e-5)
-    close(y, want_y, rtol=1e-4, atol=1e-5)
+    length = 4 * shape[-1] + x.size // shape[-1]  # as gpunet.parity_bound counts LayerNorm's sums
+    assert_within(gn.to_numpy(y), want_y, path_atol(want_y, length), "layer_norm")
     got = ops.layer_norm_backward(on(device, dy), xhat, rstd, on(device, w) if affine else None)
     want = REFERENCE.layer_norm_backward(dy, want_xhat, want_rstd, w)
-    for g, wnt in zip(got, want):
+    for g, wnt, name in zip(got, want, ("dx", "dw", "db")):
         if wnt is None:
             assert g is None
         else:
-            close(g, wnt, rtol=1e-4, atol=1e-4)
+            assert_within(gn.to_numpy(g), wnt, path_atol(wnt, length), name)
 
 
 def test_fast_float32_erf_is_within_4e_7_of_math_erf():

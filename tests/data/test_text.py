@@ -10,6 +10,7 @@ import gpunet as gn
 from gpunet.cli import main
 from gpunet.data import text as text_data
 from gpunet.generate import generate
+from tests.support.tolerance import assert_within, layer_atol
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,8 @@ def test_stateful_rnn_sampling_equals_rereading_the_whole_text():
     for step in range(25):
         carried = next_logits(ids)
         reread = model.forward(numpy.array([ids]))[0, -1]
-        numpy.testing.assert_allclose(carried, reread, rtol=1e-5, atol=1e-6, err_msg=f"step {step}")
+        # one step at a time against the whole text at once: other GEMM shapes, so other summation orders
+        assert_within(carried, reread, layer_atol(model, (1, len(ids)), reread), f"step {step}")
         ids.append(int(reread.argmax()))
 
 

@@ -6,11 +6,13 @@ import torch
 
 import gpunet as gn
 from tests.support.arrays import on, rng
+from tests.support.tolerance import assert_within, layer_atol
 
 
-def run_both(layer, module, x, device, *, rtol=1e-4, atol=1e-5, grad_atol=1e-5, seed=2):
+def run_both(layer, module, x, device, *, seed=2):
     """One forward and backward through layer (on device) and its torch twin (on the CPU), from
-    the same x and upstream gradient; asserts outputs, input and parameter gradients agree."""
+    the same x and upstream gradient; asserts outputs, input and parameter gradients agree within
+    the bound of the sums one step of the layer runs (tests/support/tolerance.py's layer_atol)."""
     layer.to(device)
     tx = torch.from_numpy(x).requires_grad_(True)
     ty = module(tx)
@@ -18,21 +20,20 @@ def run_both(layer, module, x, device, *, rtol=1e-4, atol=1e-5, grad_atol=1e-5, 
     ty.backward(torch.from_numpy(dy))
     y = layer.forward(on(device, x))
     dx = layer.backward(on(device, dy))
-    numpy.testing.assert_allclose(gn.to_numpy(y), ty.detach().numpy(), rtol=rtol, atol=atol)
-    numpy.testing.assert_allclose(gn.to_numpy(dx), tx.grad.numpy(), rtol=1e-4, atol=atol)
-    for name, p in module.named_parameters():
-        numpy.testing.assert_allclose(gn.to_numpy(layer.grads[name]), p.grad.numpy(), rtol=1e-4, atol=grad_atol,
-                                      err_msg=name)
+    assert_matches_torch(y, dx, layer.grads, ty, tx, module, layer=layer, input_shape=x.shape)
 
 
-def assert_matches_torch(y, dx, grads, ty, tx, module, *, strip=0, rtol=1e-4, atol=1e-5):
+def assert_matches_torch(y, dx, grads, ty, tx, module, *, layer, input_shape, strip=0):
     """A gpunet forward/backward (output y, input gradient dx, parameter grads) against torch's:
-    output ty, input tx.grad and the .grad of module's parameters (names minus `strip` characters)."""
-    numpy.testing.assert_allclose(gn.to_numpy(y), ty.detach().numpy(), rtol=rtol, atol=atol)
-    numpy.testing.assert_allclose(gn.to_numpy(dx), tx.grad.numpy(), rtol=rtol, atol=atol)
+    output ty, input tx.grad and the .grad of module's parameters (names minus `strip` characters).
+    Each array within layer_atol: the sums along the layer's forward and backward (counted as
+    gpunet.parity_bound counts them for a training step) times the array's largest value."""
+    assert_within(gn.to_numpy(y), ty.detach().numpy(), layer_atol(layer, input_shape, ty.detach().numpy()), "output")
+    assert_within(gn.to_numpy(dx), tx.grad.numpy(), layer_atol(layer, input_shape, tx.grad.numpy()), "input gradient")
     for name, p in module.named_parameters():
-        numpy.testing.assert_allclose(gn.to_numpy(grads[name[strip:]]), p.grad.numpy(), rtol=rtol, atol=atol,
-                                      err_msg=name)
+        want = p.grad.numpy()
+        assert_within(gn.to_numpy(grads[name[strip:]]), want, layer_atol(layer, input_shape, want),
+                      f"gradient of {name}")
 
 
 def compare_with_torch(layer, module, x, device):
@@ -41,7 +42,7 @@ def compare_with_torch(layer, module, x, device):
         for name, value in layer.params.items():
             value[...] = value + rng(3).uniform(-0.3, 0.3, value.shape).astype("float32")
         module.load_state_dict({k: torch.from_numpy(numpy.array(v)) for k, v in layer.state_dict().items()})
-    run_both(layer, module, x, device, atol=1e-4, grad_atol=1e-3, seed=4)
+    run_both(layer, module, x, device, seed=4)
 
 
 def recipe_accuracy_on_held_out_fifth(name: str, epochs: int) -> float:
