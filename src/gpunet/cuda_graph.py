@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy
 
 from gpunet import random
-from gpunet.backend import ops_for_device
+from gpunet.backend import is_cupy_array, ops_for_device
 
 MAX_GRAPHS = 2
 RECORD_WORDS = 4  # the per-step record: float32 optimizer scalars in words 0..2, the uint32 step in word 3
@@ -54,7 +54,7 @@ def step_record(step_scalars, step: int):
 
 def _arrays(value) -> list:
     """The device arrays in value, looking one level into dicts, lists, tuples and namespaces."""
-    if hasattr(value, "__cuda_array_interface__") or type(value).__module__.startswith("cupy"):
+    if hasattr(value, "__cuda_array_interface__") or is_cupy_array(value):
         return [value]
     if isinstance(value, dict):
         items = value.values()
@@ -64,7 +64,7 @@ def _arrays(value) -> list:
         items = vars(value).values()
     else:
         return []
-    return [v for item in items for v in ([item] if type(item).__module__.startswith("cupy") else [])]
+    return [item for item in items if is_cupy_array(item)]
 
 
 def _layers(layer):

@@ -14,6 +14,8 @@ import numbers
 
 import numpy
 
+from gpunet.backend import is_cupy_array
+
 IMAGE_DIMS = "(N, H, W), (N, C, H, W) or (N, features)"
 
 
@@ -44,7 +46,7 @@ def image_dims(x, where: str) -> None:
 
 
 def _convert(value, where: str, what: str, floats: numpy.dtype, keep_ints: bool):
-    if isinstance(value, numpy.ndarray) or type(value).__module__.startswith("cupy"):
+    if isinstance(value, numpy.ndarray) or is_cupy_array(value):
         return value  # the caller's own array and dtype
     if hasattr(value, "__array__"):  # a tensor or data frame of another library, in its own dtype
         return numpy.asarray(value)
