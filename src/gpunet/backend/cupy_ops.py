@@ -4,7 +4,8 @@ cell, the attention softmax, layer normalisation, activations and the optimizer 
 launched through its wrapper in cuda_wrappers.py (`kernels.softmax_xent(...)`).
 
 Each override takes the kernel path only for what the kernel handles (float32, contiguous,
-not empty) and otherwise falls back to the base Ops, which is written against cupy as well: an
+not empty: its @kernel_or_fallback names the arguments the kernel needs so, kernel_guard.py) and
+otherwise falls back to the base Ops, which is written against cupy as well: an
 empty input never reaches a launch (CuPy would round a grid of no blocks up to one, running
 over memory the op does not own) and gets the base
 Ops' result, the NumPy one (empty outputs, zero gradients). A product with
@@ -30,6 +31,7 @@ from gpunet.backend.cuda_wrappers import NO_RANGE_ERROR
 from gpunet.validate import env_choice
 from gpunet.backend.devices import configure_tf32, cupy_status, gpu_name
 from gpunet.backend.gemm_dispatch import GemmDispatch, agreeing, source_hash
+from gpunet.backend.kernel_guard import float32_contiguous, kernel_or_fallback
 from gpunet.backend.ops import Ops, id_range_error, label_range_error, pooled_size
 
 
@@ -62,20 +64,26 @@ class CupyOps(Ops):
 
         return erf(x)
 
+    @kernel_or_fallback("x", "out", nonempty="x")
     def activation(self, name, x, out=None):
-        if name not in ACTIVATION_CODES or not _float32(x, out) or x.size == 0:
+        if name not in ACTIVATION_CODES:
             return super().activation(name, x, out)
         return kernels.activation_forward(x, name, out)
 
     def activation_backward(self, name, x, y, dy):
-        x = y if x is None else x  # tanh and sigmoid need only y; relu and gelu always get x
-        if name not in ACTIVATION_CODES or not _float32(x, y, dy) or dy.size == 0:
+        # tanh and sigmoid need only y; relu and gelu always get x (the fallback gets y in x's place too)
+        return self._activation_backward(name, y if x is None else x, y, dy)
+
+    @kernel_or_fallback("x", "y", "dy", nonempty="dy", fallback=Ops.activation_backward)
+    def _activation_backward(self, name, x, y, dy):
+        if name not in ACTIVATION_CODES:
             return super().activation_backward(name, x, y, dy)
         return kernels.activation_backward(x, y, dy, name)
 
+    @kernel_or_fallback("x", "weight", "bias", "out")
     def linear(self, x, weight, bias=None, activation=None, out=None):
         empty = x.shape[0] == 0 or weight.shape[0] == 0  # (no inputs, K = 0, is fine: y = act(bias))
-        if (bias is None and activation is None) or not _float32(x, weight, bias, out) or empty:
+        if (bias is None and activation is None) or empty:
             return super().linear(x, weight, bias, activation, out)  # cuBLAS
         paths = self._linear_paths(bias, activation)
         args = (x, weight, bias, activation)
@@ -129,9 +137,8 @@ class CupyOps(Ops):
         end.synchronize()
         return self.xp.cuda.get_elapsed_time(start, end) / repeats / 1e3
 
+    @kernel_or_fallback("x", "weight", "z", "y", "dy", "grad_weight", "grad_bias", nonempty="dy")
     def linear_act_backward(self, x, weight, z, y, dy, activation, grad_weight, grad_bias=None, need_dx=True):
-        if not _float32(x, weight, z, y, dy, grad_weight, grad_bias) or dy.size == 0:
-            return super().linear_act_backward(x, weight, z, y, dy, activation, grad_weight, grad_bias, need_dx)
         if activation is None and grad_bias is None:
             dz = dy  # no activation to undo and no bias to sum: nothing for the kernel to do
         else:
@@ -139,37 +146,38 @@ class CupyOps(Ops):
         self.xp.matmul(dz.T, x, out=grad_weight)
         return self.xp.matmul(dz, weight) if need_dx else None
 
+    @kernel_or_fallback("y_t", "bias", nonempty="y_t")
     def conv_epilogue(self, y_t, bias, activation):
-        if not activations.from_output(activation) or not _float32(y_t, bias) or y_t.size == 0:
+        if not activations.from_output(activation):
             return super().conv_epilogue(y_t, bias, activation)
         return kernels.conv_bias_act(y_t, bias, activation)
 
+    @kernel_or_fallback("dy", "y", "grad_bias", nonempty="dy", contiguous=("dy",))
     def conv_bias_act_backward(self, dy, y, activation, grad_bias):
-        dy = self.xp.ascontiguousarray(dy)
-        if not activations.from_output(activation) or not _float32(dy, y, grad_bias) or dy.size == 0:
+        if not activations.from_output(activation):
             return super().conv_bias_act_backward(dy, y, activation, grad_bias)
         return kernels.conv_bias_act_backward(dy, y, activation, grad_bias)
 
+    @kernel_or_fallback("x", "weight", "bias", nonempty="x")
     def conv2d_relu_pool(self, x, weight, bias, stride, padding, pool):
-        if not _float32(x, weight, bias) or x.size == 0:
-            return super().conv2d_relu_pool(x, weight, bias, stride, padding, pool)
         y_t, cols, conv_hw = self.conv_gemm(x, weight, stride, padding)
         pooled, argmax = kernels.conv_relu_pool(y_t, bias, conv_hw, pool)
         return pooled, argmax, cols, (x.shape[0], weight.shape[0], *conv_hw)
 
+    @kernel_or_fallback("dp", "pooled", "grad_bias", nonempty="dp", contiguous=("dp",))
     def conv2d_relu_pool_backward(self, dp, pooled, argmax, cols, x_shape, y_shape, weight, grad_weight, grad_bias,
                                   stride, padding, pool, need_dx=True):
-        dp = self.xp.ascontiguousarray(dp)
-        if not _float32(dp, pooled, grad_bias) or argmax.dtype != self.xp.int32 or dp.size == 0:
+        if argmax.dtype != self.xp.int32:
             return super().conv2d_relu_pool_backward(dp, pooled, argmax, cols, x_shape, y_shape, weight, grad_weight,
                                                      grad_bias, stride, padding, pool, need_dx)
         dy_t = kernels.conv_relu_pool_backward(dp, pooled, argmax, y_shape[2:], pool, grad_bias)
         return self._conv_gemms_backward(dy_t, cols, x_shape, weight, grad_weight, stride, padding, need_dx)
 
+    @kernel_or_fallback("x", nonempty="x")
     def im2col(self, x, kernel, stride, padding):
         n, c, h, w = x.shape
         oh, ow = pooled_size((h, w), kernel, stride, padding)
-        if not _float32(x) or min(x.size, oh * ow) <= 0:
+        if oh * ow <= 0:
             return super().im2col(x, kernel, stride, padding)
         return kernels.im2col(x, kernel, stride, padding)
 
@@ -180,22 +188,22 @@ class CupyOps(Ops):
             return super().col2im(cols, x_shape, kernel, stride, padding)
         return kernels.col2im(cols, x_shape, kernel, stride, padding)
 
+    @kernel_or_fallback("x", nonempty="x")
     def max_pool(self, x, kernel, stride):
         n, c, h, w = x.shape
         oh, ow = pooled_size((h, w), kernel, stride)
-        if not _float32(x) or min(x.size, oh * ow) <= 0:
+        if oh * ow <= 0:
             return super().max_pool(x, kernel, stride)
         return kernels.max_pool(x, kernel, stride)
 
+    @kernel_or_fallback("dy", nonempty="dy", contiguous=("dy",))
     def max_pool_backward(self, dy, argmax, x_shape, kernel, stride):
-        dy = self.xp.ascontiguousarray(dy)
-        if not _float32(dy) or argmax.dtype != self.xp.int32 or min(dy.size, math.prod(x_shape)) == 0:
+        if argmax.dtype != self.xp.int32 or math.prod(x_shape) == 0:
             return super().max_pool_backward(dy, argmax, x_shape, kernel, stride)
         return kernels.max_pool_backward(dy, argmax, x_shape, kernel, stride)
 
+    @kernel_or_fallback("logits", nonempty="logits")
     def softmax_cross_entropy(self, logits, labels):
-        if not _float32(logits) or logits.size == 0:
-            return super().softmax_cross_entropy(logits, labels)
         labels = self.xp.ascontiguousarray(labels, dtype=self.xp.int64)
         return kernels.softmax_xent(logits, labels, self._range_error_flags("label", logits.shape[1]))
 
@@ -240,61 +248,51 @@ class CupyOps(Ops):
         self._unchecked.add((what, bound))
         return flags
 
+    # an empty batch: every output is empty, nothing to do (the base's reshape cannot take one)
+    @kernel_or_fallback("x_gates", "h_gates", "c_prev", "acts_out", "h_out", "c_out", "tanh_c_out",
+                        nonempty="c_prev", if_empty=None)
     def lstm_cell(self, x_gates, h_gates, c_prev, acts_out, h_out, c_out, tanh_c_out):
-        arrays = (x_gates, h_gates, c_prev, acts_out, h_out, c_out, tanh_c_out)
-        if c_prev.size == 0:
-            return  # every output is empty (the base's reshape cannot take an empty batch)
-        if not _float32(*arrays):
-            return super().lstm_cell(*arrays)
-        sequence_kernels.lstm_cell(*arrays)
+        sequence_kernels.lstm_cell(x_gates, h_gates, c_prev, acts_out, h_out, c_out, tanh_c_out)
 
+    @kernel_or_fallback("dh", "dc", "acts", "c_prev", "tanh_c", "dgates_out", nonempty="c_prev", if_empty=None)
     def lstm_cell_backward(self, dh, dc, acts, c_prev, tanh_c, dgates_out):
-        arrays = (dh, dc, acts, c_prev, tanh_c, dgates_out)
-        if c_prev.size == 0:
-            return  # every output is empty
-        if not _float32(*arrays):
-            return super().lstm_cell_backward(*arrays)
-        sequence_kernels.lstm_cell_backward(*arrays)
+        sequence_kernels.lstm_cell_backward(dh, dc, acts, c_prev, tanh_c, dgates_out)
 
+    @kernel_or_fallback("x_gates", "w_hh_t", "h_prev", "c_prev", "acts_out", "h_out", "c_out", "tanh_c_out",
+                        nonempty="c_prev")
     def lstm_step(self, x_gates, w_hh_t, h_prev, c_prev, acts_out, h_out, c_out, tanh_c_out):
-        arrays = (x_gates, w_hh_t, h_prev, c_prev, acts_out, h_out, c_out, tanh_c_out)
-        if c_prev.size == 0 or not _float32(*arrays):
-            return super().lstm_step(*arrays)
-        sequence_kernels.lstm_step(*arrays)
+        sequence_kernels.lstm_step(x_gates, w_hh_t, h_prev, c_prev, acts_out, h_out, c_out, tanh_c_out)
 
+    @kernel_or_fallback("dy", "dgates_next", "w_hh", "dc", "acts", "c_prev", "tanh_c", "dgates_out",
+                        nonempty="c_prev")
     def lstm_step_backward(self, dy, dgates_next, w_hh, dc, acts, c_prev, tanh_c, dgates_out):
-        arrays = (dy, dgates_next, w_hh, dc, acts, c_prev, tanh_c, dgates_out)
-        if c_prev.size == 0 or not _float32(*arrays):
-            return super().lstm_step_backward(*arrays)
-        sequence_kernels.lstm_step_backward(*arrays)
+        sequence_kernels.lstm_step_backward(dy, dgates_next, w_hh, dc, acts, c_prev, tanh_c, dgates_out)
 
+    @kernel_or_fallback("scores", nonempty="scores")
     def attention_softmax(self, scores, scale, causal):
-        if not _float32(scores) or scores.size == 0:
-            return super().attention_softmax(scores, scale, causal)
         return sequence_kernels.attention_softmax(scores, scale, causal)
 
+    @kernel_or_fallback("probs", "dprobs", nonempty="dprobs")
     def attention_softmax_backward(self, probs, dprobs, scale):
-        if not _float32(probs, dprobs) or dprobs.size == 0:
-            return super().attention_softmax_backward(probs, dprobs, scale)
         return sequence_kernels.attention_softmax_backward(probs, dprobs, scale)
 
+    @kernel_or_fallback("x", "weight", "bias", nonempty="x")
     def layer_norm(self, x, weight, bias, eps):
-        if not _float32(x, weight, bias) or x.size == 0:
-            return super().layer_norm(x, weight, bias, eps)
         return sequence_kernels.layer_norm(x, weight, bias, eps)[:3]
 
+    @kernel_or_fallback("x", "residual", "weight", "bias", nonempty="x")
     def add_layer_norm(self, x, residual, weight, bias, eps):
-        if not _float32(x, residual, weight, bias) or x.size == 0 or residual.shape != x.shape:
+        if residual.shape != x.shape:
             return super().add_layer_norm(x, residual, weight, bias, eps)
         y, xhat, rstd, total = sequence_kernels.layer_norm(x, weight, bias, eps, residual)
         return total, y, xhat, rstd
 
+    @kernel_or_fallback("dy", "xhat", "rstd", "weight", "grad_weight", "grad_bias", "residual", nonempty="dy",
+                        contiguous=("dy",))
     def layer_norm_backward(self, dy, xhat, rstd, weight, grad_weight=None, grad_bias=None, residual=None):
         """One launch: dx (+ residual) and the parameters' gradients, summed on the device into
         grad_weight and grad_bias (new arrays when not given)."""
-        dy = self.xp.ascontiguousarray(dy)
-        if (not _float32(dy, xhat, rstd, weight, grad_weight, grad_bias, residual) or dy.size == 0
-                or (residual is not None and residual.shape != dy.shape)):
+        if residual is not None and residual.shape != dy.shape:
             return super().layer_norm_backward(dy, xhat, rstd, weight, grad_weight, grad_bias, residual)
         if weight is not None:
             grad_weight = self.xp.empty_like(weight) if grad_weight is None else grad_weight
@@ -303,56 +301,56 @@ class CupyOps(Ops):
             grad_weight = grad_bias = None
         return sequence_kernels.layer_norm_backward(dy, xhat, rstd, weight, grad_weight, grad_bias, residual), grad_weight, grad_bias
 
+    @kernel_or_fallback("qkv", nonempty="qkv")
     def attention(self, qkv, causal):
-        if not _float32(qkv) or qkv.size == 0:
-            return super().attention(qkv, causal)
         mixed, probs = sequence_kernels.attention(qkv, causal)
         return mixed, (qkv, probs, causal)
 
+    @kernel_or_fallback("dmixed", contiguous=("dmixed",))
     def attention_backward(self, dmixed, state):
         qkv, probs, kept = state
-        dmixed = self.xp.ascontiguousarray(dmixed)
-        if isinstance(kept, tuple) or not _float32(dmixed):  # the base's forward kept (q, k, v): its backward
+        if isinstance(kept, tuple):  # the base's forward kept (q, k, v): its backward
             return super().attention_backward(dmixed, state)
         return sequence_kernels.attention_backward(qkv, probs, dmixed, bool(kept))  # kept: causal
 
+    @kernel_or_fallback("param", "grad", "velocity", nonempty="param")
     def sgd_update(self, param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov, first_step,
                    scalars=None):
-        if not _float32(param, grad, velocity) or param.size == 0:
-            return super().sgd_update(param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov,
-                                      first_step, scalars)
         kernels.sgd_update(param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov, first_step, scalars)
 
+    @kernel_or_fallback("param", "grad", "exp_avg", "exp_avg_sq", nonempty="param")
     def adam_update(self, param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, decoupled, step,
                     scalars=None):
-        if not _float32(param, grad, exp_avg, exp_avg_sq) or param.size == 0:
-            return super().adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay,
-                                       decoupled, step, scalars)
         kernels.adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, decoupled, step,
                             scalars)
 
     def clip_grad_norm(self, grads, max_norm):
-        if len(grads) != 1 or not _float32(*grads) or grads[0].size == 0:
+        # (a list of arrays, not named arguments: the one guard kernel_or_fallback cannot state)
+        if len(grads) != 1 or not float32_contiguous(*grads) or grads[0].size == 0:
             return super().clip_grad_norm(grads, max_norm)
         return kernels.clip_grad_norm(grads[0].reshape(-1), max_norm)
 
+    def _embed_on_base(self, ids, weight, position=None):
+        """embed's fallback: the base's, with integer ids out of range folded into the device flags
+        first (CuPy's indexing would wrap a bad id around)."""
+        if ids.dtype.kind in "iu":
+            ids = self._fold_out_of_range(ids, "id", weight.shape[0])
+        return super().embed(ids, weight, position)
+
+    @kernel_or_fallback("weight", "position", nonempty="ids", fallback=_embed_on_base)
     def embed(self, ids, weight, position=None):
         """One launch, the positions' add included. An id out of range raises where the host next
         reads the loss (check_errors), as a label out of range does."""
-        if (not _float32(weight, position) or ids.size == 0 or ids.dtype.kind not in "iu"
-                or (position is not None and (ids.ndim != 2 or ids.shape[1] > position.shape[0]))):
-            if ids.dtype.kind in "iu":  # (CuPy's indexing would wrap a bad id around)
-                ids = self._fold_out_of_range(ids, "id", weight.shape[0])
-            return super().embed(ids, weight, position)
+        if ids.dtype.kind not in "iu" or (position is not None and (ids.ndim != 2 or ids.shape[1] > position.shape[0])):
+            return self._embed_on_base(ids, weight, position)
         return sequence_kernels.embedding_forward(self.xp.ascontiguousarray(ids, dtype=self.xp.int64), weight,
                                                      position, self._range_error_flags("id", weight.shape[0]))
 
+    @kernel_or_fallback("dy", "grad_weight", "grad_position", nonempty="dy", contiguous=("dy",))
     def embed_backward(self, ids, dy, grad_weight, grad_position=None):
         """One launch for both gradients, summed in a fixed order (no atomics) when the vocabulary
         is small enough for each of its rows to scan all the ids (EMBEDDING_SCAN_LIMIT)."""
-        dy = self.xp.ascontiguousarray(dy)
-        if (not _float32(dy, grad_weight, grad_position) or dy.size == 0 or ids.dtype.kind not in "iu"
-                or ids.size * grad_weight.shape[0] > EMBEDDING_SCAN_LIMIT):
+        if ids.dtype.kind not in "iu" or ids.size * grad_weight.shape[0] > EMBEDDING_SCAN_LIMIT:
             return super().embed_backward(ids, dy, grad_weight, grad_position)
         sequence_kernels.embedding_backward(self.xp.ascontiguousarray(ids, dtype=self.xp.int64), dy, grad_weight,
                                                grad_position)
@@ -364,24 +362,22 @@ class CupyOps(Ops):
         if ids.size and grad_weight.size:
             cupyx.scatter_add(grad_weight, ids.reshape(-1), dy.reshape(-1, grad_weight.shape[1]))
 
+    @kernel_or_fallback("x", "residual", nonempty="x")
     def dropout(self, x, p, stream, residual=None):
         """One launch, the residual add included: the mask is generated in the kernel (no host
         draw, no copy to the device) and not kept: the backward regenerates it (mask None)."""
-        if not _float32(x, residual) or x.size == 0 or (residual is not None and residual.shape != x.shape):
+        if residual is not None and residual.shape != x.shape:
             return super().dropout(x, p, stream, residual)
         from gpunet import random
 
         return kernels.dropout(x, random.dropout_threshold(p), 1.0 / (1.0 - p), stream, residual,
                                random.step_source()), None
 
+    @kernel_or_fallback("dy", nonempty="dy")
     def dropout_backward(self, dy, p, stream, mask):
-        if mask is not None or not _float32(dy) or dy.size == 0:
+        if mask is not None:
             return super().dropout_backward(dy, p, stream, mask)
         from gpunet import random
 
         return kernels.dropout(dy, random.dropout_threshold(p), 1.0 / (1.0 - p), stream, None, random.step_source())
 
-
-def _float32(*arrays) -> bool:
-    """The kernels take C-contiguous float32 arrays (None stands for an unused argument)."""
-    return all(a is None or (a.dtype == "float32" and a.flags.c_contiguous) for a in arrays)

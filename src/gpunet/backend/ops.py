@@ -33,9 +33,6 @@ class Ops(ConvOps):
     xp = numpy
 
     # ---------------------------------------------------------------- arrays
-    def asarray(self, a, dtype=None):
-        return self.xp.asarray(a, dtype=dtype)
-
     def empty(self, shape, dtype="float32"):
         return self.xp.empty(shape, dtype=dtype)
 
