@@ -20,13 +20,7 @@
 #endif
 static_assert(THREADS % 32 == 0 && THREADS <= 1024, "a block is whole warps");
 
-// NVRTC has no INFINITY (it lives in the host math headers): build the bit pattern.
-#define NEG_INF (-__int_as_float(0x7f800000))
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
+#include "common.cuh"  // NEG_INF, warp_sum
 
 __device__ __forceinline__ float warp_max(float v) {
   for (int offset = 16; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));

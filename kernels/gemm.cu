@@ -47,6 +47,8 @@ static_assert(THREADS == 16 * 16 && TILE_M == 16 * 4 && TILE_N == 16 * 4,
               "gemm_bias_act's 16 x 16 threads each compute a 4 x 4 block of the TILE_M x TILE_N tile of C");
 static_assert(ACT_NONE == 0, "bias_act_backward reads act as a flag: no activation must be 0");
 
+#include "common.cuh"  // last_block_done
+
 __device__ __forceinline__ float activate(float z, int act) {
   switch (act) {
     case ACT_RELU: return z <= 0.f ? 0.f : z;  // NaN passes through, as on the CPU and in torch
@@ -73,25 +75,6 @@ __device__ __forceinline__ float derivative(float z, float y, int act) {
     }
     default: return 1.f;
   }
-}
-
-// True in the one block that arrives last, after every other block's writes are visible to it
-// (each block fences its writes before counting itself in); that block resets the counter for the
-// next launch. All threads of the block must call it (it holds a __syncthreads).
-__device__ __forceinline__ bool last_block_done(unsigned int* done_blocks) {
-  __shared__ bool last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const unsigned int blocks = gridDim.x * gridDim.y * gridDim.z;
-    last = atomicAdd(done_blocks, 1u) == blocks - 1;
-    if (last) {
-      __threadfence();  // acquire: the other blocks' writes before their count are seen after ours
-      atomicExch(done_blocks, 0u);
-    }
-  }
-  __syncthreads();
-  return last;
 }
 
 // C (M, N) = act(A (M, K) . W (N, K)^T + bias (N)): torch.nn.Linear's layout, all row-major.

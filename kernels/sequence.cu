@@ -16,8 +16,7 @@
 #endif
 static_assert(THREADS % 32 == 0 && THREADS <= 1024, "the block reductions take whole warps");
 
-// NVRTC has no INFINITY (it lives in the host math headers): build the bit pattern.
-#define NEG_INF (-__int_as_float(0x7f800000))
+#include "common.cuh"  // NEG_INF, warp_sum, last_block_done
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
 
@@ -258,30 +257,6 @@ extern "C" __global__ void layer_norm(const float* __restrict__ x, const float* 
     xhat[row * D + k] = h;
     y[row * D + k] = affine ? h * weight[k] + bias[k] : h;
   }
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-// True in the one block that arrives last, after every other block's writes are visible to it;
-// that block resets the counter for the next launch. All threads of the block must call it.
-// (The same as gemm.cu's: each .cu compiles on its own.)
-__device__ __forceinline__ bool last_block_done(unsigned int* done_blocks) {
-  __shared__ bool last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const unsigned int blocks = gridDim.x * gridDim.y * gridDim.z;
-    last = atomicAdd(done_blocks, 1u) == blocks - 1;
-    if (last) {
-      __threadfence();  // acquire: the other blocks' writes before their count are seen after ours
-      atomicExch(done_blocks, 0u);
-    }
-  }
-  __syncthreads();
-  return last;
 }
 
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * weight (+ residual, a residual

@@ -19,28 +19,7 @@
 #endif
 static_assert(THREADS % 32 == 0 && THREADS <= 1024, "the block reduction takes whole warps");
 
-// NVRTC has no INFINITY (it lives in the host math headers): build the bit pattern.
-#define NEG_INF (-__int_as_float(0x7f800000))
-
-// True in the one block that arrives last, after every other block's writes are visible to it;
-// that block resets the counter for the next launch. All threads of the block must call it.
-// (The same as gemm.cu's: each .cu compiles on its own; tests/kernels/test_resources.py keeps the
-// two copies equal.)
-__device__ __forceinline__ bool last_block_done(unsigned int* done_blocks) {
-  __shared__ bool last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const unsigned int blocks = gridDim.x * gridDim.y * gridDim.z;
-    last = atomicAdd(done_blocks, 1u) == blocks - 1;
-    if (last) {
-      __threadfence();  // acquire: the other blocks' writes before their count are seen after ours
-      atomicExch(done_blocks, 0u);
-    }
-  }
-  __syncthreads();
-  return last;
-}
+#include "common.cuh"  // NEG_INF, last_block_done
 
 __device__ __forceinline__ void combine(float& m, float& s, float m2, float s2) {
   float top = fmaxf(m, m2);

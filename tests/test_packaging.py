@@ -71,6 +71,11 @@ def test_mypy_refuses_misuse_of_the_public_api(tmp_path):
     assert lines == [3, 4, 5, 6, 7, 8], result.stdout
 
 
+def test_the_kernels_and_their_headers_are_package_data():
+    assert PYPROJECT["tool"]["setuptools"]["package-data"]["gpunet.kernels"] == ["*.cu", "*.cuh"]
+    assert {p.suffix for p in (ROOT / "kernels").iterdir() if p.suffix.startswith(".cu")} == {".cu", ".cuh"}
+
+
 def test_py_typed_is_shipped():
     assert (ROOT / "src" / "gpunet" / "py.typed").exists()
     assert "py.typed" in PYPROJECT["tool"]["setuptools"]["package-data"]["gpunet"]
@@ -87,8 +92,8 @@ def test_wheel_contents_and_metadata(tmp_path):
         (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
         meta = z.read(metadata).decode()
     assert wheel.name.startswith(f"gpunet-{gn.__version__}-py3-none-any")
-    cu = {Path(n).name for n in names if n.startswith("gpunet/kernels/") and n.endswith(".cu")}
-    assert cu == {p.name for p in (ROOT / "kernels").glob("*.cu")}
+    cu = {Path(n).name for n in names if n.startswith("gpunet/kernels/") and n.endswith((".cu", ".cuh"))}
+    assert cu == {p.name for p in (ROOT / "kernels").glob("*.cu*")} and "common.cuh" in cu  # the sources and their header
     assert "gpunet/py.typed" in names
     data = {f"gpunet/{p.relative_to(ROOT / 'src' / 'gpunet').as_posix()}"
             for folder in ("mnist_sample", "shakespeare") for p in (ROOT / "src" / "gpunet" / "data" / folder).iterdir()}

@@ -7,7 +7,9 @@ Launch limits are sm_90's and checked here, before anything runs, as a GPU refus
 With tsan=True the module is built with ThreadSanitizer, which then reports data races between
 the emulated threads (the process must have the TSan runtime preloaded: tsan_environment()).
 `defines` are -DNAME=value flags, given to g++ (and nvcc) as NVRTC gets them from gpunet
-(gpunet.backend.cuda_kernels.DEFINE_FLAGS for gpunet's kernels).
+(gpunet.backend.cuda_kernels.DEFINE_FLAGS for gpunet's kernels). A source's `#include "common.cuh"`
+finds the headers of kernels/ (the folder is an include path of g++ and nvcc, as nvcc has it beside
+the .cu file), and their text keys the build caches.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from pathlib import Path
 
 RUNTIME = Path(__file__).parent
 RUNTIME_FILES = ("emulator.h", "runtime.h", "launch.h", "fiber.h")
+KERNEL_HEADERS = RUNTIME.parents[1] / "kernels"  # gpunet's kernels and their shared headers (*.cuh)
 KINDS = ("pointer", "int", "uint", "float", "bool")  # the order of emu::Kind in emulator.h
 
 LIMITS = dict(max_threads_per_block=1024, max_block=(1024, 1024, 64), max_grid=(2**31 - 1, 65535, 65535),
@@ -55,7 +58,7 @@ class KernelFault(RuntimeError):
     """The kernel misbehaved while running (a divergent barrier, a shuffle with a missing lane...)."""
 
 
-_built: dict[tuple[str, bool, tuple[str, ...]], "EmulatedModule"] = {}
+_built: dict[tuple, "EmulatedModule"] = {}  # (source, tsan, defines, *headers' texts) -> module
 _launch_lock = threading.Lock()  # the runtime's state and its signal handlers are per process
 _tsan_fibers = (ctypes.c_void_p * 2048)()  # TSan contexts, shared by every tsan=True module (runtime.h)
 
@@ -65,7 +68,7 @@ def build(source: str, *, name: str = "module", tsan: bool = False, defines=()) 
     flags `defines`; cached in this process and on disk (by a hash of the source, the runtime and
     the flags)."""
     defines = _define_flags(defines)
-    key = (source, tsan, defines)
+    key = (source, tsan, defines, *_header_texts())
     if key not in _built:
         compiler = shutil.which("g++")
         if compiler is None:
@@ -106,7 +109,7 @@ def _flags(tsan: bool) -> list[str]:
     # -fstack-clash-protection: a big stack frame touches each page, so overflowing a fiber's stack
     # hits its guard page (reported) instead of the next fiber's stack.
     common = ["-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-fstack-clash-protection", "-w",
-              "-U_FORTIFY_SOURCE", "-I", str(RUNTIME)]
+              "-U_FORTIFY_SOURCE", "-I", str(RUNTIME), "-I", str(KERNEL_HEADERS)]
     if tsan:
         return common + ["-DEMU_TSAN=1", "-fsanitize=thread", "-g", "-O1", "-pthread"]
     return common + ["-DEMU_TSAN=0", "-O1"]
@@ -117,6 +120,11 @@ def _translation_unit(source: str, names: list[str], name: str) -> str:
     return (f'#include "emulator.h"\n#line 1 "{name}.cu"\n{source}\n#line 1 "{name} registry"\n'
             f"extern const emu::KernelEntry emu_registry[] = {{\n{entries}    {{nullptr, 0, nullptr, nullptr, nullptr}}}};\n"
             f"extern const int emu_registry_size = {len(names)};\n")
+
+
+def _header_texts() -> list[str]:
+    """The kernels' headers a source may include: part of each cache key, so a changed header rebuilds."""
+    return [f"{path.name}\n{path.read_text()}" for path in sorted(KERNEL_HEADERS.glob("*.cuh"))]
 
 
 def _tool_environment() -> dict[str, str]:
@@ -132,7 +140,7 @@ def _compiler_version(compiler: str) -> str:
 def _compile(compiler: str, source: str, names: list[str], name: str, tsan: bool, defines: tuple[str, ...]) -> Path:
     unit = _translation_unit(source, names, re.sub(r"\W", "_", name))
     flags = _flags(tsan) + list(defines)
-    digest = hashlib.sha256("\0".join([unit, *flags, _compiler_version(compiler),
+    digest = hashlib.sha256("\0".join([unit, *flags, _compiler_version(compiler), *_header_texts(),
                                        *((RUNTIME / f).read_text() for f in RUNTIME_FILES)]).encode()).hexdigest()
     folder, stem = cache_dir(), re.sub(r"[^\w.-]", "_", name)
     target = folder / f"{stem}-{'tsan-' if tsan else ''}{digest[:20]}.so"
@@ -156,14 +164,16 @@ def _nvcc_resources(source: str, name: str, defines: tuple[str, ...] = ()):
     nvcc = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
     if nvcc is None:
         return lambda check=True: None
-    digest = hashlib.sha256("\0".join([source, *defines, _compiler_version(nvcc)]).encode()).hexdigest()[:20]
+    digest = hashlib.sha256("\0".join([source, *defines, _compiler_version(nvcc), *_header_texts()]).encode()
+                            ).hexdigest()[:20]
     cached = cache_dir() / f"resources-{digest}.txt"
     if cached.exists():
         return lambda check=True: parse_resource_usage(cached.read_text())
     scratch = tempfile.TemporaryDirectory()
     path = Path(scratch.name) / "source.cu"
     path.write_text(source)
-    process = subprocess.Popen([nvcc, "--resource-usage", "-arch=sm_90", *defines, "-c", str(path), "-o", os.devnull],
+    process = subprocess.Popen([nvcc, "--resource-usage", "-arch=sm_90", "-I", str(KERNEL_HEADERS), *defines, "-c",
+                                str(path), "-o", os.devnull],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=scratch.name,
                                env=_tool_environment())
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy
 import pytest
 
-from gpunet.backend.cuda_kernels import ACTIVATION_CODES, DEFINE_FLAGS, DEFINES, THREADS, source
+from gpunet.backend.cuda_kernels import ACTIVATION_CODES, DEFINE_FLAGS, DEFINES, NVRTC_OPTIONS, THREADS, source
 from gpunet.backend.cuda_wrappers import KERNELS as WRAPPED
 from gpunet.backend.ops import ACTIVATIONS
 from tests.cuda.emulator import LIMITS, build, kernel_names, parse_resource_usage
@@ -140,10 +140,101 @@ def test_every_kernel_has_one_wrapper_declared_as_its_source_declares_it():
     assert declared == set(WRAPPED)
 
 
-def test_the_last_block_done_helper_is_the_same_in_every_family_that_has_it():
-    """Each .cu compiles on its own, so the helper is written out in each file that needs it: one copy."""
-    copies = {family: re.search(r"__device__ __forceinline__ bool last_block_done\(.*?\n}\n", source(family), re.S)
-              for family in ("gemm", "im2col", "optim", "random", "sequence", "softmax_xent")}
-    found = {family: m.group(0) for family, m in copies.items() if m}
-    assert {"gemm", "softmax_xent"} <= set(found)
-    assert len(set(found.values())) == 1, sorted(found)
+HEADER = KERNELS / "common.cuh"
+
+
+def header_definitions() -> set[str]:
+    """The macros and device functions kernels/common.cuh defines."""
+    text = HEADER.read_text()
+    return (set(re.findall(r"^#define (\w+) \S", text, flags=re.M))
+            | set(re.findall(r"__device__ __forceinline__ \w+ (\w+)\(", text)))
+
+
+def test_each_shared_device_helper_is_written_once_in_the_header():
+    """last_block_done, warp_sum and NEG_INF live in kernels/common.cuh alone; each family that uses
+    one includes the header instead of a copy of its own."""
+    assert header_definitions() == {"NEG_INF", "warp_sum", "last_block_done"}
+    users = set()
+    for family in FAMILIES:
+        text = (KERNELS / f"{family}.cu").read_text()
+        defined = (set(re.findall(r"^\s*#\s*define (\w+)", text, flags=re.M))
+                   | set(re.findall(r"__device__\s+__forceinline__\s+\w+\s+(\w+)\(", text)))
+        assert not defined & header_definitions(), family
+        used = {name for name in header_definitions() if re.search(rf"\b{name}\b", text)}
+        includes = re.findall(r'^#include "(\w+\.cuh)"', text, flags=re.M)
+        assert includes == (["common.cuh"] if used else []), family
+        users |= {family} if used else set()
+    assert users == {"attention", "gemm", "sequence", "softmax_xent"}
+
+
+def test_the_source_nvrtc_gets_holds_the_header_in_place_of_its_include():
+    """source() puts the header's text where the .cu includes it, with #line back to the .cu's own
+    line numbers, so NVRTC needs no include path and CuPy's kernel cache is keyed by the header too."""
+    raw = (KERNELS / "softmax_xent.cu").read_text()
+    include_line = raw.splitlines().index('#include "common.cuh"  // NEG_INF, last_block_done') + 1
+    text = source("softmax_xent")
+    before, rest = text.split('#line 1 "common.cuh"\n')
+    header, after = rest.split(f'\n#line {include_line + 1} "softmax_xent.cu"\n')
+    assert header == HEADER.read_text().rstrip() and "#include" not in before + after
+    assert before + '#include "common.cuh"  // NEG_INF, last_block_done\n' + after == raw
+    assert source("optim") == (KERNELS / "optim.cu").read_text()  # no include: the file as it is
+
+
+@pytest.mark.parametrize("family", ["gemm", "sequence"])
+def test_a_source_with_its_header_in_place_compiles_with_nvrtc_and_no_include_path(family):
+    from tests.support import nvrtc
+    if nvrtc.library() is None:
+        pytest.skip("libnvrtc is not on this machine (pip install nvidia-cuda-nvrtc, part of the test extra)")
+    for options in (NVRTC_OPTIONS, ("--std=c++17",)):
+        compiled, log = nvrtc.compile_source(source(family), f"{family}.cu", (*options, "--gpu-architecture=sm_90"),
+                                             headers={})
+        assert compiled, log
+    compiled, log = nvrtc.compile_source((KERNELS / f"{family}.cu").read_text(), f"{family}.cu", headers={})
+    assert not compiled and "common.cuh" in log  # (the raw file needs the header: source() is what makes it whole)
+
+
+def test_a_changed_header_changes_what_keys_the_kernel_caches(monkeypatch, tmp_path):
+    """The GEMM-choice cache is keyed by compile_inputs (CupyOps._gemm_dispatch hashes it) and CuPy's
+    kernel cache by the code: both change with the header alone, the .cu files unchanged."""
+    from gpunet.backend import cuda_kernels
+    from gpunet.backend.gemm_dispatch import source_hash
+
+    for path in KERNELS.iterdir():
+        if path.suffix in (".cu", ".cuh"):
+            (tmp_path / path.name).write_text(path.read_text())
+    monkeypatch.setattr(cuda_kernels, "_kernels_folder", lambda: tmp_path)
+    before = source_hash(*cuda_kernels.compile_inputs("gemm"))
+    assert before == source_hash(source("gemm"), *DEFINE_FLAGS)
+    (tmp_path / "common.cuh").write_text(HEADER.read_text().replace("atomicAdd(done_blocks, 1u)",
+                                                                    "atomicAdd(done_blocks, 1u) /* changed */"))
+    assert source_hash(*cuda_kernels.compile_inputs("gemm")) != before
+    assert "/* changed */" in cuda_kernels.source("sequence")
+    (tmp_path / "common.cuh").unlink()
+    with pytest.raises(FileNotFoundError, match="kernel source common.cuh is missing"):
+        cuda_kernels.source("gemm")
+
+
+def test_the_emulator_finds_the_header_and_rebuilds_when_it_changes(monkeypatch, tmp_path):
+    """A .cu text as it is (its #include unresolved) builds in the emulator, last_block_done runs in the
+    block that finishes last, and a changed header is a new build, not the cached one."""
+    from tests.cuda import emulator
+
+    code = ('#include "common.cuh"\n'
+            'extern "C" __global__ void count_blocks(unsigned int* done, int* out) {\n'
+            '  if (threadIdx.x == 0) out[blockIdx.x] = 1;\n'
+            '  if (last_block_done(done) && threadIdx.x == 0) {\n'
+            '    int seen = 0;\n'
+            '    for (unsigned int b = 0; b < gridDim.x; ++b) seen += out[b];\n'
+            '    out[gridDim.x] = seen * PROBE;\n'
+            '  }\n}\n')
+    (tmp_path / "common.cuh").write_text(HEADER.read_text() + "#define PROBE 1\n")
+    monkeypatch.setattr(emulator, "KERNEL_HEADERS", tmp_path)
+    monkeypatch.setenv("GPUNET_EMULATOR_CACHE", str(tmp_path / "cache"))
+    results = []
+    for probe in (1, 3):
+        (tmp_path / "common.cuh").write_text(HEADER.read_text() + f"#define PROBE {probe}\n")
+        module = compiled(code, "count_blocks", defines=())
+        done, out = numpy.zeros(1, "uint32"), numpy.zeros(6, "int32")
+        module.launch("count_blocks", 5, 64, marshal(module, "count_blocks", (done, out)))
+        results.append((int(done[0]), out.tolist()))
+    assert results == [(0, [1, 1, 1, 1, 1, 5]), (0, [1, 1, 1, 1, 1, 15])]

@@ -7,6 +7,8 @@ import glob
 import os
 from pathlib import Path
 
+KERNELS = Path(__file__).resolve().parents[2] / "kernels"
+
 
 @functools.cache
 def library():
@@ -32,11 +34,23 @@ def library():
     return None
 
 
-def compile_source(source: str, name: str, options=("--std=c++17", "--gpu-architecture=sm_90")) -> tuple[bool, str]:
-    """(compiled, log) for one source."""
+def kernel_headers() -> dict[str, str]:
+    """kernels/*.cuh by name: what a .cu file's `#include "common.cuh"` finds (nvcc, beside the file)."""
+    return {path.name: path.read_text() for path in sorted(KERNELS.glob("*.cuh"))}
+
+
+def compile_source(source: str, name: str, options=("--std=c++17", "--gpu-architecture=sm_90"),
+                   headers: dict[str, str] | None = None) -> tuple[bool, str]:
+    """(compiled, log) for one source. headers: {include name: text}, handed to NVRTC in memory, as
+    nvcc finds a header beside the .cu file (NVRTC has no such folder); by default kernels/*.cuh.
+    (gpunet itself hands CuPy the text with its headers in place: cuda_kernels.source.)"""
     lib = library()
+    headers = kernel_headers() if headers is None else headers
+    texts = (ctypes.c_char_p * max(1, len(headers)))(*(text.encode() for text in headers.values()))
+    names = (ctypes.c_char_p * max(1, len(headers)))(*(include.encode() for include in headers))
     program = ctypes.c_void_p()
-    if lib.nvrtcCreateProgram(ctypes.byref(program), source.encode(), name.encode(), 0, None, None) != 0:
+    if lib.nvrtcCreateProgram(ctypes.byref(program), source.encode(), name.encode(), len(headers), texts,
+                              names) != 0:
         return False, "nvrtcCreateProgram failed"
     encoded = [o.encode() for o in options]
     result = lib.nvrtcCompileProgram(program, len(encoded), (ctypes.c_char_p * len(encoded))(*encoded))

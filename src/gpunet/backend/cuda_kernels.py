@@ -13,6 +13,7 @@ cuda_wrappers.py, one per kernel.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -49,19 +50,45 @@ class KernelCompileError(RuntimeError):
 SOURCE_TREE_KERNELS = Path(__file__).resolve().parents[3] / "kernels"
 
 
+# A kernel source's line `#include "NAME.cuh"`: a header of kernels/ (common.cuh, the shared device helpers).
+_INCLUDE = re.compile(r'^#include "(\w+\.cuh)"[^\n]*$', flags=re.M)
+
+
 def source(family: str) -> str:
+    """The text of kernels/<family>.cu with each of its headers' text in place of its #include line.
+
+    NVRTC could find the header with -I<kernels folder> instead, but the text itself is what CuPy keys
+    its on-disk kernel cache by (a changed header behind an unchanged .cu would load the old binary),
+    what compile_inputs hashes for the GEMM-choice cache, and the installed kernels may not be a folder
+    on disk (importlib.resources). #line keeps NVRTC's messages at the header's and the file's own lines.
+    """
+    folder = _kernels_folder()
+    text = _read(folder, f"{family}.cu")
+
+    def header(match) -> str:
+        name = match.group(1)
+        after = text.count("\n", 0, match.end()) + 2  # the .cu's line after the #include
+        return f'#line 1 "{name}"\n{_read(folder, name).rstrip()}\n#line {after} "{family}.cu"'
+
+    return _INCLUDE.sub(header, text)
+
+
+def _kernels_folder():
     try:
-        folder = resources.files("gpunet.kernels")
+        return resources.files("gpunet.kernels")
     except ModuleNotFoundError:
-        folder = SOURCE_TREE_KERNELS
-    path = folder.joinpath(f"{family}.cu")
+        return SOURCE_TREE_KERNELS
+
+
+def _read(folder, name: str) -> str:
+    path = folder.joinpath(name)
     if not path.is_file():
-        raise FileNotFoundError(f"gpunet's kernel source {family}.cu is missing (looked in {folder})")
+        raise FileNotFoundError(f"gpunet's kernel source {name} is missing (looked in {folder})")
     return path.read_text(encoding="utf-8")
 
 
 def compile_inputs(family: str) -> tuple[str, ...]:
-    """Everything the compiled code of a family depends on: its source and the -D flags."""
+    """Everything the compiled code of a family depends on: its source (its headers' text in it) and the -D flags."""
     return (source(family), *DEFINE_FLAGS)
 
 
