@@ -10,7 +10,7 @@ import sys
 import numpy
 
 import gpunet as gn
-from gpunet import benchmarks, distributed, errors, extras, runs, validate
+from gpunet import benchmarks, distributed, errors, extras, resume, runs, validate
 from gpunet import predict as predict_command
 from gpunet.backend import device_info
 from gpunet.backend.devices import check_device_name
@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from OUT/last.safetensors (without --out: the run runs/latest points to)")
     t.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --out that holds a run, moving that run into OUT/replaced-DATE-TIME")
+    t.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: go on although the training data differs from the run's (refused otherwise)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     e = sub.add_parser("eval", help="evaluate a saved model on IDX images and labels")
@@ -142,7 +144,8 @@ def main(argv=None) -> int:
     _tolerant_output()
     args = build_parser().parse_args(argv)
     # ends_together: on several ranks, an error on only some of them ends the whole job (gpunet.distributed)
-    with distributed.ends_together(), errors.handled(args.command, _debug(args.debug)):
+    # interrupt_on_signals: SIGTERM and SIGHUP end a command as Ctrl-C does (exit 143, 129), through its clean-up
+    with distributed.ends_together(), errors.handled(args.command, _debug(args.debug)), resume.interrupt_on_signals():
         validate.environment()
         return {"train": cmd_train, "search": search_command.run, "predict": predict_command.run, "eval": cmd_eval, "generate": cmd_generate, "bench": cmd_bench,
                 "parity": cmd_parity, "info": cmd_info}[args.command](args)
@@ -178,6 +181,8 @@ def cmd_train(args) -> int:
     if args.resume and args.overwrite:
         raise errors.UsageError("--resume continues the run in the output folder and --overwrite moves it aside; "
                                 "give one of them")
+    if args.allow_data_change and not args.resume:
+        raise errors.UsageError("--allow-data-change lets --resume go on with changed data; it goes with --resume")
     if args.data_dir is not None and os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
         raise NotADirectoryError(f"--data-dir {args.data_dir} is a file, not a folder")
     gn.manual_seed(args.seed)
@@ -232,6 +237,7 @@ def _train(args, r, dataset, dev, run) -> int:
                              eval_every=None if epochs else max(1, steps // evals), schedule=schedule, clip_norm=clip,
                              early_stopping=args.early_stopping, out_dir=out, resume=args.resume, seed=args.seed,
                              progress=False if args.no_progress else None, cuda_graph=args.cuda_graph,
+                             allow_data_change=args.allow_data_change,
                              run_config={"model": args.model, "dataset": dataset, "val_fraction": args.val_fraction,
                                          **({"holdout": args.holdout} if args.holdout else {})})
     except gn.train.DeviceOutOfMemory as exc:

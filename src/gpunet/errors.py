@@ -1,8 +1,9 @@
 """User errors on the command line: one line on stderr naming what and where, no traceback.
 
 Exit status 2 when the command line itself is wrong (a flag's value, flags that do not go
-together), 1 for everything else (files, data, environment variables, a diverged run), 130 after
-an interrupt. `--debug` or GPUNET_DEBUG=1 prints the traceback before the line.
+together), 1 for everything else (files, data, environment variables, a diverged run), 128 + the
+signal after an interrupt: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP. `--debug` or
+GPUNET_DEBUG=1 prints the traceback before the line.
 """
 from __future__ import annotations
 
@@ -121,7 +122,9 @@ def handled(command: str, debug: bool = False):
     except KeyboardInterrupt as exc:
         if debug:
             traceback.print_exc()
-        raise fail(command, str(exc) or "interrupted", INTERRUPTED) from None
+        signum = getattr(exc, "signum", None)  # gpunet.resume.Interrupted: SIGTERM or SIGHUP, not only Ctrl-C
+        code = 128 + signum if isinstance(signum, int) else INTERRUPTED
+        raise fail(command, str(exc) or "interrupted", code) from None
     except Exception as exc:  # noqa: BLE001 - every error ends in one line
         if debug:
             traceback.print_exc()

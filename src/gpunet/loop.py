@@ -26,8 +26,9 @@ class TrainingDiverged(RuntimeError):
     """The loss (or a weight) became NaN or infinite."""
 
 
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped training after a step; what a resume needs was saved first."""
+class TrainingInterrupted(resuming.Interrupted):
+    """Ctrl-C, SIGTERM or SIGHUP stopped training after a step; what a resume needs was saved first.
+    signum: which signal (the command line exits with 128 + signum)."""
 
 
 @dataclass
@@ -117,7 +118,7 @@ class _Run:
             # Ctrl-C: save what a resume needs after this step, then stop (with several ranks: all at the same step,
             # agreed at evaluations and every 25 steps)
             if not stop and self.parallel.any(interrupted.is_set(), now=evaluate or s.step % 25 == 0):
-                self._interrupt(watch)
+                self._interrupt(watch, interrupted.signum)
         bar.close()
 
     def _batches(self):
@@ -270,19 +271,20 @@ class _Run:
         raise TrainingDiverged(f"{what} (epoch {self.state.epoch + 1}); training stopped{where}. "
                                "Try a lower learning rate (--lr) or gradient clipping (--clip-norm).")
 
-    def _interrupt(self, watch) -> None:
+    def _interrupt(self, watch, signum) -> None:
         """Save last.safetensors at this step (with the running train loss, so a resume is exact); a loss
         that was not finite since the last check ends the run as a divergence instead, as on the CPU."""
         self._check_finite(watch)
         if first_non_finite_tensor(self.model) is not None:
-            raise TrainingInterrupted(f"interrupted at step {self.state.step}; the weights are not finite, so "
-                                      "nothing was saved")
+            raise TrainingInterrupted(f"{resuming.interrupted_by(signum)} at step {self.state.step}; the weights "
+                                      "are not finite, so nothing was saved", signum)
         if self.out is None:  # a data-parallel rank other than 0: rank 0 saves for all
-            raise TrainingInterrupted(f"interrupted at step {self.state.step}")
+            raise TrainingInterrupted(f"{resuming.interrupted_by(signum)} at step {self.state.step}", signum)
         self._save_last()
         self.history.write(self.out)
-        raise TrainingInterrupted(f"interrupted at step {self.state.step}; saved {self.out / 'last.safetensors'}: "
-                                  "run the same command with --resume to continue")
+        raise TrainingInterrupted(f"{resuming.interrupted_by(signum)} at step {self.state.step}; saved "
+                                  f"{self.out / 'last.safetensors'}: run the same command with --resume to continue",
+                                  signum)
 
 
 def _xp(model):

@@ -7,7 +7,9 @@ that already holds a run is refused unless --resume, or --overwrite, which moves
 into a sub-folder `replaced-YYYYmmdd-HHMMSS` (nothing is ever deleted); gn.fit(out_dir=...) makes
 the same check (check_existing, with its resume= and overwrite=). While a run trains, the
 folder's `.lock` is held (an OS lock, released even by kill -9), so a second run into the same
-folder fails at once; the temporaries a dead run left are removed when the next one starts.
+folder fails at once; the temporaries a dead run left are removed when the next one starts. A
+folder where the lock cannot be made (a read-only mount, no permission) is refused in one line
+before any work, as is a new run folder in a `runs/` that cannot be written.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import os
 import socket
 from pathlib import Path
 
+from gpunet.errors import describe
 from gpunet.files import clean_stale_tmp
 
 RUN_FILES = ("model.safetensors", "last.safetensors", "history.json", "metrics.csv", "history.png")
@@ -288,6 +291,9 @@ def open_run(out, resume: bool = False, overwrite: bool = False, say=print, opti
     created = [] if fresh else _missing_folders(out)
     try:
         folder = RunFolder(out, RunLock(out).acquire(), fresh, created)
+    except OSError as exc:  # a read-only folder, or a .lock that is not a file: said before any work
+        _remove_empty(created)
+        raise _cannot_lock(out, exc, options) from None
     except BaseException:
         _remove_empty(created)
         raise
@@ -302,6 +308,24 @@ def open_run(out, resume: bool = False, overwrite: bool = False, say=print, opti
     return folder
 
 
+# the errors that mean "this process may not write here"
+_READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _why(exc: OSError) -> str:
+    return (exc.strerror or "not writable").lower()  # "read-only file system", "permission denied"
+
+
+def _cannot_lock(folder: Path, exc: OSError, options) -> OSError:
+    """The one line for a run folder whose lock cannot be made (options: how to name --out, --resume)."""
+    where = f"{options['out']} {folder}"
+    if exc.errno in _READ_ONLY:
+        return PermissionError(f"{where}: cannot write there ({_why(exc)}); a run writes its lock and "
+                               f"checkpoints in its folder: choose a writable {options['out']} (to continue a run "
+                               f"kept there, copy its folder and {options['resume']} the copy)")
+    return OSError(f"{where}: cannot make the run's lock ({describe(exc)})")
+
+
 def prepare(out, model: str, resume: bool = False, overwrite: bool = False, say=print) -> RunFolder:
     """The folder a `gpunet train` writes to, created and locked, with the checks of the module
     docstring done before any data is loaded."""
@@ -314,5 +338,11 @@ def prepare(out, model: str, resume: bool = False, overwrite: bool = False, say=
                                         "(give --out DIR)")
             out = latest.resolve()
         else:
-            out, fresh = new_run_folder(model), True
+            try:
+                out, fresh = new_run_folder(model), True
+            except OSError as exc:
+                if exc.errno not in _READ_ONLY:
+                    raise
+                raise PermissionError(f"cannot make a run folder in {RUNS_ROOT}{os.sep} ({_why(exc)}): "
+                                      "run gpunet train from a writable folder, or give --out DIR") from None
     return open_run(out, resume, overwrite, say, CLI_OPTIONS, fresh)

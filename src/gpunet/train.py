@@ -71,7 +71,8 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
         steps: int | None = None, batch_size: int = 128, eval_every: int | None = None, schedule=None,
         clip_norm: float | None = None, early_stopping: int | None = None, out_dir=None, resume: bool = False,
         seed: int = 0, progress: bool | None = None, restore_best: bool = True, run_config: dict | None = None,
-        log=print, overwrite: bool = False, callbacks: list | None = None, cuda_graph: bool | None = None) -> History:
+        log=print, overwrite: bool = False, callbacks: list | None = None, cuda_graph: bool | None = None,
+        allow_data_change: bool = False) -> History:
     """Train model in place and return its History.
 
     train: (x, y) raw arrays (the model's preprocess is applied per batch) or an object with
@@ -91,9 +92,12 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
     out_dir/replaced-DATE-TIME (deleting nothing). The folder is locked while training (a second run
     into it fails at once) and temporaries of a dead run are removed.
     A non-finite loss or weight raises TrainingDiverged naming the step; nothing non-finite is
-    saved. Ctrl-C saves last.safetensors after the current step and raises TrainingInterrupted.
+    saved. Ctrl-C, SIGTERM or SIGHUP save last.safetensors after the current step and raise
+    TrainingInterrupted (its signum says which signal).
     resume: the hyper-parameters are compared with the saved run's (see gpunet.resume); run_config
-    adds the caller's own (model, dataset, ...) to that comparison; log prints what is applied.
+    adds the caller's own (model, dataset, ...) to that comparison; log prints what is applied. The
+    data is compared with the fingerprint saved with the run (shape, dtype and hash of its arrays): a
+    change is refused unless allow_data_change=True.
     restore_best: with val and out_dir, the model ends with the weights of model.safetensors.
     cuda_graph: capture the step once per batch shape and replay it (gpunet.cuda_graph); None (the
     default) does so when the model is on a GPU, False never. A step that cannot be captured trains
@@ -108,6 +112,8 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
                          "of them")
     if resume and out_dir is None:
         raise ValueError("fit: resume=True needs out_dir, the folder of the run to continue")
+    if allow_data_change and not resume:
+        raise ValueError("fit: allow_data_change=True lets a resume go on with changed data; it goes with resume=True")
     hooks = check_callbacks(callbacks)
     data, val = _data(model, train, val, loss)
     out = Path(out_dir) if out_dir is not None else None
@@ -125,10 +131,11 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
     with folder, resuming.stop_on_interrupt(out is not None) as interrupted, distributed.ends_together():
         run.config = resuming.run_config(model, optimizer, schedule, loss=loss, seed=seed, batch_size=batch_size,
                                          clip_norm=clip_norm, eval_every=eval_every,  # as given: None, epoch ends
-                                         early_stopping=early_stopping, extra=run_config)
+                                         early_stopping=early_stopping, extra=run_config,
+                                         data=resuming.data_fingerprint(data, val) if out is not None else None)
         if resume:
             run.history, run.state = resuming.restore(out, model, optimizer, schedule, config=run.config, log=log,
-                                                      samples=len(data))
+                                                      samples=len(data), allow_data_change=allow_data_change)
             if run.done():
                 log(f"resume: the run is already at step {run.state.step}, which reaches the {run.length()} asked "
                     "for; nothing to train (ask for more steps or epochs)")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy
 
 import gpunet as gn
-from gpunet import runs
+from gpunet import resume, runs
 from gpunet.search import report, space as spaces, trial as trial_run
 
 STUDY_NAME = "gpunet-search"
@@ -104,10 +104,10 @@ def _run(optuna, recipe, model, trials, out, data, space, settings, device, log)
         try:
             outcome = trial_run.run(recipe, data, params, trial, epochs=epochs, steps=steps, device=device,
                                  seed=seed, out=folder, log=lambda line, n=number: log(f"  trial {n}: {line}"))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stopped:  # Ctrl-C, SIGTERM or SIGHUP: the same signal ends the command
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            raise KeyboardInterrupt(f"interrupted in trial {number}; run the same command again to resume the "
-                                    f"search (trial {number} starts over)") from None
+            raise resume.interruption(stopped, f" in trial {number}; run the same command again to resume the "
+                                      f"search (trial {number} starts over)") from None
         except BaseException:  # an error: the trial stays unfinished, and runs again next time
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             raise
