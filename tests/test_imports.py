@@ -28,7 +28,7 @@ LAYERS = [
     ("train", ["gpunet.train", "gpunet.loop", "gpunet.cuda_graph", "gpunet.resume", "gpunet.divergence", "gpunet.runs", "gpunet.recipes",
                "gpunet.callbacks"]),
     ("public api", ["gpunet"]),
-    ("tools", ["gpunet.parity", "gpunet.parity_bound", "gpunet.search", "gpunet.benchmarks", "gpunet.predict"]),
+    ("tools", ["gpunet.parity", "gpunet.parity_bound", "gpunet.parity_command", "gpunet.search", "gpunet.benchmarks", "gpunet.predict"]),
     ("cli", ["gpunet.cli", "gpunet.__main__"]),
 ]
 

@@ -11,6 +11,7 @@ import numpy
 
 import gpunet as gn
 from gpunet import benchmarks, distributed, errors, extras, resume, runs, validate
+from gpunet import parity_command
 from gpunet import predict as predict_command
 from gpunet.backend import device_info
 from gpunet.backend.devices import check_device_name
@@ -120,15 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ranks", type=validate.cli_positive_int, default=None, metavar="N",
                    help="instead: data-parallel training samples/s at 1 and N ranks through mpiexec (the mpi extra)")
 
-    p = sub.add_parser("parity", help="train on the CPU and on the GPU from one seed and compare them")
-    p.add_argument("--model", default="mlp", choices=sorted(RECIPES))
-    p.add_argument("--steps", type=validate.cli_positive_int, default=20)
-    p.add_argument("--batch-size", type=validate.cli_positive_int, default=None)
-    p.add_argument("--seed", type=validate.cli_seed, default=0)
-    p.add_argument("--dropout", type=validate.cli_dropout, default=None, metavar="P",
-                   help="dropout rate for every dropout of the model; one on its output when it has none "
-                        "(default: the recipe's own)")
-
+    parity_command.add_parser(sub)
     search_command.add_parser(sub, DEVICE_OPTION)
     predict_command.add_parser(sub, DEVICE_OPTION)
     sub.add_parser("info", help="versions, devices and why a GPU is (un)usable")
@@ -148,7 +141,7 @@ def main(argv=None) -> int:
     with distributed.ends_together(), errors.handled(args.command, _debug(args.debug)), resume.interrupt_on_signals():
         validate.environment()
         return {"train": cmd_train, "search": search_command.run, "predict": predict_command.run, "eval": cmd_eval, "generate": cmd_generate, "bench": cmd_bench,
-                "parity": cmd_parity, "info": cmd_info}[args.command](args)
+                "parity": parity_command.run, "info": cmd_info}[args.command](args)
 
 
 def _debug(flag: bool) -> bool:
@@ -364,18 +357,6 @@ def cmd_bench(args) -> int:
     written = [f for f in (args.json, args.markdown, args.plot) if f]
     if written:
         print("wrote " + ", ".join(written))
-    return 0
-
-
-def cmd_parity(args) -> int:
-    from gpunet import parity
-
-    try:
-        gn.device("gpu")
-    except RuntimeError as exc:
-        raise SystemExit(f"gpunet parity compares the CPU with the GPU: {exc}") from None
-    report = parity.compare(args.model, args.steps, ("cpu", "gpu"), args.batch_size, args.seed, args.dropout)
-    print(parity.format_report(report))
     return 0
 
 

@@ -7,7 +7,7 @@ import numpy
 
 import gpunet as gn
 from gpunet import validate
-from gpunet.data.arrays import image_dims
+from gpunet.layers.inputs import image_dims
 from gpunet.data.user import read_array
 
 

@@ -14,7 +14,7 @@ import numpy
 
 from gpunet import cuda_graph, distributed, resume as resuming, validate
 from gpunet.callbacks import check as check_callbacks
-from gpunet.data import arrays
+from gpunet.layers import inputs as arrays
 from gpunet.data.pipeline import random_shift
 from gpunet.history import History
 from gpunet.layers import Layer
@@ -49,7 +49,7 @@ def evaluate(model, x, y, loss="softmax_cross_entropy", batch_size: int | None =
     """Mean loss (and accuracy for classification) over raw inputs x and targets y.
 
     batch_size defaults to 1000 samples, or fewer for sequences (32,768 targets a batch). x and y may be
-    nested Python lists (converted as gpunet.data.arrays says).
+    nested Python lists (converted as gpunet.layers.inputs says).
     """
     _check_model(model, "evaluate")
     if loss not in LOSSES:
@@ -77,7 +77,7 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
 
     train: (x, y) raw arrays (the model's preprocess is applied per batch) or an object with
     __len__ and get(indices, rng). val: (x, y) raw arrays, or an object with evaluate(model, loss)
-    returning {"loss": ..., ["accuracy": ...]}. Arrays may be nested Python lists (gpunet.data.arrays).
+    returning {"loss": ..., ["accuracy": ...]}. Arrays may be nested Python lists (gpunet.layers.inputs).
     optimizer: made with this model (gn.optim.Adam(model)); one made with another model or a part of
     this one is refused. Stops after `epochs` (counted in samples served, so a
     resume with another batch size still ends at the last epoch's end) or after `steps` optimizer
@@ -210,7 +210,7 @@ def _names(names, shown: int = 3) -> str:
 
 def _data(model, train, val, loss):
     """The training data as an object with __len__ and get; val as (x, y) arrays or an object with evaluate.
-    Lists become arrays (gpunet.data.arrays); then empty sets, NaN/Inf and images outside the model's
+    Lists become arrays (gpunet.layers.inputs); then empty sets, NaN/Inf and images outside the model's
     pixel range are refused before any work."""
     if isinstance(train, tuple):
         if len(train) != 2:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy
 
 from gpunet import validate
-from gpunet.data.arrays import image_dims
+from gpunet.layers.inputs import image_dims
 from gpunet.data.datasets import Dataset, split, too_small
 from gpunet.data.idx import read_idx
 from gpunet.data.text import TextDataset, encode

@@ -7,7 +7,7 @@ import numpy
 
 from gpunet import validate
 from gpunet.backend import ops_for, ops_for_device, to_device, to_numpy
-from gpunet.data import arrays
+from gpunet.layers import inputs as arrays
 from gpunet.errors import out_of_memory
 from gpunet.preprocess import apply_preprocess
 
@@ -20,7 +20,7 @@ class Prediction(NamedTuple):
 def predict(model, inputs, batch_size: int = 1000) -> Prediction:
     """Run model in eval mode over raw inputs (images as stored, e.g. uint8 0..255, or character ids)
     batch by batch, after model.preprocess; its outputs are taken as logits over the last axis. inputs
-    may be nested Python lists (converted as gpunet.data.arrays says); NaN or Inf is refused."""
+    may be nested Python lists (converted as gpunet.layers.inputs says); NaN or Inf is refused."""
     validate.positive_int("predict: batch_size", batch_size)
     spec = getattr(model, "preprocess", None)
     x = arrays.inputs(model, inputs, "predict")

@@ -1,0 +1,33 @@
+"""`gpunet parity`: its options and its command (the comparison itself is gpunet.parity)."""
+from __future__ import annotations
+
+import gpunet as gn
+from gpunet import validate
+from gpunet.recipes import RECIPES
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("parity", help="train on the CPU and on the GPU from one seed and compare them")
+    p.add_argument("--model", default="mlp", choices=sorted(RECIPES))
+    p.add_argument("--steps", type=validate.cli_positive_int, default=20)
+    p.add_argument("--batch-size", type=validate.cli_positive_int, default=None)
+    p.add_argument("--seed", type=validate.cli_seed, default=0)
+    p.add_argument("--dropout", type=validate.cli_dropout, default=None, metavar="P",
+                   help="dropout rate for every dropout of the model; one on its output when it has none "
+                        "(default: the recipe's own)")
+    p.add_argument("--lockstep", action="store_true",
+                   help="start every GPU step from the CPU's parameters and optimizer state: each step's "
+                        "differences are then that step's rounding alone, held to a derived bound")
+
+
+def run(args) -> int:
+    from gpunet import parity
+
+    try:
+        gn.device("gpu")
+    except RuntimeError as exc:
+        raise SystemExit(f"gpunet parity compares the CPU with the GPU: {exc}") from None
+    report = parity.compare(args.model, args.steps, ("cpu", "gpu"), args.batch_size, args.seed, args.dropout,
+                            args.lockstep)
+    print(parity.format_report(report))
+    return 0
