@@ -17,7 +17,7 @@ from gpunet.backend import ops_for_device, to_device
 from gpunet.data.pipeline import apply_preprocess, minibatches
 from gpunet.divergence import DivergenceWatch, first_non_finite_tensor
 from gpunet.history import History
-from gpunet.losses import LOSSES, item
+from gpunet.losses import LOSSES, item, metric
 from gpunet.optim import clip_grad_norm
 from gpunet.resume import LoopState
 
@@ -306,7 +306,7 @@ def _evaluate(model, x, y, loss, batch_size, doing: str = "evaluating",
     finally:
         model.train(was_training)
     result = {"loss": item(total) / len(x), "samples": int(len(x))}
-    if loss == "softmax_cross_entropy":
+    if metric(loss) == "accuracy":
         result["accuracy"] = int(correct) / (len(x) * (y[0].size if y.ndim > 1 else 1))
     return result
 
@@ -321,6 +321,6 @@ def _evaluate_batches(model, x, y, loss_fn, loss, batch_size):
         out = model.forward(xb)
         value, _ = loss_fn(out, yb)
         total = total + value.astype("float64") * len(idx)  # float64, as the host sum was
-        if loss == "softmax_cross_entropy":
+        if metric(loss) == "accuracy":
             correct = correct + (out.argmax(axis=-1) == yb).sum()
     return total, correct

@@ -71,3 +71,13 @@ def _same_shape(name, a, b):
 
 LOSSES = {"softmax_cross_entropy": softmax_cross_entropy, "mse": mse,
           "binary_cross_entropy_with_logits": binary_cross_entropy_with_logits}
+
+# The metric each loss implies, declared with the loss (None: the loss alone): evaluate and fit's
+# validation report it (fit's records as val_<metric>). "accuracy" is the share of argmax predictions
+# equal to integer class ids, so a loss that implies it takes class ids as targets.
+METRICS = {"softmax_cross_entropy": "accuracy", "mse": None, "binary_cross_entropy_with_logits": None}
+
+
+def metric(loss: str) -> str | None:
+    """The metric that loss implies (METRICS), or None (also for a name that is no loss: callers refuse those)."""
+    return METRICS.get(loss)

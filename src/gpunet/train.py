@@ -20,7 +20,7 @@ from gpunet.history import History
 from gpunet.layers import Layer
 # re-exported: the loop raises them, callers catch them from here
 from gpunet.loop import DeviceOutOfMemory, TrainingDiverged, TrainingInterrupted, _evaluate, _Run  # noqa: F401
-from gpunet.losses import LOSSES
+from gpunet.losses import LOSSES, metric
 from gpunet.optim import Optimizer
 from gpunet.runs import FIT_OPTIONS, open_run
 
@@ -252,9 +252,9 @@ def _check_data(model, data, val, loss) -> None:
 
 
 def _class_ids(y, loss: str, where: str) -> None:
-    """softmax_cross_entropy takes class ids, or probabilities with a class axis: float labels of one
-    number per sample are neither (the loss would say only that the shapes differ)."""
-    if loss == "softmax_cross_entropy" and isinstance(y, numpy.ndarray) and y.ndim == 1 and y.dtype.kind == "f":
+    """A loss that implies accuracy (softmax_cross_entropy) takes class ids, or probabilities with a class
+    axis: float labels of one number per sample are neither (the loss would say only that the shapes differ)."""
+    if metric(loss) == "accuracy" and isinstance(y, numpy.ndarray) and y.ndim == 1 and y.dtype.kind == "f":
         whole = bool((y == numpy.round(y)).all())
         raise ValueError(f"{where}: softmax_cross_entropy takes integer class ids, got {y.dtype} labels"
                          + ("; convert them with y.astype('int64')" if whole else

@@ -14,6 +14,7 @@ import numpy
 from gpunet import random
 from gpunet.backend import ops_for_device
 from gpunet.layers.flat import flat_parameters
+from gpunet.losses import metric
 
 
 class Replicas:
@@ -84,7 +85,7 @@ class Replicas:
             sums[:] = part["loss"] * (high - low), part.get("accuracy", 0.0) * (high - low)
         self.world.all_reduce(sums)
         result = {"loss": float(sums[0] / n), "samples": int(n)}
-        if loss == "softmax_cross_entropy":
+        if metric(loss) == "accuracy":
             result["accuracy"] = float(sums[1] / n)
         return result
 

@@ -15,6 +15,7 @@ import numbers
 import numpy
 
 from gpunet.backend import is_cupy_array
+from gpunet.losses import metric
 
 IMAGE_DIMS = "(N, H, W), (N, C, H, W) or (N, features)"
 
@@ -34,8 +35,8 @@ def inputs(model, value, where: str):
 
 
 def targets(model, value, where: str, loss: str):
-    """value as targets of `loss`: whole numbers stay int64 class ids for softmax_cross_entropy."""
-    return _convert(value, where, "targets", float_dtype(model), loss == "softmax_cross_entropy")
+    """value as targets of `loss`: whole numbers stay int64 class ids for a loss that implies accuracy."""
+    return _convert(value, where, "targets", float_dtype(model), metric(loss) == "accuracy")
 
 
 def image_dims(x, where: str) -> None:
