@@ -19,6 +19,8 @@ import math
 
 from gpunet import validate
 
+__all__ = ["Callback", "EarlyStopping"]
+
 
 class Callback:
     """Both hooks, doing nothing: override the ones you need."""

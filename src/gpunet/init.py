@@ -15,6 +15,9 @@ import numpy
 
 from gpunet import random
 
+__all__ = ["GAINS", "INITIALISERS", "bias", "fans", "gain", "initialise", "kaiming_normal", "kaiming_uniform", "normal",
+           "torch_default", "uniform", "xavier_normal", "xavier_uniform"]
+
 GAINS = {"linear": 1.0, "identity": 1.0, "tanh": 1.0, "sigmoid": 4.0, "relu": math.sqrt(2.0),
          "gelu": math.sqrt(2.0), "gelu_tanh": math.sqrt(2.0)}
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from gpunet.backend import Array, ops_for
 
+__all__ = ["LOSSES", "METRICS", "binary_cross_entropy_with_logits", "item", "metric", "mse", "softmax_cross_entropy"]
+
 
 def item(loss: Array | float) -> float:
     """The loss as a Python float, after raising any error its computation flagged on the device.

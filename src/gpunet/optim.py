@@ -20,6 +20,8 @@ from gpunet.backend.ops import adam_scalars
 from gpunet.layers.base import Layer
 from gpunet.layers.flat import flat_parameters
 
+__all__ = ["Adam", "AdamW", "CosineLR", "OPTIMIZERS", "Optimizer", "SGD", "StepLR", "clip_grad_norm"]
+
 
 class Optimizer:
     # Whether _update hands device_scalars to its kernels (then a CUDA graph may replay it): an
