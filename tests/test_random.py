@@ -172,3 +172,81 @@ def test_the_dropout_key_is_part_of_the_saved_random_state():
     gn.manual_seed(7)
     random.set_state({k: v for k, v in state.items() if k != "dropout_key"})  # as an older gpunet saved it
     assert random.seed_key() == 7
+
+
+def test_two_copies_of_a_layer_each_count_their_own_draws():
+    """As gpunet parity's copies of one model on two devices: the same stream index, stepped in the
+    same step, gets the same mask in each copy (the draw is counted per layer, not per index)."""
+    first, copy = L.Dropout(0.5), L.Dropout(0.5)
+    x = numpy.ones((16, 16), dtype="float32")
+    gn.manual_seed(4)
+    random.set_step(2)
+    a, b = first.forward(x), copy.forward(x)
+    numpy.testing.assert_array_equal(a, b)
+    assert not numpy.array_equal(a, first.forward(x))  # first's second forward in the step: draw 1
+    assert random.current().dropout_stream(copy) == (4, 2, 0, 1)  # copy drew once so far
+
+
+def test_a_run_using_its_own_random_state_leaves_the_current_one_as_it_was():
+    layer = L.Dropout(0.5)
+    x = numpy.ones((16, 16), dtype="float32")
+    gn.manual_seed(9)
+    random.set_step(5)
+    outer = random.current()
+    expected_weights = numpy.random.default_rng(9).standard_normal(3)
+    with random.using(random.RandomState(1)) as run:
+        assert random.current() is run and random.seed_key() == 1 and random.current_step() == 0
+        gn.manual_seed(3)  # the public calls act on the run's state
+        random.set_step(7)
+        inside = layer.forward(x)
+        assert (run.key, run.step) == (3, 7)
+    assert random.current() is outer and (random.seed_key(), random.current_step()) == (9, 5)
+    numpy.testing.assert_array_equal(random.generator().standard_normal(3), expected_weights)
+    gn.manual_seed(3)
+    random.set_step(7)
+    numpy.testing.assert_array_equal(layer.forward(x), inside)  # the same masks as seeding the current state
+
+
+def test_the_step_source_is_set_only_inside_step_from_device_even_when_the_block_fails():
+    source = numpy.array([9], dtype=numpy.uint32)
+    with pytest.raises(RuntimeError, match="capture failed"):
+        with random.step_from_device(source):
+            assert random.current().step_source is source
+            raise RuntimeError("capture failed")
+    assert random.current().step_source is None
+
+
+@pytest.mark.gpu
+def test_inside_step_from_device_the_kernels_read_the_step_from_the_device_array():
+    """What a CUDA graph's replay relies on: the step in the layer's stream is ignored, the one in
+    the device array is used, forward and backward alike."""
+    layer = L.Dropout(0.5).to("gpu")
+    x = on("gpu", numpy.ones((8, 50), dtype="float32"))
+    gn.manual_seed(6)
+    random.set_step(9)
+    expected = gn.to_numpy(layer.forward(x))
+    expected_dx = gn.to_numpy(layer.backward(x))
+    random.set_step(2)
+    plain = gn.to_numpy(layer.forward(x))
+    assert not numpy.array_equal(plain, expected)
+    random.set_step(2)
+    with random.step_from_device(on("gpu", numpy.array([9], dtype=numpy.uint32))):
+        y = gn.to_numpy(layer.forward(x))
+        dx = gn.to_numpy(layer.backward(x))
+    assert y.tobytes() == expected.tobytes() and dx.tobytes() == expected_dx.tobytes()
+
+
+def test_no_other_module_reaches_into_the_random_modules_private_names():
+    import ast
+
+    from tests.test_imports import module_sources
+
+    reaching = []
+    for name, source in module_sources().items():
+        if name == "gpunet.random":
+            continue
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and (
+                    ast.unparse(node.value) in ("random", "gpunet.random", "gn.random", "random.current()")):
+                reaching.append(f"{name}: {ast.unparse(node)}")
+    assert reaching == []

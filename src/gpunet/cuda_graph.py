@@ -5,7 +5,8 @@ A graph replays its kernels with the arguments and memory they had at capture, s
 step changes lives in memory the graph owns or reads: the batch goes into static device buffers
 before each replay, and a 16-byte record written before each replay holds the rest: the
 optimizer's per-step scalars (learning rate, Adam's bias corrections: Optimizer.step_scalars) and
-the step number the dropout kernels draw their masks from (gpunet.random.step_from_device).
+the step number the dropout kernels draw their masks from (gpunet.random.step_from_device: the
+run's RandomState hands them the record's step word while a step is captured).
 Memory the capture allocates comes from a pool of the graph's own, so nothing else is ever given
 an address the graph writes. Each batch shape gets its own graph, at most two per run (the full
 batch and a short last one); a third shape, or a step that cannot be captured, runs eagerly, and

@@ -9,18 +9,23 @@ The bits of element i of dropout layer L at training step s under seed k are wor
 philox4x32_10(counter=(i // 4, s, L, draw), key=(k mod 2^32, k // 2^32 mod 2^32)); draw counts
 the layer's forwards since the last set_step or manual_seed (0 when it runs once per step, as in
 fit and parity).
-`fit` and `gpunet parity` set the step (set_step); manual_seed sets the seed k.
+
+What a run's randomness is at a moment (the generator, the key k, the step s, each layer's draw
+count, and during a CUDA graph's capture the device array the kernels read s from) is one
+explicit object, a RandomState, rather than five module variables that the dropout layer, the
+GPU backend and the graph code each read on their own: `current()` is the one way to reach it
+(a Dropout's forward asks it for the layer's stream, CupyOps for the step's device array, the
+graph code for the step), and `using(state)` is the one place it changes, for a block. The
+functions below (manual_seed, set_step, current_step, seed_key, step_from_device, get_state,
+set_state) act on the current one, so callers that only seed or set the step, `fit` and
+`gpunet parity`, need not hold it.
 """
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import numpy
-
-_generator = numpy.random.default_rng(0)
-_key = 0  # the Philox key of dropout masks: the seed, modulo 2^64
-_step = 0  # the training step whose dropout masks are drawn (fit and parity set it)
-_epoch = 0  # counts manual_seed and set_step calls: a layer's forwards are counted (draw) from the last one
 
 # Philox4x32-10's constants (Random123's PHILOX_M4x32_0/1 and PHILOX_W32_0/1)
 PHILOX_M = (0xD2511F53, 0xCD9E8D57)
@@ -28,31 +33,69 @@ PHILOX_W = (0x9E3779B9, 0xBB67AE85)
 MASK_BITS = 24  # a dropout keep test compares the top 24 bits of a word with dropout_threshold(p)
 
 
+class RandomState:
+    """The randomness of a run: the initialisation generator, the dropout key (the seed modulo
+    2^64), the training step whose masks are drawn, how many times each dropout layer has drawn
+    since the last seed or step, and step_source: None, or while a CUDA graph captures a step the
+    one-element uint32 device array its dropout kernels read the step from."""
+
+    def __init__(self, seed: int = 0):
+        self.step = 0
+        self.step_source = None
+        self.seed(seed)
+
+    def seed(self, seed: int) -> None:
+        self.generator = numpy.random.default_rng(seed)
+        self.key = int(seed) % 2**64
+        self._draws = weakref.WeakKeyDictionary()  # layer -> forwards since (a dropped model is forgotten)
+
+    def set_step(self, step: int) -> None:
+        self.step = int(step)
+        self._draws.clear()  # each layer's masks start again from draw 0
+
+    def dropout_stream(self, layer) -> tuple:
+        """(key, step, layer.stream, draw) for layer's next forward: a layer run twice in a step
+        gets a new mask each time."""
+        draw = self._draws.get(layer, 0)
+        self._draws[layer] = draw + 1
+        return self.key, self.step, layer.stream, draw
+
+
+_current = RandomState()  # the one current state: read through current(), replaced only by using()
+
+
+def current() -> RandomState:
+    return _current
+
+
+@contextlib.contextmanager
+def using(state: RandomState):
+    """Make state the current one inside the block (a run that keeps its randomness apart)."""
+    global _current
+    previous, _current = _current, state
+    try:
+        yield state
+    finally:
+        _current = previous
+
+
 def manual_seed(seed: int) -> None:
     """Seed the generator used for weight initialisation and the key of dropout masks."""
-    global _generator, _key, _epoch
-    _generator = numpy.random.default_rng(seed)
-    _key = int(seed) % 2**64
-    _epoch += 1
+    current().seed(seed)
 
 
 def seed_key() -> int:
     """The key of dropout masks (the last manual_seed, modulo 2^64)."""
-    return _key
+    return current().key
 
 
 def set_step(step: int) -> None:
     """The training step whose dropout masks the next forwards use (fit and parity set it)."""
-    global _step, _epoch
-    _step = int(step)
-    _epoch += 1
+    current().set_step(step)
 
 
 def current_step() -> int:
-    return _step
-
-
-_step_source = None  # while a CUDA graph captures a step: the device array its dropout kernels read the step from
+    return current().step
 
 
 @contextlib.contextmanager
@@ -60,23 +103,12 @@ def step_from_device(source):
     """Dropout kernels launched inside read their step from source (a one-element uint32 device
     array) rather than taking current_step() as an argument: a CUDA graph replays its captured
     arguments, so the graph writes each replay's step into source (gpunet.cuda_graph)."""
-    global _step_source
-    _step_source = source
+    state = current()
+    state.step_source = source
     try:
         yield
     finally:
-        _step_source = None
-
-
-def step_source():
-    """The device array dropout kernels read their step from, or None (see step_from_device)."""
-    return _step_source
-
-
-def draw_epoch() -> int:
-    """Changes with every manual_seed and set_step: a layer counts its forwards (the counter's
-    draw word) since the last change, so after either its masks start again from draw 0."""
-    return _epoch
+        state.step_source = None
 
 
 def philox4x32_10(counter, key, xp=numpy):
@@ -120,17 +152,17 @@ def dropout_keep(size: int, p: float, stream: tuple, xp=numpy):
 
 
 def generator() -> numpy.random.Generator:
-    return _generator
+    return current().generator
 
 
 def get_state() -> dict:
     """The generator's state and the dropout key as plain JSON-able data (for exact resume; the
     step is the loop's own, saved with it)."""
-    return {**_generator.bit_generator.state, "dropout_key": _key}
+    rng = current()
+    return {**rng.generator.bit_generator.state, "dropout_key": rng.key}
 
 
 def set_state(state: dict) -> None:
-    global _key
-    state = dict(state)
-    _key = int(state.pop("dropout_key", _key))  # (a run saved before dropout had a key keeps the current one)
-    _generator.bit_generator.state = state
+    rng, state = current(), dict(state)
+    rng.key = int(state.pop("dropout_key", rng.key))  # (a run saved before dropout had a key keeps the current one)
+    rng.generator.bit_generator.state = state

@@ -371,7 +371,7 @@ class CupyOps(Ops):
         from gpunet import random
 
         return kernels.dropout(x, random.dropout_threshold(p), 1.0 / (1.0 - p), stream, residual,
-                               random.step_source()), None
+                               random.current().step_source), None
 
     @kernel_or_fallback("dy", nonempty="dy")
     def dropout_backward(self, dy, p, stream, mask):
@@ -379,5 +379,6 @@ class CupyOps(Ops):
             return super().dropout_backward(dy, p, stream, mask)
         from gpunet import random
 
-        return kernels.dropout(dy, random.dropout_threshold(p), 1.0 / (1.0 - p), stream, None, random.step_source())
+        return kernels.dropout(dy, random.dropout_threshold(p), 1.0 / (1.0 - p), stream, None,
+                               random.current().step_source)
 

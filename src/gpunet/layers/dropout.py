@@ -19,7 +19,6 @@ class Dropout(Layer):
         super().__init__(p=p)
         self.p = p
         self.stream = 0  # the layer's index among the model's dropouts (numbered by Composite.add_child)
-        self._draws: tuple[int | None, int] = (None, 0)  # (random.draw_epoch(), forwards since): run twice in a step, a new mask each time
 
     @property
     def active(self) -> bool:
@@ -35,10 +34,7 @@ class Dropout(Layer):
         if not self.active:
             self.save_for_backward(mask=None, stream=None)
             return x if residual is None else residual + x
-        epoch = random.draw_epoch()
-        draw = self._draws[1] if self._draws[0] == epoch else 0
-        self._draws = (epoch, draw + 1)
-        stream = (random.seed_key(), random.current_step(), self.stream, draw)
+        stream = random.current().dropout_stream(self)  # (seed key, step, self.stream, draw): the run's, counted there
         y, mask = ops_for(x, residual, op="Dropout.forward").dropout(x, self.p, stream, residual)
         self.save_for_backward(mask=mask, stream=stream)
         return y
