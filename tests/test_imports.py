@@ -26,7 +26,7 @@ LAYERS = [
     ("checkpoint/export", ["gpunet.checkpoint", "gpunet.history", "gpunet.summary", "gpunet.generate",
                            "gpunet.export"]),
     ("train", ["gpunet.train", "gpunet.loop", "gpunet.cuda_graph", "gpunet.resume", "gpunet.divergence", "gpunet.runs", "gpunet.recipes",
-               "gpunet.callbacks"]),
+               "gpunet.callbacks", "gpunet.run_setup", "gpunet.training_callbacks"]),
     ("public api", ["gpunet"]),
     ("tools", ["gpunet.parity", "gpunet.parity_bound", "gpunet.parity_command", "gpunet.search", "gpunet.benchmarks", "gpunet.predict"]),
     ("cli", ["gpunet.cli", "gpunet.__main__"]),

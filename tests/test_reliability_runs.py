@@ -203,13 +203,14 @@ def test_kill_9_releases_the_lock_and_the_next_run_cleans_stale_temporaries(tmp_
     assert not (out / ".model.safetensors.0123abcd.tmp").exists() and (out / ".my-own.tmp").read_text() == "not ours"
 
 
-def test_lock_is_reentrant_in_one_process_and_released_once(tmp_path):
-    lock = runs.RunLock(tmp_path).acquire()
-    inner = runs.RunLock(tmp_path).acquire()
-    inner.release()
+def test_lock_is_taken_once_even_in_one_process_and_released(tmp_path):
+    lock = runs.RunLock(tmp_path).acquire()  # the run's setup opens its folder once: no re-entrant lock table
+    with pytest.raises(runs.RunLocked, match="is in use by another training run"):
+        runs.RunLock(tmp_path).acquire()
     assert (tmp_path / ".lock").exists()
     lock.release()
     assert not (tmp_path / ".lock").exists()
+    runs.RunLock(tmp_path).acquire().release()  # free again
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -10,18 +10,18 @@ import sys
 import numpy
 
 import gpunet as gn
-from gpunet import benchmarks, distributed, errors, extras, resume, runs, validate
+from gpunet import benchmarks, distributed, errors, extras, resume, validate
 from gpunet import parity_command
 from gpunet import predict as predict_command
 from gpunet.backend import device_info
 from gpunet.backend.devices import check_device_name
-from gpunet.distributed import command
 from gpunet.data import (TEXT_DATASETS, CharWindows, consecutive_windows, image_preprocess, load_dataset, read_idx,
                          text_preprocess)
 from gpunet.data import user as user_data
 from gpunet.generate import MAX_LENGTH, stream
 from gpunet.history import strict_json
 from gpunet.recipes import RECIPES, recipe
+from gpunet.run_setup import RunSetup
 from gpunet.search import command as search_command
 from gpunet.summary import summary
 
@@ -171,29 +171,24 @@ def cmd_train(args) -> int:
     if args.data is None and (dataset in TEXT_DATASETS) != (r.kind == "text"):
         wanted = "a text dataset (shakespeare)" if r.kind == "text" else "an image dataset (mnist-sample, mnist)"
         raise errors.UsageError(f"--model {args.model} needs {wanted}, not --dataset {dataset}")
-    if args.resume and args.overwrite:
-        raise errors.UsageError("--resume continues the run in the output folder and --overwrite moves it aside; "
-                                "give one of them")
-    if args.allow_data_change and not args.resume:
-        raise errors.UsageError("--allow-data-change lets --resume go on with changed data; it goes with --resume")
     if args.data_dir is not None and os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
         raise NotADirectoryError(f"--data-dir {args.data_dir} is a file, not a folder")
     gn.manual_seed(args.seed)
     dev = _device(args)
-    world = distributed.init(dev.name)  # world size 1 unless started by mpiexec, srun or torchrun
-    command.quiet_other_ranks(world)
-    print(f"device: {dev.name} ({dev.reason})")
-    if world.world_size > 1:
-        print(f"world size: {world.world_size} ({world.backend}); each rank takes its share of every batch")
-    # before any data is loaded; rank 0 alone makes and locks the folder
-    run = command.run_folder(world, lambda: runs.prepare(args.out, args.model, args.resume, args.overwrite))
+    # the device, the world, the folder (made, locked and checked by rank 0 before any data is loaded): decided once
+    setup = RunSetup.for_command(dev, args.out, args.model, resume=args.resume, overwrite=args.overwrite,
+                                 seed=args.seed, allow_data_change=args.allow_data_change)
     try:
-        return _train(args, r, dataset, dev, run)
+        print(f"device: {dev.name} ({dev.reason})")
+        if setup.world.world_size > 1:
+            print(f"world size: {setup.world.world_size} ({setup.world.world.backend}); each rank takes its share of "
+                  "every batch")
+        return _train(args, r, dataset, setup)
     finally:
-        run.close()
+        setup.close()
 
 
-def _train(args, r, dataset, dev, run) -> int:
+def _train(args, r, dataset, setup) -> int:
     if args.data is not None:  # the recipe adapts to the size of the user's images
         ds, r = user_data.load(args.data, r, args.val_fraction, args.seed, args.holdout)
     else:
@@ -205,7 +200,7 @@ def _train(args, r, dataset, dev, run) -> int:
     else:
         model.preprocess = image_preprocess(ds.x_train, r.input_shape)
         train, val = gn.train.ArrayData(ds.x_train, ds.y_train, shift=r.shift), (ds.x_val, ds.y_val)
-    model.to(dev)
+    model.to(setup.device)
     print(summary(model, r.input_shape, r.input_dtype))
     steps = args.steps if args.steps or args.epochs else r.steps
     epochs = None if steps else (args.epochs or r.epochs)
@@ -221,16 +216,15 @@ def _train(args, r, dataset, dev, run) -> int:
           f"batch {batch}, {type(optimizer).__name__} lr {schedule.base_lr if schedule else optimizer.lr}"
           + (f" after {schedule.warmup} warm-up steps" if getattr(schedule, "warmup", 0) else "")  # lr: warming up now
           + (f", gradient clipping at norm {clip}" if clip else ""))
-    out = run.path
+    out = setup.out
     print(f"run folder: {out}" + (" (resumed)" if args.resume else ""))
-    run.start()
+    setup.folder.start()
     try:
         with numpy.errstate(all="ignore"):  # a diverging run is reported once, by fit, not by NumPy warnings
             history = gn.fit(model, train, val, optimizer=optimizer, epochs=epochs, steps=steps, batch_size=batch,
                              eval_every=None if epochs else max(1, steps // evals), schedule=schedule, clip_norm=clip,
-                             early_stopping=args.early_stopping, out_dir=out, resume=args.resume, seed=args.seed,
+                             early_stopping=args.early_stopping, setup=setup,
                              progress=False if args.no_progress else None, cuda_graph=args.cuda_graph,
-                             allow_data_change=args.allow_data_change,
                              run_config={"model": args.model, "dataset": dataset, "val_fraction": args.val_fraction,
                                          **({"holdout": args.holdout} if args.holdout else {})})
     except gn.train.DeviceOutOfMemory as exc:

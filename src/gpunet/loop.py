@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy
 from tqdm.auto import tqdm
 
-from gpunet import callbacks, checkpoint, distributed, random, resume as resuming
+from gpunet import callbacks, checkpoint, random, resume as resuming
 from gpunet.errors import DeviceOutOfMemory, out_of_memory
 from gpunet.backend import ops_for_device, to_device
 from gpunet.data.pipeline import apply_preprocess, minibatches
@@ -20,6 +20,7 @@ from gpunet.history import History
 from gpunet.losses import LOSSES, item, metric
 from gpunet.optim import clip_grad_norm
 from gpunet.resume import LoopState
+from gpunet.run_setup import RunSetup
 
 
 class TrainingDiverged(RuntimeError):
@@ -40,23 +41,34 @@ class _Run:
     val: object
     optimizer: object
     schedule: object
+    setup: RunSetup  # the device, the world, the run folder, resume and the seed, decided once
     loss: str
     batch_size: int
-    seed: int
     epochs: int | None  # the run ends after this many epochs, or
     steps: int | None  # after this many optimizer steps
     eval_every: int | None  # None: at each epoch end
     clip_norm: float | None
     patience: int | None  # early stopping
-    out: Path | None
     config: dict = field(default_factory=dict)  # the hyper-parameters compared on resume
     state: LoopState = field(default_factory=LoopState)
     history: History = field(default_factory=History)
     written: list = field(default_factory=list)  # the files this run wrote
     callbacks: list = field(default_factory=list)  # gpunet.callbacks: on_step, on_evaluation
     step_lr: float | None = None  # the learning rate of the last step taken (the schedule moved on after it)
-    parallel: object = field(default_factory=distributed.replicas)  # this process's share of a data-parallel run
     graph: object = None  # a gpunet.cuda_graph.GraphedStep when the step is replayed as a CUDA graph
+
+    @property
+    def out(self) -> Path | None:
+        """The run folder this process writes (rank 0's; None elsewhere, and without one)."""
+        return self.setup.out if self.setup.writes else None
+
+    @property
+    def parallel(self):
+        return self.setup.world
+
+    @property
+    def seed(self) -> int:
+        return self.setup.seed
 
     @property
     def monitor(self) -> str:
@@ -93,8 +105,8 @@ class _Run:
         host reads the loss and the divergence watch only every 25 steps, before each evaluation (the
         last included) and on Ctrl-C: never inside a step, and the report still names the first bad step."""
         s = self.state
-        check_every = 1 if self.model.device == "cpu" else 25  # reading a loss makes the host wait for the GPU
-        xp = _xp(self.model)
+        check_every = 25 if self.setup.on_gpu else 1  # reading a loss makes the host wait for the GPU
+        xp = self.setup.device.xp
         watch = DivergenceWatch(xp)
         self.model.train()
         bar = tqdm(total=self._planned_steps(), initial=s.step, unit="step", dynamic_ncols=True,

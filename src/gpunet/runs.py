@@ -5,7 +5,7 @@ A run folder holds the files of one training run (RUN_FILES). `gpunet train` wit
 makes `runs/YYYYmmdd-HHMMSS-MODEL` and points the symlink `runs/latest` at it; an explicit --out
 that already holds a run is refused unless --resume, or --overwrite, which moves the old run
 into a sub-folder `replaced-YYYYmmdd-HHMMSS` (nothing is ever deleted); gn.fit(out_dir=...) makes
-the same check (check_existing, with its resume= and overwrite=). While a run trains, the
+the same check (check_existing, with its resume= and overwrite=), once per run (gpunet.run_setup). While a run trains, the
 folder's `.lock` is held (an OS lock, released even by kill -9), so a second run into the same
 folder fails at once; the temporaries a dead run left are removed when the next one starts. A
 folder where the lock cannot be made (a read-only mount, no permission) is refused in one line
@@ -52,24 +52,17 @@ def _stamp(now=None) -> str:
 
 
 # ---------------------------------------------------------------- the lock
-_held: dict[str, "RunLock"] = {}
-
-
 class RunLock:
     """An exclusive lock on a run folder: `.lock` inside it, locked with flock, so it dies with
-    its process. Re-entrant within a process (fit inside `gpunet train` takes it again)."""
+    its process. Taken once per run (gpunet.run_setup decides who opens the folder): a second
+    RunLock on the same folder, even in the same process, is refused as another run."""
 
     def __init__(self, folder):
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
         self.fd = None
-        self.depth = 0
 
     def acquire(self) -> "RunLock":
-        key = os.path.realpath(self.folder)
-        if key in _held:
-            _held[key].depth += 1
-            return _held[key]
         self.folder.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -92,8 +85,7 @@ class RunLock:
             os.close(fd)
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {_stamp()}\n".encode())
-        self.fd, self.depth = fd, 1
-        _held[key] = self
+        self.fd = fd
         return self
 
     def remove_stale_tmp(self) -> list[Path]:
@@ -102,15 +94,8 @@ class RunLock:
         return clean_stale_tmp(self.folder, RUN_FILES)
 
     def release(self) -> None:
-        key = os.path.realpath(self.folder)
-        if _held.get(key) is not self:
-            if key in _held:
-                _held[key].release()
+        if self.fd is None:  # not held (released already)
             return
-        self.depth -= 1
-        if self.depth:
-            return
-        del _held[key]
         try:
             os.unlink(self.path)
         except OSError:
@@ -205,15 +190,30 @@ def check_out_folder(folder, option: str = "--out") -> None:
             break
 
 
-# how a refusal names the options: on the command line, and as arguments of gn.fit
-CLI_OPTIONS = {"resume": "--resume", "overwrite": "--overwrite", "out": "--out"}
-FIT_OPTIONS = {"resume": "resume=True", "overwrite": "overwrite=True", "out": "out_dir"}
+# how a refusal names each setting of a run: on the command line ("cli"), and as arguments of gn.fit ("fit")
+OPTION_NAMES = {
+    "where": ("", "fit: "),  # (the command line's errors are prefixed by the command already)
+    "resume": ("--resume", "resume=True"),
+    "a_resume": ("--resume", "a resume"),
+    "overwrite": ("--overwrite", "overwrite=True"),
+    "allow_data_change": ("--allow-data-change", "allow_data_change=True"),
+    "out": ("--out", "out_dir"),
+    "folder": ("the output folder", "out_dir"),
+}
 
 
-def check_existing(out, resume: bool = False, overwrite: bool = False, say=print, options=FIT_OPTIONS) -> None:
+def option_names(by: str) -> dict:
+    """OPTION_NAMES as the command line (by="cli") or gn.fit (by="fit") spells them."""
+    column = ("cli", "fit").index(by)
+    return {key: names[column] for key, names in OPTION_NAMES.items()}
+
+
+def check_existing(out, resume: bool = False, overwrite: bool = False, say=print, options=None) -> None:
     """The one refusal to lose a run, for `gpunet train` and gn.fit alike: resume needs
     out/last.safetensors; without it, a folder that holds a run (holds_run) is refused, or with
-    overwrite its run files are moved into out/replaced-STAMP (said). Call it with out's lock held."""
+    overwrite its run files are moved into out/replaced-STAMP (said). Call it with out's lock held.
+    options: option_names(...), gn.fit's by default."""
+    options = options or option_names("fit")
     out = Path(out)
     existing = holds_run(out)
     if resume:
@@ -282,10 +282,12 @@ class RunFolder:
         self.close()
 
 
-def open_run(out, resume: bool = False, overwrite: bool = False, say=print, options=FIT_OPTIONS,
+def open_run(out, resume: bool = False, overwrite: bool = False, say=print, options=None,
              fresh: bool = False) -> RunFolder:
     """out, created when missing, locked, cleared of a dead run's temporaries, and checked by
-    check_existing; on a refusal the lock is released and what this call created is removed."""
+    check_existing; on a refusal the lock is released and what this call created is removed.
+    options: option_names(...), gn.fit's by default."""
+    options = options or option_names("fit")
     check_out_folder(out, options["out"])
     out = Path(out)
     created = [] if fresh else _missing_folders(out)
@@ -345,4 +347,4 @@ def prepare(out, model: str, resume: bool = False, overwrite: bool = False, say=
                     raise
                 raise PermissionError(f"cannot make a run folder in {RUNS_ROOT}{os.sep} ({_why(exc)}): "
                                       "run gpunet train from a writable folder, or give --out DIR") from None
-    return open_run(out, resume, overwrite, say, CLI_OPTIONS, fresh)
+    return open_run(out, resume, overwrite, say, option_names("cli"), fresh)

@@ -6,13 +6,11 @@ dropout generator's state to continue exactly where it stopped.
 """
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
 from typing import Any
 
 import numpy
 
-from gpunet import cuda_graph, distributed, resume as resuming, validate
+from gpunet import cuda_graph, resume as resuming, validate
 from gpunet.callbacks import check as check_callbacks
 from gpunet.layers import inputs as arrays
 from gpunet.data.pipeline import random_shift
@@ -22,7 +20,7 @@ from gpunet.layers import Layer
 from gpunet.loop import DeviceOutOfMemory, TrainingDiverged, TrainingInterrupted, _evaluate, _Run  # noqa: F401
 from gpunet.losses import LOSSES, metric
 from gpunet.optim import Optimizer
-from gpunet.runs import FIT_OPTIONS, open_run
+from gpunet.run_setup import RunSetup
 
 
 class ArrayData:
@@ -72,7 +70,7 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
         clip_norm: float | None = None, early_stopping: int | None = None, out_dir=None, resume: bool = False,
         seed: int = 0, progress: bool | None = None, restore_best: bool = True, run_config: dict | None = None,
         log=print, overwrite: bool = False, callbacks: list | None = None, cuda_graph: bool | None = None,
-        allow_data_change: bool = False) -> History:
+        allow_data_change: bool = False, setup: RunSetup | None = None) -> History:
     """Train model in place and return its History.
 
     train: (x, y) raw arrays (the model's preprocess is applied per batch) or an object with
@@ -102,49 +100,60 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
     cuda_graph: capture the step once per batch shape and replay it (gpunet.cuda_graph); None (the
     default) does so when the model is on a GPU, False never. A step that cannot be captured trains
     eagerly, after one line from log saying why.
+    setup: a gpunet.run_setup.RunSetup (as `gpunet train` makes) deciding the device, the world, the locked run
+    folder, resume, overwrite, seed and allow_data_change instead of those arguments; without it fit makes its own.
     The History returned has .best_step (of the saved model, or None) and .written (the files).
     """
     _check_model(model, "fit")
     _check_arguments(loss, epochs, steps, batch_size, eval_every, early_stopping, seed, clip_norm)
     _check_optimizer(model, optimizer)
-    if resume and overwrite:
-        raise ValueError("fit: resume=True continues the run in out_dir and overwrite=True moves it aside; give one "
-                         "of them")
-    if resume and out_dir is None:
-        raise ValueError("fit: resume=True needs out_dir, the folder of the run to continue")
-    if allow_data_change and not resume:
-        raise ValueError("fit: allow_data_change=True lets a resume go on with changed data; it goes with resume=True")
+    if setup is None:
+        setup = RunSetup.for_fit(model.device, out_dir, resume=resume, overwrite=overwrite, seed=seed,
+                                 allow_data_change=allow_data_change)
+    else:
+        _check_setup(setup, model, out_dir, resume, overwrite, seed, allow_data_change)
     hooks = check_callbacks(callbacks)
     data, val = _data(model, train, val, loss)
-    out = Path(out_dir) if out_dir is not None else None
-    parallel = distributed.replicas(model.device)  # world size 1 without a launcher (mpiexec, srun, torchrun)
-    if not parallel.writes:  # only rank 0 writes the run folder and logs; the others read it to resume
+    if not setup.writes:  # only rank 0 writes the run folder and logs; the others read it to resume
         log = _quiet
-    run = _Run(model, data, val, optimizer, schedule, loss=loss, batch_size=batch_size, seed=seed, epochs=epochs,
-               steps=steps, eval_every=eval_every, clip_norm=clip_norm, patience=early_stopping,
-               out=out if parallel.writes else None, callbacks=hooks, parallel=parallel)
-    if cuda_graph or (cuda_graph is None and model.device == "gpu"):
+    run = _Run(model, data, val, optimizer, schedule, setup, loss=loss, batch_size=batch_size, epochs=epochs,
+               steps=steps, eval_every=eval_every, clip_norm=clip_norm, patience=early_stopping, callbacks=hooks)
+    if cuda_graph or (cuda_graph is None and setup.on_gpu):
         run.graph = _graphed_step(run, log)
-    # out_dir: checked as `gpunet train` checks --out (a run there is refused unless resumed or moved aside),
-    # locked (re-entrant: `gpunet train` holds it already), a dead run's temporaries removed
-    folder = open_run(out, resume, overwrite, log, FIT_OPTIONS) if run.out is not None else contextlib.nullcontext()
-    with folder, resuming.stop_on_interrupt(out is not None) as interrupted, distributed.ends_together():
-        run.config = resuming.run_config(model, optimizer, schedule, loss=loss, seed=seed, batch_size=batch_size,
+    out = setup.out
+    with setup.session(log), resuming.stop_on_interrupt(out is not None) as interrupted:
+        run.config = resuming.run_config(model, optimizer, schedule, loss=loss, seed=setup.seed, batch_size=batch_size,
                                          clip_norm=clip_norm, eval_every=eval_every,  # as given: None, epoch ends
                                          early_stopping=early_stopping, extra=run_config,
                                          data=resuming.data_fingerprint(data, val) if out is not None else None)
-        if resume:
+        if setup.resume:
             run.history, run.state = resuming.restore(out, model, optimizer, schedule, config=run.config, log=log,
-                                                      samples=len(data), allow_data_change=allow_data_change)
+                                                      samples=len(data), allow_data_change=setup.allow_data_change)
             if run.done():
                 log(f"resume: the run is already at step {run.state.step}, which reaches the {run.length()} asked "
                     "for; nothing to train (ask for more steps or epochs)")
         run.train(progress, interrupted)
         history = run.finish(restore_best)
-        parallel.barrier()  # no rank returns (and reads the folder) before rank 0 has written it
-        if not parallel.writes:  # rank 0 saved the best model: every rank ends with it, as rank 0 does
+        setup.world.barrier()  # no rank returns (and reads the folder) before rank 0 has written it
+        if not setup.writes:  # rank 0 saved the best model: every rank ends with it, as rank 0 does
             run.restore_best(out, restore_best)
         return history
+
+
+def _check_setup(setup, model, out_dir, resume, overwrite, seed, allow_data_change) -> None:
+    """A RunSetup given to fit decides the folder, resume, overwrite and seed: refuse them given twice,
+    and a model on another device than the setup's."""
+    if not isinstance(setup, RunSetup):
+        raise TypeError(f"fit: setup must be a gpunet.run_setup.RunSetup, got {_name(setup)}")
+    given = [name for name, value, default in (("out_dir", out_dir, None), ("resume", resume, False),
+                                               ("overwrite", overwrite, False), ("seed", seed, 0),
+                                               ("allow_data_change", allow_data_change, False)) if value != default]
+    if given:
+        raise ValueError(f"fit: setup= decides the run's folder, resume, overwrite, seed and allow_data_change; "
+                         f"give {', '.join(given)} to the RunSetup, not to fit as well")
+    if model.device != setup.device.name:
+        raise ValueError(f"fit: the model is on the {model.device} and the setup trains on the {setup.device.name}; "
+                         f"move it there first (model.to(setup.device))")
 
 
 def _quiet(*args, **kwargs) -> None:
