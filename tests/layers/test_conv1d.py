@@ -47,7 +47,9 @@ def test_backward_params_gives_the_same_parameter_gradients(device):
     full = {k: gn.to_numpy(v).copy() for k, v in layer.grads.items()}
     assert layer.backward_params(dy) is None
     for name, grad in full.items():
-        assert_within(gn.to_numpy(layer.grads[name]), grad, layer_atol(layer, x.shape, grad), name)
+        # the same dW and db ops as backward (only dx is skipped), in the same order on each device:
+        # no sum's bound is needed; 1e-6 (16 u) is no more than a rounding
+        numpy.testing.assert_allclose(gn.to_numpy(layer.grads[name]), grad, rtol=1e-6, err_msg=name)
 
 
 def test_checkpoint_round_trip(tmp_path):
