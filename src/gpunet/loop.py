@@ -1,5 +1,7 @@
-"""The training loop of fit: one _Run holds what it trains, its fixed settings and the LoopState
-that a resume restores; it steps, evaluates, checkpoints, stops early and reports divergence.
+"""The training loop of fit: one _Run holds what it trains, its fixed settings, its RunSetup and the
+LoopState that a resume restores; it steps, evaluates and reports divergence, and calls the hooks of its
+callbacks around each step (the schedule, the divergence watch, progress, early stopping, checkpoints and
+the history files are built-in callbacks: gpunet.training_callbacks; docs/training.md says which hook fires when).
 """
 from __future__ import annotations
 
@@ -11,16 +13,18 @@ from pathlib import Path
 import numpy
 from tqdm.auto import tqdm
 
-from gpunet import callbacks, checkpoint, random, resume as resuming
+from gpunet import checkpoint, random, resume as resuming
+from gpunet.callbacks import Events
 from gpunet.errors import DeviceOutOfMemory, out_of_memory
 from gpunet.backend import ops_for_device, to_device
 from gpunet.data.pipeline import apply_preprocess, minibatches
-from gpunet.divergence import DivergenceWatch, first_non_finite_tensor
+from gpunet.divergence import first_non_finite_tensor
 from gpunet.history import History
 from gpunet.losses import LOSSES, item, metric
 from gpunet.optim import clip_grad_norm
 from gpunet.resume import LoopState
 from gpunet.run_setup import RunSetup
+from gpunet.training_callbacks import DivergenceCheck
 
 
 class TrainingDiverged(RuntimeError):
@@ -48,12 +52,12 @@ class _Run:
     steps: int | None  # after this many optimizer steps
     eval_every: int | None  # None: at each epoch end
     clip_norm: float | None
-    patience: int | None  # early stopping
     config: dict = field(default_factory=dict)  # the hyper-parameters compared on resume
     state: LoopState = field(default_factory=LoopState)
     history: History = field(default_factory=History)
     written: list = field(default_factory=list)  # the files this run wrote
-    callbacks: list = field(default_factory=list)  # gpunet.callbacks: on_step, on_evaluation
+    callbacks: Events = field(default_factory=lambda: Events([]))  # built-in and the user's (training_callbacks.ordered)
+    host_reads: bool = False  # whether the host reads this step's loss (every step on the CPU, every 25 on a GPU)
     step_lr: float | None = None  # the learning rate of the last step taken (the schedule moved on after it)
     graph: object = None  # a gpunet.cuda_graph.GraphedStep when the step is replayed as a CUDA graph
 
@@ -86,7 +90,7 @@ class _Run:
     def length(self) -> str:
         return f"{self.steps} steps" if self.epochs is None else f"{self.epochs} epochs"
 
-    def _planned_steps(self) -> int:
+    def planned_steps(self) -> int:
         """The step the run will end at (for the progress bar), at the current batch size."""
         s, n = self.state, len(self.data)
         if self.epochs is None or self.done():
@@ -100,38 +104,36 @@ class _Run:
         due = s.sample >= len(self.data) if self.eval_every is None else s.step % self.eval_every == 0
         return due or self.done()
 
-    def train(self, progress, interrupted) -> None:
-        """Steps until done, early stopping, divergence (raises) or Ctrl-C (saves, raises). On a GPU the
-        host reads the loss and the divergence watch only every 25 steps, before each evaluation (the
-        last included) and on Ctrl-C: never inside a step, and the report still names the first bad step."""
-        s = self.state
+    def train(self, interrupted) -> None:
+        """Steps until done, a callback's stop (early stopping), divergence (raises) or Ctrl-C (saves, raises),
+        calling the callbacks' hooks around each step (docs/training.md). On a GPU the host reads the loss and
+        the divergence watch only every 25 steps, before each evaluation (the last included) and on Ctrl-C:
+        never inside a step, and the report still names the first bad step."""
+        s, events = self.state, self.callbacks
         check_every = 25 if self.setup.on_gpu else 1  # reading a loss makes the host wait for the GPU
-        xp = self.setup.device.xp
-        watch = DivergenceWatch(xp)
         self.model.train()
-        bar = tqdm(total=self._planned_steps(), initial=s.step, unit="step", dynamic_ncols=True,
-                   disable=(None if progress is None else not progress) if self.parallel.writes else True)
         self.parallel.start(self.model, self.seed)  # rank 0's weights on every rank; per-rank dropout streams
         started, batches = time.perf_counter(), self._batches()
+        events.fire("on_train_begin")
         stop = self.done()
         while not stop:
-            value = self._step(next(batches), xp)
-            self._after_step(value)
-            watch.observe(value, s.step)  # on a GPU a device-side record: no wait here
-            bar.update(1)
+            idx = next(batches)
+            if s.batch == 0:
+                events.fire("on_epoch_begin", s.epoch + 1)
+            value = self._step(idx, self.setup.device.xp)
             evaluate = self._evaluation_due()
-            if evaluate or s.step % check_every == 0:
-                current = item(value)  # the host waits for the step here: device-side errors raise too
-                self._check_finite(watch)  # a bad step is named before an evaluation can see its weights
-                bar.set_postfix(loss=f"{current:.4f}", refresh=False)
+            self.host_reads = evaluate or s.step % check_every == 0
+            ended = s.epoch + 1 if s.sample >= len(self.data) else None
+            events.step(s.step, value, ended)
+            if ended is not None:
+                events.fire("on_epoch_end", ended)
             if evaluate:
-                record = self._evaluation(started)
-                stop = self._after_evaluation(record) | callbacks.evaluation(self.callbacks, record) or self.done()
+                stop = events.evaluation(self._evaluation(started)) or self.done()
             # Ctrl-C: save what a resume needs after this step, then stop (with several ranks: all at the same step,
             # agreed at evaluations and every 25 steps)
             if not stop and self.parallel.any(interrupted.is_set(), now=evaluate or s.step % 25 == 0):
-                self._interrupt(watch, interrupted.signum)
-        bar.close()
+                self._interrupt(interrupted.signum)
+        events.fire("on_train_end")
 
     def _batches(self):
         """Batch indices from the saved position on, epoch after epoch. The order of epoch e is
@@ -177,13 +179,6 @@ class _Run:
         self.optimizer.step()
         return value
 
-    def _after_step(self, value) -> None:
-        """The schedule advances once per optimizer step; then the callbacks' on_step."""
-        self.step_lr = self.optimizer.lr
-        if self.schedule is not None:
-            self.schedule.step()
-        callbacks.step(self.callbacks, self.state.step, value)
-
     def _evaluation(self, started) -> dict:
         """The record of an evaluation at this step, added to the history (raises if not finite)."""
         s = self.state
@@ -208,39 +203,30 @@ class _Run:
                          option="fit validates in batches of up to 1000 samples; pass val as an object whose "
                                 "evaluate(model, loss) returns gn.evaluate(model, x, y, loss, batch_size=...)")
 
-    def _after_evaluation(self, record) -> bool:
-        """The best and last checkpoints, early stopping; True: stop training."""
-        s = self.state
-        improved = record[self.monitor] < s.best_loss
-        if improved:
-            s.best_loss, s.stale, s.best_step = record[self.monitor], 0, s.step
-        else:
-            s.stale += 1
-        if self.out is not None:
-            if improved:
-                checkpoint.save(self.model, self.out / "model.safetensors")
-                self.written.append(self.out / "model.safetensors")
-            self._save_last()
-            self.history.write(self.out)
-        return self.patience is not None and s.stale >= self.patience
-
-    def _save_last(self) -> None:
-        """last.safetensors at this step: what a resume needs (only ever with finite weights)."""
-        self.state.last_step = self.state.step
+    def save_last(self) -> None:
+        """last.safetensors at this step: what a resume needs, the callbacks' states included (only ever with
+        finite weights)."""
+        self.state.last_step, self.state.callbacks = self.state.step, self.callbacks.state_dicts()
         resuming.save_last(self.out, self.model, self.optimizer, self.schedule, state=self.state,
                            history=self.history, config=self.config)
         self.written.append(self.out / "last.safetensors")
 
+    def restore_callbacks(self, log) -> None:
+        """The callbacks' states saved with the run (gpunet.callbacks.Events.load_state_dicts). A run saved
+        before callbacks kept state counted early stopping in its LoopState: fit's early_stopping goes on from it."""
+        saved = self.state.callbacks
+        if saved is None:
+            saved = [{"class": "EarlyStopping", "state": {"best": self.state.best_loss, "stale": self.state.stale}}
+                     if getattr(c, "of_fit", False) else None for c in self.callbacks.callbacks]
+        self.callbacks.load_state_dicts(saved, log)
+
     def finish(self, restore_best: bool) -> History:
-        """Write the history files; load the best model back (with validation data only: the lowest
-        train loss says nothing about data the model has not seen, so then the last weights stay)."""
-        history, out = self.history, self.out
+        """The history with the best step and the files written; the best model loaded back (with validation
+        data only: the lowest train loss says nothing about data the model has not seen, so then the last
+        weights stay)."""
+        history = self.history
         history.best_step, history.written = self.state.best_step, self.written
-        if out is not None:
-            history.written += history.write(out)
-            if len(history) and history.save_plot(out / "history.png"):
-                history.written.append(out / "history.png")
-        self.restore_best(out, restore_best)
+        self.restore_best(self.out, restore_best)
         return history
 
     def restore_best(self, out, restore_best: bool = True) -> None:
@@ -249,7 +235,7 @@ class _Run:
                 and (out / "model.safetensors").exists():
             self.model.load_state_dict(checkpoint.read_checkpoint(out / "model.safetensors")[0])
 
-    def _check_finite(self, watch) -> None:
+    def check_finite(self, watch) -> None:
         """Raise TrainingDiverged at the first step whose loss was not finite (exact on every device)."""
         bad = watch.first_bad()
         if bad is not None:
@@ -283,16 +269,16 @@ class _Run:
         raise TrainingDiverged(f"{what} (epoch {self.state.epoch + 1}); training stopped{where}. "
                                "Try a lower learning rate (--lr) or gradient clipping (--clip-norm).")
 
-    def _interrupt(self, watch, signum) -> None:
+    def _interrupt(self, signum) -> None:
         """Save last.safetensors at this step (with the running train loss, so a resume is exact); a loss
         that was not finite since the last check ends the run as a divergence instead, as on the CPU."""
-        self._check_finite(watch)
+        next(c for c in self.callbacks.callbacks if isinstance(c, DivergenceCheck)).check()
         if first_non_finite_tensor(self.model) is not None:
             raise TrainingInterrupted(f"{resuming.interrupted_by(signum)} at step {self.state.step}; the weights "
                                       "are not finite, so nothing was saved", signum)
         if self.out is None:  # a data-parallel rank other than 0: rank 0 saves for all
             raise TrainingInterrupted(f"{resuming.interrupted_by(signum)} at step {self.state.step}", signum)
-        self._save_last()
+        self.save_last()
         self.history.write(self.out)
         raise TrainingInterrupted(f"{resuming.interrupted_by(signum)} at step {self.state.step}; saved "
                                   f"{self.out / 'last.safetensors'}: run the same command with --resume to continue",

@@ -41,7 +41,8 @@ class LoopState:
     batch: int = 0  # batches taken in the current epoch
     sample: int = 0  # samples served in the current epoch (a resume with a new batch size goes on from here)
     best_loss: float = math.inf  # the lowest monitored loss: val_loss, or train_loss without validation data
-    stale: int = 0  # evaluations since best_loss last improved (early stopping counts them)
+    stale: int = 0  # read from runs saved before callbacks kept state: evaluations without a lower loss
+    callbacks: list | None = None  # each callback's state_dict (gpunet.callbacks.Events.state_dicts); None: none saved
     best_step: int | None = None  # the step whose weights model.safetensors holds
     last_step: int | None = None  # the step last.safetensors holds, when this run wrote it
     running: object = 0.0  # sum of the train losses since the last evaluation (a device scalar on a GPU)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy
 
-from gpunet import cuda_graph, resume as resuming, validate
+from gpunet import cuda_graph, resume as resuming, training_callbacks, validate
 from gpunet.callbacks import check as check_callbacks
 from gpunet.layers import inputs as arrays
 from gpunet.data.pipeline import random_shift
@@ -81,8 +81,9 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
     resume with another batch size still ends at the last epoch's end) or after `steps` optimizer
     steps; evaluates at each epoch end, or every `eval_every` steps, and at the end. schedule.step() is called
     after each optimizer step (gpunet.optim.CosineLR's t_max and warmup count optimizer steps).
-    callbacks: objects with on_step(step, loss) and/or on_evaluation(record) (see gpunet.callbacks); an
-    on_evaluation returning True stops training after that evaluation. The monitored loss is val_loss, or train_loss (the mean since the
+    callbacks: objects with the hooks of gpunet.callbacks (on_step, on_evaluation, ...; docs/training.md says which
+    fires when and in what order beside the built-in ones); an on_evaluation returning True stops training after
+    that evaluation; a callback's state_dict() is saved with the run and restored on resume. The monitored loss is val_loss, or train_loss (the mean since the
     previous evaluation) without val; early_stopping: evaluations without a lower one before stopping.
     With out_dir: history.json, metrics.csv, history.png, model.safetensors (the model of the lowest
     monitored loss) and last.safetensors (everything needed to resume). An out_dir that already holds
@@ -117,7 +118,8 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
     if not setup.writes:  # only rank 0 writes the run folder and logs; the others read it to resume
         log = _quiet
     run = _Run(model, data, val, optimizer, schedule, setup, loss=loss, batch_size=batch_size, epochs=epochs,
-               steps=steps, eval_every=eval_every, clip_norm=clip_norm, patience=early_stopping, callbacks=hooks)
+               steps=steps, eval_every=eval_every, clip_norm=clip_norm)
+    run.callbacks = training_callbacks.ordered(run, hooks, progress, early_stopping)
     if cuda_graph or (cuda_graph is None and setup.on_gpu):
         run.graph = _graphed_step(run, log)
     out = setup.out
@@ -129,10 +131,11 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
         if setup.resume:
             run.history, run.state = resuming.restore(out, model, optimizer, schedule, config=run.config, log=log,
                                                       samples=len(data), allow_data_change=setup.allow_data_change)
+            run.restore_callbacks(log)
             if run.done():
                 log(f"resume: the run is already at step {run.state.step}, which reaches the {run.length()} asked "
                     "for; nothing to train (ask for more steps or epochs)")
-        run.train(progress, interrupted)
+        run.train(interrupted)
         history = run.finish(restore_best)
         setup.world.barrier()  # no rank returns (and reads the folder) before rank 0 has written it
         if not setup.writes:  # rank 0 saved the best model: every rank ends with it, as rank 0 does
