@@ -174,12 +174,11 @@ def cmd_train(args) -> int:
     if args.data_dir is not None and os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
         raise NotADirectoryError(f"--data-dir {args.data_dir} is a file, not a folder")
     gn.manual_seed(args.seed)
-    dev = _device(args)
     # the device, the world, the folder (made, locked and checked by rank 0 before any data is loaded): decided once
-    setup = RunSetup.for_command(dev, args.out, args.model, resume=args.resume, overwrite=args.overwrite,
+    setup = RunSetup.for_command(lambda: _device(args), args.out, args.model, resume=args.resume, overwrite=args.overwrite,
                                  seed=args.seed, allow_data_change=args.allow_data_change)
     try:
-        print(f"device: {dev.name} ({dev.reason})")
+        print(f"device: {setup.device.name} ({setup.device.reason})")
         if setup.world.world_size > 1:
             print(f"world size: {setup.world.world_size} ({setup.world.world.backend}); each rank takes its share of "
                   "every batch")

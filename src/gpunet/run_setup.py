@@ -52,11 +52,12 @@ class RunSetup:
                    allow_data_change, "fit")
 
     @classmethod
-    def for_command(cls, device: Device, out, model: str, *, resume: bool, overwrite: bool, seed: int,
+    def for_command(cls, pick_device, out, model: str, *, resume: bool, overwrite: bool, seed: int,
                     allow_data_change: bool) -> RunSetup:
-        """`gpunet train`'s setup: checked, the world made, and the folder made, locked and checked
-        (by rank 0, before any data is loaded); close() releases it."""
+        """`gpunet train`'s setup: checked (before pick_device() resolves the device, which may warn), the world
+        made, and the folder made, locked and checked (by rank 0, before any data is loaded); close() releases it."""
         check(resume, overwrite, allow_data_change, True, "cli")
+        device = pick_device()
         world = distributed.init(device.name)  # world size 1 unless started by mpiexec, srun or torchrun
         command.quiet_other_ranks(world)
         folder = command.run_folder(world, lambda: runs.prepare(out, model, resume, overwrite))
