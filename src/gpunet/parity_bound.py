@@ -70,6 +70,8 @@ def reduction_path(layer, shape: tuple) -> tuple[int, tuple]:
         return math.prod(shape), (*shape, c["embedding_dim"])  # the backward sums each id's rows
     if kind == "PositionalEmbedding":
         return shape[0], shape
+    if kind == "Softmax":
+        return 2 * shape[-1], shape  # its sum over the classes, forward and backward
     if kind in ("Flatten",):
         return 0, (shape[0], math.prod(shape[1:]))
     if kind in ("MaxPool2D", "AvgPool2D"):

@@ -68,8 +68,8 @@ def nccl_status() -> tuple[bool, str]:
     """(usable, why not): cupyx.distributed imports and CuPy loaded NCCL's library. (cupyx.distributed
     imports without NCCL, with a warning; its init_process_group then raises "NCCL is not available".)"""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # CuPy's own multi-line warning when libnccl is missing
+        # CuPy's own multi-line warning when libnccl is missing (the filter ends with the block)
+        with warnings.catch_warnings(action="ignore"):
             from cupy.cuda import nccl
             from cupyx import distributed  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - ImportError, or a broken CuPy raising anything

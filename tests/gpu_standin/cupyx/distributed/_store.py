@@ -2,6 +2,7 @@
 sends its part of a collective and gets all the ranks' parts back once each has sent one."""
 from __future__ import annotations
 
+import atexit
 import threading
 from multiprocessing.connection import Client, Listener
 
@@ -17,7 +18,12 @@ class Server:
         self._parts: dict = {}  # sequence -> {rank: payload}
         self._taken: dict = {}  # sequence -> ranks that got the parts back
         self._changed = threading.Condition()
+        self._answering: list[threading.Thread] = []
         threading.Thread(target=self._serve, daemon=True).start()
+        # Collectives travel through this store (NCCL's do not): rank 0 may finish its last collective
+        # and exit while the answer to another rank is still unsent, which would leave that rank waiting
+        # forever. So the serving process waits, at exit, for the answers it owes (at most 30 s).
+        atexit.register(self._finish_answers)
 
     def _serve(self):
         while True:
@@ -25,7 +31,13 @@ class Server:
                 connection = self._listener.accept()
             except OSError:  # closed by stop()
                 return
-            threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
+            thread = threading.Thread(target=self._answer, args=(connection,), daemon=True)
+            self._answering = [t for t in self._answering if t.is_alive()] + [thread]
+            thread.start()
+
+    def _finish_answers(self, timeout: float = 30.0):
+        for thread in list(self._answering):
+            thread.join(timeout)
 
     def _answer(self, connection):
         with connection:
