@@ -11,11 +11,11 @@ import numpy
 import pytest
 
 import gpunet as gn
-from gpunet import training_callbacks
-from gpunet.checkpoint import read_checkpoint
-from gpunet.callbacks import Callback, every
-from gpunet.loop import _Run
-from gpunet.run_setup import RunSetup
+from gpunet.training import builtin_callbacks as training_callbacks
+from gpunet.training.checkpoint import read_checkpoint
+from gpunet.training.callbacks import Callback, every
+from gpunet.training.loop import _Run
+from gpunet.training.setup import RunSetup
 
 
 def data(n=48, seed=0):

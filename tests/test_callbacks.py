@@ -6,7 +6,7 @@ import numpy
 import pytest
 
 import gpunet as gn
-from gpunet.callbacks import Callback, EarlyStopping
+from gpunet.training.callbacks import Callback, EarlyStopping
 
 
 def problem(n=200, seed=0):

@@ -39,9 +39,9 @@ def test_old_checkpoints_load_and_reproduce_their_outputs_and_gradients(kind, de
 
 def test_a_resaved_old_checkpoint_is_the_same_file_content(tmp_path):
     for kind in ("mlp", "cnn", "rnn", "transformer"):
-        old = gn.checkpoint.read_checkpoint(FIXTURES / f"{kind}.safetensors")
+        old = gn.training.checkpoint.read_checkpoint(FIXTURES / f"{kind}.safetensors")
         gn.save(gn.load(FIXTURES / f"{kind}.safetensors"), tmp_path / "again.safetensors")
-        new = gn.checkpoint.read_checkpoint(tmp_path / "again.safetensors")
+        new = gn.training.checkpoint.read_checkpoint(tmp_path / "again.safetensors")
         assert new[2]["architecture"] == old[2]["architecture"]
         assert sorted(new[0]) == sorted(old[0])
         for key in old[0]:

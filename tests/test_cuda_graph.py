@@ -51,7 +51,7 @@ def test_replayed_training_equals_eager_training(optimizer, schedule, clip_norm)
 
 @pytest.mark.skipif(not ON_STANDIN, reason="counts launches on the CuPy stand-in")
 def test_a_replayed_step_is_one_graph_launch_on_its_static_buffers(monkeypatch):
-    from gpunet import cuda_graph
+    from gpunet.training import cuda_graph
 
     made = []
     monkeypatch.setattr(cuda_graph.GraphedStep, "_capture",
@@ -77,7 +77,7 @@ def test_a_replayed_step_is_one_graph_launch_on_its_static_buffers(monkeypatch):
 
 @pytest.mark.skipif(not ON_STANDIN, reason="counts graphs on the CuPy stand-in")
 def test_a_third_batch_shape_runs_eagerly_and_says_so():
-    from gpunet import cuda_graph
+    from gpunet.training import cuda_graph
 
     said = []
     model = gn.models.mlp((784, 16, 10)).to("gpu")
@@ -94,7 +94,7 @@ def test_a_third_batch_shape_runs_eagerly_and_says_so():
 def test_the_capture_allocates_from_the_graphs_own_pool_and_a_replay_allocates_nothing():
     """cupy.cuda.using_allocator routes what the captured step allocates to GraphedStep.pool (on the
     stand-in as in CuPy; it did nothing before issue 27), so nothing else gets an address a replay writes."""
-    from gpunet import cuda_graph
+    from gpunet.training import cuda_graph
 
     model = gn.models.mlp((784, 16, 10)).to("gpu")
     opt = gn.optim.SGD(model, lr=0.1)
@@ -130,7 +130,7 @@ def test_a_model_with_dropout_replays_as_it_trains_eagerly():
 
 
 def test_the_record_holds_the_optimizer_scalars_then_the_step():
-    from gpunet.cuda_graph import step_record
+    from gpunet.training.cuda_graph import step_record
 
     record = step_record([0.5, 0.25, 0.125], 2**32 + 7)
     assert record.dtype == numpy.float32 and list(record[:3]) == [0.5, 0.25, 0.125]
@@ -170,7 +170,7 @@ def test_a_cpu_model_says_why_there_is_no_graph():
 
 @pytest.mark.parametrize("flag, replays", [([], True), (["--cuda-graph"], True), (["--no-cuda-graph"], False)])
 def test_the_train_command_replays_on_a_gpu_unless_told_not_to(tmp_path, capsys, monkeypatch, flag, replays):
-    from gpunet import cuda_graph
+    from gpunet.training import cuda_graph
     from gpunet.cli import main
 
     runs = []

@@ -41,7 +41,7 @@ ARCHITECTURE = ROOT / "docs" / "architecture.md"
 SRC = ROOT / "src" / "gpunet"
 # the modules whose __all__ is the public API, under the prefix users write
 MODULES = {"gn": "gpunet", "gn.layers": "gpunet.layers", "gn.optim": "gpunet.optim", "gn.losses": "gpunet.losses",
-           "gn.callbacks": "gpunet.callbacks", "gn.export": "gpunet.export", "gn.models": "gpunet.models",
+           "gn.callbacks": "gpunet.training.callbacks", "gn.export": "gpunet.export", "gn.models": "gpunet.models",
            "gn.data": "gpunet.data", "gn.init": "gpunet.init"}
 OPTION = re.compile(r"(?<![\w-])--[a-z0-9][\w-]*")
 

@@ -173,7 +173,7 @@ def test_a_second_search_on_a_folder_in_use_is_refused_as_in_use(tmp_path, capsy
     it, before its study.db exists, hears "in use", not "holds files but no search"."""
     out = tmp_path / "s"
     holder = subprocess.Popen(  # what the first search holds from its start: the folder's lock
-        [sys.executable, "-c", "import sys, time; from gpunet.runs import RunLock\n"
+        [sys.executable, "-c", "import sys, time; from gpunet.training.runs import RunLock\n"
          "with RunLock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)", str(out)],
         stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
     try:
@@ -318,7 +318,7 @@ def test_an_architecture_of_exabytes_is_refused_before_anything_is_allocated(tmp
     huge = edited(source, tmp_path / "huge.safetensors", metadata=with_architecture(
         lambda a: a["layers"][0]["args"].update(in_features=10**9, out_features=10**9)))
     built = []
-    monkeypatch.setattr(gn.checkpoint, "build_layer", lambda config: built.append(config))
+    monkeypatch.setattr(gn.training.checkpoint, "build_layer", lambda config: built.append(config))
     numpy.save(tmp_path / "x.npy", numpy.zeros((1, 4), "uint8"))
     line = refused(["predict", huge, "--images", tmp_path / "x.npy", "--device", "cpu"], capsys, tmp_path)
     assert line == (f"gpunet predict: {huge}: layer 0 (Dense): its architecture names the size 1000000000, more than "
@@ -407,7 +407,7 @@ def test_metadata_nested_too_deeply_is_one_line_naming_the_file(tmp_path, capsys
     def too_deep(config):  # what building Sequentials nested a few hundred deep ends in
         raise RecursionError("maximum recursion depth exceeded")
 
-    monkeypatch.setattr(gn.checkpoint, "build_layer", too_deep)
+    monkeypatch.setattr(gn.training.checkpoint, "build_layer", too_deep)
     assert refused(["generate", source, "--device", "cpu"], capsys, tmp_path) == (
         f"gpunet generate: {source}: checkpoint does not match its architecture: layers nested too deeply to build")
 
@@ -421,7 +421,7 @@ def test_every_model_the_library_builds_passes_the_size_check():
               gn.Sequential(L.Conv2D(3, 2, 7, stride=9, padding=3, bias=False), L.MaxPool2D(3)),
               gn.Sequential(L.Conv1D(2, 3, 5, padding=2), L.MultiHeadAttention(8, 8)), L.Dense(3, 2)]
     for model in models:
-        gn.checkpoint.check_sizes("m", model.to_config(), {k: gn.to_numpy(v) for k, v in model.state_dict().items()})
+        gn.training.checkpoint.check_sizes("m", model.to_config(), {k: gn.to_numpy(v) for k, v in model.state_dict().items()})
 
 
 # ---------------------------------------------------------------- 6. gn.save into a folder

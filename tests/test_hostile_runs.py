@@ -20,7 +20,8 @@ import pytest
 
 import gpunet as gn
 import gpunet.cli as command_line
-from gpunet import files, resume
+from gpunet import files
+from gpunet.training import resume
 from tests.support.reliability import cli, one_error_line, snapshot
 from tests.test_reliability_reports import Data, problem, train
 
@@ -55,7 +56,7 @@ def run_files(folder) -> dict:
 
 
 def saved_step(path) -> int:
-    return gn.checkpoint.read_checkpoint(path)[2]["training"]["state"]["step"]
+    return gn.training.checkpoint.read_checkpoint(path)[2]["training"]["state"]["step"]
 
 
 @pytest.mark.parametrize("signame, code", [("SIGTERM", 143), ("SIGHUP", 129)])
@@ -321,7 +322,7 @@ def test_a_run_folder_from_before_the_fingerprint_still_resumes(tmp_path):
     assert said == [f"resume: {out / 'last.safetensors'} was saved before gpunet kept a fingerprint of the training "
                     "data, so a change of the data cannot be seen; the run goes on (and saves one from now on)"]
     assert [r["step"] for r in history.records] == [2, 4, 6, 8]
-    saved = gn.checkpoint.read_checkpoint(out / "last.safetensors")[2]["training"]
+    saved = gn.training.checkpoint.read_checkpoint(out / "last.safetensors")[2]["training"]
     assert saved["state"]["step"] == 8
     assert saved["config"]["data_fingerprint"]["training inputs"]["shape"] == [96, 6]
     assert snapshot(fixture) == kept

@@ -23,10 +23,10 @@ LAYERS = [
     # as gpunet.optim updates them, and the fit loop (train, above) calls it every step
     ("layers", ["gpunet.layers", "gpunet.init", "gpunet.losses", "gpunet.optim", "gpunet.distributed"]),
     ("models and data", ["gpunet.models", "gpunet.data"]),
-    ("checkpoint/export", ["gpunet.checkpoint", "gpunet.history", "gpunet.summary", "gpunet.generate",
-                           "gpunet.export"]),
-    ("train", ["gpunet.train", "gpunet.loop", "gpunet.cuda_graph", "gpunet.resume", "gpunet.divergence", "gpunet.runs", "gpunet.recipes",
-               "gpunet.callbacks", "gpunet.run_setup", "gpunet.training_callbacks"]),
+    ("checkpoint/export", ["gpunet.training.checkpoint", "gpunet.training.history", "gpunet.summary",
+                           "gpunet.generate", "gpunet.export"]),
+    # the run (gpunet.training), but for its checkpoints and history, which export and generate read
+    ("train", ["gpunet.training", "gpunet.recipes"]),
     ("public api", ["gpunet"]),
     ("tools", ["gpunet.parity", "gpunet.parity_bound", "gpunet.parity_command", "gpunet.search", "gpunet.benchmarks", "gpunet.predict"]),
     ("cli", ["gpunet.cli", "gpunet.__main__"]),
@@ -150,8 +150,8 @@ def test_no_import_cycles():
 
 @pytest.mark.parametrize("source, expected", [
     # the import this test was written against: the backend reaching up to checkpoint for a file helper
-    ("from gpunet.checkpoint import atomic_write", "gpunet.backend.gemm_dispatch (layer backend) imports "
-                                                   "gpunet.checkpoint (layer checkpoint/export, above it) at line 1"),
+    ("from gpunet.training.checkpoint import atomic_write", "gpunet.backend.gemm_dispatch (layer backend) imports "
+                                                   "gpunet.training.checkpoint (layer checkpoint/export, above it) at line 1"),
     ("def later():\n    from ..layers import base", "gpunet.backend.gemm_dispatch (layer backend) imports "
                                                      "gpunet.layers.base (layer layers, above it) at line 2"),
     ("import gpunet", "gpunet.backend.gemm_dispatch (layer backend) imports gpunet (layer public api, above it) "

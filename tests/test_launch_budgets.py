@@ -77,7 +77,7 @@ def test_fit_steps_transfer_nothing_to_the_host_between_its_reads(cuda_graph, h2
     other loop iteration (data to the device, forward, loss, backward, Adam, the running loss and
     the divergence watch) moves nothing from the device to the host, eagerly or replayed. It moves
     the batch's images and labels to the device, and a replay also its 16-byte per-step record."""
-    from gpunet import loop
+    from gpunet.training import loop
 
     x, y = mnist_batch((784,), 64 * 30)
     model = gn.models.mlp((784, 32, 10)).to("gpu")

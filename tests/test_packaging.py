@@ -43,7 +43,8 @@ def test_extras():
     assert not any(d.startswith("matplotlib") for d in PROJECT["dependencies"])
     assert [d for d in optional["bench"] if d.startswith("torch")]
     assert "torch==2.13.0" in optional["test"] and "mypy>=1.11" in optional["test"]
-    assert "gpunet[mpi,search,plot,bench,onnx]" in optional["test"]
+    assert "gpunet[mpi,search,plot,bench,onnx,tensorboard]" in optional["test"]
+    assert optional["tensorboard"] == ["tensorboardX>=2.6"]  # gn.callbacks.TensorBoard
 
 
 def test_every_package_is_in_the_wheel_list():

@@ -59,7 +59,7 @@ def test_a_tensor_added_after_saving_is_refused(tmp_path):
     tensors["__extra__/smuggled"] = numpy.zeros(3, "float32")
     save_file(tensors, str(path), metadata=meta)
     with pytest.raises(ValueError, match=r"tensor '__extra__/smuggled' has no checksum"):
-        gn.checkpoint.read_checkpoint(path)
+        gn.training.checkpoint.read_checkpoint(path)
 
 
 def test_a_half_written_last_checkpoint_is_one_line_on_resume(tmp_path, capsys):

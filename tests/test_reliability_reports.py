@@ -12,7 +12,7 @@ import numpy
 import pytest
 
 import gpunet as gn
-from gpunet.divergence import DivergenceWatch, first_non_finite_tensor
+from gpunet.training.divergence import DivergenceWatch, first_non_finite_tensor
 from tests import gpu_standin
 from tests.support.arrays import ON_STANDIN
 from tests.support.reliability import cli, one_error_line, snapshot

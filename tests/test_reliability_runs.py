@@ -12,7 +12,7 @@ import numpy
 import pytest
 
 import gpunet as gn
-from gpunet import runs
+from gpunet.training import runs
 from tests.support.reliability import cli, one_error_line, snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,7 +164,7 @@ def test_fit_resume_into_a_missing_folder_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-HOLD_LOCK = ("import sys; from gpunet.runs import RunLock; RunLock(sys.argv[1]).acquire(); "
+HOLD_LOCK = ("import sys; from gpunet.training.runs import RunLock; RunLock(sys.argv[1]).acquire(); "
              "print('locked', flush=True); sys.stdin.read()")
 
 

@@ -1,4 +1,4 @@
-"""A run's setup is decided once (gpunet.run_setup): one check of resume/overwrite for the command line
+"""A run's setup is decided once (gpunet.training.setup): one check of resume/overwrite for the command line
 and gn.fit, the folder locked once, and a setup given to fit not contradicted by its arguments."""
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy
 import pytest
 
 import gpunet as gn
-from gpunet import runs
+from gpunet.training import runs
 from gpunet.errors import UsageError
-from gpunet.run_setup import RunSetup, check
+from gpunet.training.setup import RunSetup, check
 from tests.support.reliability import snapshot
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import gpunet as gn
-from gpunet import checkpoint
+from gpunet.training import checkpoint
 
 STEPS, BASE_LR = 25, 0.1
 

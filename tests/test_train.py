@@ -110,7 +110,7 @@ def test_without_validation_data_the_train_loss_picks_the_saved_model(tmp_path):
 
 
 def test_loop_state_reads_the_names_an_older_gpunet_saved():
-    from gpunet.resume import LoopState
+    from gpunet.training.resume import LoopState
 
     old = {"step": 7, "epoch": 1, "batch": 2, "sample": 64, "best_val": 0.25, "stale": 1, "best_step": 5,
            "last_step": 7}

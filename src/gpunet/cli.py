@@ -10,7 +10,8 @@ import sys
 import numpy
 
 import gpunet as gn
-from gpunet import benchmarks, distributed, errors, extras, resume, validate
+from gpunet import benchmarks, distributed, errors, extras, validate
+from gpunet.training import resume
 from gpunet import parity_command
 from gpunet import predict as predict_command
 from gpunet.backend import device_info
@@ -19,9 +20,9 @@ from gpunet.data import (TEXT_DATASETS, CharWindows, consecutive_windows, image_
                          text_preprocess)
 from gpunet.data import user as user_data
 from gpunet.generate import MAX_LENGTH, stream
-from gpunet.history import strict_json
+from gpunet.training.history import strict_json
 from gpunet.recipes import RECIPES, recipe
-from gpunet.run_setup import RunSetup
+from gpunet.training.setup import RunSetup
 from gpunet.search import command as search_command
 from gpunet.summary import summary
 

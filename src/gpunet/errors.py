@@ -122,7 +122,7 @@ def handled(command: str, debug: bool = False):
     except KeyboardInterrupt as exc:
         if debug:
             traceback.print_exc()
-        signum = getattr(exc, "signum", None)  # gpunet.resume.Interrupted: SIGTERM or SIGHUP, not only Ctrl-C
+        signum = getattr(exc, "signum", None)  # gpunet.training.resume.Interrupted: SIGTERM or SIGHUP, not only Ctrl-C
         code = 128 + signum if isinstance(signum, int) else INTERRUPTED
         raise fail(command, str(exc) or "interrupted", code) from None
     except Exception as exc:  # noqa: BLE001 - every error ends in one line

@@ -102,7 +102,7 @@ def current_step() -> int:
 def step_from_device(source):
     """Dropout kernels launched inside read their step from source (a one-element uint32 device
     array) rather than taking current_step() as an argument: a CUDA graph replays its captured
-    arguments, so the graph writes each replay's step into source (gpunet.cuda_graph)."""
+    arguments, so the graph writes each replay's step into source (gpunet.training.cuda_graph)."""
     state = current()
     state.step_source = source
     try:

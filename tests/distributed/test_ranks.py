@@ -98,7 +98,7 @@ def test_only_rank_zero_writes_and_every_rank_stops_early_at_the_same_step(tmp_p
     done = launch([job])
     assert done.returncode == 0, done.stderr
     reports = [outcome(job["result"], rank)[1] for rank in (0, 1)]
-    best = gn.checkpoint.read_checkpoint(tmp_path / "run" / "model.safetensors")[0]
+    best = gn.training.checkpoint.read_checkpoint(tmp_path / "run" / "model.safetensors")[0]
     for rank in (0, 1):  # every rank ends with the best model rank 0 saved
         params = outcome(job["result"], rank)[0]
         assert all(numpy.array_equal(params[k], best[k]) for k in params), rank

@@ -49,7 +49,7 @@ def recipe_accuracy_on_held_out_fifth(name: str, epochs: int) -> float:
     """Train the CLI's default recipe for `name` on 80% of the embedded sample; accuracy on the rest."""
     from gpunet.data import image_preprocess, load_mnist_sample, split
     from gpunet.recipes import recipe
-    from gpunet.train import ArrayData
+    from gpunet.training.train import ArrayData
     r = recipe(name)
     x, y = load_mnist_sample()
     xt, yt, xv, yv = split(x, y, 0.2, seed=0)

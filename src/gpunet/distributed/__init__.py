@@ -3,7 +3,7 @@ cupyx.distributed on GPUs (MPI with host copies where NCCL is not usable).
 
 `init()` reads how the process was launched (gpunet.distributed.environment): mpiexec/mpirun, srun,
 or torchrun-style variables; a process with no launcher is world size 1 and imports nothing more.
-One process per device: on GPUs rank r uses device LOCAL_RANK. The fit loop (gpunet.loop) takes its
+One process per device: on GPUs rank r uses device LOCAL_RANK. The fit loop (gpunet.training.loop) takes its
 Replicas from here, so `mpiexec -n 2 gpunet train ...` needs no new flag.
 """
 from __future__ import annotations

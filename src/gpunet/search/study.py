@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy
 
 import gpunet as gn
-from gpunet import resume, runs
+from gpunet.training import resume, runs
 from gpunet.search import report, space as spaces, trial as trial_run
 
 STUDY_NAME = "gpunet-search"

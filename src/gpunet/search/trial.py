@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import numpy
 
 import gpunet as gn
-from gpunet.callbacks import Callback
-from gpunet.runs import holds_run
+from gpunet.training.callbacks import Callback
+from gpunet.training.runs import holds_run
 from gpunet.data import CharWindows, consecutive_windows, image_preprocess, load_dataset, split, text_preprocess
-from gpunet.train import ArrayData
+from gpunet.training.train import ArrayData
 
 EVALUATIONS = 10  # per trial of a run measured in steps: the points at which the pruner compares trials
 

@@ -1,4 +1,4 @@
-"""fit and evaluate: checked arguments, the run folder, resume; the loop itself is gpunet.loop.
+"""fit and evaluate: checked arguments, the run folder, resume; the loop itself is gpunet.training.loop.
 
 Randomness is derived, not carried: the order of epoch e comes from seed (seed, e) and the
 augmentation of batch b from (seed, e, b), so a resumed run needs only the position and the
@@ -10,17 +10,18 @@ from typing import Any
 
 import numpy
 
-from gpunet import cuda_graph, resume as resuming, training_callbacks, validate
-from gpunet.callbacks import check as check_callbacks
+from gpunet import validate
+from gpunet.training import cuda_graph, resume as resuming, builtin_callbacks as training_callbacks
+from gpunet.training.callbacks import check as check_callbacks
 from gpunet.layers import inputs as arrays
 from gpunet.data.pipeline import random_shift
-from gpunet.history import History
+from gpunet.training.history import History
 from gpunet.layers import Layer
 # re-exported: the loop raises them, callers catch them from here
-from gpunet.loop import DeviceOutOfMemory, TrainingDiverged, TrainingInterrupted, _evaluate, _Run  # noqa: F401
+from gpunet.training.loop import DeviceOutOfMemory, TrainingDiverged, TrainingInterrupted, _evaluate, _Run  # noqa: F401
 from gpunet.losses import LOSSES, metric
 from gpunet.optim import Optimizer
-from gpunet.run_setup import RunSetup
+from gpunet.training.setup import RunSetup
 
 
 class ArrayData:
@@ -81,7 +82,7 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
     resume with another batch size still ends at the last epoch's end) or after `steps` optimizer
     steps; evaluates at each epoch end, or every `eval_every` steps, and at the end. schedule.step() is called
     after each optimizer step (gpunet.optim.CosineLR's t_max and warmup count optimizer steps).
-    callbacks: objects with the hooks of gpunet.callbacks (on_step, on_evaluation, ...; docs/training.md says which
+    callbacks: objects with the hooks of gpunet.training.callbacks (on_step, on_evaluation, ...; docs/training.md says which
     fires when and in what order beside the built-in ones); an on_evaluation returning True stops training after
     that evaluation; a callback's state_dict() is saved with the run and restored on resume. The monitored loss is val_loss, or train_loss (the mean since the
     previous evaluation) without val; early_stopping: evaluations without a lower one before stopping.
@@ -93,15 +94,15 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
     A non-finite loss or weight raises TrainingDiverged naming the step; nothing non-finite is
     saved. Ctrl-C, SIGTERM or SIGHUP save last.safetensors after the current step and raise
     TrainingInterrupted (its signum says which signal).
-    resume: the hyper-parameters are compared with the saved run's (see gpunet.resume); run_config
+    resume: the hyper-parameters are compared with the saved run's (see gpunet.training.resume); run_config
     adds the caller's own (model, dataset, ...) to that comparison; log prints what is applied. The
     data is compared with the fingerprint saved with the run (shape, dtype and hash of its arrays): a
     change is refused unless allow_data_change=True.
     restore_best: with val and out_dir, the model ends with the weights of model.safetensors.
-    cuda_graph: capture the step once per batch shape and replay it (gpunet.cuda_graph); None (the
+    cuda_graph: capture the step once per batch shape and replay it (gpunet.training.cuda_graph); None (the
     default) does so when the model is on a GPU, False never. A step that cannot be captured trains
     eagerly, after one line from log saying why.
-    setup: a gpunet.run_setup.RunSetup (as `gpunet train` makes) deciding the device, the world, the locked run
+    setup: a gpunet.training.setup.RunSetup (as `gpunet train` makes) deciding the device, the world, the locked run
     folder, resume, overwrite, seed and allow_data_change instead of those arguments; without it fit makes its own.
     The History returned has .best_step (of the saved model, or None) and .written (the files).
     """
@@ -147,7 +148,7 @@ def _check_setup(setup, model, out_dir, resume, overwrite, seed, allow_data_chan
     """A RunSetup given to fit decides the folder, resume, overwrite and seed: refuse them given twice,
     and a model on another device than the setup's."""
     if not isinstance(setup, RunSetup):
-        raise TypeError(f"fit: setup must be a gpunet.run_setup.RunSetup, got {_name(setup)}")
+        raise TypeError(f"fit: setup must be a gpunet.training.setup.RunSetup, got {_name(setup)}")
     given = [name for name, value, default in (("out_dir", out_dir, None), ("resume", resume, False),
                                                ("overwrite", overwrite, False), ("seed", seed, 0),
                                                ("allow_data_change", allow_data_change, False)) if value != default]

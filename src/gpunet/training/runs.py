@@ -5,7 +5,7 @@ A run folder holds the files of one training run (RUN_FILES). `gpunet train` wit
 makes `runs/YYYYmmdd-HHMMSS-MODEL` and points the symlink `runs/latest` at it; an explicit --out
 that already holds a run is refused unless --resume, or --overwrite, which moves the old run
 into a sub-folder `replaced-YYYYmmdd-HHMMSS` (nothing is ever deleted); gn.fit(out_dir=...) makes
-the same check (check_existing, with its resume= and overwrite=), once per run (gpunet.run_setup). While a run trains, the
+the same check (check_existing, with its resume= and overwrite=), once per run (gpunet.training.setup). While a run trains, the
 folder's `.lock` is held (an OS lock, released even by kill -9), so a second run into the same
 folder fails at once; the temporaries a dead run left are removed when the next one starts. A
 folder where the lock cannot be made (a read-only mount, no permission) is refused in one line
@@ -54,7 +54,7 @@ def _stamp(now=None) -> str:
 # ---------------------------------------------------------------- the lock
 class RunLock:
     """An exclusive lock on a run folder: `.lock` inside it, locked with flock, so it dies with
-    its process. Taken once per run (gpunet.run_setup decides who opens the folder): a second
+    its process. Taken once per run (gpunet.training.setup decides who opens the folder): a second
     RunLock on the same folder, even in the same process, is refused as another run."""
 
     def __init__(self, folder):

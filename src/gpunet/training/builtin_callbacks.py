@@ -1,5 +1,5 @@
 """fit's own work around the training step, as callbacks with the hooks a user's callback has
-(gpunet.callbacks): the schedule, the divergence watch, the progress bar, early stopping, the
+(gpunet.training.callbacks): the schedule, the divergence watch, the progress bar, early stopping, the
 checkpoints and the history files (history.json, metrics.csv, history.png: the run's CSV/JSON logger).
 
 ordered() puts them and the user's callbacks in the one order every hook is called in
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
-from gpunet import checkpoint
-from gpunet.callbacks import Callback, EarlyStopping, Events
-from gpunet.divergence import DivergenceWatch
+from gpunet.training import checkpoint
+from gpunet.training.callbacks import Callback, EarlyStopping, Events
+from gpunet.training.divergence import DivergenceWatch
 from gpunet.losses import item
 
 

@@ -13,9 +13,10 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpunet import distributed, runs
+from gpunet import distributed
+from gpunet.training import runs
 from gpunet.backend import Device
-from gpunet.distributed import command
+from gpunet.distributed import Replicas, command
 from gpunet.errors import UsageError
 
 
@@ -24,7 +25,7 @@ class RunSetup:
     """Where and how one run trains; by: "cli" or "fit", who built it (and how errors name the settings)."""
 
     device: Device
-    world: object  # gpunet.distributed.Replicas: this process's share of a data-parallel run
+    world: Replicas  # this process's share of a data-parallel run
     out: Path | None  # the run folder (rank 0 writes it, every rank reads it to resume)
     resume: bool = False
     overwrite: bool = False

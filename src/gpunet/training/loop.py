@@ -1,7 +1,7 @@
 """The training loop of fit: one _Run holds what it trains, its fixed settings, its RunSetup and the
 LoopState that a resume restores; it steps, evaluates and reports divergence, and calls the hooks of its
 callbacks around each step (the schedule, the divergence watch, progress, early stopping, checkpoints and
-the history files are built-in callbacks: gpunet.training_callbacks; docs/training.md says which hook fires when).
+the history files are built-in callbacks: gpunet.training.builtin_callbacks; docs/training.md says which hook fires when).
 """
 from __future__ import annotations
 
@@ -13,18 +13,19 @@ from pathlib import Path
 import numpy
 from tqdm.auto import tqdm
 
-from gpunet import checkpoint, random, resume as resuming
-from gpunet.callbacks import Events
+from gpunet import random
+from gpunet.training import checkpoint, resume as resuming
+from gpunet.training.callbacks import Events
 from gpunet.errors import DeviceOutOfMemory, out_of_memory
 from gpunet.backend import ops_for_device, to_device
 from gpunet.data.pipeline import apply_preprocess, minibatches
-from gpunet.divergence import first_non_finite_tensor
-from gpunet.history import History
+from gpunet.training.divergence import first_non_finite_tensor
+from gpunet.training.history import History
 from gpunet.losses import LOSSES, item, metric
 from gpunet.optim import clip_grad_norm
-from gpunet.resume import LoopState
-from gpunet.run_setup import RunSetup
-from gpunet.training_callbacks import DivergenceCheck
+from gpunet.training.resume import LoopState
+from gpunet.training.setup import RunSetup
+from gpunet.training.builtin_callbacks import DivergenceCheck
 
 
 class TrainingDiverged(RuntimeError):
@@ -59,7 +60,7 @@ class _Run:
     callbacks: Events = field(default_factory=lambda: Events([]))  # built-in and the user's (training_callbacks.ordered)
     host_reads: bool = False  # whether the host reads this step's loss (every step on the CPU, every 25 on a GPU)
     step_lr: float | None = None  # the learning rate of the last step taken (the schedule moved on after it)
-    graph: object = None  # a gpunet.cuda_graph.GraphedStep when the step is replayed as a CUDA graph
+    graph: object = None  # a gpunet.training.cuda_graph.GraphedStep when the step is replayed as a CUDA graph
 
     @property
     def out(self) -> Path | None:
@@ -212,7 +213,7 @@ class _Run:
         self.written.append(self.out / "last.safetensors")
 
     def restore_callbacks(self, log) -> None:
-        """The callbacks' states saved with the run (gpunet.callbacks.Events.load_state_dicts). A run saved
+        """The callbacks' states saved with the run (gpunet.training.callbacks.Events.load_state_dicts). A run saved
         before callbacks kept state counted early stopping in its LoopState: fit's early_stopping goes on from it."""
         saved = self.state.callbacks
         if saved is None:

@@ -22,8 +22,9 @@ from dataclasses import dataclass, fields
 
 import numpy
 
-from gpunet import checkpoint, random
-from gpunet.history import History
+from gpunet import random
+from gpunet.training import checkpoint
+from gpunet.training.history import History
 from gpunet.losses import item
 
 # a different value here makes another experiment: refused on resume
@@ -42,7 +43,7 @@ class LoopState:
     sample: int = 0  # samples served in the current epoch (a resume with a new batch size goes on from here)
     best_loss: float = math.inf  # the lowest monitored loss: val_loss, or train_loss without validation data
     stale: int = 0  # read from runs saved before callbacks kept state: evaluations without a lower loss
-    callbacks: list | None = None  # each callback's state_dict (gpunet.callbacks.Events.state_dicts); None: none saved
+    callbacks: list | None = None  # each callback's state_dict (gpunet.training.callbacks.Events.state_dicts); None: none saved
     best_step: int | None = None  # the step whose weights model.safetensors holds
     last_step: int | None = None  # the step last.safetensors holds, when this run wrote it
     running: object = 0.0  # sum of the train losses since the last evaluation (a device scalar on a GPU)

@@ -2,7 +2,7 @@
 an on_evaluation that returns True stops training (after that evaluation's checkpoints are written,
 as early_stopping does). fit's own work around the step (the schedule, the divergence watch, the
 progress bar, early stopping, checkpoints, the history files) is done by built-in callbacks with the
-same hooks (gpunet.training_callbacks); docs/training.md says which hook fires when, and in what order.
+same hooks (gpunet.training.builtin_callbacks); docs/training.md says which hook fires when, and in what order.
 
 A callback is any object with one of HOOKS (derive from Callback to get all of them as no-ops):
 
