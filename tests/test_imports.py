@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # package's __init__, which re-exports the public names of the layers under it.
 LAYERS = [
     ("leaves", ["gpunet.files", "gpunet.errors", "gpunet.random", "gpunet.validate", "gpunet.extras", "gpunet.paths",
-                "gpunet.preprocess"]),  # no gpunet imports
+                "gpunet.preprocess", "gpunet.parity_bound"]),  # no gpunet imports
     ("backend", ["gpunet.backend"]),
     # gpunet.distributed sits with the layers: it all-reduces their flat gradient buffers (gpunet.layers.flat),
     # as gpunet.optim updates them, and the fit loop (train, above) calls it every step
@@ -27,8 +27,9 @@ LAYERS = [
                            "gpunet.generate", "gpunet.export"]),
     # the run (gpunet.training), but for its checkpoints and history, which export and generate read
     ("train", ["gpunet.training", "gpunet.recipes"]),
-    ("public api", ["gpunet"]),
-    ("tools", ["gpunet.parity", "gpunet.parity_bound", "gpunet.parity_command", "gpunet.search", "gpunet.benchmarks", "gpunet.predict"]),
+    # gpunet.testing (gn.testing.check_layer) checks layers with parity_bound's bound; the package re-exports it
+    ("public api", ["gpunet", "gpunet.testing"]),
+    ("tools", ["gpunet.parity", "gpunet.parity_command", "gpunet.search", "gpunet.benchmarks", "gpunet.predict"]),
     ("cli", ["gpunet.cli", "gpunet.__main__"]),
 ]
 

@@ -2,6 +2,7 @@
 import sys
 
 from gpunet import data, export, init, layers, losses, models, optim
+from gpunet import testing
 from gpunet.training import callbacks, train
 from gpunet.backend import Device, device, has_cupy, has_gpu, to_numpy
 from gpunet.training.checkpoint import load, save
@@ -19,5 +20,5 @@ __version__ = "0.1.0"  # the one place it is written: pyproject.toml reads it (d
 __all__ = [
     "Device", "History", "Sequential", "TrainingDiverged", "callbacks", "data", "device", "evaluate", "export", "fit",
     "has_cupy", "has_gpu", "init", "layers", "load", "losses", "manual_seed", "models", "optim",
-    "save", "to_numpy", "__version__",
+    "save", "testing", "to_numpy", "__version__",
 ]
