@@ -63,8 +63,8 @@ def test_fit_refuses_an_optimizer_made_with_another_model(tmp_path):
                             "(0.weight, 0.bias, 2.weight, ... (1 more)) of a Sequential, and none of them belong to "
                             "the Sequential being fitted (4 parameters: 0.weight, 0.bias, 2.weight, ... (1 more)); "
                             "make it with the model you fit, gn.optim.Adam(model, ...); to train only a part, make it "
-                            "with the whole model and freeze the rest (layer.freeze(), planned), or give that part "
-                            "its own learning rate with parameter groups (groups={pattern: {\"lr\": ...}}, planned)"):
+                            "with the whole model and freeze the rest (layer.freeze()), or give that part "
+                            "its own learning rate with parameter groups (groups={pattern: {\"lr\": ...}})"):
         fit(model, data(), optimizer=gn.optim.Adam(other), out_dir=keep, overwrite=True)
     assert same_weights(model, before) and snapshot(keep) == files
 
@@ -75,8 +75,8 @@ def test_fit_refuses_an_optimizer_made_with_a_part_of_the_model():
     with raises(ValueError, "fit: the optimizer (SGD) was made with a part of the model being fitted: it updates 2 "
                             "of its 4 parameters (0.weight, 0.bias), so 2 (2.weight, 2.bias) would never train; "
                             "make it with the model you fit, gn.optim.SGD(model, ...); to train only a part, make it "
-                            "with the whole model and freeze the rest (layer.freeze(), planned), or give that part "
-                            "its own learning rate with parameter groups (groups={pattern: {\"lr\": ...}}, planned)"):
+                            "with the whole model and freeze the rest (layer.freeze()), or give that part "
+                            "its own learning rate with parameter groups (groups={pattern: {\"lr\": ...}})"):
         fit(model, data(), optimizer=gn.optim.SGD(model.layers[0], lr=0.1))
     assert same_weights(model, before)
 

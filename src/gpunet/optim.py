@@ -6,9 +6,16 @@ moments) lives in buffers of the same layout; `state[name][slot]` are views of t
 and checkpoints keep their per-parameter names and PyTorch's semantics. The model's buffers are
 looked up at every step (so `.to(device)` or `load_state_dict` after construction is fine: state
 of the same layout is kept on the same device, and starts from zero on another, as it always did).
+
+Parameter groups (`groups={"fc1.*": {"lr": 1e-4, "weight_decay": 0.0}}`): glob patterns (fnmatch) over
+the parameter names, the first that matches a name wins, the rest take the optimizer's own settings.
+Each group is a flat group of its own (one more launch per group). A schedule scales every rate by
+the same factor: a group's rate is its lr * optimizer.lr / the optimizer's lr when made. Parameters of
+frozen layers (layer.freeze()) are flat groups of their own that step() skips: no state, no decay.
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 import numbers
 from collections.abc import Callable
@@ -34,24 +41,17 @@ class Optimizer:
     _buffers: Any
     _update: Callable[..., None]  # each optimizer's update of one flat group
 
-    def __init__(self, model: Layer, lr: float, **hyper: Any) -> None:
+    def __init__(self, model: Layer, lr: float, groups: dict | None = None, **hyper: Any) -> None:
         name = type(self).__name__
         if not isinstance(model, Layer):  # gn.optim.Adam(lr) without the model, or a model's name
             raise TypeError(f"{name}: the first argument must be the model it updates (a gpunet layer or model), "
                             f"got {type(model).__name__}")
-        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"{name}: lr must be positive and finite, got {lr!r}")
+        _check_lr(name, lr)
         for key, value in hyper.items():
-            if key in ("momentum", "weight_decay", "dampening"):
-                validate.finite(f"{name}: {key}", value, low=0)
-            elif key == "eps":
-                validate.finite(f"{name}: eps", value, low=0, low_open=True)
-            elif key == "betas":
-                if len(value) != 2:
-                    raise ValueError(f"{name}: betas must be two numbers, got {value!r}")
-                for i, beta in enumerate(value):
-                    validate.finite(f"{name}: betas[{i}]", beta, low=0, high=1, high_open=True)
+            _check_setting(name, key, value)
         self.model, self.lr, self.hyper = model, float(lr), hyper
+        self.initial_lr = self.lr  # a group's rate is its lr times lr / initial_lr (what a schedule did to lr)
+        self._set_groups(groups)
         self.step_count = 0
         self.device_scalars = None  # set while a CUDA graph captures a step: the kernels read step_scalars() there
         self.state: dict[str, dict] = {}  # name -> slot -> array (views of the flat state buffers)
@@ -59,20 +59,73 @@ class Optimizer:
         self._fresh: set[str] = set()  # parameters whose state started from zero at the last rebuild
         flat_parameters(model)  # the model's params and grads become views of its flat buffers now
 
+    def _set_groups(self, groups: dict | None) -> None:
+        """Check groups and tag each parameter with its group (1 + the first pattern that matches, else 0)."""
+        name, groups = type(self).__name__, {} if groups is None else groups
+        if not isinstance(groups, dict):
+            raise TypeError(f"{name}: groups must be a dict of pattern -> settings, got {type(groups).__name__}")
+        names = list(self.model.params)
+        self.groups: dict[str, dict] = {}
+        for pattern, settings in groups.items():
+            where = f"{name}: groups[{pattern!r}]"
+            if not isinstance(pattern, str) or not isinstance(settings, dict):
+                raise TypeError(f"{where}: a group is a name pattern (str) and a dict of settings, got "
+                                f"{type(pattern).__name__} and {type(settings).__name__}")
+            for key, value in settings.items():
+                if key == "lr":
+                    _check_lr(where, value)
+                elif key in self.hyper:
+                    _check_setting(where, key, tuple(value) if key == "betas" else value)
+                else:
+                    raise ValueError(f"{where}: unknown setting {key!r} (a group sets lr or "
+                                     f"{', '.join(sorted(self.hyper))})")
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                raise ValueError(f"{where}: the pattern matches no parameter of the {type(self.model).__name__} "
+                                 f"(its parameters: {_listed(names)})")
+            self.groups[pattern] = {k: tuple(v) if k == "betas" else v for k, v in settings.items()}
+        patterns = list(self.groups)
+        self._tags = tuple(next((1 + i for i, p in enumerate(patterns) if fnmatch.fnmatchcase(n, p)), 0)
+                           for n in names)
+
+    def _settings(self, tag: int) -> tuple[float, dict]:
+        """(learning rate, hyperparameters) of parameter group tag (0: the optimizer's own)."""
+        if tag == 0:
+            return self.lr, self.hyper
+        own = list(self.groups.values())[tag - 1]
+        lr = own["lr"] * (self.lr / self.initial_lr) if "lr" in own else self.lr
+        return lr, {**self.hyper, **{k: v for k, v in own.items() if k != "lr"}}
+
+    def _scalars(self, tag: int):
+        """The device scalars group tag's kernels read while a CUDA graph captures (else None)."""
+        scalars = self.device_scalars
+        return scalars[tag] if isinstance(scalars, (list, tuple)) else scalars
+
     def slots(self) -> tuple[str, ...]:
         """The names of the state this optimizer keeps per parameter."""
         return ()
 
-    def step_scalars(self) -> list[float]:
+    def _slots(self, tag: int) -> tuple[str, ...]:
+        """The state kept for the parameters of group tag (SGD's momentum may be a group's own)."""
+        return self.slots()
+
+    def step_scalars(self, tag: int = 0) -> list[float]:
         """What the update kernels read from device_scalars in the next step (step_count + 1) of a
-        replayed CUDA graph, whose kernel arguments stay as captured: the learning rate."""
-        return [self.lr]
+        replayed CUDA graph, whose kernel arguments stay as captured: the learning rate (of group tag)."""
+        return [self._settings(tag)[0]]
+
+    def check_trains(self) -> None:
+        """Refuse an optimizer with nothing to update: every parameter of its model frozen."""
+        if self.model.params and all(group.frozen for group in flat_parameters(self.model, self._tags).groups):
+            raise ValueError(f"{type(self).__name__}: every parameter of the {type(self.model).__name__} is frozen "
+                             "(layer.freeze()), so training would change nothing; unfreeze the layers to train "
+                             "(layer.unfreeze())")
 
     def step(self) -> None:
         self.step_count += 1
-        flat = flat_parameters(self.model)
+        flat = flat_parameters(self.model, self._tags)
         for group, state in zip(flat.groups, self._state_buffers(flat)):
-            self._update(group, state)
+            if not group.frozen:  # (a frozen layer's parameters: no update, no state, no weight decay)
+                self._update(group, state)
         self._fresh.clear()
 
     def _state_buffers(self, flat) -> list[dict]:
@@ -84,8 +137,11 @@ class Optimizer:
         buffers = []
         for group in flat.groups:
             xp = ops_for_device(group.device).xp
-            state = {}
-            for slot in self.slots():
+            state: dict = {}
+            buffers.append(state)
+            if group.frozen:
+                continue
+            for slot in self._slots(group.tag):
                 buffer = state[slot] = xp.zeros(group.size, dtype=group.dtype)
                 for i, name in enumerate(group.names):
                     view, old = group.view(buffer, i), self.state.get(name, {}).get(slot)
@@ -94,18 +150,23 @@ class Optimizer:
                     elif old is None:  # (state on another device restarts from zero, but is not new)
                         self._fresh.add(name)
                     self.state.setdefault(name, {})[slot] = view
-            buffers.append(state)
         self._buffers = (flat, buffers)
         return buffers
 
     def state_dict(self) -> tuple[dict, dict]:
         """(arrays keyed 'name/slot' as NumPy, JSON-able hyperparameters and step count)."""
         arrays = {f"{name}/{slot}": to_numpy(a) for name, slots in self.state.items() for slot, a in slots.items()}
-        return arrays, {"type": type(self).__name__, "lr": self.lr, "step": self.step_count, **self.hyper}
+        meta = {"type": type(self).__name__, "lr": self.lr, "step": self.step_count, **self.hyper}
+        if self.groups:  # (only with groups: the metadata saved before groups existed stays the same)
+            meta.update(groups=self.groups, initial_lr=self.initial_lr)
+        return arrays, meta
 
     def load_state_dict(self, arrays: dict, meta: dict) -> None:
         device = self.model.device
         self.step_count, self.lr = int(meta["step"]), float(meta["lr"])
+        if "groups" in meta:
+            self.initial_lr = float(meta["initial_lr"])
+            self._set_groups(meta["groups"])
         self.state, self._buffers = {}, None  # the flat buffers are rebuilt from these at the next step
         for key, value in arrays.items():
             name, _, slot = key.rpartition("/")
@@ -118,28 +179,30 @@ class SGD(Optimizer):
     reads_device_scalars = True
 
     def __init__(self, model: Layer, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
-                 dampening: float = 0.0) -> None:
+                 dampening: float = 0.0, groups: dict | None = None) -> None:
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("SGD: Nesterov momentum needs momentum > 0 and dampening = 0")
-        super().__init__(model, lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+        super().__init__(model, lr, groups, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                          dampening=dampening)
 
     def slots(self) -> tuple[str, ...]:
         return ("momentum_buffer",) if self.hyper["momentum"] else ()
 
+    def _slots(self, tag: int) -> tuple[str, ...]:
+        return ("momentum_buffer",) if self._settings(tag)[1]["momentum"] else ()
+
     def _update(self, group, state):
-        h = self.hyper
+        lr, h = self._settings(group.tag)
         velocity = state.get("momentum_buffer")
         fresh = [name in self._fresh for name in group.names]
-        args = (self.lr, h["momentum"], h["dampening"], h["weight_decay"], h["nesterov"])
-        ops = ops_for(group.param, group.grad, op="SGD.step")
+        args = (lr, h["momentum"], h["dampening"], h["weight_decay"], h["nesterov"])
+        ops, scalars = ops_for(group.param, group.grad, op="SGD.step"), self._scalars(group.tag)
         if velocity is None or all(fresh) or not any(fresh):  # one pass over every parameter
-            ops.sgd_update(group.param, group.grad, velocity, *args, velocity is not None and all(fresh),
-                           self.device_scalars)
+            ops.sgd_update(group.param, group.grad, velocity, *args, velocity is not None and all(fresh), scalars)
             return
         for i, first in enumerate(fresh):  # some momentum loaded, some new (a partial state_dict): one by one
             ops.sgd_update(group.view(group.param, i), group.view(group.grad, i), group.view(velocity, i), *args, first,
-                           self.device_scalars)
+                           scalars)
 
 
 class Adam(Optimizer):
@@ -149,23 +212,23 @@ class Adam(Optimizer):
     reads_device_scalars = True
 
     def __init__(self, model: Layer, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0) -> None:
-        super().__init__(model, lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+                 weight_decay: float = 0.0, groups: dict | None = None) -> None:
+        super().__init__(model, lr, groups, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
 
     def slots(self) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq")
 
     def _update(self, group, state):
-        h = self.hyper
+        lr, h = self._settings(group.tag)
         ops_for(group.param, group.grad, op=f"{type(self).__name__}.step").adam_update(
             group.param, group.grad, state["exp_avg"], state["exp_avg_sq"],
-            self.lr, h["betas"][0], h["betas"][1], h["eps"], h["weight_decay"], self.decoupled, self.step_count,
-            self.device_scalars)
+            lr, h["betas"][0], h["betas"][1], h["eps"], h["weight_decay"], self.decoupled, self.step_count,
+            self._scalars(group.tag))
 
-    def step_scalars(self) -> list[float]:
+    def step_scalars(self, tag: int = 0) -> list[float]:
         """The learning rate and the bias corrections of the next step (see Optimizer.step_scalars)."""
-        beta1, beta2 = self.hyper["betas"]
-        return list(adam_scalars(self.lr, beta1, beta2, self.step_count + 1))
+        lr, h = self._settings(tag)
+        return list(adam_scalars(lr, h["betas"][0], h["betas"][1], self.step_count + 1))
 
 
 class AdamW(Adam):
@@ -174,11 +237,32 @@ class AdamW(Adam):
     decoupled = True
 
     def __init__(self, model: Layer, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01) -> None:
-        super().__init__(model, lr, betas, eps, weight_decay)
+                 weight_decay: float = 0.01, groups: dict | None = None) -> None:
+        super().__init__(model, lr, betas, eps, weight_decay, groups)
 
 
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
+
+
+def _check_lr(where: str, lr) -> None:
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"{where}: lr must be positive and finite, got {lr!r}")
+
+
+def _check_setting(where: str, key: str, value) -> None:
+    if key in ("momentum", "weight_decay", "dampening"):
+        validate.finite(f"{where}: {key}", value, low=0)
+    elif key == "eps":
+        validate.finite(f"{where}: eps", value, low=0, low_open=True)
+    elif key == "betas":
+        if len(value) != 2:
+            raise ValueError(f"{where}: betas must be two numbers, got {value!r}")
+        for i, beta in enumerate(value):
+            validate.finite(f"{where}: betas[{i}]", beta, low=0, high=1, high_open=True)
+
+
+def _listed(names: list) -> str:
+    return ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
 
 
 class StepLR:
@@ -231,7 +315,7 @@ def clip_grad_norm(model: Layer, max_norm: float) -> Array | float:
     before clipping as a 0-d array (on the device: no host synchronisation). One reduction over
     the model's flat gradient buffer; on a GPU the scale is computed and applied on the device."""
     validate.finite("clip_grad_norm: max_norm", max_norm, low=0, low_open=True)
-    groups = flat_parameters(model).groups
+    groups = [group for group in flat_parameters(model).groups if not group.frozen]  # (frozen: not trained)
     if not groups:
         return 0.0
     grads = [group.grad for group in groups]

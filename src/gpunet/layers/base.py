@@ -87,6 +87,7 @@ class Layer:
         self.device = "cpu"
         self._children: dict[str, Layer] = {}
         self._saved: SimpleNamespace | None = None
+        self.frozen = False  # freeze(): its parameters are left out of the update, their gradients not computed
 
     def __setattr__(self, name, value):
         if isinstance(value, Layer) and not name.startswith("_"):  # a _name holds a layer without owning it
@@ -139,6 +140,23 @@ class Layer:
     def eval(self) -> "Layer":
         return self.train(False)
 
+    # -- freezing: fine-tuning a part of a model
+    def freeze(self) -> "Layer":
+        """Leave this layer's parameters (and its children's) out of every optimizer update, of weight
+        decay, momentum and clip_grad_norm's norm; their gradients are not computed where the layer can
+        skip them (Dense, Conv2D), and its input gradient still is where a layer before it trains."""
+        return self._set_frozen(True)
+
+    def unfreeze(self) -> "Layer":
+        """Train this layer's parameters (and its children's) again."""
+        return self._set_frozen(False)
+
+    def _set_frozen(self, frozen: bool) -> "Layer":
+        self.frozen = frozen
+        for child in self._children.values():
+            child._set_frozen(frozen)
+        return self
+
     def to(self, device: str | Device | None = None, dtype: str | numpy.dtype | None = None) -> "Layer":
         """Move parameters, gradients and buffers to a device ("cpu"/"gpu"/Device) and/or dtype."""
         name = resolve_device(device).name if device is not None else self.device
@@ -188,7 +206,11 @@ class Layer:
 
     def backward(self, dy: Array, input_grad: bool = True) -> Array:
         """Gradient w.r.t. the last forward's input; parameter gradients go to self.grads.
-        With input_grad=False only the parameter gradients are computed and None is returned."""
+        With input_grad=False only the parameter gradients are computed and None is returned
+        (nothing at all for a layer that trains nothing: a frozen one, or one without parameters)."""
+        if not input_grad and not trains(self):
+            self.saved  # (still the protocol's error when forward never ran)
+            return None
         dx = self.backprop(dy, self.saved, input_grad)
         return dx if input_grad else None
 
@@ -214,7 +236,10 @@ class Layer:
         return self.describe()
 
     def to_config(self) -> dict:
-        return {"type": registered_name(type(self)), "args": dict(self.config)}
+        config = {"type": registered_name(type(self)), "args": dict(self.config)}
+        if getattr(self, "frozen", False):  # (only when frozen: architectures saved before freezing stay as they were)
+            config["frozen"] = True
+        return config
 
     @classmethod
     def from_config(cls, config: dict) -> "Layer":
@@ -332,10 +357,14 @@ class Sequential(Composite):
                 raise RuntimeError(f"{type(layers[k]).__name__} (layer {k} of the Sequential) ran forward on its own "
                                    f"after the Sequential's forward ran layers {members[0]} to {members[-1]} as one; "
                                    "run the Sequential's forward again before its backward")
-        for layer in reversed(layers[1:]):
+        # The leading layers that train nothing (a frozen body) need no backward when no input gradient is wanted.
+        first = next((i for i, layer in enumerate(layers) if trains(layer)), len(layers)) if not need_dx else 0
+        for layer in reversed(layers[first + 1:]):
             if not getattr(layer._saved, "absorbed", False):
                 dy = layer.backward(dy)
-        return layers[0].backward(dy, input_grad=need_dx) if layers else dy
+        if first < len(layers):
+            return layers[first].backward(dy, input_grad=need_dx)
+        return None if layers else dy
 
     def __getitem__(self, i):
         return self.layers[i]
@@ -361,7 +390,15 @@ def build_layer(config: dict) -> Layer:
     if kind not in LAYER_TYPES:
         raise ValueError(f"unknown layer type {kind!r} in model description (a layer of your own must be "
                          "registered with gpunet.layers.register before loading)")
-    return LAYER_TYPES[kind].from_config(config)
+    layer = LAYER_TYPES[kind].from_config(config)
+    return layer.freeze() if config.get("frozen") is True else layer
+
+
+def trains(layer: Layer) -> bool:
+    """Whether an optimizer updates some parameter under layer (one not frozen)."""
+    if layer._children:
+        return any(trains(child) for child in layer._children.values())
+    return bool(layer.params) and not getattr(layer, "frozen", False)  # (a user's layer may skip Layer.__init__)
 
 
 def _number_streams(layer: Layer) -> None:

@@ -63,6 +63,10 @@ class Dense(Layer):
     def backprop(self, dy, saved, need_dx):
         w = self.params["weight"]
         ops = ops_for(dy, w, op="Dense.backward")
+        if self.frozen:  # its parameters are not trained: dx alone, without the dW and db GEMMs
+            dy2 = dy.reshape(-1, w.shape[0])
+            dz = dy2 if saved.activation is None else ops.activation_backward(saved.activation, saved.z, saved.y, dy2)
+            return (dz @ w).reshape(*dy.shape[:-1], w.shape[1]) if need_dx else None
         dx = ops.linear_act_backward(saved.x, w, saved.z, saved.y, dy.reshape(-1, w.shape[0]), saved.activation,
                                      self.grads["weight"], self.grads.get("bias"), need_dx)
         return None if dx is None else dx.reshape(*dy.shape[:-1], w.shape[1])

@@ -42,13 +42,16 @@ def why_not(model, optimizer, world_size: int = 1) -> str | None:
     return None
 
 
-def step_record(step_scalars, step: int):
-    """The host side of a replay's record: the optimizer's scalars, then the step as a uint32 word."""
-    if len(step_scalars) > STEP_WORD:
-        raise ValueError(f"cuda graph: an optimizer's step_scalars hold at most {STEP_WORD} values, got "
-                         f"{len(step_scalars)}")
-    record = numpy.zeros(RECORD_WORDS, dtype="float32")
-    record[: len(step_scalars)] = step_scalars
+def step_record(step_scalars, step: int, groups=()):
+    """The host side of a replay's record: the optimizer's scalars, then the step as a uint32 word,
+    then the scalars of each of its parameter groups (STEP_WORD words each, after the step's)."""
+    record = numpy.zeros(RECORD_WORDS + STEP_WORD * len(groups), dtype="float32")
+    starts = [0] + [RECORD_WORDS + STEP_WORD * k for k in range(len(groups))]
+    for start, scalars in zip(starts, [step_scalars, *groups]):
+        if len(scalars) > STEP_WORD:
+            raise ValueError(f"cuda graph: an optimizer's step_scalars hold at most {STEP_WORD} values, got "
+                             f"{len(scalars)}")
+        record[start : start + len(scalars)] = scalars
     record.view("uint32")[STEP_WORD] = step % 2**32  # (the counter's step word: the kernels take 32 bits)
     return record
 
@@ -96,9 +99,13 @@ class GraphedStep:
         self.ops = ops_for_device("gpu")
         self.xp = self.ops.xp
         self.graphs: dict[tuple, _Captured] = {}
-        self.record = self.xp.zeros(RECORD_WORDS, dtype="float32")  # one copy per replay (see the module's doc)
+        groups = len(getattr(optimizer, "groups", ()))  # parameter groups: their scalars follow the step word
+        self.record = self.xp.zeros(RECORD_WORDS + STEP_WORD * groups, dtype="float32")  # one copy per replay
         self.scalars = self.record[:STEP_WORD]  # what the optimizer's kernels read
-        self.step = self.record.view("uint32")[STEP_WORD:]  # what the dropout kernels read
+        if groups:  # (one slice per group tag, the optimizer's own first)
+            self.scalars = [self.scalars] + [self.record[RECORD_WORDS + STEP_WORD * k:][:STEP_WORD]
+                                             for k in range(groups)]
+        self.step = self.record.view("uint32")[STEP_WORD : STEP_WORD + 1]  # what the dropout kernels read
         self.pool = self.xp.cuda.MemoryPool()  # the captures' own memory
         self.active = True
         self._said_too_many = False
@@ -111,7 +118,9 @@ class GraphedStep:
             return self._first(key, x, y)
         captured.x.set(numpy.ascontiguousarray(x))
         captured.y.set(numpy.ascontiguousarray(y))
-        self.record.set(step_record(self.optimizer.step_scalars(), random.current_step()))
+        tags = range(1, 1 + len(getattr(self.optimizer, "groups", ())))
+        self.record.set(step_record(self.optimizer.step_scalars(), random.current_step(),
+                                    [self.optimizer.step_scalars(tag) for tag in tags]))
         captured.graph.launch()
         self.optimizer.step_count += 1  # the host's count of what the replay did
         self.ops._unchecked |= captured.range_checks  # a replay runs no Python: mark its flags to be read

@@ -196,6 +196,7 @@ def _check_optimizer(model, optimizer) -> None:
     own = {id(a): name for name, a in model.params.items()}
     theirs = {id(a): name for name, a in optimizer.model.params.items()}
     if own.keys() == theirs.keys():
+        optimizer.check_trains()  # (every parameter frozen: it would train nothing)
         return
     name, shared = type(optimizer).__name__, [own[i] for i in own if i in theirs]
     if shared and len(shared) == len(theirs):
@@ -207,9 +208,8 @@ def _check_optimizer(model, optimizer) -> None:
                 f"of a {type(optimizer.model).__name__}, and {'only ' + str(len(shared)) if shared else 'none'} of "
                 f"them belong to the {type(model).__name__} being fitted ({len(own)} parameters: {_names(own.values())})")
     raise ValueError(f"fit: the optimizer ({name}) {what}; make it with the model you fit, gn.optim.{name}(model, ...); "
-                     "to train only a part, make it with the whole model and freeze the rest (layer.freeze(), planned), "
-                     'or give that part its own learning rate with parameter groups (groups={pattern: {"lr": ...}}, '
-                     "planned)")
+                     "to train only a part, make it with the whole model and freeze the rest (layer.freeze()), "
+                     'or give that part its own learning rate with parameter groups (groups={pattern: {"lr": ...}})')
 
 
 def _name(value) -> str:
