@@ -5,7 +5,7 @@ from __future__ import annotations
 # xp references in code that runs only on the GPU: checked against CuPy alone (NumPy has no `cuda`).
 # Keyed by (file, class or function the scope starts with).
 CUPY_ONLY_SCOPES = {
-    ("gpunet/cuda_graph.py", "GraphedStep"):
+    ("gpunet/training/cuda_graph.py", "GraphedStep"):
         "GraphedStep is built on ops_for_device('gpu') (CUDA graphs exist only there): its xp is always CuPy",
 }
 
