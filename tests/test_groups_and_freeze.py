@@ -261,3 +261,29 @@ def test_each_group_costs_one_launch_and_a_frozen_first_layer_saves_its_backward
     assert launches({"4.*": {"lr": 1e-4}}) == plain + 1
     assert launches({"4.*": {"lr": 1e-4}, "2.*": {"lr": 1e-5}}) == plain + 2
     assert launches(freeze=True) == plain - 3
+
+
+@pytest.mark.parametrize("frozen", [0, 3])
+def test_a_frozen_conv_layer_passes_the_gradient_on_and_keeps_its_weights(frozen):
+    """LeNet with its first convolution frozen (no backward runs for it: nothing before it trains) or its
+    second (its input gradient still flows to the first, its own dW is computed and discarded)."""
+    x = rng(0).random((8, 1, 28, 28), dtype=numpy.float32)
+    y = rng(1).integers(0, 10, 8)
+    models = [gn.models.lenet(), gn.models.lenet()]
+    models[1].load_state_dict(models[0].state_dict())
+    models[1][frozen].freeze()
+    for model in models:
+        _, grad = gn.losses.softmax_cross_entropy(model.forward(x), y)
+        model.backward_params(grad)
+    trained, with_frozen = models
+    for key in trained.params:
+        if not key.startswith(f"{frozen}."):
+            numpy.testing.assert_allclose(with_frozen.grads[key], trained.grads[key], rtol=1e-6, atol=1e-9,
+                                          err_msg=key)
+    if frozen == 0:
+        assert not with_frozen.grads["0.weight"].any()
+    before = {k: v.copy() for k, v in with_frozen.params.items()}
+    gn.optim.SGD(with_frozen, lr=0.1, momentum=0.9).step()
+    for key in (f"{frozen}.weight", f"{frozen}.bias"):
+        numpy.testing.assert_array_equal(with_frozen.params[key], before[key], err_msg=key)
+    assert not numpy.array_equal(with_frozen.params["11.weight"], before["11.weight"])
