@@ -244,7 +244,7 @@ class AdamW(Adam):
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
 
 
-def _check_lr(where: str, lr) -> None:
+def _check_lr(where: str, lr: float) -> None:  # (anything a user passes: checked here)
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"{where}: lr must be positive and finite, got {lr!r}")
 

@@ -236,7 +236,7 @@ class Layer:
         return self.describe()
 
     def to_config(self) -> dict:
-        config = {"type": registered_name(type(self)), "args": dict(self.config)}
+        config: dict[str, Any] = {"type": registered_name(type(self)), "args": dict(self.config)}
         if getattr(self, "frozen", False):  # (only when frozen: architectures saved before freezing stay as they were)
             config["frozen"] = True
         return config
