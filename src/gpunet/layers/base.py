@@ -36,7 +36,7 @@ Layer types that checkpoints may name are registered under an explicit name with
 """
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any, TypeVar
 
@@ -44,6 +44,7 @@ import numpy
 
 from gpunet.backend import device as resolve_device
 from gpunet.backend import Array, Device, is_cupy_array, to_device
+from gpunet.layers.tree import TreeView
 
 LAYER_TYPES: dict[str, type[Layer]] = {}  # name in a checkpoint's architecture -> layer class
 L = TypeVar("L", bound="Layer")
@@ -268,41 +269,6 @@ class Composite(Layer):
     params = property(lambda self: TreeView(self, "params"))
     grads = property(lambda self: TreeView(self, "grads"))
     buffers = property(lambda self: TreeView(self, "buffers"))
-
-
-class TreeView(MutableMapping):
-    """params/grads/buffers of a composite: reads and writes go through to the children."""
-
-    def __init__(self, layer: Composite, kind: str):
-        self.layer, self.kind = layer, kind
-
-    def _route(self, key: str):
-        prefix, _, rest = key.partition(".")
-        child = self.layer._children.get(prefix)
-        if child is None or not rest:
-            raise KeyError(key)
-        return getattr(child, self.kind), rest
-
-    def __getitem__(self, key):
-        store, rest = self._route(key)
-        return store[rest]
-
-    def __setitem__(self, key, value):
-        store, rest = self._route(key)
-        if rest not in store:
-            raise KeyError(key)
-        store[rest] = value
-
-    def __delitem__(self, key):
-        raise TypeError("parameters cannot be deleted from a model")
-
-    def __iter__(self):
-        for name, child in self.layer._children.items():
-            for key in getattr(child, self.kind):
-                yield f"{name}.{key}"
-
-    def __len__(self):
-        return sum(len(getattr(child, self.kind)) for child in self.layer._children.values())
 
 
 @register("Sequential")
