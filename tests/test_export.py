@@ -78,7 +78,9 @@ CASES = {
 
 def test_every_registered_layer_type_is_covered():
     covered = {type(make()).__name__ for make, _ in CASES.values()}
-    assert set(L.LAYER_TYPES) <= covered, sorted(set(L.LAYER_TYPES) - covered)
+    # gpunet's own types: other test modules register layers of their own (tests/test_check_layer.py)
+    built_in = {name for name, cls in L.LAYER_TYPES.items() if cls.__module__.startswith("gpunet.")}
+    assert built_in <= covered, sorted(built_in - covered)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
