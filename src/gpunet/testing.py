@@ -103,13 +103,7 @@ def _check_finite_differences(layer, name, x, ids, seed, max_elements):
     tensors += [(f"gradient of '{key}'", value) for key, value in twin.params.items()]
     for what, array in tensors:
         for index in _indices(array.shape, max_elements, seed):
-            old = array[index]
-            array[index] = old + EPS
-            plus = objective()
-            array[index] = old - EPS
-            minus = objective()
-            array[index] = old
-            numeric, analytic = (plus - minus) / (2 * EPS), float(got[what][index])
+            numeric, analytic = central_difference(objective, array, index), float(got[what][index])
             tol = max(RTOL * abs(numeric), atol)
             if not abs(analytic - numeric) <= tol:
                 raise AssertionError(f"check_layer: {name}: {what} is wrong at element {index}: backward gave "
@@ -223,3 +217,14 @@ def _run(layer, x, dy, ids, seed) -> dict:
 
 def _float32(x):
     return x.astype("float32") if x.dtype.kind == "f" else x
+
+
+def central_difference(f, array, index, eps: float = EPS) -> float:
+    """(f() with array[index] + eps - f() with array[index] - eps) / (2 eps); array[index] restored."""
+    old = array[index]
+    array[index] = old + eps
+    plus = f()
+    array[index] = old - eps
+    minus = f()
+    array[index] = old
+    return (plus - minus) / (2 * eps)

@@ -4,19 +4,11 @@ from __future__ import annotations
 import numpy
 
 import gpunet as gn
+from gpunet.testing import central_difference
 
 
 def numeric_gradient(f, array, indices, eps=1e-6):
-    grads = []
-    for idx in indices:
-        old = array[idx]
-        array[idx] = old + eps
-        plus = f()
-        array[idx] = old - eps
-        minus = f()
-        array[idx] = old
-        grads.append((plus - minus) / (2 * eps))
-    return numpy.array(grads)
+    return numpy.array([central_difference(f, array, idx, eps) for idx in indices])
 
 
 def sample_indices(shape, count, seed=0):
