@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import gpunet as gn
-from tests.support.arrays import ON_STANDIN, on, rng
+from tests.support.arrays import ON_STANDIN, rng
 from tests.support.reliability import one_error_line, snapshot
-from tests.support.tolerance import assert_within
-from tests.test_optim import update_atol
+from tests.test_optim import step_both
 
 
 def twins(sizes=(6, 5, 4, 3)):
@@ -44,21 +43,7 @@ def lockstep(case, device, steps=5):
     rest = [p for k, p in twin.named_parameters() if not k.startswith("0.")]
     topt = torch_cls([{"params": first, **group}, {"params": rest}], **kwargs)
     start = {k: gn.to_numpy(v).copy() for k, v in model.params.items()}
-    for step in range(steps):
-        x = rng(step).standard_normal((8, 6)).astype("float32")
-        y = rng(100 + step).integers(0, 3, 8)
-        _, grad = gn.losses.softmax_cross_entropy(model.forward(on(device, x)), on(device, y))
-        model.backward(grad)
-        before = {k: gn.to_numpy(v).copy() for k, v in model.params.items()}
-        twin.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in before.items()})
-        for key, p in twin.named_parameters():  # the same gradients; torch gets none for its frozen layer
-            p.grad = torch.from_numpy(gn.to_numpy(model.grads[key]).copy()) if p.requires_grad else None
-        opt.step()
-        topt.step()
-        for key, value in twin.state_dict().items():
-            want = value.numpy()
-            assert_within(gn.to_numpy(model.params[key]), want, update_atol(before[key], want, step + 1),
-                          f"{case} {key} at step {step}")
+    step_both(model, twin, opt, topt, device, steps, case)  # torch gets no gradient for its frozen layer
     return model, opt, start
 
 

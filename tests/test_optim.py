@@ -37,23 +37,28 @@ def test_optimizer_matches_pytorch_over_steps(case, device):
     model, twin = twins()
     model.to(device)
     opt, topt = cls(model, **kwargs), make_torch(twin.parameters())
-    for step in range(6):
-        # each step from the same parameters and gradients: torch gets ours (the forward and backward are
-        # compared with torch in tests/layers); only the optimizers' arithmetic may differ, elementwise
+    step_both(model, twin, opt, topt, device, 6, case)
+
+
+def step_both(model, twin, opt, topt, device, steps, label):
+    """Each step from the same parameters and gradients: torch gets ours (the forward and backward are
+    compared with torch in tests/layers; a parameter torch does not train gets no gradient), so only
+    the optimizers' arithmetic may differ, elementwise."""
+    for step in range(steps):
         x = rng(step).standard_normal((8, 6)).astype("float32")
         y = rng(100 + step).integers(0, 3, 8)
-        loss, grad = gn.losses.softmax_cross_entropy(model.forward(on(device, x)), on(device, y))
+        _, grad = gn.losses.softmax_cross_entropy(model.forward(on(device, x)), on(device, y))
         model.backward(grad)
         before = {k: gn.to_numpy(v).copy() for k, v in model.params.items()}
         twin.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in before.items()})
         for key, p in twin.named_parameters():
-            p.grad = torch.from_numpy(gn.to_numpy(model.grads[key]).copy())
+            p.grad = torch.from_numpy(gn.to_numpy(model.grads[key]).copy()) if p.requires_grad else None
         opt.step()
         topt.step()
         for key, value in twin.state_dict().items():
             want = value.numpy()
             assert_within(gn.to_numpy(model.params[key]), want, update_atol(before[key], want, step + 1),
-                          f"{key} at step {step}")
+                          f"{label} {key} at step {step}")
 
 
 def update_atol(before, after, steps):
