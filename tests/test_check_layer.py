@@ -16,29 +16,15 @@ import torch
 import gpunet as gn
 from gpunet import layers as L
 from gpunet.backend import ops_for
+from tests.layers.test_protocol import CASES as PROTOCOL_CASES
 from tests.support.arrays import on, rng
 
 ROOT = Path(__file__).resolve().parents[1]
 NUMBER = r"(-?[0-9.]+(?:e[-+][0-9]+)?)"
 
-CASES = {  # every registered built-in layer but Perceptron (no backward: below), small shapes
-    "Dense": (lambda: L.Dense(5, 3), (4, 5)),
-    "Conv1D": (lambda: L.Conv1D(2, 3, 2, padding=1), (2, 2, 5)),
-    "Conv2D": (lambda: L.Conv2D(2, 2, 2), (1, 2, 4, 4)),
-    "MaxPool2D": (lambda: L.MaxPool2D(2), (1, 2, 4, 4)),
-    "AvgPool2D": (lambda: L.AvgPool2D(2), (1, 2, 4, 4)),
-    "BatchNorm1d": (lambda: L.BatchNorm1d(3), (5, 3)),
-    "BatchNorm2d": (lambda: L.BatchNorm2d(2), (3, 2, 2, 2)),
-    "LayerNorm": (lambda: L.LayerNorm(4), (3, 4)),
-    "Dropout": (lambda: L.Dropout(0.5), (4, 6)),  # in training mode: one fixed mask
-    "Flatten": (L.Flatten, (2, 3, 2)),
-    "ReLU": (L.ReLU, (3, 4)), "Sigmoid": (L.Sigmoid, (3, 4)), "Tanh": (L.Tanh, (3, 4)), "GELU": (L.GELU, (3, 4)),
-    "Softmax": (L.Softmax, (3, 4)), "Identity": (L.Identity, (3, 4)),
-    "Embedding": (lambda: L.Embedding(5, 3), "ids"),
-    "PositionalEmbedding": (lambda: L.PositionalEmbedding(4, 3), (2, 4, 3)),
-    "RNN": (lambda: L.RNN(3, 2), (2, 3, 3)), "LSTM": (lambda: L.LSTM(3, 2), (2, 3, 3)),
-    "GRU": (lambda: L.GRU(3, 2), (2, 3, 3)),
-    "MultiHeadAttention": (lambda: L.MultiHeadAttention(4, 2), (2, 3, 4)),
+# every registered built-in layer but Perceptron (no backward: below), with tests/layers/test_protocol.py's
+# constructors and inputs; dropout active inside a composite, to check the one fixed mask there too
+CASES = {name: case for name, case in PROTOCOL_CASES.items() if name != "Perceptron"} | {
     "TransformerBlock": (lambda: L.TransformerBlock(4, 2, mlp_ratio=2, dropout=0.2), (2, 3, 4)),
     "Sequential": (lambda: gn.Sequential(L.Dense(3, 4), L.ReLU(), L.Dropout(0.3), L.Dense(4, 2)), (2, 3)),
 }
