@@ -22,7 +22,7 @@ import gpunet as gn
 import gpunet.cli as command_line
 from gpunet import files
 from gpunet.training import resume
-from tests.support.reliability import cli, one_error_line, snapshot
+from tests.support.reliability import FullDisk, cli, one_error_line, snapshot
 from tests.test_reliability_reports import Data, problem, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -454,21 +454,6 @@ def test_a_full_disk_during_a_save_keeps_the_last_checkpoint_and_resume_goes_on(
     out, data, calls, seen = tmp_path / "run", image_folder(tmp_path / "data"), [], {}
     get, fdopen = gn.train.ArrayData.get, os.fdopen
 
-    class Full:
-        """A file whose writes fail as on a full disk."""
-
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def write(self, data):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
     def filling_get(self, indices, rng):
         calls.append(1)
         if len(calls) == 7:
@@ -476,8 +461,7 @@ def test_a_full_disk_during_a_save_keeps_the_last_checkpoint_and_resume_goes_on(
         return get(self, indices, rng)
 
     def full_fdopen(fd, mode="r", *args, **kwargs):
-        f = fdopen(fd, mode, *args, **kwargs)
-        return Full(f) if "before" in seen and "w" in mode else f
+        return FullDisk(fd) if "before" in seen and "w" in mode else fdopen(fd, mode, *args, **kwargs)
 
     monkeypatch.setattr(gn.train.ArrayData, "get", filling_get)
     monkeypatch.setattr(files.os, "fdopen", full_fdopen)

@@ -3,7 +3,6 @@ IDX reads with bounded memory, writes that fail cleanly) and valid output (stric
 the umask, one-point plots with markers, no global matplotlib state)."""
 from __future__ import annotations
 
-import errno
 import gzip
 import hashlib
 import json
@@ -17,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 
 import gpunet as gn
 from gpunet.data import mnist
-from tests.support.reliability import cli, one_error_line, snapshot
+from tests.support.reliability import FullDisk, cli, one_error_line, snapshot
 
 TRAIN = ["train", "--steps", "2", "--device", "cpu", "--no-progress"]
 
@@ -78,26 +77,12 @@ def test_a_full_disk_is_one_line_and_keeps_every_old_file(tmp_path, capsys, monk
     assert cli(TRAIN + ["--out", out], capsys)[0] == 0
     before = snapshot(out)
     # the disk fills up at the first checkpoint write of the resumed run (a mocked write: no tmpfs needed)
-    monkeypatch.setattr("gpunet.files.os.fdopen", lambda fd, mode: _FullDisk(fd))
+    monkeypatch.setattr("gpunet.files.os.fdopen", lambda fd, mode: FullDisk(fd))
     code, _, err = cli(TRAIN[:2] + ["4", "--device", "cpu", "--no-progress", "--out", out, "--resume"], capsys)
     line = one_error_line(err)
     assert code == 1 and line in (f"gpunet train: {out / 'model.safetensors'}: no space left on the device",
                                   f"gpunet train: {out / 'last.safetensors'}: no space left on the device")
     assert snapshot(out) == before  # no temporary left, nothing replaced
-
-
-class _FullDisk:
-    def __init__(self, fd):
-        self.fd = fd
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        os.close(self.fd)
-
-    def write(self, data):
-        raise OSError(errno.ENOSPC, "No space left on device")
 
 
 @pytest.fixture

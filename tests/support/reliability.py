@@ -2,6 +2,7 @@
 and snapshot a folder to prove that nothing that existed before was changed."""
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -37,3 +38,19 @@ def snapshot(folder) -> dict:
             st = path.stat()
             result[os.fspath(path.relative_to(folder))] = (path.read_bytes(), st.st_mtime_ns, st.st_mode)
     return result
+
+
+class FullDisk:
+    """What os.fdopen returns on a full disk: a file on fd whose writes fail with ENOSPC."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
