@@ -145,7 +145,8 @@ class Layer:
     def freeze(self) -> "Layer":
         """Leave this layer's parameters (and its children's) out of every optimizer update, of weight
         decay, momentum and clip_grad_norm's norm; their gradients are not computed where the layer can
-        skip them (Dense, Conv2D), and its input gradient still is where a layer before it trains."""
+        skip them (Dense; any layer before which nothing trains runs no backward at all; elsewhere they
+        are computed and dropped), and its input gradient still is where a layer before it trains."""
         return self._set_frozen(True)
 
     def unfreeze(self) -> "Layer":

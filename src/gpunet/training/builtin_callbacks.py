@@ -41,7 +41,9 @@ class DivergenceCheck(Callback):
     def on_step(self, step: int, loss) -> None:
         self.watch.observe(loss, step)
         if self.run.host_reads:
-            item(loss)  # the host waits for the step here: device-side errors raise too
+            # the host waits for the step here (device-side errors raise too); later callbacks (the
+            # progress bar) take this value instead of reading the device again
+            self.run.host_loss = item(loss)
             self.check()
 
     def check(self) -> None:
@@ -61,8 +63,8 @@ class Progress(Callback):
 
     def on_step(self, step: int, loss) -> None:
         self.bar.update(1)
-        if self.run.host_reads:
-            self.bar.set_postfix(loss=f"{item(loss):.4f}", refresh=False)
+        if self.run.host_reads and not self.disable:
+            self.bar.set_postfix(loss=f"{self.run.host_loss:.4f}", refresh=False)
 
     def on_train_end(self) -> None:
         self.bar.close()

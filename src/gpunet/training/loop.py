@@ -11,12 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy
-from tqdm.auto import tqdm
 
 from gpunet import random
 from gpunet.training import checkpoint, resume as resuming
 from gpunet.training.callbacks import Events
-from gpunet.errors import DeviceOutOfMemory, out_of_memory
+from gpunet.errors import out_of_memory
 from gpunet.backend import ops_for_device, to_device
 from gpunet.data.pipeline import apply_preprocess, minibatches
 from gpunet.training.divergence import first_non_finite_tensor
@@ -59,6 +58,7 @@ class _Run:
     written: list = field(default_factory=list)  # the files this run wrote
     callbacks: Events = field(default_factory=lambda: Events([]))  # built-in and the user's (training_callbacks.ordered)
     host_reads: bool = False  # whether the host reads this step's loss (every step on the CPU, every 25 on a GPU)
+    host_loss: float | None = None  # the loss the host read last (DivergenceCheck reads it, once per read step)
     step_lr: float | None = None  # the learning rate of the last step taken (the schedule moved on after it)
     graph: object = None  # a gpunet.training.cuda_graph.GraphedStep when the step is replayed as a CUDA graph
 
@@ -121,7 +121,7 @@ class _Run:
             idx = next(batches)
             if s.batch == 0:
                 events.fire("on_epoch_begin", s.epoch + 1)
-            value = self._step(idx, self.setup.device.xp)
+            value = self._step(idx)
             evaluate = self._evaluation_due()
             self.host_reads = evaluate or s.step % check_every == 0
             ended = s.epoch + 1 if s.sample >= len(self.data) else None
@@ -145,7 +145,7 @@ class _Run:
             yield from minibatches(len(self.data), self.batch_size, order, start=s.batch, offset=s.sample)
             s.epoch, s.batch, s.sample = s.epoch + 1, 0, 0
 
-    def _step(self, idx, xp):
+    def _step(self, idx):
         """One optimizer step on the samples idx; returns the loss (a device scalar on a GPU)."""
         s, model = self.state, self.model
         everyone, idx = idx, self.parallel.share(idx)  # this rank's share of the global batch

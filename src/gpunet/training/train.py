@@ -18,7 +18,8 @@ from gpunet.data.pipeline import random_shift
 from gpunet.training.history import History
 from gpunet.layers import Layer
 # re-exported: the loop raises them, callers catch them from here
-from gpunet.training.loop import DeviceOutOfMemory, TrainingDiverged, TrainingInterrupted, _evaluate, _Run  # noqa: F401
+from gpunet.errors import DeviceOutOfMemory  # noqa: F401  (gn.train.DeviceOutOfMemory, as fit raises it)
+from gpunet.training.loop import TrainingDiverged, TrainingInterrupted, _evaluate, _Run  # noqa: F401
 from gpunet.losses import LOSSES, metric
 from gpunet.optim import Optimizer
 from gpunet.training.setup import RunSetup
