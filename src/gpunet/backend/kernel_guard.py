@@ -7,9 +7,12 @@ from __future__ import annotations
 import functools
 import inspect
 
+import numpy
+
 from gpunet.backend.ops import Ops
 
 _FALLBACK = object()  # kernel_or_fallback's default for an empty input: the base Ops' method
+_FLOAT32 = numpy.dtype("float32")
 
 
 def kernel_or_fallback(*arrays: str, nonempty: str | None = None, contiguous: tuple[str, ...] = (),
@@ -23,7 +26,8 @@ def kernel_or_fallback(*arrays: str, nonempty: str | None = None, contiguous: tu
     lacks, a dtype of ids) stays in the override, explicit.
 
     The argument names are turned into positions once, here: the check on each call (every layer,
-    every step) costs a few lookups, not a signature bind. functools.wraps keeps the signature the
+    every step) costs a few lookups, not a signature bind, and copies no argument list unless an
+    argument must be made contiguous. functools.wraps keeps the signature the
     base's (tests/backend/test_devices.py checks that)."""
     def decorate(method):
         params = list(inspect.signature(method).parameters.values())[1:]  # after self
@@ -33,25 +37,23 @@ def kernel_or_fallback(*arrays: str, nonempty: str | None = None, contiguous: tu
         if unknown:
             raise TypeError(f"kernel_or_fallback: {method.__qualname__} has no argument {unknown[0]!r}")
         base = fallback if fallback is not None else getattr(Ops, method.__name__)
-
-        def value(args, kwargs, name):
-            i = position[name]
-            return args[i] if i < len(args) else kwargs.get(name, default[name])
+        checked = tuple((position[n], n, default[n]) for n in arrays)
+        empty = (position[nonempty], nonempty, default[nonempty]) if nonempty else None
+        made_contiguous = tuple((position[n], n) for n in contiguous)
 
         @functools.wraps(method)
         def guarded(self, *args, **kwargs):
-            if contiguous:
-                args, kwargs = list(args), dict(kwargs)
-                for name in contiguous:
-                    if position[name] < len(args):
-                        args[position[name]] = self.xp.ascontiguousarray(args[position[name]])
-                    elif name in kwargs:
-                        kwargs[name] = self.xp.ascontiguousarray(kwargs[name])
-            if nonempty is not None and value(args, kwargs, nonempty).size == 0:
+            for i, name in made_contiguous:  # (a copy of the arguments only when one is not contiguous)
+                a = args[i] if i < len(args) else kwargs.get(name)
+                if a is not None and not a.flags.c_contiguous:
+                    args, kwargs = _replaced(args, kwargs, i, name, self.xp.ascontiguousarray(a))
+            if empty is not None and _pick(args, kwargs, empty).size == 0:
                 return base(self, *args, **kwargs) if if_empty is _FALLBACK else if_empty
-            if float32_contiguous(*(value(args, kwargs, name) for name in arrays)):
-                return method(self, *args, **kwargs)
-            return base(self, *args, **kwargs)
+            for slot in checked:
+                a = _pick(args, kwargs, slot)
+                if a is not None and (a.dtype != _FLOAT32 or not a.flags.c_contiguous):
+                    return base(self, *args, **kwargs)
+            return method(self, *args, **kwargs)
 
         return guarded
     return decorate
@@ -60,3 +62,16 @@ def kernel_or_fallback(*arrays: str, nonempty: str | None = None, contiguous: tu
 def float32_contiguous(*arrays) -> bool:
     """The kernels take C-contiguous float32 arrays (None stands for an unused argument)."""
     return all(a is None or (a.dtype == "float32" and a.flags.c_contiguous) for a in arrays)
+
+
+def _pick(args, kwargs, slot):
+    """The argument at slot (position, name, default) of a call."""
+    i, name, default = slot
+    return args[i] if i < len(args) else kwargs.get(name, default)
+
+
+def _replaced(args, kwargs, i, name, value):
+    """args and kwargs with argument i (or keyword name) replaced by value."""
+    if i < len(args):
+        return (*args[:i], value, *args[i + 1:]), kwargs
+    return args, {**kwargs, name: value}
