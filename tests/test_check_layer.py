@@ -17,6 +17,7 @@ import gpunet as gn
 from gpunet import layers as L
 from gpunet.backend import ops_for
 from tests.layers.test_protocol import CASES as PROTOCOL_CASES
+from tests.layers.test_protocol import make_input as protocol_input
 from tests.support.arrays import on, rng
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ IDS = numpy.array([[1, 4, 1], [0, 4, 2]])  # Embedding's input: ids, repeated so
 
 
 def make_input(shape):
-    return IDS if shape == "ids" else rng(3).standard_normal(shape).astype("float32")
+    return IDS if shape == "ids" else protocol_input(shape, seed=3)
 
 
 def test_the_cases_cover_every_built_in_layer_type():

@@ -7,7 +7,7 @@ from gpunet.training import callbacks, train
 from gpunet.backend import Device, device, has_cupy, has_gpu, to_numpy
 from gpunet.training.checkpoint import load, save
 from gpunet.training.history import History
-from gpunet.layers import Sequential
+from gpunet.layers import Input, Model, Sequential
 from gpunet.random import manual_seed
 from gpunet.training.train import TrainingDiverged, evaluate, fit
 
@@ -18,7 +18,7 @@ sys.modules[__name__ + ".train"], sys.modules[__name__ + ".callbacks"] = train, 
 __version__ = "0.1.0"  # the one place it is written: pyproject.toml reads it (dynamic version)
 
 __all__ = [
-    "Device", "History", "Sequential", "TrainingDiverged", "callbacks", "data", "device", "evaluate", "export", "fit",
+    "Device", "History", "Input", "Model", "Sequential", "TrainingDiverged", "callbacks", "data", "device", "evaluate", "export", "fit",
     "has_cupy", "has_gpu", "init", "layers", "load", "losses", "manual_seed", "models", "optim",
     "save", "testing", "to_numpy", "__version__",
 ]

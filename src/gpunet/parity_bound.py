@@ -45,6 +45,13 @@ def reduction_path(layer, shape: tuple) -> tuple[int, tuple]:
     on input of shape `shape`; the output's shape). The backward's input and parameter gradients
     are computed side by side: the longer of the two counts."""
     kind, c = type(layer).__name__, layer.config
+    several = bool(shape) and isinstance(shape[0], (tuple, list))  # the shapes of several inputs
+    if kind == "Model":  # a graph: every node's path summed, more than its longest path from input to output
+        batch = (shape[0] if several else shape)[0]
+        total = sum(reduction_path(child, s)[0] + PER_FUNCTION for child, s in layer.calls(batch))
+        return total, layer.output_shapes(batch)[0]
+    if several:  # a merge layer (Add, Concatenate): elementwise or copies, no sums
+        return 0, tuple(shape[0])
     rows = math.prod(shape[:-1])
     if kind == "Dense":
         return c["in_features"] + max(c["out_features"], rows), (*shape[:-1], c["out_features"])

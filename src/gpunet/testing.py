@@ -61,45 +61,81 @@ def check_layer(layer: Layer, x, *, torch_module=None, gpu: bool | None = None, 
     """Check layer's backward against float64 finite differences, its torch twin (torch_module,
     if given) and the GPU (when usable; gpu=False skips it, gpu=True requires it). x: one input
     batch (floats; integer ids, as Embedding takes, have no gradient: only the parameters' are
-    checked). Works on copies: layer's parameters, gradients, buffers, mode and device, and the
-    random state, are left as they were. Raises AssertionError naming the first wrong gradient,
-    the element, both values and the tolerance; returns None when all agree."""
+    checked), or a list of them for a model with several inputs (a model with several outputs is
+    checked on all of them at once). Works on copies: layer's parameters, gradients, buffers, mode
+    and device, and the random state, are left as they were. Raises AssertionError naming the first
+    wrong gradient, the element, both values and the tolerance; returns None when all agree."""
     if not isinstance(layer, Layer):
         raise TypeError(f"check_layer: layer is {type(layer).__name__}, not a gpunet layer (gpunet.layers.Layer)")
-    x = numpy.asarray(to_numpy(x))
-    if x.dtype.kind not in "fiub" or x.size == 0:
-        raise TypeError(f"check_layer: x must be a non-empty array of numbers (floats, or integer ids), "
-                        f"got dtype {x.dtype} and shape {x.shape}")
+    many = isinstance(x, (list, tuple)) and all(hasattr(item, "shape") for item in x)  # a list of arrays: several inputs
+    xs = [numpy.asarray(to_numpy(item)) for item in (x if many else [x])]
+    for item in xs:
+        if item.dtype.kind not in "fiub" or item.size == 0:
+            raise TypeError(f"check_layer: x must be a non-empty array of numbers (floats, or integer ids), "
+                            f"got dtype {item.dtype} and shape {item.shape}")
     if gpu and not has_gpu():
         raise RuntimeError("check_layer: gpu=True but no usable GPU (gn.has_gpu() is False)")
-    ids = x.dtype.kind != "f"
+    inputs = Inputs(xs, many)
     name = type(layer).__name__
-    dy = _check_finite_differences(layer, name, x if ids else x.astype("float64"), ids, seed, max_elements)
+    dy = _check_finite_differences(layer, name, inputs.cast("float64"), seed, max_elements)
     if torch_module is not None:
-        _check_torch_twin(layer, name, torch_module, x, dy, ids, seed)
+        _check_torch_twin(layer, name, torch_module, inputs, dy, seed)
     if gpu or (gpu is None and has_gpu()):
-        cpu = _run(_copy(layer, "cpu", "float32"), _float32(x), dy.astype("float32"), ids, seed)
-        dev = _run(_copy(layer, "gpu", "float32"), _float32(x), dy.astype("float32"), ids, seed)
-        atol = _float32_bound(layer, x.shape)
+        dy32 = [d.astype("float32") for d in dy]
+        cpu = _run(_copy(layer, "cpu", "float32"), inputs.cast("float32"), dy32, seed)
+        dev = _run(_copy(layer, "gpu", "float32"), inputs.cast("float32"), dy32, seed)
+        atol = _float32_bound(layer, inputs.shapes)
         for what, want in cpu.items():
             _assert_close(f"{name}: {what}", "the GPU", dev[what], "the CPU", want, atol(want))
 
 
+class Inputs:
+    """The checked input batch (or batches, for a model with several inputs), and which take gradients."""
+
+    def __init__(self, arrays: list, many: bool, floats: list | None = None):
+        self.arrays, self.many = arrays, many
+        self.floats = floats if floats is not None else [a.dtype.kind == "f" for a in arrays]
+
+    def cast(self, dtype: str) -> "Inputs":
+        return Inputs([a.astype(dtype) if f else a for a, f in zip(self.arrays, self.floats)], self.many, self.floats)
+
+    @property
+    def shapes(self):
+        shapes = [tuple(a.shape) for a in self.arrays]
+        return shapes if self.many else shapes[0]
+
+    def given(self, convert=lambda a: a):
+        """The argument of forward: one array, or the list."""
+        items = [convert(a) for a in self.arrays]
+        return items if self.many else items[0]
+
+    def label(self, what: str, i: int) -> str:
+        return f"{what} {i}" if self.many else what
+
+
+def _listed(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 # -- float64 finite differences
 
-def _check_finite_differences(layer, name, x, ids, seed, max_elements):
-    """Raises on the first element off its finite difference; returns the upstream gradient dy it drew."""
+def _check_finite_differences(layer, name, inputs, seed, max_elements):
+    """Raises on the first element off its finite difference; returns the upstream gradients dy it drew."""
     twin = _copy(layer, "cpu", "float64")
-    dy = numpy.random.default_rng(seed).standard_normal(_forward(twin, x, seed).shape)
-    got = _run(twin, x, dy, ids, seed)
+    draw = numpy.random.default_rng(seed)
+    dy = [draw.standard_normal(y.shape) for y in _forward(twin, inputs, seed)]
+    got = _run(twin, inputs, dy, seed)
+
+    def terms() -> list:
+        return [y * d for y, d in zip(_forward(twin, inputs, seed), dy)]
 
     def objective() -> float:
-        return float((_forward(twin, x, seed) * dy).sum())
+        return float(sum(t.sum() for t in terms()))
 
     # the size of f's terms, for the rounding share of the tolerance (see the module's docstring)
-    size = float(numpy.abs(_forward(twin, x, seed) * dy).sum())
+    size = float(sum(numpy.abs(t).sum() for t in terms()))
     atol = ROUNDINGS * U64 * size / EPS
-    tensors = [] if ids else [("input gradient", x)]
+    tensors = [(inputs.label("input gradient", i), a) for i, a in enumerate(inputs.arrays) if inputs.floats[i]]
     tensors += [(f"gradient of '{key}'", value) for key, value in twin.params.items()]
     for what, array in tensors:
         for index in _indices(array.shape, max_elements, seed):
@@ -122,7 +158,7 @@ def _indices(shape, limit: int, seed: int) -> list[tuple]:
 
 # -- a PyTorch twin
 
-def _check_torch_twin(layer, name, torch_module, x, dy, ids, seed):
+def _check_torch_twin(layer, name, torch_module, inputs, dy, seed):
     import torch  # only here: torch is an extra, and only a twin needs it
     if _dropout_active(layer):
         raise ValueError(f"check_layer: {name} has dropout active in training mode, whose masks torch_module cannot "
@@ -138,20 +174,24 @@ def _check_torch_twin(layer, name, torch_module, x, dy, ids, seed):
         _assert_close(f"{name}: state_dict '{key}'", "the layer", value, "torch_module",
                       theirs[key].detach().numpy(), numpy.zeros(()), hint="; give the twin the layer's weights "
                       "(gn.export.to_torch, or torch_module.load_state_dict)")
-    got = _run(ours, _float32(x), dy.astype("float32"), ids, seed)
-    tx = torch.from_numpy(_float32(x).copy())
-    if not ids:
-        tx.requires_grad_(True)
-    ty = twin(tx)
-    ty.backward(torch.from_numpy(dy.astype("float32")))
-    want = {"output": ty.detach().numpy()}
-    if not ids:
-        want["input gradient"] = tx.grad.numpy()
+    inputs32 = inputs.cast("float32")
+    got = _run(ours, inputs32, [d.astype("float32") for d in dy], seed)
+    txs = [torch.from_numpy(a.copy()).requires_grad_(f) for a, f in zip(inputs32.arrays, inputs32.floats)]
+    tys = _listed(twin(*txs))
+    torch.autograd.backward(tys, [torch.from_numpy(d.astype("float32")) for d in dy])
+    want = {_output_label(len(tys), i): ty.detach().numpy() for i, ty in enumerate(tys)}
+    for i, tx in enumerate(txs):
+        if inputs.floats[i]:
+            want[inputs.label("input gradient", i)] = tx.grad.numpy()
     for key, p in twin.named_parameters():
         want[f"gradient of '{key}'"] = numpy.zeros(tuple(p.shape), "float32") if p.grad is None else p.grad.numpy()
-    atol = _float32_bound(layer, x.shape)
+    atol = _float32_bound(layer, inputs.shapes)
     for what, value in want.items():
         _assert_close(f"{name}: {what}", "gpunet", got[what], "torch_module", value, atol(value))
+
+
+def _output_label(count: int, i: int) -> str:
+    return f"output {i}" if count > 1 else "output"
 
 
 def _dropout_active(layer) -> bool:
@@ -162,9 +202,10 @@ def _dropout_active(layer) -> bool:
 
 def _float32_bound(layer, shape) -> Callable:
     """atol(want): parity_bound's path over the sums of one forward and backward (module docstring)."""
-    length, _ = reduction_path(layer, tuple(shape))
+    shapes = shape if isinstance(shape, list) else [shape]
+    length, _ = reduction_path(layer, shape if isinstance(shape, list) else tuple(shape))
     for leaf in _unknown_leaves(layer):  # parity_bound counts none of their sums: the longest they could run
-        length += math.prod(shape) + leaf.num_params()
+        length += sum(math.prod(s) for s in shapes) + leaf.num_params()
     scale = 2 * LAMBDA * (length + PER_FUNCTION) * U32
     return lambda want: scale * float(numpy.abs(numpy.asarray(want, "float64")).max(initial=0.0)) + TINY
 
@@ -197,26 +238,24 @@ def _copy(layer, device: str, dtype: str) -> Layer:
     return copy.deepcopy(layer).to(device, dtype)
 
 
-def _forward(layer, x, seed):
-    """One forward under the check's own random state: the same dropout mask every time."""
+def _forward(layer, inputs, seed) -> list:
+    """One forward under the check's own random state (the same dropout mask every time): the outputs, on the host."""
     with random.using(random.RandomState(seed)):
-        return to_numpy(layer.forward(to_device(x, layer.device)))
+        return [to_numpy(y) for y in _listed(layer.forward(inputs.given(lambda a: to_device(a, layer.device))))]
 
 
-def _run(layer, x, dy, ids, seed) -> dict:
-    """Output, input gradient (floats only) and every parameter gradient of one forward and backward, on the host."""
+def _run(layer, inputs, dy, seed) -> dict:
+    """Outputs, input gradients (floats only) and every parameter gradient of one forward and backward, on the host."""
     with random.using(random.RandomState(seed)):
-        y = layer.forward(to_device(x, layer.device))
-        dx = layer.backward(to_device(dy.astype(y.dtype), layer.device), input_grad=not ids)
-    found = {"output": to_numpy(y)}
-    if not ids:
-        found["input gradient"] = to_numpy(dx)
+        ys = _listed(layer.forward(inputs.given(lambda a: to_device(a, layer.device))))
+        grads = [to_device(d.astype(y.dtype), layer.device) for y, d in zip(ys, dy)]
+        dx = layer.backward(grads if len(ys) > 1 else grads[0], input_grad=any(inputs.floats))
+    found = {_output_label(len(ys), i): to_numpy(y) for i, y in enumerate(ys)}
+    for i, d in enumerate(_listed(dx) if any(inputs.floats) else []):
+        if inputs.floats[i]:
+            found[inputs.label("input gradient", i)] = to_numpy(d)
     found.update({f"gradient of '{key}'": to_numpy(value).copy() for key, value in layer.grads.items()})
     return found
-
-
-def _float32(x):
-    return x.astype("float32") if x.dtype.kind == "f" else x
 
 
 def central_difference(f, array, index, eps: float = EPS) -> float:

@@ -33,7 +33,30 @@ CASES = {  # every registered built-in layer: a constructor and an input
     "TransformerBlock": (lambda: L.TransformerBlock(4, 2), (2, 3, 4)),
     "Sequential": (lambda: gn.Sequential(L.Dense(3, 4), L.ReLU(), L.Dense(4, 2)), (2, 3)),
     "Perceptron": (lambda: gn.models.Perceptron(3), (2, 3)),
+    "Add": (L.Add, [(2, 3), (2, 3)]), "Multiply": (L.Multiply, [(2, 3), (2, 3), (2, 3)]),
+    "Concatenate": (lambda: L.Concatenate(axis=1), [(2, 3), (2, 2)]),
+    "Model": (lambda: residual_model(), (2, 3)),
 }
+
+
+def residual_model():
+    """A graph model: a residual join of two branches, then a head (fusion on the ReLU branch)."""
+    x = gn.Input((3,))
+    h = L.ReLU()(L.Dense(3, 4)(x))
+    return gn.Model(x, L.Dense(4, 2)(L.Add()([h, L.Dense(3, 4)(x)])))
+
+
+def make_input(shape, seed=0):
+    """A case's input: float32 of shape, a list of them for a list of shapes, or ids."""
+    if shape == "ids":
+        return rng(seed).integers(0, 5, (2, 4))
+    if isinstance(shape, list):
+        return [rng(seed + i).standard_normal(s).astype(FLOAT) for i, s in enumerate(shape)]
+    return rng(seed).standard_normal(shape).astype(FLOAT)
+
+
+def shapes_of(value):
+    return [a.shape for a in value] if isinstance(value, list) else value.shape
 
 
 def built_in_types():
@@ -53,19 +76,20 @@ def test_private_bases_are_not_registered():
 def test_backward_before_forward_is_one_clear_error_and_after_forward_works(name):
     make, shape = CASES[name]
     layer = make()
-    first = {"Sequential": "Dense", "TransformerBlock": "Dropout"}.get(name, name)  # the child that has not run
+    first = {"Sequential": "Dense", "TransformerBlock": "Dropout", "Model": "gn.Model"}.get(name, name)  # the child
+    # that has not run
     with pytest.raises(RuntimeError, match=f"^{first}: backward called before forward$"):
         layer.backward(numpy.zeros(3, FLOAT))
     with pytest.raises(RuntimeError, match=f"^{first}: backward called before forward$"):
         layer.backward_params(numpy.zeros(3, FLOAT))
-    x = rng().integers(0, 5, (2, 4)) if shape == "ids" else rng().standard_normal(shape).astype(FLOAT)
+    x = make_input(shape)
     y = layer.forward(x)
     if name == "Perceptron":  # trained by its own rule
         with pytest.raises(TypeError, match="perceptron rule"):
             layer.backward(y)
         return
     dx = layer.backward(numpy.ones(y.shape, FLOAT))
-    assert dx is None if shape == "ids" else dx.shape == x.shape
+    assert dx is None if shape == "ids" else shapes_of(dx) == shapes_of(x)
     assert layer.backward(numpy.ones(y.shape, FLOAT), input_grad=False) is None
     layer.to("cpu")  # what the last forward saved belongs to the old device or dtype
     with pytest.raises(RuntimeError, match="backward called before forward"):

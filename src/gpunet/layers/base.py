@@ -75,7 +75,26 @@ def registered_name(cls: type) -> str:
                     f"decorate it with @gpunet.layers.register({cls.__name__!r})")
 
 
-class Layer:
+def check_name(name: Any, where: str) -> str | None:
+    """A layer's name: None, or an identifier (a dot would split its parameters' keys in two)."""
+    if name is not None and not (isinstance(name, str) and name.isidentifier()):
+        raise ValueError(f"{where}: name must be an identifier (letters, digits and _, no dots), got {name!r}")
+    return name
+
+
+class LayerType(type):
+    """Every layer takes `name=` without its constructor declaring it: the name is taken off here."""
+
+    def __call__(cls, *args: Any, name: str | None = None, **kwargs: Any):
+        layer = super().__call__(*args, **kwargs)
+        if name is not None or "name" not in layer.__dict__:
+            layer.name = check_name(name, cls.__name__)
+        return layer
+
+
+class Layer(metaclass=LayerType):
+    name: str | None  # set by LayerType after __init__: a graph model keys the layer's parameters by it
+
     def __init__(self, **config: Any) -> None:
         self._setup(config)
         self.params: dict = {}
@@ -220,8 +239,33 @@ class Layer:
         """Parameter gradients only: for a first layer, whose input gradient nobody reads."""
         self.backward(dy, input_grad=False)
 
-    def __call__(self, x: Array) -> Array:
-        return self.forward(x)
+    def __call__(self, x):
+        """forward(x) on arrays; on symbolic values (gn.Input and what layers made of it) a node of a graph model."""
+        from gpunet.layers.graph import call_symbolic, is_symbolic  # (graph builds on this module)
+        return call_symbolic(self, x) if is_symbolic(x) else self.forward(x)
+
+    def output_shape(self, input_shape, dtype="float32"):
+        """(shape, dtype) of the output, without the batch axis, for an input of that shape and dtype (lists of
+        them for several inputs or outputs): found by running forward on zeros of batch 1 in eval mode, the
+        layer left as it was. A shape it cannot take raises the layer's own error."""
+        from gpunet.layers.graph import probe_output
+        return probe_output(self, input_shape, dtype)
+
+    # -- per-call records: a layer called several times in one pass (a shared layer) keeps each call's saved state
+    def record(self) -> list:
+        """What this layer and every layer under it saved in its last forward, to restore() before that call's backward."""
+        return [(layer, layer._saved) for layer in self._subtree()]
+
+    @staticmethod
+    def restore(record: list) -> None:
+        for layer, saved in record:
+            layer._saved = saved
+
+    def _subtree(self) -> list["Layer"]:
+        found = [self]
+        for child in self._children.values():
+            found.extend(child._subtree())
+        return found
 
     def predict(self, inputs, batch_size: int = 1000):
         """(classes, probabilities) for raw inputs (uint8 images as stored, or character ids): the model's
@@ -241,6 +285,8 @@ class Layer:
         config: dict[str, Any] = {"type": registered_name(type(self)), "args": dict(self.config)}
         if getattr(self, "frozen", False):  # (only when frozen: architectures saved before freezing stay as they were)
             config["frozen"] = True
+        if getattr(self, "name", None) is not None:
+            config["name"] = self.name
         return config
 
     @classmethod
@@ -272,85 +318,6 @@ class Composite(Layer):
     buffers = property(lambda self: TreeView(self, "buffers"))
 
 
-@register("Sequential")
-class Sequential(Composite):
-    """Layers applied in order; parameters keyed "0.weight", "2.bias", ... as in torch."""
-
-    def __init__(self, *layers: Layer) -> None:
-        super().__init__()
-        for i, layer in enumerate(layers):
-            if not isinstance(layer, Layer):
-                raise TypeError(f"Sequential: item {i} is {type(layer).__name__}, not a gpunet layer")
-            self.add_child(str(i), layer)
-        self.preprocess: dict | None = None  # input preprocessing saved with the model
-
-    @property
-    def layers(self) -> list[Layer]:
-        return list(self._children.values())
-
-    def forward(self, x: Array) -> Array:
-        """The layers in order; a layer followed by ones it absorbs (Dense or Conv2D then ReLU,
-        Sigmoid, ...; Conv2D then ReLU then a MaxPool2D) runs them in one pass, as if the user had
-        written Dense(..., activation=...): fewer launches on a GPU, fewer passes over memory. The names,
-        parameters and outputs are the model's as written (each layer's own forward still runs
-        alone, as `gpunet parity` runs them)."""
-        layers, i, fused = self.layers, 0, []
-        while i < len(layers):
-            layer = layers[i]
-            absorbed: list[Layer] = []
-            while i + len(absorbed) + 1 < len(layers) and layer.absorbs(absorbed + [layers[i + len(absorbed) + 1]]):
-                absorbed.append(layers[i + len(absorbed) + 1])
-            if absorbed:
-                x = layer.forward_absorbing(x, absorbed)
-                for following in absorbed:
-                    following.save_for_backward(absorbed=True)  # its backward runs inside the absorbing layer's
-                members = range(i, i + 1 + len(absorbed))
-                fused.append((members, [layers[k]._saved for k in members]))
-            else:
-                x = layer.forward(x)
-            i += 1 + len(absorbed)
-        self.save_for_backward(fused=fused)
-        return x
-
-    def backprop(self, dy, saved, need_dx):
-        layers = self.layers
-        for members, states in getattr(saved, "fused", ()):
-            # A fused group whose layers ran forward again, some alone: the absorbed ones' flags or the absorbing
-            # layer's fused state would be stale, and the gradient silently wrong. (All alone, as gpunet parity
-            # runs them, is a consistent unfused state.)
-            same = [layers[k]._saved is state for k, state in zip(members, states)]
-            if any(same) and not all(same):
-                k = members[same.index(False)]
-                raise RuntimeError(f"{type(layers[k]).__name__} (layer {k} of the Sequential) ran forward on its own "
-                                   f"after the Sequential's forward ran layers {members[0]} to {members[-1]} as one; "
-                                   "run the Sequential's forward again before its backward")
-        # The leading layers that train nothing (a frozen body) need no backward when no input gradient is wanted.
-        first = next((i for i, layer in enumerate(layers) if trains(layer)), len(layers)) if not need_dx else 0
-        for layer in reversed(layers[first + 1:]):
-            if not getattr(layer._saved, "absorbed", False):
-                dy = layer.backward(dy)
-        if first < len(layers):
-            return layers[first].backward(dy, input_grad=need_dx)
-        return None if layers else dy
-
-    def __getitem__(self, i):
-        return self.layers[i]
-
-    def __len__(self):
-        return len(self._children)
-
-    def describe(self) -> str:
-        inner = "\n".join(f"  ({i}): {layer.describe()}" for i, layer in enumerate(self.layers))
-        return f"Sequential(\n{inner}\n)"
-
-    def to_config(self) -> dict:
-        return {"type": "Sequential", "layers": [layer.to_config() for layer in self.layers]}
-
-    @classmethod
-    def from_config(cls, config: dict) -> "Sequential":
-        return cls(*(build_layer(c) for c in config["layers"]))
-
-
 def build_layer(config: dict) -> Layer:
     """Rebuild a layer (or a whole model) from its to_config() description."""
     kind = config.get("type") if isinstance(config, dict) else None
@@ -358,6 +325,8 @@ def build_layer(config: dict) -> Layer:
         raise ValueError(f"unknown layer type {kind!r} in model description (a layer of your own must be "
                          "registered with gpunet.layers.register before loading)")
     layer = LAYER_TYPES[kind].from_config(config)
+    if config.get("name") is not None:
+        layer.name = check_name(config["name"], f"layer {kind!r} in model description")
     return layer.freeze() if config.get("frozen") is True else layer
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from gpunet.backend import Array
 from gpunet.layers.activations import GELU
 from gpunet.layers.attention import MultiHeadAttention
-from gpunet.layers.base import Composite, Sequential, register
+from gpunet.layers.base import Composite, register
+from gpunet.layers.sequential import Sequential
 from gpunet.layers.dense import Dense
 from gpunet.layers.dropout import Dropout
 from gpunet.layers.norm import LayerNorm
