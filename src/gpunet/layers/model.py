@@ -221,7 +221,7 @@ class Model(Composite):
 
     def to_config(self) -> dict:
         config = {"type": "Model",
-                  "layers": [[name, layer.to_config()] for name, layer in self._children.items()],
+                  "layers": [[name, _unnamed(layer.to_config())] for name, layer in self._children.items()],
                   "inputs": [{"shape": list(shape), "dtype": dtype} for shape, dtype in self._input_specs],
                   "nodes": [{"layer": step.name, "inputs": step.ins, "many": step.many, "outputs": len(step.outs)}
                             for step in self._steps],
@@ -273,6 +273,10 @@ def _sequence(items, count: int, where: str) -> list:
         raise ValueError(f"gn.Model: {where} expected a list of {count} arrays, got "
                          f"{len(items) if isinstance(items, (list, tuple)) else 'one ' + type(items).__name__}")
     return list(items)
+
+
+def _unnamed(config: dict) -> dict:
+    return {key: value for key, value in config.items() if key != "name"}  # the model keys it by its name
 
 
 def _copies(grads) -> dict:
