@@ -3,9 +3,12 @@
 that mean with respect to the first argument."""
 from __future__ import annotations
 
+import math
+
 from gpunet.backend import Array, ops_for
 
-__all__ = ["LOSSES", "METRICS", "binary_cross_entropy_with_logits", "item", "metric", "mse", "softmax_cross_entropy"]
+__all__ = ["LOSSES", "METRICS", "Combined", "binary_cross_entropy_with_logits", "item", "metric", "mse", "resolve",
+           "softmax_cross_entropy"]
 
 
 def item(loss: Array | float) -> float:
@@ -83,3 +86,48 @@ METRICS = {"softmax_cross_entropy": "accuracy", "mse": None, "binary_cross_entro
 def metric(loss: str) -> str | None:
     """The metric that loss implies (METRICS), or None (also for a name that is no loss: callers refuse those)."""
     return METRICS.get(loss)
+
+
+class Combined:
+    """The loss of a model with several outputs: loss i of output i against targets i, weighted,
+    summed: (sum_i w_i loss_i, [w_i grad_i for each output]). What fit and evaluate use for loss=[...]."""
+
+    def __init__(self, names, weights=None, where: str = "fit"):
+        names = list(names)
+        unknown = [name for name in names if name not in LOSSES]
+        if not names or unknown:
+            raise ValueError(f"{where}: unknown loss {(unknown or [''])[0]!r} in loss={names}; choose from {', '.join(LOSSES)}")
+        weights = [1.0] * len(names) if weights is None else list(weights)
+        if len(weights) != len(names) or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                                 and math.isfinite(w) and w >= 0 for w in weights):
+            raise ValueError(f"{where}: loss_weights must be {len(names)} finite numbers >= 0, one per loss, got {weights}")
+        self.names, self.weights = names, [float(w) for w in weights]
+
+    def parts(self, outputs, targets) -> list:
+        """(loss, gradient) of each output, weighted."""
+        if not isinstance(outputs, (list, tuple)) or len(outputs) != len(self.names):
+            got = f"{len(outputs)} outputs" if isinstance(outputs, (list, tuple)) else "one output"
+            raise ValueError(f"loss={self.names} is for a model with {len(self.names)} outputs, but the model gave {got}")
+        found = []
+        for name, weight, y, target in zip(self.names, self.weights, outputs, targets):
+            value, grad = LOSSES[name](y, target)
+            found.append((value, grad) if weight == 1.0 else (value * weight, grad * weight))
+        return found
+
+    def __call__(self, outputs, targets):
+        found = self.parts(outputs, targets)
+        total = found[0][0]
+        for value, _ in found[1:]:
+            total = total + value
+        return total, [grad for _, grad in found]
+
+
+def resolve(loss, weights=None, where: str = "fit"):
+    """The loss function for `loss`: LOSSES[name], or a Combined for a list of names (several outputs)."""
+    if isinstance(loss, (list, tuple)):
+        return Combined(loss, weights, where)
+    if weights is not None:
+        raise ValueError(f"{where}: loss_weights is for a list of losses (a model with several outputs), got loss={loss!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"{where}: unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    return LOSSES[loss]

@@ -13,7 +13,14 @@ KINDS = ("image", "text")
 
 def check_spec(spec, where: str) -> None:
     """Refuse a spec apply_preprocess could not use (a checkpoint's metadata edited by hand: a string
-    for `scale`, a std of 0), in one line starting with `where` and naming the key."""
+    for `scale`, a std of 0), in one line starting with `where` and naming the key. A model with several
+    inputs has a list of specs, one per input (None: that input as it is)."""
+    if isinstance(spec, list):
+        for i, one in enumerate(spec):
+            if isinstance(one, list):
+                raise ValueError(f"{where}: input {i}: a list of preprocessing specs cannot nest")
+            check_spec(one, f"{where}: input {i}")
+        return
     if spec is None:
         return
     if not isinstance(spec, dict) or spec.get("kind") not in KINDS:
@@ -37,10 +44,17 @@ def check_spec(spec, where: str) -> None:
         raise ValueError(f"{where}: 'shape' must be a list of positive whole numbers, got {shape!r:.80}")
 
 
-def apply_preprocess(spec: dict | None, x, xp=numpy):
-    """Raw batch (on host or device) -> model input; a model without a spec takes x as is."""
+def apply_preprocess(spec: dict | list | None, x, xp=numpy):
+    """Raw batch (on host or device) -> model input; a model without a spec takes x as is. A list of specs
+    (a model with several inputs) applies one to each array of the list x."""
     if spec is None:
         return x
+    if isinstance(spec, list):
+        if not isinstance(x, (list, tuple)) or len(x) != len(spec):
+            raise ValueError(f"the model's preprocessing is for {len(spec)} inputs; give a list of {len(spec)} arrays")
+        return [apply_preprocess(one, a, xp) for one, a in zip(spec, x)]
+    if isinstance(x, (list, tuple)):
+        raise ValueError(f"the model's preprocessing is for one input, got a list of {len(x)} arrays")
     if spec.get("kind") == "text":
         x = xp.asarray(x)
         if x.dtype.kind not in "iu":

@@ -29,14 +29,62 @@ def float_dtype(model) -> numpy.dtype:
 
 
 def inputs(model, value, where: str):
-    """value as the model's inputs (see the module's dtype rule)."""
-    keep_ints = (getattr(model, "preprocess", None) or {}).get("kind") in ("image", "text")
-    return _convert(value, where, "inputs", float_dtype(model), keep_ints)
+    """value as the model's inputs (see the module's dtype rule): one array, or for a gn.Model with several
+    inputs a list of them, one per input in the order of its inputs, with as many samples each."""
+    count, specs = input_count(model), getattr(model, "preprocess", None)
+    if count is None:
+        return _convert(value, where, "inputs", float_dtype(model), _raw(specs))
+    if not isinstance(value, (list, tuple)) or len(value) != count:
+        got = f"a list of {len(value)}" if isinstance(value, (list, tuple)) else f"one {type(value).__name__}"
+        raise ValueError(f"{where}: the model takes {count} inputs; give a list of {count} arrays (in the order of its "
+                         f"inputs), got {got}")
+    specs = specs if isinstance(specs, list) else [None] * count
+    return same_length([_convert(v, f"{where}: input {i}", "inputs", float_dtype(model), _raw(spec))
+                        for i, (v, spec) in enumerate(zip(value, specs))], where, "input")
 
 
-def targets(model, value, where: str, loss: str):
-    """value as targets of `loss`: whole numbers stay int64 class ids for a loss that implies accuracy."""
-    return _convert(value, where, "targets", float_dtype(model), metric(loss) == "accuracy")
+def targets(model, value, where: str, loss):
+    """value as targets of `loss`: whole numbers stay int64 class ids for a loss that implies accuracy. With
+    a list of losses (a model with several outputs), a list of targets, one per output."""
+    if not isinstance(loss, (list, tuple)):
+        return _convert(value, where, "targets", float_dtype(model), metric(loss) == "accuracy")
+    if not isinstance(value, (list, tuple)) or len(value) != len(loss):
+        got = f"a list of {len(value)}" if isinstance(value, (list, tuple)) else f"one {type(value).__name__}"
+        raise ValueError(f"{where}: the model has {len(loss)} outputs (one loss each); give a list of {len(loss)} "
+                         f"target arrays, got {got}")
+    return same_length([_convert(v, f"{where}: targets {i}", "targets", float_dtype(model), metric(name) == "accuracy")
+                        for i, (v, name) in enumerate(zip(value, loss))], where, "targets")
+
+
+def input_count(model) -> int | None:
+    """How many input arrays the model takes as a list (a gn.Model with several inputs), or None: one array."""
+    return len(model.input_shapes) if getattr(model, "several_inputs", False) else None
+
+
+def same_length(arrays: list, where: str, what: str) -> list:
+    for i, a in enumerate(arrays[1:], 1):
+        if len(a) != len(arrays[0]):
+            raise ValueError(f"{where}: {what} {i} has {len(a)} samples but {what} 0 has {len(arrays[0])}")
+    return arrays
+
+
+def take(x, index):
+    """Rows `index` of an array, or of each array of a list (several inputs or targets)."""
+    return [a[index] for a in x] if isinstance(x, list) else x[index]
+
+
+def each(function, x):
+    """function of an array, or of each array of a list."""
+    return [function(a) for a in x] if isinstance(x, list) else function(x)
+
+
+def samples(x) -> int:
+    return len(x[0]) if isinstance(x, list) else len(x)
+
+
+def _raw(spec) -> bool:
+    """Whether a preprocessing spec takes raw integers (pixels or character ids) that must stay integers."""
+    return isinstance(spec, dict) and spec.get("kind") in ("image", "text")
 
 
 def image_dims(x, where: str) -> None:
@@ -54,9 +102,8 @@ def _convert(value, where: str, what: str, floats: numpy.dtype, keep_ints: bool)
     if not isinstance(value, (list, tuple)):
         raise ValueError(f"{where}: {what} must be an array or a list of samples, got {_kind(value)}")
     if value and all(isinstance(v, numpy.ndarray) for v in value):
-        # gn.Model (DESIGN.md) will take several inputs as a list of arrays: one array is stacked by the caller
-        raise ValueError(f"{where}: {what} is a list of {len(value)} arrays; give one array (numpy.stack) or "
-                         "nested lists of numbers")
+        raise ValueError(f"{where}: {what} is a list of {len(value)} arrays, for a model that takes one array (a "
+                         "gn.Model with several inputs or outputs takes lists); give one array (numpy.stack)")
     try:
         array = numpy.asarray(value)
     except ValueError:  # NumPy: "inhomogeneous shape"; say where

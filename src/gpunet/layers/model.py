@@ -81,6 +81,14 @@ class Model(Composite):
         return self._children[name]
 
     @property
+    def several_inputs(self) -> bool:
+        return self._many_in
+
+    @property
+    def several_outputs(self) -> bool:
+        return self._many_out
+
+    @property
     def input_shapes(self) -> list[tuple]:
         return [shape for shape, _ in self._input_specs]
 

@@ -17,39 +17,51 @@ class Prediction(NamedTuple):
     probabilities: numpy.ndarray  # float32 softmax of the outputs: (N, classes) or (N, T, classes)
 
 
-def predict(model, inputs, batch_size: int = 1000) -> Prediction:
+def predict(model, inputs, batch_size: int = 1000):
     """Run model in eval mode over raw inputs (images as stored, e.g. uint8 0..255, or character ids)
     batch by batch, after model.preprocess; its outputs are taken as logits over the last axis. inputs
-    may be nested Python lists (converted as gpunet.layers.inputs says); NaN or Inf is refused."""
+    may be nested Python lists (converted as gpunet.layers.inputs says); NaN or Inf is refused. A gn.Model
+    with several inputs takes a list of them; one with several outputs gives a list of Predictions."""
     validate.positive_int("predict: batch_size", batch_size)
     spec = getattr(model, "preprocess", None)
     x = arrays.inputs(model, inputs, "predict")
-    if x.ndim == 0:
-        raise ValueError(f"predict: inputs must be a batch (first axis: samples), got a scalar of dtype {x.dtype}")
-    validate.not_empty(len(x), "predict: inputs")
-    host = x if isinstance(x, numpy.ndarray) else None  # a CuPy array is not copied to the host to be checked
-    if host is not None:
-        validate.finite_array(host, "predict")
-    if spec and spec.get("kind") == "image":
-        arrays.image_dims(x, "predict: inputs")
-        validate.images(to_numpy(x) if host is None else host, spec, "predict: inputs")
+    for i, (one, one_spec) in enumerate(zip(x if isinstance(x, list) else [x],
+                                            spec if isinstance(spec, list) else [spec])):
+        _check(one, one_spec, "predict" if not isinstance(x, list) else f"predict: input {i}")
     was_training = model.training
     model.eval()
     try:
-        with out_of_memory(model.device, "predicting", min(batch_size, len(x)), "--batch-size, or batch_size= of "
-                                                                                 "model.predict"):
+        with out_of_memory(model.device, "predicting", min(batch_size, arrays.samples(x)),
+                           "--batch-size, or batch_size= of model.predict"):
             return _batches(model, spec, x, batch_size)
     finally:
         model.train(was_training)
 
 
-def _batches(model, spec, x, batch_size: int) -> Prediction:
+def _check(x, spec, where: str) -> None:
+    if x.ndim == 0:
+        raise ValueError(f"{where}: inputs must be a batch (first axis: samples), got a scalar of dtype {x.dtype}")
+    validate.not_empty(len(x), f"{where}: inputs")
+    host = x if isinstance(x, numpy.ndarray) else None  # a CuPy array is not copied to the host to be checked
+    if host is not None:
+        validate.finite_array(host, where)
+    if spec and spec.get("kind") == "image":
+        arrays.image_dims(x, f"{where}: inputs")
+        validate.images(to_numpy(x) if host is None else host, spec, f"{where}: inputs")
+
+
+def _batches(model, spec, x, batch_size: int):
     xp = ops_for_device(model.device).xp
-    classes, probabilities = [], []
-    for begin in range(0, len(x), batch_size):
-        batch = apply_preprocess(spec, to_device(x[begin : begin + batch_size], model.device), xp)
-        logits = model.forward(batch)
-        probs = ops_for(logits, op="predict").softmax(logits, axis=-1)
-        classes.append(to_numpy(probs.argmax(axis=-1)).astype("int64"))
-        probabilities.append(to_numpy(probs))
-    return Prediction(numpy.concatenate(classes), numpy.concatenate(probabilities))
+    found: list = []
+    for begin in range(0, arrays.samples(x), batch_size):
+        rows = arrays.take(x, slice(begin, begin + batch_size))
+        batch = apply_preprocess(spec, arrays.each(lambda a: to_device(a, model.device), rows), xp)
+        outputs = model.forward(batch)
+        for i, logits in enumerate(outputs if isinstance(outputs, list) else [outputs]):
+            probs = ops_for(logits, op="predict").softmax(logits, axis=-1)
+            if len(found) <= i:
+                found.append(([], []))
+            found[i][0].append(to_numpy(probs.argmax(axis=-1)).astype("int64"))
+            found[i][1].append(to_numpy(probs))
+    predictions = [Prediction(numpy.concatenate(classes), numpy.concatenate(probs)) for classes, probs in found]
+    return predictions if isinstance(outputs, list) else predictions[0]
