@@ -1,5 +1,8 @@
 """gn.export: to_torch gives a torch.nn.Module whose outputs match gpunet's for every layer type, and
-from_torch(to_torch(model)) gives back the same weights, buffers and architecture."""
+from_torch(to_torch(model)) gives back the same weights, buffers and architecture. A merge layer takes a
+list of arrays (its twin a list of tensors); a gn.Model with several inputs takes them as a list (its
+twin as several arguments) and gives several outputs as a list (its twin a tuple). Graph models' own
+tests (shared layers, nesting, gradients, ONNX with two inputs) are in tests/test_export_graph.py."""
 from __future__ import annotations
 
 import numpy
@@ -31,6 +34,21 @@ def randomised(layer):
             new = R.standard_normal(value.shape).astype(value.dtype) * scale
             layer.load_state_dict({name: numpy.abs(new) + 0.5 if "running_var" in name else new}, strict=False)
     return layer
+
+
+def residual_graph():
+    """A skip connection around a nested Sequential, joined by Add."""
+    x = gn.Input((6,))
+    h = gn.Sequential(L.Dense(6, 5), L.ReLU(), name="body")(x)
+    return gn.Model(x, L.Dense(5, 3, name="head")(L.Add()([h, L.Dense(6, 5, name="skip")(x)])))
+
+
+def two_input_graph():
+    """Two inputs joined by Concatenate and Multiply; two outputs, one through a layer called twice."""
+    a, b = gn.Input((6,)), gn.Input((4,))
+    shared = L.Dense(4, 4, activation="tanh", name="shared")
+    ha, hb = shared(L.Dense(6, 4)(a)), shared(b)
+    return gn.Model([a, b], [L.Dense(8, 2, name="out")(L.Concatenate(axis=1)([ha, hb])), L.Multiply()([ha, hb])])
 
 
 # every layer type gpunet.layers (and gpunet.models) registers, with an input for it
@@ -73,7 +91,31 @@ CASES = {
     "Sequential_char_rnn": (lambda: gn.models.char_rnn(12, 6, 7, cell="gru", num_layers=2), lambda: ids(12, 2, 5)),
     "Sequential_transformer": (lambda: gn.models.transformer(12, context=8, d_model=8, num_heads=2, num_layers=2),
                                lambda: ids(12, 2, 8)),
+    "Add": (lambda: L.Add(), lambda: [floats(3, 4), floats(3, 4), floats(3, 4)]),
+    "Multiply": (lambda: L.Multiply(), lambda: [floats(2, 3, 4), floats(2, 3, 4)]),
+    "Concatenate": (lambda: L.Concatenate(axis=1), lambda: [floats(2, 3, 4), floats(2, 1, 4)]),
+    "Concatenate_last": (lambda: L.Concatenate(), lambda: [floats(3, 4), floats(3, 2)]),
+    "Model_residual": (residual_graph, lambda: floats(4, 6)),
+    "Model_two_inputs": (two_input_graph, lambda: [floats(3, 6), floats(3, 4)]),
 }
+
+
+def shape_of(x):
+    """The input's shape; a tuple of shapes for a list of inputs (as gpunet.parity_bound takes them)."""
+    return tuple(a.shape for a in x) if isinstance(x, list) else x.shape
+
+
+def run_twin(module, model, x):
+    """The twin's outputs as NumPy arrays, in a list: a gn.Model's inputs as several arguments, a merge
+    layer's as one list."""
+    tensors = [torch.from_numpy(a) for a in x] if isinstance(x, list) else torch.from_numpy(x)
+    with torch.no_grad():
+        y = module(*tensors) if isinstance(model, gn.Model) and isinstance(x, list) else module(tensors)
+    return [t.numpy() for t in y] if isinstance(y, tuple) else [y.numpy()]
+
+
+def listed(y) -> list:
+    return list(y) if isinstance(y, list) else [y]
 
 
 def test_every_registered_layer_type_is_covered():
@@ -88,13 +130,14 @@ def test_torch_twin_computes_what_gpunet_computes(name):
     make, data = CASES[name]
     model = randomised(make()).eval()
     x = data()
-    expected = model.forward(x)
+    expected = listed(model.forward(x))
     module = gn.export.to_torch(model)
     assert not module.training
-    with torch.no_grad():
-        got = module(torch.from_numpy(x)).numpy()
-    assert got.shape == expected.shape and got.dtype == expected.dtype
-    assert_within(got, expected, layer_atol(model, x.shape, expected), name)
+    got = run_twin(module, model, x)
+    assert len(got) == len(expected)
+    for i, (g, want) in enumerate(zip(got, expected)):
+        assert g.shape == want.shape and g.dtype == want.dtype
+        assert_within(g, want, layer_atol(model, shape_of(x), want), f"{name} output {i}")
     assert set(module.state_dict()) == set(model.state_dict())
 
 
@@ -108,10 +151,11 @@ def test_round_trip_gives_identical_state_dict_and_architecture(name):
     for key, value in model.state_dict().items():
         assert back.state_dict()[key].dtype == value.dtype, key
         numpy.testing.assert_array_equal(back.state_dict()[key], value, err_msg=key)
-    if isinstance(model, gn.Sequential):
+    if isinstance(model, (gn.Sequential, gn.Model)):
         assert back.preprocess == model.preprocess
     x = CASES[name][1]()
-    numpy.testing.assert_array_equal(back.eval().forward(x), model.eval().forward(x))
+    for got, want in zip(listed(back.eval().forward(x)), listed(model.eval().forward(x)), strict=True):
+        numpy.testing.assert_array_equal(got, want)
 
 
 def layer_types(layer) -> list:

@@ -24,7 +24,7 @@ LAYERS = [
     ("layers", ["gpunet.layers", "gpunet.init", "gpunet.losses", "gpunet.optim", "gpunet.distributed"]),
     ("models and data", ["gpunet.models", "gpunet.data"]),
     ("checkpoint/export", ["gpunet.training.checkpoint", "gpunet.training.history", "gpunet.summary",
-                           "gpunet.generate", "gpunet.export"]),
+                           "gpunet.generate", "gpunet.export", "gpunet.export_torch"]),
     # the run (gpunet.training), but for its checkpoints and history, which export and generate read
     ("train", ["gpunet.training", "gpunet.recipes"]),
     # gpunet.testing (gn.testing.check_layer) checks layers with parity_bound's bound; the package re-exports it

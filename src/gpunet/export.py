@@ -4,32 +4,31 @@ gpunet's parameters already carry PyTorch's state_dict names and layouts, so a c
 twin module and copies the state_dict across. torch.nn has a twin with the same names for most layers
 (Linear, Conv2d, BatchNorm2d, ...); for the others (a Dense with a fused activation, positional
 embeddings, batch-first recurrent layers with torch.nn.LSTMCell's names, self-attention taking one
-input, the transformer block, the perceptron) small modules of our own below keep gpunet's names and
-compute what gpunet's forward computes, in plain torch operations (so torch.onnx.export takes them).
+input, the transformer block, the perceptron, the merge layers, a graph model) small modules of our own
+in gpunet.export_torch keep gpunet's names and compute what gpunet's forward computes, in plain torch
+operations (so torch.onnx.export takes them).
+
+A gn.Model becomes a gpunet.export_torch.Graph: its layers' twins under the layers' names, run in the
+model's order, with the wiring kept on the module as plain data (`gpunet_graph`, from model.to_config():
+never pickled code); several inputs are several forward arguments, several outputs a tuple.
 
 torch is optional: it is imported here, inside the functions, never when gpunet is imported.
 """
 from __future__ import annotations
-
-import functools
-from types import SimpleNamespace
 
 import numpy
 
 from gpunet import layers as L
 from gpunet import models
 from gpunet.backend import to_numpy
+from gpunet.export_torch import import_torch as _torch
+from gpunet.export_torch import modules as _modules
+from gpunet.layers.base import check_name
 
 __all__ = ["from_torch", "to_torch"]
 
-
-def _torch():
-    try:
-        import torch
-    except ImportError:
-        raise ImportError("gpunet.export needs PyTorch, which is not installed (pip install 'gpunet[bench]', or "
-                          "pip install torch)") from None
-    return torch
+# what Graph keeps of a gn.Model's to_config(): the wiring; the layers are its submodules
+GRAPH_KEYS = ("inputs", "nodes", "outputs", "many_inputs", "many_outputs")
 
 
 def to_torch(model):
@@ -66,6 +65,17 @@ def _twin(layer, T, where: str):
     kind = type(layer)
     if kind is L.Sequential:
         return nn.Sequential(*(_twin(child, T, f"{where}[{i}]") for i, child in enumerate(layer.layers)))
+    if kind is L.Model:
+        children = {name: _twin(child, T, f"{where}[{name!r}]") for name, child in layer.children()}
+        config = layer.to_config()
+        try:
+            return T.Graph(children, {key: config[key] for key in GRAPH_KEYS})
+        except ValueError as error:
+            raise TypeError(f"to_torch: {where}: {error}") from None
+    if kind is L.Concatenate:
+        return T.Concatenate(c["axis"])
+    if kind in (L.Add, L.Multiply):
+        return (T.Add if kind is L.Add else T.Multiply)()
     if kind is L.TransformerBlock:
         return T.TransformerBlock({name: _twin(child, T, f"{where}.{name}") for name, child in layer.children()})
     if kind is L.Dense:
@@ -113,6 +123,12 @@ def _from(module, T, where: str):
 
     if kind is nn.Sequential:
         return L.Sequential(*(_from(child, T, f"{where}.{name}") for name, child in module.named_children()))
+    if kind is T.Graph:
+        return _graph(module, T, where)
+    if kind in (T.Add, T.Multiply):
+        return (L.Add if kind is T.Add else L.Multiply)()
+    if kind is T.Concatenate:
+        return L.Concatenate(module.axis)
     if kind is T.TransformerBlock:
         block = L.TransformerBlock(**module.gpunet_config)
         for name, child in module.named_children():
@@ -192,116 +208,28 @@ def _from(module, T, where: str):
     return layer.load_state_dict(module.state_dict())
 
 
+def _graph(module, T, where: str):
+    """The gn.Model of a Graph: each submodule converted, named as it is named there, and called on
+    symbolic values as the graph's nodes say (each node's shapes checked again, as when it was built)."""
+    graph = module.gpunet_graph
+    layers = {}
+    for name, child in module.named_children():
+        layers[name] = _from(child, T, f"{where}.{name}")
+        layers[name].name = check_name(name, f"from_torch: {where}.{name}")
+    values = [L.Input(tuple(spec["shape"]), spec["dtype"]) for spec in graph["inputs"]]
+    inputs = list(values)
+    for node in graph["nodes"]:
+        if node["layer"] not in layers:
+            raise TypeError(f"from_torch: {where} calls a submodule {node['layer']!r} it does not have")
+        args = [values[s] for s in node["inputs"]]
+        made = layers[node["layer"]](args if node["many"] else args[0])
+        values.extend(made if isinstance(made, list) else [made])
+    outputs = [values[s] for s in graph["outputs"]]
+    return L.Model(inputs if graph["many_inputs"] else inputs[0], outputs if graph["many_outputs"] else outputs[0])
+
+
 def _plain(value):
     """A torch size (5, 5) as gpunet's layers are usually given it, 5; (3, 5) as [3, 5]."""
     if isinstance(value, (tuple, list)):
         return value[0] if len(set(value)) == 1 else list(value)
     return value
-
-
-# ---------------------------------------------------------------- our torch modules
-@functools.lru_cache(maxsize=1)
-def _modules() -> SimpleNamespace:
-    """The torch modules of our own, defined once torch is imported."""
-    torch = _torch()
-    nn, F = torch.nn, torch.nn.functional
-    activations = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "gelu": F.gelu,
-                   "gelu_tanh": lambda z: F.gelu(z, approximate="tanh")}
-
-    class DenseActivation(nn.Linear):
-        """gpunet's Dense with a fused activation: torch.nn.Linear's parameters, then the activation."""
-
-        def __init__(self, in_features, out_features, bias, activation):
-            super().__init__(in_features, out_features, bias=bias)
-            self.activation = activation
-
-        def forward(self, x):
-            return activations[self.activation](super().forward(x))
-
-    class PositionalEmbedding(nn.Module):
-        """A learned vector per position added to (B, T, dim) inputs; weight (max_len, dim)."""
-
-        def __init__(self, max_len, dim):
-            super().__init__()
-            self.weight = nn.Parameter(torch.zeros(max_len, dim))
-
-        def forward(self, x):
-            return x + self.weight[: x.shape[1]]
-
-    class Recurrent(nn.Module):
-        """A batch-first RNN, LSTM or GRU over (B, T, F) returning every step's h (B, T, H), with
-        torch.nn.RNNCell / LSTMCell / GRUCell's parameter names and gate order."""
-
-        def __init__(self, kind, input_size, hidden_size, bias):
-            super().__init__()
-            self.kind, self.input_size, self.hidden_size = kind, input_size, hidden_size
-            gates = {"RNN": 1, "LSTM": 4, "GRU": 3}[kind] * hidden_size
-            self.weight_ih = nn.Parameter(torch.zeros(gates, input_size))
-            self.weight_hh = nn.Parameter(torch.zeros(gates, hidden_size))
-            self.bias_ih = nn.Parameter(torch.zeros(gates)) if bias else None
-            self.bias_hh = nn.Parameter(torch.zeros(gates)) if bias else None
-
-        def forward(self, x):
-            h = x.new_zeros(x.shape[0], self.hidden_size)
-            c = torch.zeros_like(h)
-            gi_all = F.linear(x, self.weight_ih, self.bias_ih)
-            outputs = []
-            for t in range(x.shape[1]):
-                gi, gh = gi_all[:, t], F.linear(h, self.weight_hh, self.bias_hh)
-                if self.kind == "RNN":
-                    h = torch.tanh(gi + gh)
-                elif self.kind == "LSTM":
-                    i, f, g, o = (gi + gh).chunk(4, dim=1)
-                    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                    h = torch.sigmoid(o) * torch.tanh(c)
-                else:
-                    ir, iz, i_n = gi.chunk(3, dim=1)
-                    hr, hz, hn = gh.chunk(3, dim=1)
-                    r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
-                    h = (1 - z) * torch.tanh(i_n + r * hn) + z * h
-                outputs.append(h)
-            return torch.stack(outputs, dim=1)
-
-    class SelfAttention(nn.MultiheadAttention):
-        """torch.nn.MultiheadAttention(batch_first=True) on one input (B, T, d), causal when asked."""
-
-        def __init__(self, d_model, num_heads, causal):
-            super().__init__(d_model, num_heads, batch_first=True)
-            self.causal = causal
-
-        def forward(self, x):
-            mask = None
-            if self.causal:
-                mask = torch.triu(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device), 1)
-            return super().forward(x, x, x, attn_mask=mask, need_weights=False)[0]
-
-    class TransformerBlock(nn.Module):
-        """gpunet's pre-LayerNorm block: h = x + drop1(attn(ln1(x))); y = h + drop2(mlp(ln2(h)))."""
-
-        def __init__(self, children):
-            super().__init__()
-            for name, child in children.items():
-                self.add_module(name, child)
-            self.gpunet_config = {"d_model": self.ln1.normalized_shape[0], "num_heads": self.attn.num_heads,
-                                  "mlp_ratio": self.mlp[0].out_features // self.mlp[0].in_features,
-                                  "dropout": self.drop1.p, "causal": self.attn.causal}
-
-        def forward(self, x):
-            h = x + self.drop1(self.attn(self.ln1(x)))
-            return h + self.drop2(self.mlp(self.ln2(h)))
-
-    class Perceptron(nn.Module):
-        """sign(w . x + b) in {-1, +1} as int8; weight (1, in), bias (1,)."""
-
-        def __init__(self, in_features):
-            super().__init__()
-            self.weight = nn.Parameter(torch.zeros(1, in_features))
-            self.bias = nn.Parameter(torch.zeros(1))
-
-        def forward(self, x):
-            score = x @ self.weight[0] + self.bias[0]
-            return torch.where(score >= 0, 1, -1).to(torch.int8)
-
-    return SimpleNamespace(torch=torch, nn=nn, DenseActivation=DenseActivation, PositionalEmbedding=PositionalEmbedding,
-                           Recurrent=Recurrent, SelfAttention=SelfAttention, TransformerBlock=TransformerBlock,
-                           Perceptron=Perceptron)
