@@ -4,6 +4,11 @@ by step.
 Both runs start from the same weights, see the same batches and apply the same dropout masks
 (counter-based: a function of the seed, the step, the layer and the element, computed on each
 device, see gpunet.random), so any difference comes from the arithmetic of the two backends.
+
+A Sequential is compared per layer, each layer's forward run alone; a gn.Model per node of its graph,
+each node's layer run alone (the model's fused chains unfused, as a Sequential's), a row per node named
+by the layer's name in the model, a shared layer's later calls "head#2", "head#3". The command line
+trains a recipe (gpunet train's --model); compare() also takes a model and its batches.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import gpunet as gn
 from gpunet.backend import to_device, to_numpy
 from gpunet.data import CharWindows, image_preprocess, load_dataset, text_preprocess
 from gpunet.data.pipeline import apply_preprocess
-from gpunet.layers import Dropout, Sequential, build_layer
+from gpunet.layers import Dropout, Layer, Model, Sequential, build_layer
 from gpunet.parity_bound import step_bound
 from gpunet.recipes import recipe
 
@@ -54,19 +59,38 @@ def model_and_batches(name: str, steps: int, batch_size: int | None, seed: int, 
     return model, data, r
 
 
-def with_dropout(model: Sequential, p: float) -> Sequential:
+def with_dropout(model: Layer, p: float) -> Layer:
     """The model with dropout rate p, and the same weights and parameter names.
 
     Every dropout the model has (Dropout layers, a `dropout` argument such as TransformerBlock's)
-    gets rate p. A model with none gets one Dropout on its output, appended so that no layer index,
-    and so no PyTorch-style parameter name ("3.weight"), moves.
+    gets rate p. A model with none gets one Dropout on its output (on each output of a gn.Model), appended
+    so that no layer index, and so no PyTorch-style parameter name ("3.weight"), moves.
     """
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {p}")
     config = model.to_config()
     if not _set_dropout(config, p):
-        config["layers"].append(Dropout(p).to_config())
+        if config["type"] == "Model":
+            _drop_outputs(config, p)
+        else:
+            config["layers"].append(Dropout(p).to_config())
     return _rebuild(config, model)
+
+
+def _drop_outputs(config: dict, p: float) -> None:
+    """A Dropout node on each output of a gn.Model's description, under a name the model does not use."""
+    taken = {name for name, _ in config["layers"]}
+    slots = len(config["inputs"]) + sum(node["outputs"] for node in config["nodes"])
+    outputs = []
+    for s in config["outputs"]:
+        name = next(f"output_dropout{'' if k == 0 else f'_{k}'}" for k in range(len(taken) + 1)
+                    if f"output_dropout{'' if k == 0 else f'_{k}'}" not in taken)
+        taken.add(name)
+        config["layers"].append([name, Dropout(p).to_config()])
+        config["nodes"].append({"layer": name, "inputs": [s], "many": False, "outputs": 1})
+        outputs.append(slots)
+        slots += 1
+    config["outputs"] = outputs
 
 
 def _set_dropout(config, p: float) -> bool:
@@ -91,6 +115,9 @@ class _Side:
 
     def __init__(self, model, device: str, lr: float):
         self.device, self.model = device, _copy(model).to(device)
+        if isinstance(self.model, Model):
+            for step in self.model._steps:  # every node alone, as a Sequential's layers run here (see step)
+                step.absorbed, step.inside = [], False
         self.optimizer = gn.optim.Adam(self.model, lr=lr)
         self.xp = gn.backend.ops_for_device(device).xp
 
@@ -100,19 +127,32 @@ class _Side:
         self.optimizer.load_state_dict(*other.optimizer.state_dict())
 
     def step(self, step: int, x, y):
-        """Train on one batch: (loss, activations per layer, gradients per parameter), host copies
-        taken when each was made (layers and optimizers reuse their buffers in place)."""
+        """Train on one batch: (loss, activations per layer or node, gradients per parameter), host copies
+        taken when each was made (layers and optimizers reuse their buffers in place). A gn.Model's copy
+        has no fused chains: its forward runs each node's layer alone and keeps every node's output until
+        its backward, so they are copied when the forward is done."""
         gn.random.set_step(step)
-        out = apply_preprocess(self.model.preprocess, to_device(x, self.device), self.xp)
-        activations = []
-        for layer in self.model.layers:
-            out = layer.forward(out)
-            activations.append(_host_copy(out))
-        loss, grad = gn.losses.softmax_cross_entropy(out, to_device(y, self.device))
+        moved = [to_device(a, self.device) for a in x] if isinstance(x, (list, tuple)) else to_device(x, self.device)
+        out = apply_preprocess(self.model.preprocess, moved, self.xp)
+        if isinstance(self.model, Model):
+            out = self.model.forward(out)
+            values = self.model.saved.values
+            activations = [[_host_copy(values[s]) for s in node.outs] for node in self.model._steps]
+        else:
+            activations = []
+            for layer in self.model.layers:
+                out = layer.forward(out)
+                activations.append(_host_copy(out))
+        if isinstance(out, list):  # a gn.Model with several outputs: a softmax cross-entropy each, summed
+            parts = [gn.losses.softmax_cross_entropy(o, to_device(t, self.device)) for o, t in zip(out, y, strict=True)]
+            loss, grad = sum(gn.losses.item(value) for value, _ in parts), [g for _, g in parts]
+        else:
+            value, grad = gn.losses.softmax_cross_entropy(out, to_device(y, self.device))
+            loss = gn.losses.item(value)
         self.model.backward(grad, input_grad=False)
         grads = {k: _host_copy(v) for k, v in self.model.grads.items()}
         self.optimizer.step()
-        return gn.losses.item(loss), activations, grads
+        return loss, activations, grads
 
 
 def run(model, data, device: str, lr: float, seed: int):
@@ -137,32 +177,80 @@ def _run_sides(model, data, devices, lr: float, seed: int, lockstep: bool):
     return records
 
 
-def compare(name: str, steps: int = 20, devices=("cpu", "gpu"), batch_size: int | None = None, seed: int = 0,
-            dropout: float | None = None, lockstep: bool = False) -> dict:
-    """Train `name` on both devices and compare: per layer and parameter the largest relative
-    difference over all steps (activation_diff, grad_diff), and per step the loss, activation
-    and gradient differences (loss_diff, step_activation_diff, step_grad_diff; the latter two the
-    largest over layers and parameters). dropout: a rate for every dropout of the model (None:
-    the recipe's own), see with_dropout. lockstep: the second device starts every step from the
-    first one's parameters and optimizer state (see _run_sides): each step's differences are then
-    one step's rounding, which an error bound can be derived for; without it, differences of a step
-    include those carried from all earlier steps, which Adam amplifies (its update divides by the
-    root of tiny second moments)."""
-    model, data, r = model_and_batches(name, steps, batch_size, seed, dropout)
-    first, second = _run_sides(model, data, devices, r.lr, seed, lockstep)
-    layers = [f"{i}: {layer.describe()}" for i, layer in enumerate(model.layers)]
-    inputs = apply_preprocess(model.preprocess, data[0][0], numpy)
-    # per step: [layer or parameter] -> relative difference of the second device from the first
-    activations = [[relative_difference(y, x) for x, y in zip(a[1], b[1])] for a, b in zip(first, second)]
+def compare(model, steps: int = 20, devices=("cpu", "gpu"), batch_size: int | None = None, seed: int = 0,
+            dropout: float | None = None, lockstep: bool = False, *, data=None, lr: float = 1e-3) -> dict:
+    """Train `model` on both devices and compare: per layer (per node of a gn.Model) and parameter the
+    largest relative difference over all steps (activation_diff, grad_diff), and per step the loss,
+    activation and gradient differences (loss_diff, step_activation_diff, step_grad_diff; the latter two
+    the largest over layers and parameters). dropout: a rate for every dropout of the model (None:
+    its own), see with_dropout. lockstep: the second device starts every step from the first one's
+    parameters and optimizer state (see _run_sides): each step's differences are then one step's
+    rounding, which an error bound can be derived for; without it, differences of a step include those
+    carried from all earlier steps, which Adam amplifies (its update divides by the root of tiny second
+    moments).
+
+    model: a recipe's name (gpunet train's --model: its model, dataset, batch size and learning rate,
+    seeded by `seed`), or a model (a Sequential, a gn.Model, any layer) with `data`, its training batches
+    [(x, y), ...] (the first `steps` of them; x a list of arrays for several inputs, raw if the model has
+    `preprocess`; y class ids, a list of them for several outputs: the loss is a softmax cross-entropy
+    per output, summed), trained by Adam at `lr`; batch_size is the recipe's only."""
+    if isinstance(model, str):
+        name = model
+        model, data, r = model_and_batches(name, steps, batch_size, seed, dropout)
+        lr = r.lr
+    else:
+        if not isinstance(model, Layer) or data is None:
+            raise ValueError("parity.compare: give a recipe's name, or a gpunet model with data=[(x, y), ...], its "
+                             f"training batches; got {type(model).__name__}" + (" without data" if data is None else ""))
+        name = model.name or type(model).__name__
+        if dropout is not None:
+            model = with_dropout(model, dropout)
+        data = list(data)[:steps]
+    first, second = _run_sides(model, data, devices, lr, seed, lockstep)
+    layers = rows(model)
+    inputs = apply_preprocess(getattr(model, "preprocess", None), data[0][0], numpy)
+    # per step: [layer or node] -> relative difference of the second device from the first
+    activations = [[max(map(relative_difference, y, x), default=0.0) if isinstance(x, list)
+                    else relative_difference(y, x) for x, y in zip(a[1], b[1])] for a, b in zip(first, second)]
     grads = [_gradient_differences(a[2], b[2]) for a, b in zip(first, second)]
     return {"model": name, "devices": list(devices), "dropout": dropout, "lockstep": lockstep, "layers": layers,
+            "graph": isinstance(model, Model),
             "activation_diff": [max(step[i] for step in activations) for i in range(len(layers))],
             "grad_diff": {k: max(step[k] for step in grads) for k in first[0][2]},
             "losses": [[a[0], b[0]] for a, b in zip(first, second)],
             "loss_diff": [relative_difference(b[0], a[0]) for a, b in zip(first, second)],
             "step_activation_diff": [max(step) for step in activations],
             "step_grad_diff": [max(step.values(), default=0.0) for step in grads],
-            "bound": step_bound(model.layers, inputs.shape, first[0][1][-1].shape[-1])}
+            "bound": _bound(model, inputs, first[0][1][-1])}
+
+
+def rows(model) -> list[str]:
+    """The report's rows: "i: layer" per layer of a Sequential; per node of a gn.Model, the layer's name in
+    the model ("head", its second call "head#2") and the layer on one line."""
+    if not isinstance(model, Model):
+        return [f"{i}: {layer.describe()}" for i, layer in enumerate(model.layers)]
+    calls: dict[str, int] = {}
+    found = []
+    for node in model._steps:
+        calls[node.name] = calls.get(node.name, 0) + 1
+        label = node.name if calls[node.name] == 1 else f"{node.name}#{calls[node.name]}"
+        found.append(_fit(f"{label}: {' '.join(model[node.name].describe().split())}"))
+    return found
+
+
+def _fit(row: str, width: int = 60) -> str:
+    """A row cut to the report's column (a Sequential's description spans several lines, made one)."""
+    return row if len(row) <= width else row[:width - 3] + "..."
+
+
+def _bound(model, inputs, last) -> float:
+    """gpunet.parity_bound.step_bound for the step: a Sequential's layers in order; a gn.Model as one layer
+    (every node's sums), with each further output's cross-entropy (its sums) added."""
+    if not isinstance(model, Model):
+        return step_bound(model.layers, inputs.shape, last.shape[-1])
+    shapes = tuple(a.shape for a in inputs) if isinstance(inputs, list) else inputs.shape
+    outputs = model.output_shapes((shapes[0] if isinstance(inputs, list) else shapes)[0])
+    return step_bound([model], shapes, outputs[0][-1]) + sum(step_bound([], shape, shape[-1]) for shape in outputs[1:])
 
 
 def format_report(report: dict) -> str:
@@ -170,7 +258,7 @@ def format_report(report: dict) -> str:
     dropout = "" if report.get("dropout") is None else f", dropout {report['dropout']}"
     lockstep = ", in lockstep" if report.get("lockstep") else ""
     lines = [f"parity of {report['model']}: {a} vs {b}, {len(report['losses'])} steps{dropout}{lockstep} (largest "
-             f"relative difference over all steps)", "", "layer activations:"]
+             f"relative difference over all steps)", "", f"{'node' if report.get('graph') else 'layer'} activations:"]
     lines += [f"  {name:<60} {diff:.2e}" for name, diff in zip(report["layers"], report["activation_diff"])]
     lines += ["", "parameter gradients:"]
     lines += [f"  {name:<60} {diff:.2e}" for name, diff in report["grad_diff"].items()]
