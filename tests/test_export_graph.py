@@ -177,13 +177,8 @@ def test_from_torch_gives_back_an_equal_model(name):
 
 # every one-input case of tests/test_export.py (the merge layers and graphs take several; the perceptron has
 # no gradient), as a layer shared by two inputs
-SHARED_BUG = ("a recurrent layer called twice in one pass keeps its work buffers (xs, hs, gates: _buffer) in both "
-              "calls' records, so the second call overwrites what the first saved and the shared layer's gradients "
-              "are wrong (gpunet.layers.recurrent; reported, not fixed here)")
-SHARED = [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=SHARED_BUG))
-          if any(kind in name for kind in ("RNN", "LSTM", "GRU", "char_rnn")) else name
-          for name in sorted(LAYER_CASES) if name not in ("Add", "Multiply", "Concatenate", "Concatenate_last",
-                                                          "Model_residual", "Model_two_inputs", "Perceptron")]
+SHARED = [name for name in sorted(LAYER_CASES) if name not in ("Add", "Multiply", "Concatenate", "Concatenate_last",
+                                                                "Model_residual", "Model_two_inputs", "Perceptron")]
 
 
 @pytest.mark.parametrize("name", SHARED)

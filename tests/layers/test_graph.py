@@ -221,3 +221,20 @@ def test_save_and_load_keep_the_graph_names_and_outputs(tmp_path):
     for got, want in zip(back.forward(xs), model.forward(xs)):
         numpy.testing.assert_array_equal(got, want)  # the same weights and ops on one machine: the same bits
     assert back.to_config() == model.to_config()
+
+
+def test_a_nested_model_giving_a_list_of_one_output_is_unpacked():
+    e = gn.Input((3,))
+    inner = gn.Model(e, [L.Dense(3, 2)(e)])
+    x = gn.Input((3,))
+    model = gn.Model(x, L.ReLU()(inner(x)[0]))
+    y = model.forward(numpy.ones((2, 3), "float32"))
+    assert y.shape == (2, 2)
+    assert model.backward(numpy.ones((2, 2), "float32")).shape == (2, 3)
+    assert gn.layers.build_layer(model.to_config()).forward(numpy.ones((2, 3), "float32")).shape == (2, 2)
+
+
+def test_a_one_input_layer_refuses_a_list_of_symbolic_values():
+    v = gn.Input((3,))
+    with pytest.raises(TypeError, match=r"^ReLU\(\) takes one input, got a list of 1 symbolic values"):
+        L.ReLU()([v])

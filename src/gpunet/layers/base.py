@@ -94,6 +94,7 @@ class LayerType(type):
 
 class Layer(metaclass=LayerType):
     name: str | None  # set by LayerType after __init__: a graph model keys the layer's parameters by it
+    takes_list = False  # whether forward takes a list of arrays (merge layers; a gn.Model with several inputs)
 
     def __init__(self, **config: Any) -> None:
         self._setup(config)
@@ -260,6 +261,10 @@ class Layer(metaclass=LayerType):
     def restore(record: list) -> None:
         for layer, saved in record:
             layer._saved = saved
+
+    def release_work_arrays(self) -> None:
+        """Called after a recorded call (a shared layer's): work arrays a layer keeps between calls, which its record
+        holds, must not be written by its next call (the recurrent layers' override). Most layers keep none."""
 
     def _subtree(self) -> list["Layer"]:
         found = [self]

@@ -29,10 +29,10 @@ class Value:
 
 
 class Node:
-    """One call of a layer on symbolic values: `many` when it was called with a list."""
+    """One call of a layer on symbolic values: `many` when it was called with a list, `listed` when it gives a list."""
 
-    def __init__(self, layer, inputs: list[Value], many: bool, outputs: list[tuple]):
-        self.layer, self.inputs, self.many = layer, inputs, many
+    def __init__(self, layer, inputs: list[Value], many: bool, outputs: list[tuple], listed: bool = False):
+        self.layer, self.inputs, self.many, self.listed = layer, inputs, many, listed
         self.order = next(_creation)
         self.outputs = [Value(shape, dtype, self, i) for i, (shape, dtype) in enumerate(outputs)]
 
@@ -63,13 +63,16 @@ def call_symbolic(layer, x) -> Any:
     if not inputs or not all(isinstance(v, Value) for v in inputs):
         raise TypeError(f"{layer.describe()}: called on a list mixing symbolic values and arrays; a graph model's "
                         "layers take symbolic values (gn.Input and layer outputs) only")
+    if many and not layer.takes_list:
+        raise TypeError(f"{_label(layer)} takes one input, got a list of {len(inputs)} symbolic values (merge them with "
+                        "gn.layers.Add, Multiply or Concatenate first)")
     shapes, dtypes = [v.shape for v in inputs], [v.dtype for v in inputs]
     try:
         out = layer.output_shape(shapes if many else shapes[0], dtypes if many else dtypes[0])
     except (ValueError, TypeError, IndexError) as error:
         raise ValueError(f"{_label(layer)} cannot take {_origins(inputs)}: {error}") from None
-    node = Node(layer, inputs, many, out if isinstance(out, list) else [out])
-    return node.outputs if isinstance(out, list) else node.outputs[0]
+    node = Node(layer, inputs, many, out if isinstance(out, list) else [out], listed=isinstance(out, list))
+    return node.outputs if node.listed else node.outputs[0]
 
 
 def probe_output(layer, shape, dtype):

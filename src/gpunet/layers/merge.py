@@ -9,6 +9,7 @@ from gpunet.layers.base import Layer, register
 
 class Merge(Layer):
     same_shape = True
+    takes_list = True
 
     def _inputs(self, xs) -> list:
         if not isinstance(xs, (list, tuple)) or len(xs) < 2:

@@ -27,6 +27,7 @@ class Step:
     ins: list[int]             # value slots read
     many: bool                 # called with a list
     outs: list[int]            # value slots written
+    listed: bool = False       # the layer gives a list (a gn.Model with several outputs), even of one
     absorbed: list[int] = field(default_factory=list)  # steps this one runs inside its own (fusion)
     inside: bool = False       # run by the step that absorbs it
 
@@ -57,7 +58,7 @@ class Model(Composite):
             self.add_child(name, layer)
         name_of = {id(layer): name for layer, name in zip(layers, names)}
         self._steps = [Step(name_of[id(n.layer)], [slot[id(v)] for v in n.inputs], n.many,
-                            [slot[id(v)] for v in n.outputs]) for n in nodes]
+                            [slot[id(v)] for v in n.outputs], n.listed) for n in nodes]
         self._inputs = [slot[id(v)] for v in ins]
         self._outputs = [slot[id(v)] for v in outs]
         self._input_specs = [(v.shape, v.dtype) for v in ins]
@@ -106,14 +107,14 @@ class Model(Composite):
             for s in step.ins:
                 readers[s] = readers.get(s, 0) + 1
         for step in self._steps:
-            if step.inside or step.name in self._shared or step.many or len(step.outs) != 1:
+            if step.inside or step.name in self._shared or step.many or step.listed:
                 continue
             layer, tail = self._children[step.name], step
             while readers.get(tail.outs[0]) == 1 and tail.outs[0] not in self._outputs:
                 nxt = next(j for j, other in enumerate(self._steps) if tail.outs[0] in other.ins)
                 follower = self._steps[nxt]
                 chain = [self._children[self._steps[j].name] for j in step.absorbed + [nxt]]
-                if follower.name in self._shared or follower.many or len(follower.outs) != 1 \
+                if follower.name in self._shared or follower.many or follower.listed \
                         or not layer.absorbs(chain):
                     break
                 step.absorbed.append(nxt)
@@ -140,13 +141,12 @@ class Model(Composite):
             else:
                 y = layer.forward(args)
                 outs = step.outs
-            if len(outs) == 1:
-                values[outs[0]] = y
-            else:
-                for s, a in zip(outs, _sequence(y, len(outs), step.name)):
-                    values[s] = a
+            for s, a in zip(outs, _sequence(y, len(outs), step.name) if step.listed else [y]):
+                values[s] = a
             if step.name in self._shared:
                 records[k] = layer.record()
+                for each in layer._subtree():
+                    each.release_work_arrays()
         self.save_for_backward(values=values, records=records)
         ys = [values[s] for s in self._outputs]
         return ys if self._many_out else ys[0]
@@ -179,7 +179,7 @@ class Model(Composite):
                 layer.restore(saved.records[k])
             earlier = _copies(layer.grads) if step.name in done and trains(layer) else None
             g = [grads[s] if grads[s] is not None else _zeros_like(saved.values[s]) for s in outs]
-            dx = layer.backward(g if len(outs) > 1 else g[0], input_grad=need_in)
+            dx = layer.backward(g if step.listed else g[0], input_grad=need_in)
             if earlier is not None:
                 for key, value in earlier.items():
                     layer.grads[key] += value  # in place: a flat buffer's views stay views
@@ -231,8 +231,8 @@ class Model(Composite):
         config = {"type": "Model",
                   "layers": [[name, _unnamed(layer.to_config())] for name, layer in self._children.items()],
                   "inputs": [{"shape": list(shape), "dtype": dtype} for shape, dtype in self._input_specs],
-                  "nodes": [{"layer": step.name, "inputs": step.ins, "many": step.many, "outputs": len(step.outs)}
-                            for step in self._steps],
+                  "nodes": [{"layer": step.name, "inputs": step.ins, "many": step.many, "outputs": len(step.outs),
+                             **({"listed": True} if step.listed else {})} for step in self._steps],
                   "outputs": self._outputs, "many_inputs": self._many_in, "many_outputs": self._many_out}
         return config if self.name is None else {**config, "name": self.name}
 
@@ -250,6 +250,10 @@ class Model(Composite):
             values.extend(made if isinstance(made, list) else [made])
         outputs = [values[s] for s in config["outputs"]]
         return cls(inputs if config["many_inputs"] else inputs[0], outputs if config["many_outputs"] else outputs[0])
+
+    @property
+    def takes_list(self) -> bool:  # type: ignore[override]
+        return self._many_in
 
 
 def _listed(values, what: str) -> tuple[bool, list[Value]]:

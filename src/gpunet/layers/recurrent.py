@@ -120,6 +120,9 @@ class _Recurrent(Layer):
             raise ValueError(f"{self.describe()}: initial state must be {self.state_parts} array(s) of shape {shape}")
         return tuple(p.astype(dtype) for p in parts)  # copies: the state may live in our own buffers
 
+    def release_work_arrays(self) -> None:
+        self._work = {}  # the record of the call that filled them keeps them; the next call takes new ones
+
     def _buffer(self, ops, name, shape, dtype):
         """A work array kept between calls: fresh memory for every step costs page faults."""
         array = self._work.get(name)
