@@ -119,3 +119,44 @@ def test_transformer_step(gemm, budget):
     counts = step_counts(gn.models.transformer(65, context=64), r.integers(0, 65, (32, 64)),
                          r.integers(0, 65, (32, 64)), gemm)
     assert counts["launches"] <= budget and counts["d2h"] == 0 and counts["h2d"] == 0, counts  # issue 12: 64
+
+
+# Gradient accumulation's adds, per batch: 1 launch scaling the loss gradient by the batch's share of the
+# step, 1 adding its gradients into the sums (per trained flat group: one here), 2 for its share of the
+# step's loss (1 for the first batch); per step: the sums zeroed and copied into the gradient buffers
+# (1 + 1 per flat group), then Adam and the running loss once (as a plain step's 2)
+PER_BATCH, PER_STEP, PLAIN_STEP_ONLY = 1 + 1 + 2, 1 + 1 + 2, 2
+
+
+def test_an_accumulated_step_costs_its_batches_plus_a_few_launches_each():
+    """fit(accumulate=4, batch_size=32) on the MLP, counted per loop iteration (one optimizer step) against
+    fit(batch_size=32) in the same loop: 4 batches' forward, loss and backward, plus the adds above; and
+    nothing read by the host. Issue 12's fused budget of a plain step (13) gives 4 * 12 + 4 * 4 - 1 + 4 = 67."""
+    from gpunet.training import loop
+
+    x, y = mnist_batch((784,), 32 * 4 * 4)
+    ops = ops_for_device("gpu")
+    saved_mode, ops.gemm_mode = ops.gemm_mode, "fused"
+    per_iteration, original = {}, loop._Run._step
+
+    def counted_step(run, idx):
+        with gpu_standin.counting() as c:
+            value = original(run, idx)
+        per_iteration.setdefault(run.accumulate, []).append(c)
+        return value
+
+    loop._Run._step = counted_step
+    try:
+        for accumulate in (1, 4):
+            gn.manual_seed(0)
+            model = gn.models.mlp((784, 300, 100, 10)).to("gpu")
+            gn.fit(model, (x, y), optimizer=gn.optim.Adam(model, lr=1e-3), steps=3, batch_size=32, progress=False,
+                   accumulate=accumulate, cuda_graph=False)
+    finally:
+        loop._Run._step, ops.gemm_mode = original, saved_mode
+    plain, accumulated = per_iteration[1][-1], per_iteration[4][-1]  # (after the optimizer's state is made)
+    assert plain["d2h"] == accumulated["d2h"] == 0 and accumulated["h2d"] == 4 * plain["h2d"]
+    batch_work = plain["launches"] - PLAIN_STEP_ONLY
+    assert accumulated["launches"] == 4 * batch_work + 4 * PER_BATCH - 1 + PER_STEP, (plain, accumulated)
+    assert accumulated["launches"] <= 67, accumulated
+    print(f"launches per step: plain {plain['launches']}, accumulate=4 {accumulated['launches']}")

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument("--epochs", type=validate.cli_positive_int, default=None)
     length.add_argument("--steps", type=validate.cli_positive_int, default=None, help="optimizer steps instead of epochs")
     t.add_argument("--batch-size", type=validate.cli_positive_int, default=None)
+    t.add_argument("--accumulate", type=validate.cli_positive_int, default=1, metavar="N",
+                   help="one optimizer step per N batches of --batch-size, their gradients summed: the step of a "
+                        "batch N times as large, in the memory of one (steps, epochs and schedules count steps)")
     t.add_argument("--lr", type=validate.cli_positive, default=None)
     t.add_argument("--optimizer", choices=sorted(gn.optim.OPTIMIZERS), default=None)
     t.add_argument("--seed", type=validate.cli_seed, default=0)
@@ -206,14 +209,15 @@ def _train(args, r, dataset, setup) -> int:
     epochs = None if steps else (args.epochs or r.epochs)
     optimizer = r.make_optimizer(model, args.optimizer, args.lr)
     batch = args.batch_size or r.batch_size
-    batches_per_epoch = -(-len(train) // batch)
-    evals = epochs if epochs else max(1, min(20, steps // min(batches_per_epoch, 100)))
-    total_steps = steps or epochs * batches_per_epoch  # the cosine decays over every optimizer step of the run
+    steps_per_epoch = -(-len(train) // (batch * args.accumulate))  # optimizer steps per epoch
+    evals = epochs if epochs else max(1, min(20, steps // min(steps_per_epoch, 100)))
+    total_steps = steps or epochs * steps_per_epoch  # the cosine decays over every optimizer step of the run
     schedule = r.make_schedule(optimizer, total_steps)
     clip = r.clip_norm if args.clip_norm is None else (args.clip_norm or None)
     print(f"training {args.model} on {ds.name}: {len(train)} train / {len(val[0])} validation "
           f"{'windows' if r.kind == 'text' else 'samples'}, {'%d epochs' % epochs if epochs else '%d steps' % steps}, "
-          f"batch {batch}, {type(optimizer).__name__} lr {schedule.base_lr if schedule else optimizer.lr}"
+          f"batch {batch}" + (f" x {args.accumulate} accumulated" if args.accumulate > 1 else "")
+          + f", {type(optimizer).__name__} lr {schedule.base_lr if schedule else optimizer.lr}"
           + (f" after {schedule.warmup} warm-up steps" if getattr(schedule, "warmup", 0) else "")  # lr: warming up now
           + (f", gradient clipping at norm {clip}" if clip else ""))
     out = setup.out
@@ -223,7 +227,7 @@ def _train(args, r, dataset, setup) -> int:
         with numpy.errstate(all="ignore"):  # a diverging run is reported once, by fit, not by NumPy warnings
             history = gn.fit(model, train, val, optimizer=optimizer, epochs=epochs, steps=steps, batch_size=batch,
                              eval_every=None if epochs else max(1, steps // evals), schedule=schedule, clip_norm=clip,
-                             early_stopping=args.early_stopping, setup=setup,
+                             early_stopping=args.early_stopping, setup=setup, accumulate=args.accumulate,
                              progress=False if args.no_progress else None, cuda_graph=args.cuda_graph,
                              run_config={"model": args.model, "dataset": dataset, "val_fraction": args.val_fraction,
                                          **({"holdout": args.holdout} if args.holdout else {})})

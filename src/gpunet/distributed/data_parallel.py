@@ -1,7 +1,9 @@
 """Data-parallel training as the fit loop runs it: every rank holds the whole model, takes its share
 of each global batch, and the ranks' gradients are summed with one all-reduce of the flat gradient
 buffer per step, each weighted by its share of the batch's samples, so a step of N ranks is the step
-one process takes on the whole batch (to float32 rounding), short or uneven batches included.
+one process takes on the whole batch (to float32 rounding), short or uneven batches included. With
+gradient accumulation each rank takes its share of every batch of the step and the all-reduce comes once,
+after the last of them.
 
 Random streams are per rank: a batch's augmentation is seeded by (seed, epoch, batch, rank) and the
 dropout key by (seed, rank). BatchNorm keeps its batch statistics and running averages per rank (as
@@ -52,18 +54,21 @@ class Replicas:
         low, high = numpy.random.SeedSequence([seed, self.rank]).generate_state(2, dtype=numpy.uint32)
         random.set_state({**random.get_state(), "dropout_key": int(low) | int(high) << 32})
 
-    def combine(self, model, loss, count: int, total: int):
+    def combine(self, model, loss, count: int, total: int, weighted: bool = False):
         """Sum the ranks' gradients, each weighted by count / total (its samples of the batch's total), in
         place; returns the batch's mean loss (the same on every rank). loss is this rank's mean loss
-        over its count samples (ignored when count is 0: the rank had no sample this step)."""
+        over its count samples (ignored when count is 0: the rank had no sample this step).
+        weighted: the gradients and the loss are this rank's already weighted by its samples of the step's
+        (accumulated batches: gpunet.training.accumulate), and only summed (a rank without a sample has
+        zero gradients then)."""
         if self.world_size == 1:
             return loss
-        weight = count / total
+        weight = 1.0 if weighted else count / total
         for group in flat_parameters(model).groups:
             grad = group.grad  # (a view: the layers' gradients change with it)
-            if count:
+            if count and not weighted:
                 grad *= grad.dtype.type(weight)
-            else:
+            elif not count and not weighted:
                 grad.fill(0)
             self.world.all_reduce(grad)
         xp = ops_for_device(model.device).xp

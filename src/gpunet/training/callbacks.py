@@ -12,7 +12,9 @@ A callback is any object with one of HOOKS (derive from Callback to get all of t
 
 on_step(step, loss): `step` counts optimizer steps from 1; `loss` is that step's mean training loss,
 a 0-d array on the model's device (float(loss) reads it, and on a GPU makes the host wait for the step).
-on_batch_end(step, loss): after each batch; the same as on_step until gradient accumulation exists.
+on_batch_end(step, loss): after each batch; the same as on_step, unless fit accumulates gradients
+(accumulate=N): then after each of the step's N batches, with the number of the step they go into and
+the batch's own mean loss, and on_step after the last of them.
 on_evaluation(record): the record just appended to the history (the same dict as history.json's).
 on_train_begin(), on_train_end(), on_epoch_begin(epoch), on_epoch_end(epoch): epoch counts from 1.
 A callback with a `trigger` (every(steps=N) or every(epochs=N)) gets on_step and on_batch_end only
@@ -160,9 +162,12 @@ class Events:
             if method is not None:
                 method(*args)
 
-    def step(self, step: int, loss, epoch_ended: int | None) -> None:
-        """on_step, then on_batch_end, of each callback whose trigger fires (all without one)."""
-        for hook in ("on_step", "on_batch_end"):
+    STEP_HOOKS = ("on_step", "on_batch_end")
+
+    def step(self, step: int, loss, epoch_ended: int | None, hooks: tuple = STEP_HOOKS) -> None:
+        """on_step, then on_batch_end, of each callback whose trigger fires (all without one). hooks: which
+        of the two (with accumulation on_batch_end fires after each batch and on_step after the step)."""
+        for hook in hooks:
             for callback in self.callbacks:
                 method, trigger = getattr(callback, hook, None), getattr(callback, "trigger", None)
                 if method is not None and (trigger is None or trigger.fires(step, epoch_ended)):

@@ -11,6 +11,13 @@ Memory the capture allocates comes from a pool of the graph's own, so nothing el
 an address the graph writes. Each batch shape gets its own graph, at most two per run (the full
 batch and a short last one); a third shape, or a step that cannot be captured, runs eagerly, and
 the reason is said in one line.
+
+With gradient accumulation (gpunet.training.accumulate) a step is several batches and one update, so
+they are captured apart: a graph per batch shape of a batch's work (forward, loss, backward and the add
+into the step's sums), whose record holds the batch's share of the step's samples in word 0 (its
+graph runs no optimizer) and its random step in word 3, and one graph of the update (the sums into the
+gradient buffers, clipping, the optimizer), whose record is a step's. A step of N batches is then N + 1
+graph launches.
 """
 from __future__ import annotations
 
@@ -24,6 +31,8 @@ from gpunet.backend import is_cupy_array, ops_for_device
 MAX_GRAPHS = 2
 RECORD_WORDS = 4  # the per-step record: float32 optimizer scalars in words 0..2, the uint32 step in word 3
 STEP_WORD = 3
+WEIGHT_WORD = 0  # an accumulated batch's record: its share of the step's samples (float32)
+UPDATE = ("update",)  # the key of an accumulated step's update graph
 
 
 def why_not(model, optimizer, world_size: int = 1) -> str | None:
@@ -92,10 +101,12 @@ class GraphedStep:
 
     device_step must be the whole step (forward, loss, backward, clipping, optimizer.step()) and
     touch the host for nothing: a copy inside a capture is an error, and the step then falls back
-    to eager with the reason in `log`."""
+    to eager with the reason in `log`. With update (gradient accumulation), device_step(x, y, weight)
+    is one batch's work, weight its share of the step's samples (run(x, y, weight)), and update() the
+    step's update after its batches (run_update())."""
 
-    def __init__(self, device_step, optimizer, log=print):
-        self.device_step, self.optimizer, self.log = device_step, optimizer, log
+    def __init__(self, device_step, optimizer, log=print, update=None):
+        self.device_step, self.optimizer, self.log, self.update = device_step, optimizer, log, update
         self.ops = ops_for_device("gpu")
         self.xp = self.ops.xp
         self.graphs: dict[tuple, _Captured] = {}
@@ -106,56 +117,90 @@ class GraphedStep:
             self.scalars = [self.scalars] + [self.record[RECORD_WORDS + STEP_WORD * k:][:STEP_WORD]
                                              for k in range(groups)]
         self.step = self.record.view("uint32")[STEP_WORD : STEP_WORD + 1]  # what the dropout kernels read
+        self.weight = self.record[WEIGHT_WORD : WEIGHT_WORD + 1]  # an accumulated batch's share of its step
         self.pool = self.xp.cuda.MemoryPool()  # the captures' own memory
         self.active = True
         self._said_too_many = False
 
-    def run(self, x, y):
-        """One training step on host batches x, y; returns its loss (a fresh device scalar)."""
+    def run(self, x, y, weight: float | None = None):
+        """One training step on host batches x, y (with accumulation: one batch of a step, weight its share
+        of the step's samples); returns its loss (a fresh device scalar)."""
         key = (x.shape, str(x.dtype), y.shape, str(y.dtype))
         captured = self.graphs.get(key)
         if captured is None:
-            return self._first(key, x, y)
+            return self._first(key, x, y, weight)
         captured.x.set(numpy.ascontiguousarray(x))
         captured.y.set(numpy.ascontiguousarray(y))
-        tags = range(1, 1 + len(getattr(self.optimizer, "groups", ())))
-        self.record.set(step_record(self.optimizer.step_scalars(), random.current_step(),
-                                    [self.optimizer.step_scalars(tag) for tag in tags]))
-        captured.graph.launch()
-        self.optimizer.step_count += 1  # the host's count of what the replay did
-        self.ops._unchecked |= captured.range_checks  # a replay runs no Python: mark its flags to be read
+        if self.update is None:
+            self._replay(captured, self._step_record())
+        else:  # (the words of the optimizer's scalars are free: its graph runs no update)
+            self._replay(captured, step_record([weight], random.current_step(), [()] * len(self._tags())), False)
         return captured.loss.copy()  # (the next replay overwrites the graph's own)
 
-    def _first(self, key, x, y):
+    def run_update(self) -> None:
+        """With accumulation: the update of a step whose batches ran (run(x, y, weight))."""
+        captured = self.graphs.get(UPDATE)
+        if captured is not None:
+            self._replay(captured, self._step_record())
+            return
+        self.update()  # the first: eager (the warm-up), then captured
+        self._try(UPDATE, lambda: self._capture(None, None))
+
+    def _tags(self) -> range:
+        return range(1, 1 + len(getattr(self.optimizer, "groups", ())))
+
+    def _step_record(self):
+        return step_record(self.optimizer.step_scalars(), random.current_step(),
+                           [self.optimizer.step_scalars(tag) for tag in self._tags()])
+
+    def _replay(self, captured, record, steps: bool = True) -> None:
+        self.record.set(record)
+        captured.graph.launch()
+        if steps:
+            self.optimizer.step_count += 1  # the host's count of what the replay did
+        self.ops._unchecked |= captured.range_checks  # a replay runs no Python: mark its flags to be read
+
+    def _first(self, key, x, y, weight=None):
         """A shape not seen yet: an eager step on new static buffers (the step itself, and the
         warm-up: kernels compiled, optimizer state made), then, if a graph may be added, its capture."""
-        if len(self.graphs) >= MAX_GRAPHS:
+        extra = () if self.update is None else (weight,)
+        if len(self.graphs) - (UPDATE in self.graphs) >= MAX_GRAPHS:
             if not self._said_too_many:
                 self.log(f"cuda graph: a batch of shape {x.shape} runs eagerly: a run keeps at most {MAX_GRAPHS} "
                          "graphs (drop the last batch, or keep the batch size fixed)")
                 self._said_too_many = True
-            return self.device_step(self.xp.asarray(x), self.xp.asarray(y))
+            return self.device_step(self.xp.asarray(x), self.xp.asarray(y), *extra)
         static_x, static_y = self.xp.asarray(numpy.ascontiguousarray(x)), self.xp.asarray(numpy.ascontiguousarray(y))
-        loss = self.device_step(static_x, static_y)
+        loss = self.device_step(static_x, static_y, *extra)
+        self._try(key, lambda: self._capture(static_x, static_y))
+        return loss
+
+    def _try(self, key, capture) -> None:
         try:
-            self.graphs[key] = self._capture(static_x, static_y)
+            self.graphs[key] = capture()
         except Exception as exc:  # noqa: BLE001 - any failure to capture means: train eagerly, and say why
             self.active = False
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             self.log(f"cuda graph: off, training eagerly: the step could not be captured ({reason})")
-        return loss
 
     def _capture(self, x, y) -> _Captured:
+        """The step captured on the static batch x, y (x None: an accumulated step's update)."""
         stream = self.xp.cuda.Stream(non_blocking=True)
         optimizer, steps = self.optimizer, self.optimizer.step_count
         optimizer.device_scalars = self.scalars  # the captured update reads them from the device
         self.ops._unchecked.clear()
         random.set_step(random.current_step())  # the warm-up step ran its dropouts: count the captured ones from draw 0
+        if x is None:
+            work = self.update
+        elif self.update is None:
+            work = lambda: self.device_step(x, y)  # noqa: E731
+        else:
+            work = lambda: self.device_step(x, y, self.weight)  # noqa: E731
         try:
             with self.xp.cuda.using_allocator(self.pool.malloc), stream, random.step_from_device(self.step):
                 stream.begin_capture()
                 try:
-                    loss = self.device_step(x, y)
+                    loss = work()
                 except BaseException:
                     try:  # (CUDA reports the capture invalidated: the step's own error is the one to say)
                         stream.end_capture()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy
 
 from gpunet import random
-from gpunet.training import checkpoint, resume as resuming
+from gpunet.training import accumulate as accumulating, checkpoint, resume as resuming
 from gpunet.training.callbacks import Events
 from gpunet.errors import out_of_memory
 from gpunet.backend import ops_for_device, to_device
@@ -52,6 +52,7 @@ class _Run:
     steps: int | None  # after this many optimizer steps
     eval_every: int | None  # None: at each epoch end
     clip_norm: float | None
+    accumulate: int = 1  # batches per optimizer step (gpunet.training.accumulate); batch_size is one batch's
     config: dict = field(default_factory=dict)  # the hyper-parameters compared on resume
     state: LoopState = field(default_factory=LoopState)
     history: History = field(default_factory=History)
@@ -61,6 +62,8 @@ class _Run:
     host_loss: float | None = None  # the loss the host read last (DivergenceCheck reads it, once per read step)
     step_lr: float | None = None  # the learning rate of the last step taken (the schedule moved on after it)
     graph: object = None  # a gpunet.training.cuda_graph.GraphedStep when the step is replayed as a CUDA graph
+    accumulator: object = None  # the gradient sums of a step (gpunet.training.accumulate), with accumulate > 1
+    interrupted: object = None  # the StopRequest of stop_on_interrupt while training
 
     @property
     def out(self) -> Path | None:
@@ -88,6 +91,11 @@ class _Run:
             return s.step >= self.steps
         return s.epoch + (s.sample >= len(self.data)) >= self.epochs
 
+    @property
+    def step_size(self) -> int:
+        """The samples of a full optimizer step: accumulate batches of batch_size."""
+        return self.batch_size * self.accumulate
+
     def length(self) -> str:
         return f"{self.steps} steps" if self.epochs is None else f"{self.epochs} epochs"
 
@@ -96,8 +104,8 @@ class _Run:
         s, n = self.state, len(self.data)
         if self.epochs is None or self.done():
             return max(s.step, self.steps or 0)
-        rest_of_this_epoch = math.ceil(max(0, n - s.sample) / self.batch_size)
-        return s.step + rest_of_this_epoch + (self.epochs - s.epoch - 1) * math.ceil(n / self.batch_size)
+        rest_of_this_epoch = math.ceil(max(0, n - s.sample) / self.step_size)
+        return s.step + rest_of_this_epoch + (self.epochs - s.epoch - 1) * math.ceil(n / self.step_size)
 
     def _evaluation_due(self) -> bool:
         """Every eval_every steps, or at each epoch end; and at the end of the run."""
@@ -111,6 +119,7 @@ class _Run:
         the divergence watch only every 25 steps, before each evaluation (the last included) and on Ctrl-C:
         never inside a step, and the report still names the first bad step."""
         s, events = self.state, self.callbacks
+        self.interrupted = interrupted  # (an accumulated step looks at it between its batches)
         check_every = 25 if self.setup.on_gpu else 1  # reading a loss makes the host wait for the GPU
         self.model.train()
         self.parallel.start(self.model, self.seed)  # rank 0's weights on every rank; per-rank dropout streams
@@ -125,7 +134,7 @@ class _Run:
             evaluate = self._evaluation_due()
             self.host_reads = evaluate or s.step % check_every == 0
             ended = s.epoch + 1 if s.sample >= len(self.data) else None
-            events.step(s.step, value, ended)
+            events.step(s.step, value, ended, hooks=("on_step",) if self.accumulate > 1 else Events.STEP_HOOKS)
             if ended is not None:
                 events.fire("on_epoch_end", ended)
             if evaluate:
@@ -137,16 +146,19 @@ class _Run:
         events.fire("on_train_end")
 
     def _batches(self):
-        """Batch indices from the saved position on, epoch after epoch. The order of epoch e is
-        seeded by (seed, e), so it is the same after a resume."""
+        """The indices of each step's samples from the saved position on, epoch after epoch (with
+        accumulation the group of accumulate batches). The order of epoch e is seeded by (seed, e), so it
+        is the same after a resume."""
         s = self.state
         while True:
             order = numpy.random.default_rng([self.seed, s.epoch])
-            yield from minibatches(len(self.data), self.batch_size, order, start=s.batch, offset=s.sample)
+            yield from minibatches(len(self.data), self.step_size, order, start=s.batch, offset=s.sample)
             s.epoch, s.batch, s.sample = s.epoch + 1, 0, 0
 
     def _step(self, idx):
         """One optimizer step on the samples idx; returns the loss (a device scalar on a GPU)."""
+        if self.accumulate > 1:
+            return accumulating.step(self, idx)
         s, model = self.state, self.model
         everyone, idx = idx, self.parallel.share(idx)  # this rank's share of the global batch
         random.set_step(s.step)  # dropout masks: a function of (seed, step, layer, element), so a resume redraws them
@@ -179,6 +191,29 @@ class _Run:
             clip_grad_norm(model, self.clip_norm)
         self.optimizer.step()
         return value
+
+    def _micro_step(self, xb, yb, weight):
+        """With accumulation: forward, loss and backward of one batch, its loss gradient scaled by weight (its
+        share of the step's samples: a float, or a device scalar in a CUDA graph) and its parameter gradients
+        added into the step's sums; returns the batch's mean loss. All of it device work, as _device_step."""
+        model = self.model
+        x = apply_preprocess(model.preprocess, xb, _xp(model))
+        value, grad = LOSSES[self.loss](model.forward(x), yb)
+        model.backward_params(accumulating.scaled(grad, weight))
+        self.accumulator.add()
+        return value
+
+    def _update_step(self, loss=None, count: int | None = None, total: int | None = None):
+        """With accumulation: the summed gradients into the gradient buffers, combined across ranks (once a
+        step; count and total: this rank's samples of the step and the step's), clipped, and the optimizer's
+        update; returns loss (this rank's share of the step's mean loss), combined across ranks."""
+        self.accumulator.gradients()
+        if count is not None:
+            loss = self.parallel.combine(self.model, loss, count, total, weighted=True)
+        if self.clip_norm:
+            clip_grad_norm(self.model, self.clip_norm)
+        self.optimizer.step()
+        return loss
 
     def _evaluation(self, started) -> dict:
         """The record of an evaluation at this step, added to the history (raises if not finite)."""
@@ -270,18 +305,19 @@ class _Run:
         raise TrainingDiverged(f"{what} (epoch {self.state.epoch + 1}); training stopped{where}. "
                                "Try a lower learning rate (--lr) or gradient clipping (--clip-norm).")
 
-    def _interrupt(self, signum) -> None:
+    def _interrupt(self, signum, dropped: str = "") -> None:
         """Save last.safetensors at this step (with the running train loss, so a resume is exact); a loss
-        that was not finite since the last check ends the run as a divergence instead, as on the CPU."""
+        that was not finite since the last check ends the run as a divergence instead, as on the CPU.
+        dropped: what the message says of an accumulated step's batches dropped."""
         next(c for c in self.callbacks.callbacks if isinstance(c, DivergenceCheck)).check()
+        where = f"{resuming.interrupted_by(signum)} at step {self.state.step}{dropped}"
         if first_non_finite_tensor(self.model) is not None:
-            raise TrainingInterrupted(f"{resuming.interrupted_by(signum)} at step {self.state.step}; the weights "
-                                      "are not finite, so nothing was saved", signum)
+            raise TrainingInterrupted(f"{where}; the weights are not finite, so nothing was saved", signum)
         if self.out is None:  # a data-parallel rank other than 0: rank 0 saves for all
-            raise TrainingInterrupted(f"{resuming.interrupted_by(signum)} at step {self.state.step}", signum)
+            raise TrainingInterrupted(where, signum)
         self.save_last()
         self.history.write(self.out)
-        raise TrainingInterrupted(f"{resuming.interrupted_by(signum)} at step {self.state.step}; saved "
+        raise TrainingInterrupted(f"{where}; saved "
                                   f"{self.out / 'last.safetensors'}: run the same command with --resume to continue",
                                   signum)
 

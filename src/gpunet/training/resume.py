@@ -5,8 +5,9 @@ SIGTERM or SIGHUP.
 A resumed run compares its hyper-parameters with the saved ones: a change that would make the
 run a different experiment (architecture, loss, seed, optimizer type, dataset, validation split)
 is refused with the list of differences; the others (learning rate, batch size, clipping,
-evaluation interval, schedule, optimizer settings) are applied and said. A new batch size goes
-on from the same sample of the epoch, not from the old batch index. Training data that changed since
+evaluation interval, schedule, optimizer settings, gradient accumulation) are applied and said. A new
+batch size (or accumulate) goes on from the same sample of the epoch, not from the old batch index.
+Training data that changed since
 the run was saved (shape, dtype or content of an array) is refused too, unless allow_data_change.
 """
 from __future__ import annotations
@@ -65,11 +66,12 @@ class LoopState:
 
 
 def run_config(model, optimizer, schedule, *, loss, seed, batch_size, clip_norm, eval_every, early_stopping,
-               extra=None, data=None) -> dict:
+               extra=None, data=None, accumulate: int = 1) -> dict:
     """The hyper-parameters of a run, JSON-able, as compared on resume; data: the data's fingerprint
     (data_fingerprint), saved and compared with them."""
     config = {"architecture": model.to_config(), "loss": loss, "seed": seed, "optimizer": type(optimizer).__name__,
               "lr": schedule.base_lr if schedule is not None else optimizer.lr, "batch_size": batch_size,
+              "accumulate": accumulate,
               "clip_norm": clip_norm or None, "eval_every": eval_every, "early_stopping": early_stopping,
               "schedule": _describe_schedule(schedule)}
     config.update({f"optimizer.{k}": v for k, v in optimizer.hyper.items()})
@@ -239,10 +241,12 @@ def restore(out, model, optimizer, schedule, *, config: dict, log=print, samples
 def _saved_as_now(saved: dict, config: dict, samples: int | None) -> dict:
     """An older gpunet saved the evaluation interval it derived (the batches of an epoch) where the
     caller gave none; it meant "at each epoch end", which is saved as None now: read it so, so that a
-    resume does not report a change nobody made."""
+    resume does not report a change nobody made. A run saved before accumulation took one batch a step."""
+    if "accumulate" not in saved:  # saved before gradient accumulation: one batch a step
+        saved = {**saved, "accumulate": 1}
     every, batch = saved.get("eval_every"), saved.get("batch_size")
     if (samples and config.get("eval_every") is None and isinstance(every, int) and isinstance(batch, int)
-            and batch > 0 and every == math.ceil(samples / batch)):
+            and batch > 0 and every == math.ceil(samples / batch)):  # (an older gpunet: a batch was a step)
         return {**saved, "eval_every": None}
     return saved
 

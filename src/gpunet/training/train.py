@@ -11,7 +11,8 @@ from typing import Any
 import numpy
 
 from gpunet import validate
-from gpunet.training import cuda_graph, resume as resuming, builtin_callbacks as training_callbacks
+from gpunet.training import accumulate as accumulating, cuda_graph, resume as resuming, \
+    builtin_callbacks as training_callbacks
 from gpunet.training.callbacks import check as check_callbacks
 from gpunet.layers import inputs as arrays
 from gpunet.data.pipeline import random_shift
@@ -72,7 +73,7 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
         clip_norm: float | None = None, early_stopping: int | None = None, out_dir=None, resume: bool = False,
         seed: int = 0, progress: bool | None = None, restore_best: bool = True, run_config: dict | None = None,
         log=print, overwrite: bool = False, callbacks: list | None = None, cuda_graph: bool | None = None,
-        allow_data_change: bool = False, setup: RunSetup | None = None) -> History:
+        allow_data_change: bool = False, setup: RunSetup | None = None, accumulate: int = 1) -> History:
     """Train model in place and return its History.
 
     train: (x, y) raw arrays (the model's preprocess is applied per batch) or an object with
@@ -103,12 +104,17 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
     cuda_graph: capture the step once per batch shape and replay it (gpunet.training.cuda_graph); None (the
     default) does so when the model is on a GPU, False never. A step that cannot be captured trains
     eagerly, after one line from log saying why.
+    accumulate: batches of batch_size per optimizer step, their gradients summed weighted by their samples
+    (gpunet.training.accumulate): the step of batch_size=accumulate*batch_size on the same samples in the
+    same order, in the memory of one batch; steps, epochs, eval_every, schedules and checkpoints count
+    optimizer steps.
     setup: a gpunet.training.setup.RunSetup (as `gpunet train` makes) deciding the device, the world, the locked run
     folder, resume, overwrite, seed and allow_data_change instead of those arguments; without it fit makes its own.
     The History returned has .best_step (of the saved model, or None) and .written (the files).
     """
     _check_model(model, "fit")
     _check_arguments(loss, epochs, steps, batch_size, eval_every, early_stopping, seed, clip_norm)
+    validate.positive_int("fit: accumulate", accumulate)
     _check_optimizer(model, optimizer)
     if setup is None:
         setup = RunSetup.for_fit(model.device, out_dir, resume=resume, overwrite=overwrite, seed=seed,
@@ -120,7 +126,9 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
     if not setup.writes:  # only rank 0 writes the run folder and logs; the others read it to resume
         log = _quiet
     run = _Run(model, data, val, optimizer, schedule, setup, loss=loss, batch_size=batch_size, epochs=epochs,
-               steps=steps, eval_every=eval_every, clip_norm=clip_norm)
+               steps=steps, eval_every=eval_every, clip_norm=clip_norm, accumulate=accumulate)
+    if accumulate > 1:  # (a dropped step puts the buffers back: only one process drops a step mid-way)
+        run.accumulator = accumulating.Accumulator(model, optimizer, keep_buffers=setup.world.world_size == 1)
     run.callbacks = training_callbacks.ordered(run, hooks, progress, early_stopping)
     if cuda_graph or (cuda_graph is None and setup.on_gpu):
         run.graph = _graphed_step(run, log)
@@ -128,6 +136,7 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
     with setup.session(log), resuming.stop_on_interrupt(out is not None) as interrupted:
         run.config = resuming.run_config(model, optimizer, schedule, loss=loss, seed=setup.seed, batch_size=batch_size,
                                          clip_norm=clip_norm, eval_every=eval_every,  # as given: None, epoch ends
+                                         accumulate=accumulate,
                                          early_stopping=early_stopping, extra=run_config,
                                          data=resuming.data_fingerprint(data, val) if out is not None else None)
         if setup.resume:
@@ -282,4 +291,6 @@ def _graphed_step(run, log):
     if reason is not None:
         log(f"cuda graph: off, training eagerly: {reason}")
         return None
+    if run.accumulate > 1:  # a graph per batch shape of the batches' work, and one of the update
+        return cuda_graph.GraphedStep(run._micro_step, run.optimizer, log, update=run._update_step)
     return cuda_graph.GraphedStep(run._device_step, run.optimizer, log)
