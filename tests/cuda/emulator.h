@@ -3,8 +3,10 @@
 // generated translation unit is this header, the .cu source verbatim, then the kernel registry
 // (EMU_KERNEL below), all written by tests/cuda/emulator.py. Semantics: tests/cuda/runtime.h.
 //
+// 16-bit floats: a source's `#include <cuda_fp16.h>` / `<cuda_bf16.h>` finds this folder's headers
+// of those names (__half, __nv_bfloat16, their conversions and arithmetic, as the hardware rounds).
 // Not emulated: dynamic shared memory (`extern __shared__`: a compile error here), textures,
-// cooperative groups, __constant__ written from the host, half precision.
+// cooperative groups, __constant__ written from the host, the half-precision math functions.
 #pragma once
 #include <assert.h>
 #include <math.h>
@@ -223,6 +225,12 @@ inline unsigned __float_as_uint(float x) { return emu_bit_cast<unsigned>(x); }
 inline double __longlong_as_double(long long x) { return emu_bit_cast<double>(x); }
 inline long long __double_as_longlong(double x) { return emu_bit_cast<long long>(x); }
 
+// The built-in vector type the 16-bit pairs convert to (cuda_fp16.h, cuda_bf16.h).
+struct __align__(8) float2 {
+  float x, y;
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
+
 // The registry: each kernel's parameter sizes and kinds come from its function type, and its
 // launcher copies each argument out of the caller's bytes into a value of the parameter's type.
 namespace emu {
@@ -233,7 +241,8 @@ constexpr int kind_of() {
   else if constexpr (std::is_same_v<T, bool>) return kBool;
   else if constexpr (std::is_floating_point_v<T>) return kFloat;
   else if constexpr (std::is_integral_v<T>) return std::is_signed_v<T> ? kInt : kUint;
-  else static_assert(sizeof(T) == 0, "a kernel parameter must be a pointer, an integer, a float or a bool");
+  else static_assert(sizeof(T) == 0, "a kernel parameter must be a pointer, an integer, a float or a bool "
+                                     "(a __half or __nv_bfloat16 scalar is not emulated: pass a float)");
 }
 template <class T>
 inline T load(const void* bytes) {

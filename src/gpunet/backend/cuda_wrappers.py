@@ -286,8 +286,9 @@ def clip_grad_norm(grad, max_norm):
 
 
 
-# the sequence layers' kernels (sequence.cu, attention.cu, embedding.cu) have their wrappers in a module of their own
-from gpunet.backend import cuda_wrappers_sequence as _sequence  # noqa: E402
+# the sequence layers' kernels (sequence.cu, attention.cu, embedding.cu) have their wrappers in a module of their own,
+# as the 16-bit conversions (precision.cu) have
+from gpunet.backend import cuda_precision as _precision, cuda_wrappers_sequence as _sequence  # noqa: E402
 
-KERNELS = {k.name: k for k in [*globals().values(), *vars(_sequence).values()]  # every kernel, by name
-           if isinstance(k, Kernel)}
+KERNELS = {k.name: k for k in [*globals().values(), *vars(_sequence).values(), *vars(_precision).values()]
+           if isinstance(k, Kernel)}  # every kernel, by name

@@ -1,7 +1,7 @@
 """GPU backend: CuPy (cuBLAS for plain GEMM) with gpunet's own kernels from kernels/*.cu for
 GEMM with a fused epilogue, im2col/col2im, max pooling, fused softmax cross-entropy, the LSTM
-cell, the attention softmax, layer normalisation, activations and the optimizer updates, each
-launched through its wrapper in cuda_wrappers.py (`kernels.softmax_xent(...)`).
+cell, the attention softmax, layer normalisation, activations, the optimizer updates and 16-bit casts,
+each launched through its wrapper (cuda_wrappers.py, cuda_wrappers_sequence.py, cuda_precision.py).
 
 Each override takes the kernel path only for what the kernel handles (float32, contiguous,
 not empty: its @kernel_or_fallback names the arguments the kernel needs so, kernel_guard.py) and
@@ -24,7 +24,7 @@ import math
 
 from gpunet.backend import cublaslt
 from gpunet.backend import activations
-from gpunet.backend import cuda_wrappers as kernels
+from gpunet.backend import cuda_precision, cuda_wrappers as kernels
 from gpunet.backend import cuda_wrappers_sequence as sequence_kernels
 from gpunet.backend.cuda_kernels import ACTIVATION_CODES, compile_inputs
 from gpunet.backend.cuda_wrappers import NO_RANGE_ERROR
@@ -312,6 +312,20 @@ class CupyOps(Ops):
         if isinstance(kept, tuple):  # the base's forward kept (q, k, v): its backward
             return super().attention_backward(dmixed, state)
         return sequence_kernels.attention_backward(qkv, probs, dmixed, bool(kept))  # kept: causal
+
+    @kernel_or_fallback("x", nonempty="x")
+    def to_16bit(self, x, kind):
+        return cuda_precision.to_16bit(x, kind)
+
+    @kernel_or_fallback(nonempty="x", contiguous=("x",))  # (x is 16-bit: no float32 to check)
+    def from_16bit(self, x):
+        if x.dtype.name not in ("bfloat16", "float16"):
+            return super().from_16bit(x)  # (which refuses another dtype)
+        return cuda_precision.from_16bit(x)
+
+    @kernel_or_fallback("x", nonempty="x")
+    def round_16bit(self, x, kind):
+        return cuda_precision.round_16bit(x, kind)
 
     @kernel_or_fallback("param", "grad", "velocity", nonempty="param")
     def sgd_update(self, param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov, first_step,

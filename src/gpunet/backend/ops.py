@@ -245,6 +245,25 @@ class Ops(ConvOps):
         """dy * the forward's mask (regenerated from stream when mask is None)."""
         return dy * mask if mask is not None else self.dropout(dy, p, stream)[0]
 
+    # ---------------------------------------------------------------- 16-bit storage
+    def to_16bit(self, x, kind):
+        """float32 x rounded to nearest even into a new array of kind's 16-bit dtype (sixteen_bit_dtype)."""
+        if x.dtype != numpy.float32:
+            raise TypeError(f"to_16bit takes a float32 array, got {x.dtype}")
+        dtype = sixteen_bit_dtype(kind)
+        with numpy.errstate(over="ignore", invalid="ignore"):  # (Inf from 65520 on, NaN kept: as intended)
+            return x.astype(dtype)
+
+    def from_16bit(self, x):
+        """A bfloat16 or float16 array as a new float32 array (exact)."""
+        if x.dtype != numpy.float16 and not (x.dtype.name == "bfloat16" and x.dtype == sixteen_bit_dtype("bf16")):
+            raise TypeError(f"from_16bit takes a bfloat16 or float16 array, got {x.dtype}")
+        return x.astype(numpy.float32)
+
+    def round_16bit(self, x, kind):
+        """float32 x rounded to kind's 16-bit format and back: the float32 value a 16-bit store keeps."""
+        return self.from_16bit(self.to_16bit(x, kind))
+
     # ---------------------------------------------------------------- optimizer updates
     def sgd_update(self, param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov, first_step,
                    scalars=None):
@@ -288,6 +307,17 @@ class Ops(ConvOps):
         for g in grads:
             g *= scale.astype(g.dtype)
         return total
+
+
+def sixteen_bit_dtype(kind: str) -> numpy.dtype:
+    """The dtype of a 16-bit kind, the one NumPy and CuPy 14 both use: "bf16" ml_dtypes.bfloat16, "fp16" float16."""
+    if kind == "fp16":
+        return numpy.dtype(numpy.float16)
+    if kind == "bf16":
+        import ml_dtypes  # (here, not at the top: importing it takes most of a second)
+
+        return numpy.dtype(ml_dtypes.bfloat16)
+    raise ValueError(f"the 16-bit kind must be 'bf16' or 'fp16', got {kind!r}")
 
 
 def adam_scalars(lr, beta1, beta2, step) -> tuple[float, float, float]:

@@ -7,6 +7,8 @@ device arrays; host arrays are refused. tests/gpu_standin/__init__.py decides wh
 It is held to CuPy 14.2's source (issue 27): the version, cupy.cuda.using_allocator,
 ndarray.set, cupy._core's compute type (TF32 products), cupyx.distributed and what a stream
 capture records; where it is deliberately stricter, the docstring of the part says so.
+16-bit floats: float16 (cupy.float16) and ml_dtypes.bfloat16 arrays, as CuPy 14.2 has them: it has
+no cupy.bfloat16 (the dtype is ml_dtypes', which CuPy imports when installed; cupy#9494).
 """
 from __future__ import annotations
 
@@ -131,6 +133,8 @@ class DeviceUfunc:
 def __getattr__(name: str):
     if name in _PASSTHROUGH:
         return getattr(numpy, name)
+    if name == "bfloat16":
+        raise AttributeError("module 'cupy' has no attribute 'bfloat16' (CuPy 14 takes ml_dtypes.bfloat16 as the dtype)")
     if name in _NOT_PROVIDED or name.startswith("_"):
         raise AttributeError(f"the CuPy stand-in has no cupy.{name}")
     attribute = getattr(numpy, name, None)

@@ -5,6 +5,10 @@ implicit conversion to a NumPy array is a TypeError, mixing device and host arra
 a TypeError, reductions give 0-d device arrays, and only `.get()`, `float()` and friends move
 data to the host. Every op that would be a CuPy kernel (or a cuBLAS call) on a GPU counts one
 launch; every host<->device copy counts one transfer (COUNTERS, read by tests).
+
+16-bit floats are CuPy 14's: float16 and ml_dtypes.bfloat16 arrays (CuPy 14.2 has bfloat16 loops for
+its arithmetic ufuncs: cupy#9494), with their reductions in float32 and bfloat16 refused where
+CuPy has no loop for it (_REDUCED_IN_FLOAT, _NO_BFLOAT16_LOOP below).
 """
 from __future__ import annotations
 
@@ -63,9 +67,22 @@ def refill(target, fresh) -> None:
         numpy.copyto(target._host, fresh, casting="unsafe")
 
 
+def check_dtype(dtype: numpy.dtype) -> None:
+    """CuPy 14 holds bfloat16 arrays as ml_dtypes.bfloat16 (cupy#9494, "experimental"); of ml_dtypes' other
+    types (float8_*, int4...) it has none: the stand-in refuses their arrays (deliberately stricter:
+    CuPy may make one, but no kernel of it compiles)."""
+    if dtype.type.__module__.startswith("ml_dtypes") and dtype.name != "bfloat16":
+        raise TypeError(f"CuPy 14 supports no {dtype.name} arrays (of ml_dtypes' types, only bfloat16)")
+
+
+def is_bfloat16(dtype: numpy.dtype) -> bool:
+    return dtype.name == "bfloat16" and dtype.type.__module__.startswith("ml_dtypes")
+
+
 def guarded_empty(shape, dtype, order="C") -> numpy.ndarray:
     """Device memory from the current allocator (cupy.cuda.memory: it ends at a guard page)."""
     dtype = numpy.dtype(dtype)
+    check_dtype(dtype)
     shape = (shape,) if isinstance(shape, (int, numpy.integer)) else tuple(shape)
     pointer = memory.alloc(int(numpy.prod(shape, dtype=numpy.int64)) * dtype.itemsize)
     return numpy.ndarray(shape, dtype, buffer=pointer.mem.buffer, offset=pointer.mem.offset, order=order)
@@ -115,6 +132,8 @@ class ndarray(NDArrayOperatorsMixin):
 
     @classmethod
     def _wrap(cls, host: numpy.ndarray) -> "ndarray":
+        if host.dtype.num >= 256:  # a user-defined dtype (ml_dtypes'), a view of device memory as one too
+            check_dtype(host.dtype)
         out = cls.__new__(cls)
         out._host = _to_device_memory(host)
         return out
@@ -308,6 +327,16 @@ def _operand(x, name: str):
 
 _CUBLAS_PRODUCTS = {"matmul", "dot", "tensordot"}  # CuPy's tensordot_core: cuBLAS, under the compute type
 
+# 16-bit floats (float16, ml_dtypes.bfloat16). CuPy 14.2's sum and prod reduce them in float ('float' is
+# the reduction type of their e->e and bfloat16 loops) and so does its mean; NumPy adds float16 in float16
+# along an axis and ml_dtypes adds bfloat16 in bfloat16 (4096 ones sum to 256): here these reductions
+# run in float32 and round once, as CuPy's do.
+_REDUCED_IN_FLOAT = {"sum", "prod", "nansum", "nanprod", "mean", "nanmean"}
+# CuPy 14.2's ufuncs with a float16 loop but no bfloat16 one (their `types`; cupy#9630 lists rounding
+# as missing): given bfloat16, CuPy computes them in another type. The stand-in refuses bfloat16 there
+# (deliberately stricter): a kernel should cast explicitly.
+_NO_BFLOAT16_LOOP = {"divmod", "logical_not", "logical_xor", "clip", "round", "around"}
+
 
 def _under_compute_type(func):
     """func (a product) with its float32 inputs rounded to TF32 when cupy._core's compute type
@@ -326,12 +355,20 @@ def _under_compute_type(func):
 
 def call_numpy(func, args, kwargs, name: str):
     """Run NumPy's `func` on device memory; results become device arrays (`out=` ones stay theirs)."""
-    if name.partition(".")[0] in _CUBLAS_PRODUCTS:
+    base = name.partition(".")[0]
+    if base in _CUBLAS_PRODUCTS:
         func = _under_compute_type(func)
     outs = kwargs.get("out")
     host_args = _operand(list(args), name)
     host_kwargs = _operand(dict(kwargs), name)
     sources = [a for a in _flatten(host_args) if isinstance(a, numpy.ndarray)]
+    if base in _NO_BFLOAT16_LOOP and any(is_bfloat16(a.dtype) for a in sources):
+        raise TypeError(f"{base}: CuPy 14.2 has no bfloat16 loop for it (it would compute in another type); "
+                        "the stand-in refuses it: cast to float32 first")
+    if (base in _REDUCED_IN_FLOAT and len(host_args) <= 2 and "dtype" not in host_kwargs and outs is None
+            and sources and sources[0] is host_args[0]
+            and (sources[0].dtype == numpy.float16 or is_bfloat16(sources[0].dtype))):
+        func = _reduced_in_float32(func, sources[0].dtype)
     if CAPTURING is not None and (outs is not None or name.rpartition(".")[2] in _WRITES_ITS_ARGUMENTS):
         count("launches")  # it writes memory that exists already: a capture only records it
         record(lambda: func(*host_args, **host_kwargs))
@@ -348,6 +385,14 @@ def call_numpy(func, args, kwargs, name: str):
     wrapped = _wrap_result(result, sources)
     record(lambda: refill(wrapped, func(*host_args, **host_kwargs)))  # (a view's refill writes it over itself)
     return wrapped
+
+
+def _reduced_in_float32(func, dtype):
+    """func (a reduction of a 16-bit array) computed in float32, its result rounded once to dtype."""
+    def reduction(*args, **kwargs):
+        return numpy.asarray(func(*args, dtype=numpy.float32, **kwargs)).astype(dtype)
+
+    return reduction
 
 
 def _wrap_result(result, sources):
