@@ -156,7 +156,8 @@ def test_lists_of_pixel_values_stay_integers_for_an_image_model():
     (lambda m: fit(m, (None, [0])), "training data: inputs must be an array or a list of samples, got None"),
     (lambda m: fit(m, (5.0, [0])), "training data: inputs must be an array or a list of samples, got float 5.0"),
     (lambda m: fit(m, ([numpy.zeros(4), numpy.zeros(4)], [0, 1])),
-     "training data: inputs is a list of 2 arrays; give one array (numpy.stack) or nested lists of numbers"),
+     "training data: inputs is a list of 2 arrays, for a model that takes one array (a gn.Model with several inputs or "
+     "outputs takes lists); give one array (numpy.stack)"),
 ])
 def test_ragged_or_non_numeric_lists_are_refused_in_one_line(call, message):
     model = gn.models.mlp((4, 8, 3))

@@ -277,6 +277,7 @@ def cmd_generate(args) -> int:
 
 def cmd_eval(args) -> int:
     model = gn.load(args.checkpoint)
+    validate.one_input_and_output(model, "eval", args.checkpoint)
     if (model.preprocess or {}).get("kind") == "text":
         raise SystemExit(f"gpunet eval: {args.checkpoint} is a character-level model; eval takes image classifiers "
                          "(its validation loss is in the history.json beside it; sample it with gpunet generate)")

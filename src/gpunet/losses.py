@@ -7,7 +7,7 @@ import math
 
 from gpunet.backend import Array, ops_for
 
-__all__ = ["LOSSES", "METRICS", "Combined", "binary_cross_entropy_with_logits", "item", "metric", "mse", "resolve",
+__all__ = ["LOSSES", "METRICS", "Combined", "binary_cross_entropy_with_logits", "item", "metric", "mse", "report_keys", "resolve",
            "softmax_cross_entropy"]
 
 
@@ -131,3 +131,14 @@ def resolve(loss, weights=None, where: str = "fit"):
     if loss not in LOSSES:
         raise ValueError(f"{where}: unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
     return LOSSES[loss]
+
+
+def report_keys(loss) -> list[str]:
+    """The means an evaluation with `loss` reports besides "samples": "loss" and its metric ("accuracy"), or for
+    several outputs the weighted total "loss", then "loss_i" (unweighted) and "accuracy_i" per output i."""
+    if not isinstance(loss, (list, tuple)):
+        return ["loss"] + ([metric(loss)] if metric(loss) else [])
+    keys = ["loss"]
+    for i, name in enumerate(loss):
+        keys += [f"loss_{i}"] + ([f"{metric(name)}_{i}"] if metric(name) else [])
+    return keys

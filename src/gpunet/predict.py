@@ -24,6 +24,7 @@ def add_parser(sub, device_option: dict) -> None:
 
 def run(args) -> int:
     model = gn.load(args.checkpoint)
+    validate.one_input_and_output(model, "predict", args.checkpoint)
     spec = model.preprocess or {}
     if spec.get("kind") == "text":
         raise SystemExit(f"gpunet predict: {args.checkpoint} is a character-level model; predict takes image "

@@ -215,3 +215,12 @@ def class_labels(y, classes: int, where: str) -> None:
             i = first_bad_index(bad)
             raise ValueError(f"{where}: label {y[i]} at index {i} is outside the model's {classes} classes "
                              f"(0..{classes - 1})")
+
+
+def one_input_and_output(model, command: str, path) -> None:
+    """The command line's eval and predict take models of one input and one output (image classifiers)."""
+    several = [what for what in ("inputs", "outputs") if getattr(model, f"several_{what}", False)]
+    if several:
+        raise SystemExit(f"gpunet {command}: {path} is a graph model with several {' and '.join(several)}; the command "
+                         f"line takes one image input and one output: use gn.load(...) and "
+                         f"{'gn.evaluate' if command == 'eval' else 'model.predict'} in Python, with a list per input")

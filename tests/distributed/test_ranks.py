@@ -65,6 +65,7 @@ EQUIVALENCE = [  # 20 steps each; n and batch chosen so epochs end in a short ba
     # LeNet in float64: in float32 a rounding difference of 1e-7 between the two sums can flip a max-pool
     # choice between two near-equal inputs, which 20 steps of SGD then grow to 1e-3 (seen at step 17 to 20)
     {"model": "cnn", "n": 90, "batch": 25, "dtype": "float64"},
+    {"model": "graph", "n": 120, "batch": 25, "optimizer": ["adam", 1e-3]},  # a gn.Model with a shared layer
 ]
 
 

@@ -21,12 +21,18 @@ from gpunet import distributed
 def dataset(model: str, n: int, seed: int = 7):
     """Synthetic inputs (no preprocessing) and labels for 10 classes, the same on every rank."""
     rng = numpy.random.default_rng(seed)
-    shape = (n, 784) if model == "mlp" else (n, 1, 28, 28)
+    shape = (n, 1, 28, 28) if model == "cnn" else (n, 784)
     return rng.normal(size=shape).astype("float32"), rng.integers(0, 10, size=n)
 
 
 def build(model: str):
     gn.manual_seed(3)
+    if model == "graph":  # a gn.Model: a residual join and a layer shared by two nodes
+        x = gn.Input((784,))
+        h = gn.layers.ReLU()(gn.layers.Dense(784, 32)(x))
+        shared = gn.layers.Dense(32, 32, name="shared")
+        r = shared(gn.layers.Tanh()(shared(h)))
+        return gn.Model(x, gn.layers.Dense(32, 10)(gn.layers.Add()([h, r])))
     return gn.models.mlp((784, 64, 32, 10)) if model == "mlp" else gn.models.lenet(10)
 
 

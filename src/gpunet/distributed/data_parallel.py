@@ -16,7 +16,8 @@ import numpy
 from gpunet import random
 from gpunet.backend import ops_for_device
 from gpunet.layers.flat import flat_parameters
-from gpunet.losses import metric
+from gpunet.layers import inputs as arrays
+from gpunet.losses import report_keys
 
 
 class Replicas:
@@ -77,22 +78,20 @@ class Replicas:
             mean += xp.asarray(loss, dtype=xp.float64) * weight
         return self.world.all_reduce(mean).reshape(())
 
-    def evaluate(self, evaluate, model, x, y, loss: str) -> dict:
+    def evaluate(self, evaluate, model, x, y, loss) -> dict:
         """evaluate(model, x, y, loss, None) over the whole of (x, y): each rank evaluates its share and
-        the sums are all-reduced, so every rank gets the same result."""
+        the sums are all-reduced, so every rank gets the same result. x and y may be lists (several inputs,
+        several outputs: loss a list), whose means (gpunet.losses.report_keys) are summed alike."""
         if self.world_size == 1:
             return evaluate(model, x, y, loss, None)
-        n = len(x)
+        n, keys = arrays.samples(x), report_keys(loss)
         low, high = n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
-        sums = numpy.zeros(2)
+        sums = numpy.zeros(len(keys))
         if high > low:
-            part = evaluate(model, x[low:high], y[low:high], loss, None)
-            sums[:] = part["loss"] * (high - low), part.get("accuracy", 0.0) * (high - low)
+            part = evaluate(model, arrays.take(x, slice(low, high)), arrays.take(y, slice(low, high)), loss, None)
+            sums[:] = [part[key] * (high - low) for key in keys]
         self.world.all_reduce(sums)
-        result = {"loss": float(sums[0] / n), "samples": int(n)}
-        if metric(loss) == "accuracy":
-            result["accuracy"] = float(sums[1] / n)
-        return result
+        return {**{key: float(total / n) for key, total in zip(keys, sums)}, "samples": int(n)}
 
     def any(self, flag: bool, now: bool = True) -> bool:
         """Whether flag is set on any rank. With several ranks it is asked only when now is true (the

@@ -56,6 +56,16 @@ def targets(model, value, where: str, loss):
                         for i, (v, name) in enumerate(zip(value, loss))], where, "targets")
 
 
+def check_losses(model, loss, where: str) -> None:
+    """One loss per output: a list of them for a gn.Model with several outputs, one name otherwise."""
+    several = getattr(model, "several_outputs", False)
+    count = len(model.output_shapes(1)) if several else 1
+    if several != isinstance(loss, (list, tuple)) or (several and len(loss) != count):
+        given = f"a list of {len(loss)} losses" if isinstance(loss, (list, tuple)) else f"one loss ({loss!r})"
+        raise ValueError(f"{where}: the model has {count} output{'s' if count > 1 else ''}, and loss is {given}; give "
+                         + ("a list of one loss per output (loss=[...])" if several else "one loss name"))
+
+
 def input_count(model) -> int | None:
     """How many input arrays the model takes as a list (a gn.Model with several inputs), or None: one array."""
     return len(model.input_shapes) if getattr(model, "several_inputs", False) else None

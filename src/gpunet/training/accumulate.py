@@ -35,6 +35,7 @@ import numpy
 
 from gpunet import random
 from gpunet.backend import ops_for_device, to_device
+from gpunet.layers import inputs as arrays
 from gpunet.errors import out_of_memory
 from gpunet.layers.flat import flat_parameters
 
@@ -111,13 +112,15 @@ def step(run, idx):
     for i, share in enumerate(shares):
         random.set_step(s.step * n + i)  # each micro-batch its own masks
         if len(share):  # (a micro-batch smaller than the world leaves a rank no sample)
-            xb, yb, weight = xs[start : start + len(share)], ys[start : start + len(share)], len(share) / total
+            rows = slice(start, start + len(share))
+            xb, yb, weight = arrays.take(xs, rows), arrays.take(ys, rows), len(share) / total
             start += len(share)
             with out_of_memory(model.device, f"in batch {i + 1} of step {s.step + 1}", len(share), _OPTION):
                 if run.graph is not None and run.graph.active:
                     value = run.graph.run(xb, yb, weight)
                 else:
-                    value = run._micro_step(to_device(xb, model.device), to_device(yb, model.device), weight)
+                    value = run._micro_step(*(arrays.each(lambda a: to_device(a, model.device), b) for b in (xb, yb)),
+                                            weight)
             part = value * weight
             loss = part if loss is None else loss + part
             run.callbacks.step(s.step + 1, value, ended, hooks=("on_batch_end",))

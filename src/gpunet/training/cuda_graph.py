@@ -27,6 +27,7 @@ import numpy
 
 from gpunet import random
 from gpunet.backend import is_cupy_array, ops_for_device
+from gpunet.layers import inputs as arrays
 
 MAX_GRAPHS = 2
 RECORD_WORDS = 4  # the per-step record: float32 optimizer scalars in words 0..2, the uint32 step in word 3
@@ -125,12 +126,12 @@ class GraphedStep:
     def run(self, x, y, weight: float | None = None):
         """One training step on host batches x, y (with accumulation: one batch of a step, weight its share
         of the step's samples); returns its loss (a fresh device scalar)."""
-        key = (x.shape, str(x.dtype), y.shape, str(y.dtype))
+        key = (_shapes(x), _shapes(y))
         captured = self.graphs.get(key)
         if captured is None:
             return self._first(key, x, y, weight)
-        captured.x.set(numpy.ascontiguousarray(x))
-        captured.y.set(numpy.ascontiguousarray(y))
+        for static, batch in zip(_listed(captured.x) + _listed(captured.y), _listed(x) + _listed(y)):
+            static.set(numpy.ascontiguousarray(batch))
         if self.update is None:
             self._replay(captured, self._step_record())
         else:  # (the words of the optimizer's scalars are free: its graph runs no update)
@@ -166,14 +167,18 @@ class GraphedStep:
         extra = () if self.update is None else (weight,)
         if len(self.graphs) - (UPDATE in self.graphs) >= MAX_GRAPHS:
             if not self._said_too_many:
-                self.log(f"cuda graph: a batch of shape {x.shape} runs eagerly: a run keeps at most {MAX_GRAPHS} "
-                         "graphs (drop the last batch, or keep the batch size fixed)")
+                self.log(f"cuda graph: a batch of shape {_shapes(x)[0][0]} runs eagerly: a run keeps at most "
+                         f"{MAX_GRAPHS} graphs (drop the last batch, or keep the batch size fixed)")
                 self._said_too_many = True
-            return self.device_step(self.xp.asarray(x), self.xp.asarray(y), *extra)
-        static_x, static_y = self.xp.asarray(numpy.ascontiguousarray(x)), self.xp.asarray(numpy.ascontiguousarray(y))
+            return self.device_step(self._on_device(x), self._on_device(y), *extra)
+        static_x, static_y = self._on_device(x), self._on_device(y)
         loss = self.device_step(static_x, static_y, *extra)
         self._try(key, lambda: self._capture(static_x, static_y))
         return loss
+
+    def _on_device(self, batch):
+        """A host batch (an array, or a list of them for several inputs or outputs) as new device arrays."""
+        return arrays.each(lambda a: self.xp.asarray(numpy.ascontiguousarray(a)), batch)
 
     def _try(self, key, capture) -> None:
         try:
@@ -215,3 +220,12 @@ class GraphedStep:
         # later replaces one (another batch size) must not free memory a replay still writes.
         keep = [_arrays(vars(layer)) for layer in _layers(optimizer.model)]
         return _Captured(x, y, loss, graph, keep, set(self.ops._unchecked))
+
+
+def _listed(batch) -> list:
+    return batch if isinstance(batch, list) else [batch]
+
+
+def _shapes(batch) -> tuple:
+    """A batch's key: each array's shape and dtype (one array, or a list of them)."""
+    return tuple((a.shape, str(a.dtype)) for a in _listed(batch))

@@ -6,6 +6,7 @@ the history files are built-in callbacks: gpunet.training.builtin_callbacks; doc
 from __future__ import annotations
 
 import math
+from typing import Any
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,8 @@ from gpunet.backend import ops_for_device, to_device
 from gpunet.data.pipeline import apply_preprocess, minibatches
 from gpunet.training.divergence import first_non_finite_tensor
 from gpunet.training.history import History
-from gpunet.losses import LOSSES, item, metric
+from gpunet.losses import LOSSES, item, metric, report_keys, resolve
+from gpunet.layers import inputs as arrays
 from gpunet.optim import clip_grad_norm
 from gpunet.training.resume import LoopState
 from gpunet.training.setup import RunSetup
@@ -46,7 +48,7 @@ class _Run:
     optimizer: object
     schedule: object
     setup: RunSetup  # the device, the world, the run folder, resume and the seed, decided once
-    loss: str
+    loss: Any  # a name of gpunet.losses.LOSSES, or a list of them (one per output)
     batch_size: int
     epochs: int | None  # the run ends after this many epochs, or
     steps: int | None  # after this many optimizer steps
@@ -64,6 +66,10 @@ class _Run:
     graph: object = None  # a gpunet.training.cuda_graph.GraphedStep when the step is replayed as a CUDA graph
     accumulator: object = None  # the gradient sums of a step (gpunet.training.accumulate), with accumulate > 1
     interrupted: object = None  # the StopRequest of stop_on_interrupt while training
+    loss_weights: list | None = None  # with a list of losses: their weights (gpunet.losses.Combined)
+
+    def __post_init__(self) -> None:
+        self.loss_fn = resolve(self.loss, self.loss_weights)
 
     @property
     def out(self) -> Path | None:
@@ -168,7 +174,8 @@ class _Run:
             if self.graph is not None and self.graph.active:  # replayed (after its first step on a batch shape)
                 value = self.graph.run(xb, yb)
             else:
-                value = self._device_step(*(to_device(b, model.device) if len(idx) else None for b in (xb, yb)),
+                value = self._device_step(*(arrays.each(lambda a: to_device(a, model.device), b) if len(idx) else None
+                                            for b in (xb, yb)),
                                           len(idx), len(everyone))
         s.running, s.running_count = s.running + value, s.running_count + 1
         s.step, s.batch, s.sample = s.step + 1, s.batch + 1, s.sample + len(everyone)
@@ -183,7 +190,7 @@ class _Run:
         value = None
         if count is None or count:  # (a batch smaller than the world leaves a rank no sample)
             x = apply_preprocess(model.preprocess, xb, _xp(model))
-            value, grad = LOSSES[self.loss](model.forward(x), yb)
+            value, grad = self.loss_fn(model.forward(x), yb)
             model.backward_params(grad)  # parameter gradients; nobody reads the input gradient
         if count is not None:
             value = self.parallel.combine(model, value, count, total)  # one all-reduce of the gradients
@@ -198,7 +205,7 @@ class _Run:
         added into the step's sums; returns the batch's mean loss. All of it device work, as _device_step."""
         model = self.model
         x = apply_preprocess(model.preprocess, xb, _xp(model))
-        value, grad = LOSSES[self.loss](model.forward(x), yb)
+        value, grad = self.loss_fn(model.forward(x), yb)
         model.backward_params(accumulating.scaled(grad, weight))
         self.accumulator.add()
         return value
@@ -225,8 +232,9 @@ class _Run:
             result = (self.parallel.evaluate(self._validate, self.model, *self.val, self.loss)  # (sums over the ranks)
                       if isinstance(self.val, tuple) else self.val.evaluate(self.model, self.loss))
             record["val_loss"] = result["loss"]
-            if "accuracy" in result:
-                record["val_accuracy"] = result["accuracy"]
+            for key in report_keys(self.loss)[1:]:  # val_accuracy; with several outputs val_loss_0, val_accuracy_0, ...
+                if key in result:
+                    record[f"val_{key}"] = result[key]
         s.running, s.running_count = 0.0, 0
         self.history.append(record)
         self._check_evaluation(record)
@@ -235,7 +243,7 @@ class _Run:
     def _validate(self, model, x, y, loss, batch_size) -> dict:
         """_evaluate of the validation arrays; out of memory names this evaluation and how to validate in
         smaller batches (fit's are of a fixed size)."""
-        return _evaluate(model, x, y, loss, batch_size, doing=f"validating after step {self.state.step}",
+        return _evaluate(model, x, y, loss, batch_size, self.loss_weights, doing=f"validating after step {self.state.step}",
                          option="fit validates in batches of up to 1000 samples; pass val as an object whose "
                                 "evaluate(model, loss) returns gn.evaluate(model, x, y, loss, batch_size=...)")
 
@@ -326,36 +334,48 @@ def _xp(model):
     return ops_for_device(model.device).xp
 
 
-def _evaluate(model, x, y, loss, batch_size, doing: str = "evaluating",
+def _evaluate(model, x, y, loss, batch_size, loss_weights=None, doing: str = "evaluating",
               option: str = "--batch-size, or batch_size= of gn.evaluate") -> dict:
     """evaluate without its input checks: fit checks its validation data once, not at every evaluation.
-    doing and option: how an out-of-memory error names this evaluation and its batch size."""
-    loss_fn = LOSSES[loss]
+    doing and option: how an out-of-memory error names this evaluation and its batch size. With several
+    outputs (a list of losses): the weighted total "loss", and per output i "loss_i" and "accuracy_i"."""
+    names = list(loss) if isinstance(loss, (list, tuple)) else [loss]
+    targets, n = (y if isinstance(loss, (list, tuple)) else [y]), arrays.samples(x)
     if batch_size is None:
-        batch_size = max(1, min(1000, 32768 // max(1, int(numpy.prod(y.shape[1:])))))
+        batch_size = max(1, min(1000, 32768 // max(1, int(numpy.prod(targets[0].shape[1:])))))
     was_training = model.training
     model.eval()
     try:
-        with out_of_memory(model.device, doing, min(batch_size, len(x)), option):
-            total, correct = _evaluate_batches(model, x, y, loss_fn, loss, batch_size)
+        with out_of_memory(model.device, doing, min(batch_size, n), option):
+            totals, correct = _evaluate_batches(model, x, targets, names, batch_size)
     finally:
         model.train(was_training)
-    result = {"loss": item(total) / len(x), "samples": int(len(x))}
-    if metric(loss) == "accuracy":
-        result["accuracy"] = int(correct) / (len(x) * (y[0].size if y.ndim > 1 else 1))
+    means = [item(total) / n for total in totals]
+    accuracy = [int(c) / (n * (t[0].size if t.ndim > 1 else 1)) if metric(name) == "accuracy" else None
+                for c, t, name in zip(correct, targets, names)]
+    if not isinstance(loss, (list, tuple)):
+        return {"loss": means[0], "samples": int(n), **({"accuracy": accuracy[0]} if accuracy[0] is not None else {})}
+    weights = resolve(loss, loss_weights, "evaluate").weights
+    result = {"loss": sum(w * m for w, m in zip(weights, means)), "samples": int(n)}
+    for i, (mean, share) in enumerate(zip(means, accuracy)):
+        result[f"loss_{i}"] = mean
+        if share is not None:
+            result[f"accuracy_{i}"] = share
     return result
 
 
-def _evaluate_batches(model, x, y, loss_fn, loss, batch_size):
-    """The loss summed over every sample, and the correct predictions of a classifier, on the device
-    (the host reads each once, after the last batch)."""
-    total, correct = 0.0, 0
-    for idx in minibatches(len(x), batch_size, None):
-        xb = apply_preprocess(model.preprocess, to_device(x[idx], model.device), _xp(model))
-        yb = to_device(y[idx], model.device)
-        out = model.forward(xb)
-        value, _ = loss_fn(out, yb)
-        total = total + value.astype("float64") * len(idx)  # float64, as the host sum was
-        if metric(loss) == "accuracy":
-            correct = correct + (out.argmax(axis=-1) == yb).sum()
-    return total, correct
+def _evaluate_batches(model, x, targets, names, batch_size):
+    """Each output's loss summed over every sample, and the correct predictions of each classifier output,
+    on the device (the host reads each once, after the last batch)."""
+    totals, correct = [0.0] * len(names), [0] * len(names)
+    for idx in minibatches(arrays.samples(x), batch_size, None):
+        xb = apply_preprocess(model.preprocess, arrays.each(lambda a: to_device(a, model.device), arrays.take(x, idx)),
+                              _xp(model))
+        outputs = model.forward(xb)
+        for i, (out, name, y) in enumerate(zip(outputs if len(names) > 1 else [outputs], names, targets)):
+            yb = to_device(y[idx], model.device)
+            value, _ = LOSSES[name](out, yb)
+            totals[i] = totals[i] + value.astype("float64") * len(idx)  # float64, as the host sum was
+            if metric(name) == "accuracy":
+                correct[i] = correct[i] + (out.argmax(axis=-1) == yb).sum()
+    return totals, correct

@@ -128,13 +128,19 @@ def data_fingerprint(train, val=None) -> dict | None:
     validation (x, y) tuple): what a resume compares to know it goes on with the same data (blake2b:
     0.1 s for 100 MB on an idle core). A training source that keeps its data in other attributes
     has none (None): it is not checked."""
-    arrays = [(name, getattr(train, attr, None)) for attr, name in TRAIN_ARRAYS]
+    arrays = _each([(name, getattr(train, attr, None)) for attr, name in TRAIN_ARRAYS])
     if not any(isinstance(a, numpy.ndarray) for _, a in arrays):
         return None
     if isinstance(val, tuple) and len(val) == len(VAL_ARRAYS):
-        arrays += list(zip(VAL_ARRAYS, val))
+        arrays += _each(list(zip(VAL_ARRAYS, val)))
     return {name: _array_fingerprint(a) for name, a in arrays
             if isinstance(a, numpy.ndarray) and not a.dtype.hasobject}
+
+
+def _each(named: list) -> list:
+    """(name, array) pairs, a list of arrays (several inputs or outputs) as one pair each: "training inputs 0", ..."""
+    return [pair for name, a in named
+            for pair in ([(f"{name} {i}", item) for i, item in enumerate(a)] if isinstance(a, list) else [(name, a)])]
 
 
 def _array_fingerprint(a: numpy.ndarray) -> dict:

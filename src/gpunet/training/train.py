@@ -21,51 +21,52 @@ from gpunet.layers import Layer
 # re-exported: the loop raises them, callers catch them from here
 from gpunet.errors import DeviceOutOfMemory  # noqa: F401  (gn.train.DeviceOutOfMemory, as fit raises it)
 from gpunet.training.loop import TrainingDiverged, TrainingInterrupted, _evaluate, _Run  # noqa: F401
-from gpunet.losses import LOSSES, metric
+from gpunet.losses import metric, resolve
 from gpunet.optim import Optimizer
 from gpunet.training.setup import RunSetup
 
 
 class ArrayData:
-    """In-memory (x, y) training data with optional random image shifts."""
+    """In-memory (x, y) training data with optional random image shifts. x is a list of arrays for a model
+    with several inputs, y a list for several outputs (gpunet.layers.inputs)."""
 
     def __init__(self, x, y, shift: int = 0):
-        if len(x) != len(y):
-            raise ValueError(f"training data: {len(x)} inputs but {len(y)} labels")
-        validate.finite_array(x, "training data")
-        validate.finite_array(y, "training data", "targets")
+        if arrays.samples(x) != arrays.samples(y):
+            raise ValueError(f"training data: {arrays.samples(x)} inputs but {arrays.samples(y)} labels")
+        if shift and isinstance(x, list):
+            raise ValueError("training data: random shifts are for one image input, not a list of inputs")
+        arrays.each(lambda a: validate.finite_array(a, "training data"), x)
+        arrays.each(lambda a: validate.finite_array(a, "training data", "targets"), y)
         self.x, self.y, self.shift = x, y, shift
 
     def __len__(self) -> int:
-        return len(self.x)
+        return arrays.samples(self.x)
 
     def get(self, indices, rng):
-        x = self.x[indices]
+        x = arrays.take(self.x, indices)
         if self.shift:
             x = random_shift(x, self.shift, rng)
-        return x, self.y[indices]
+        return x, arrays.take(self.y, indices)
 
 
-def evaluate(model, x, y, loss="softmax_cross_entropy", batch_size: int | None = None) -> dict:
+def evaluate(model, x, y, loss="softmax_cross_entropy", batch_size: int | None = None, loss_weights=None) -> dict:
     """Mean loss (and accuracy for classification) over raw inputs x and targets y.
 
     batch_size defaults to 1000 samples, or fewer for sequences (32,768 targets a batch). x and y may be
-    nested Python lists (converted as gpunet.layers.inputs says).
+    nested Python lists (converted as gpunet.layers.inputs says). A gn.Model with several inputs takes x as a
+    list; one with several outputs takes y as a list, loss as a list (one per output) and loss_weights, and
+    reports the weighted total "loss" with "loss_i" and "accuracy_i" per output.
     """
     _check_model(model, "evaluate")
-    if loss not in LOSSES:
-        raise ValueError(f"evaluate: unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    resolve(loss, loss_weights, "evaluate")
+    arrays.check_losses(model, loss, "evaluate")
     x, y = arrays.inputs(model, x, "evaluate"), arrays.targets(model, y, "evaluate", loss)
-    if len(x) != len(y):
-        raise ValueError(f"evaluate: {len(x)} inputs but {len(y)} targets")
-    validate.not_empty(len(x), "evaluate")
+    if arrays.samples(x) != arrays.samples(y):
+        raise ValueError(f"evaluate: {arrays.samples(x)} inputs but {arrays.samples(y)} targets")
+    validate.not_empty(arrays.samples(x), "evaluate")
     validate.positive_int("evaluate: batch_size", batch_size, allow_none=True)
-    if isinstance(x, numpy.ndarray):
-        validate.finite_array(x, "evaluate")
-        validate.images(x, model.preprocess, "evaluate: images")
-    if isinstance(y, numpy.ndarray):
-        validate.finite_array(y, "evaluate", "targets")
-    return _evaluate(model, x, y, loss, batch_size)
+    _check_arrays(model, x, y, loss, "evaluate")
+    return _evaluate(model, x, y, loss, batch_size, loss_weights)
 
 
 def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss: str = "softmax_cross_entropy", epochs: int | None = None,
@@ -73,10 +74,14 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
         clip_norm: float | None = None, early_stopping: int | None = None, out_dir=None, resume: bool = False,
         seed: int = 0, progress: bool | None = None, restore_best: bool = True, run_config: dict | None = None,
         log=print, overwrite: bool = False, callbacks: list | None = None, cuda_graph: bool | None = None,
-        allow_data_change: bool = False, setup: RunSetup | None = None, accumulate: int = 1) -> History:
+        allow_data_change: bool = False, setup: RunSetup | None = None, accumulate: int = 1,
+        loss_weights: list | None = None) -> History:
     """Train model in place and return its History.
 
-    train: (x, y) raw arrays (the model's preprocess is applied per batch) or an object with
+    train: (x, y) raw arrays (the model's preprocess is applied per batch; for a gn.Model with several inputs x is
+    a list of arrays, one per input, and model.preprocess a list of specs or None; with several outputs y is a
+    list, loss a list of names, one per output, and loss_weights their weights: the step minimises
+    sum_i w_i loss_i, and evaluations record val_loss_i and val_accuracy_i per output) or an object with
     __len__ and get(indices, rng). val: (x, y) raw arrays, or an object with evaluate(model, loss)
     returning {"loss": ..., ["accuracy": ...]}. Arrays may be nested Python lists (gpunet.layers.inputs).
     optimizer: made with this model (gn.optim.Adam(model)); one made with another model or a part of
@@ -114,6 +119,8 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
     """
     _check_model(model, "fit")
     _check_arguments(loss, epochs, steps, batch_size, eval_every, early_stopping, seed, clip_norm)
+    resolve(loss, loss_weights, "fit")
+    arrays.check_losses(model, loss, "fit")
     validate.positive_int("fit: accumulate", accumulate)
     _check_optimizer(model, optimizer)
     if setup is None:
@@ -126,7 +133,7 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
     if not setup.writes:  # only rank 0 writes the run folder and logs; the others read it to resume
         log = _quiet
     run = _Run(model, data, val, optimizer, schedule, setup, loss=loss, batch_size=batch_size, epochs=epochs,
-               steps=steps, eval_every=eval_every, clip_norm=clip_norm, accumulate=accumulate)
+               steps=steps, eval_every=eval_every, clip_norm=clip_norm, accumulate=accumulate, loss_weights=loss_weights)
     if accumulate > 1:  # (a dropped step puts the buffers back: only one process drops a step mid-way)
         run.accumulator = accumulating.Accumulator(model, optimizer, keep_buffers=setup.world.world_size == 1)
     run.callbacks = training_callbacks.ordered(run, hooks, progress, early_stopping)
@@ -137,7 +144,7 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
         run.config = resuming.run_config(model, optimizer, schedule, loss=loss, seed=setup.seed, batch_size=batch_size,
                                          clip_norm=clip_norm, eval_every=eval_every,  # as given: None, epoch ends
                                          accumulate=accumulate,
-                                         early_stopping=early_stopping, extra=run_config,
+                                         early_stopping=early_stopping, extra=_with_weights(run_config, loss_weights),
                                          data=resuming.data_fingerprint(data, val) if out is not None else None)
         if setup.resume:
             run.history, run.state = resuming.restore(out, model, optimizer, schedule, config=run.config, log=log,
@@ -174,6 +181,11 @@ def _quiet(*args, **kwargs) -> None:
     pass
 
 
+def _with_weights(run_config: dict | None, loss_weights) -> dict:
+    """The caller's run config, with loss_weights when given (a resume compares them too)."""
+    return {**(run_config or {}), **({"loss_weights": loss_weights} if loss_weights is not None else {})}
+
+
 def _check_arguments(loss, epochs, steps, batch_size, eval_every, early_stopping, seed, clip_norm) -> None:
     """Refuse bad settings before any work, naming the argument."""
     if (epochs is None) == (steps is None):
@@ -186,8 +198,6 @@ def _check_arguments(loss, epochs, steps, batch_size, eval_every, early_stopping
     validate.seed("fit: seed", seed)
     if clip_norm is not None:
         validate.finite("fit: clip_norm", clip_norm, low=0)
-    if loss not in LOSSES:
-        raise ValueError(f"fit: unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
 
 
 def _check_model(model, where: str) -> None:
@@ -261,17 +271,32 @@ def _check_data(model, data, val, loss) -> None:
     before any work."""
     validate.not_empty(len(data), "training data")
     if isinstance(data, ArrayData):
-        validate.images(data.x, model.preprocess, "training data")
-        _class_ids(data.y, loss, "training data")
+        _check_arrays(model, data.x, data.y, loss, "training data", finite=False)  # (ArrayData checked them)
     if isinstance(val, tuple):
         x, y = val
-        if len(x) != len(y):
-            raise ValueError(f"validation data: {len(x)} inputs but {len(y)} targets")
-        validate.not_empty(len(x), "validation data")
-        validate.finite_array(x, "validation data")
-        validate.finite_array(y, "validation data", "targets")
-        validate.images(x, model.preprocess, "validation data")
-        _class_ids(y, loss, "validation data")
+        if arrays.samples(x) != arrays.samples(y):
+            raise ValueError(f"validation data: {arrays.samples(x)} inputs but {arrays.samples(y)} targets")
+        validate.not_empty(arrays.samples(x), "validation data")
+        _check_arrays(model, x, y, loss, "validation data")
+
+
+def _check_arrays(model, x, y, loss, where: str, finite: bool = True) -> None:
+    """Each input array finite and within its preprocessing's pixel range, each target array finite and of
+    class ids where its loss implies accuracy (several inputs, outputs: each with its own spec and loss)."""
+    inputs, specs = (x, model.preprocess) if isinstance(x, list) else ([x], [model.preprocess])
+    for i, (a, spec) in enumerate(zip(inputs, specs if isinstance(specs, list) else [None] * len(inputs))):
+        if isinstance(a, numpy.ndarray):
+            named = where if len(inputs) == 1 else f"{where}: input {i}"
+            if finite:
+                validate.finite_array(a, named)
+            validate.images(a, spec, named if len(inputs) > 1 else ("evaluate: images" if where == "evaluate" else where))
+    targets, names = (y, loss) if isinstance(loss, (list, tuple)) else ([y], [loss])
+    for i, (t, name) in enumerate(zip(targets, names)):
+        if isinstance(t, numpy.ndarray):
+            named = where if len(targets) == 1 else f"{where}: targets {i}"
+            if finite:
+                validate.finite_array(t, named, "targets")
+            _class_ids(t, name, named)
 
 
 def _class_ids(y, loss: str, where: str) -> None:
