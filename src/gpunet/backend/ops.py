@@ -12,6 +12,7 @@ import math
 
 import numpy
 
+from gpunet.backend import precision
 from gpunet.backend import activations, sequence_ops
 from gpunet.backend.conv_ops import ConvOps, pooled_size  # noqa: F401  (pooled_size: imported from here too)
 
@@ -246,6 +247,15 @@ class Ops(ConvOps):
         return dy * mask if mask is not None else self.dropout(dy, p, stream)[0]
 
     # ---------------------------------------------------------------- 16-bit storage
+    def gemm_operands(self, *arrays):
+        """The operands of a matrix product in the running precision (gpunet.backend.precision): as they are in
+        fp32; rounded to bf16 or fp16 and back in mixed precision (float32 arrays holding 16-bit values, which a
+        float32 product multiplies exactly and sums in float32, as a tensor core does). None stays None."""
+        kind = precision.current()
+        if kind == "fp32":
+            return arrays
+        return tuple(None if a is None or a.dtype != numpy.float32 else self.round_16bit(a, kind) for a in arrays)
+
     def to_16bit(self, x, kind):
         """float32 x rounded to nearest even into a new array of kind's 16-bit dtype (sixteen_bit_dtype)."""
         if x.dtype != numpy.float32:
