@@ -21,6 +21,7 @@ from gpunet.data import (TEXT_DATASETS, CharWindows, consecutive_windows, image_
 from gpunet.data import user as user_data
 from gpunet.generate import MAX_LENGTH, stream
 from gpunet.training.history import strict_json
+from gpunet.backend.precision import PRECISIONS
 from gpunet.recipes import RECIPES, recipe
 from gpunet.training.setup import RunSetup
 from gpunet.search import command as search_command
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--accumulate", type=validate.cli_positive_int, default=1, metavar="N",
                    help="one optimizer step per N batches of --batch-size, their gradients summed: the step of a "
                         "batch N times as large, in the memory of one (steps, epochs and schedules count steps)")
+    t.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="fp32 (default; on --resume the run's own), or mixed precision bf16 | fp16: products of "
+                        "16-bit operands summed in float32, float32 master weights (docs/precision.md)")
     t.add_argument("--lr", type=validate.cli_positive, default=None)
     t.add_argument("--optimizer", choices=sorted(gn.optim.OPTIMIZERS), default=None)
     t.add_argument("--seed", type=validate.cli_seed, default=0)
@@ -98,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--labels", required=True)
     e.add_argument("--device", **DEVICE_OPTION)
     e.add_argument("--batch-size", type=validate.cli_positive_int, default=1000)
+    e.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32 (default, whatever the model trained "
+                   "in), or bf16 | fp16 products (docs/precision.md)")
 
     g = sub.add_parser("generate", help="sample text from a trained character-level model")
     g.add_argument("checkpoint")
@@ -228,6 +234,7 @@ def _train(args, r, dataset, setup) -> int:
             history = gn.fit(model, train, val, optimizer=optimizer, epochs=epochs, steps=steps, batch_size=batch,
                              eval_every=None if epochs else max(1, steps // evals), schedule=schedule, clip_norm=clip,
                              early_stopping=args.early_stopping, setup=setup, accumulate=args.accumulate,
+                             precision=args.precision,
                              progress=False if args.no_progress else None, cuda_graph=args.cuda_graph,
                              run_config={"model": args.model, "dataset": dataset, "val_fraction": args.val_fraction,
                                          **({"holdout": args.holdout} if args.holdout else {})})
@@ -295,7 +302,7 @@ def cmd_eval(args) -> int:
     user_data.image_dims(images, args.images)
     validate.images(images, model.preprocess, args.images)
     validate.class_labels(labels, _num_classes(model, images[:1], dev), args.labels)
-    result = gn.evaluate(model, images, labels.astype("int64"), batch_size=args.batch_size)
+    result = gn.evaluate(model, images, labels.astype("int64"), batch_size=args.batch_size, precision=args.precision)
     print(f"device: {dev.name}; model: {args.checkpoint}")
     print(strict_json({"accuracy": round(result["accuracy"], 6), "loss": round(result["loss"], 6),
                        "samples": result["samples"]}))

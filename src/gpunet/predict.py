@@ -7,6 +7,7 @@ import numpy
 
 import gpunet as gn
 from gpunet import validate
+from gpunet.backend.precision import PRECISIONS
 from gpunet.layers.inputs import image_dims
 from gpunet.data.user import read_array
 
@@ -20,6 +21,8 @@ def add_parser(sub, device_option: dict) -> None:
                    help="print the K most probable classes of each image (default 1)")
     p.add_argument("--device", **device_option)
     p.add_argument("--batch-size", type=validate.cli_positive_int, default=1000)
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32 (default, whatever the model trained "
+                   "in), or bf16 | fp16 products (docs/precision.md)")
 
 
 def run(args) -> int:
@@ -34,7 +37,7 @@ def run(args) -> int:
     image_dims(images, args.images)
     validate.images(images, spec, args.images)
     model.to(gn.device(args.device))
-    classes, probabilities = model.predict(images, args.batch_size)
+    classes, probabilities = model.predict(images, args.batch_size, precision=args.precision)
     if probabilities.ndim != 2:
         raise ValueError(f"{args.checkpoint}: the model gives outputs of shape {probabilities.shape[1:]} per image, "
                          "not one score per class")

@@ -272,12 +272,12 @@ class Layer(metaclass=LayerType):
             found.extend(child._subtree())
         return found
 
-    def predict(self, inputs, batch_size: int = 1000):
+    def predict(self, inputs, batch_size: int = 1000, precision: str = "fp32"):
         """(classes, probabilities) for raw inputs (uint8 images as stored, or character ids): the model's
-        stored preprocessing (model.preprocess), then forward in eval mode and a softmax over the last axis;
-        NumPy arrays. See gpunet.layers.prediction."""
+        stored preprocessing (model.preprocess), then forward in eval mode (in `precision`) and a softmax over
+        the last axis; NumPy arrays. See gpunet.layers.prediction."""
         from gpunet.layers.prediction import predict  # (prediction imports the backend, as base does)
-        return predict(self, inputs, batch_size)
+        return predict(self, inputs, batch_size, precision)
 
     def describe(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())

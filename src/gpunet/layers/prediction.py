@@ -6,6 +6,7 @@ from typing import NamedTuple
 import numpy
 
 from gpunet import validate
+from gpunet.backend import precision as precisions
 from gpunet.backend import ops_for, ops_for_device, to_device, to_numpy
 from gpunet.layers import inputs as arrays
 from gpunet.errors import out_of_memory
@@ -17,12 +18,13 @@ class Prediction(NamedTuple):
     probabilities: numpy.ndarray  # float32 softmax of the outputs: (N, classes) or (N, T, classes)
 
 
-def predict(model, inputs, batch_size: int = 1000):
+def predict(model, inputs, batch_size: int = 1000, precision: str = "fp32"):
     """Run model in eval mode over raw inputs (images as stored, e.g. uint8 0..255, or character ids)
     batch by batch, after model.preprocess; its outputs are taken as logits over the last axis. inputs
     may be nested Python lists (converted as gpunet.layers.inputs says); NaN or Inf is refused. A gn.Model
     with several inputs takes a list of them; one with several outputs gives a list of Predictions."""
     validate.positive_int("predict: batch_size", batch_size)
+    precisions.check(precision, "predict")
     spec = getattr(model, "preprocess", None)
     x = arrays.inputs(model, inputs, "predict")
     for i, (one, one_spec) in enumerate(zip(x if isinstance(x, list) else [x],
@@ -33,7 +35,8 @@ def predict(model, inputs, batch_size: int = 1000):
     try:
         with out_of_memory(model.device, "predicting", min(batch_size, arrays.samples(x)),
                            "--batch-size, or batch_size= of model.predict"):
-            return _batches(model, spec, x, batch_size)
+            with precisions.using(precision):
+                return _batches(model, spec, x, batch_size)
     finally:
         model.train(was_training)
 

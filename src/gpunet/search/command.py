@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gpunet as gn
+from gpunet.backend.precision import PRECISIONS
 from gpunet import errors, validate
 from gpunet.data import DATASETS, TEXT_DATASETS
 from gpunet.recipes import RECIPES, recipe
@@ -29,6 +30,8 @@ def add_parser(sub, device_option: dict) -> None:
     s.add_argument("--download", action="store_true")
     s.add_argument("--device", **device_option)
     s.add_argument("--seed", type=validate.cli_seed, default=0)
+    s.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="every trial's training precision: fp32 (default), or bf16 | fp16 (docs/precision.md)")
     s.add_argument("--val-fraction", type=validate.cli_fraction, default=0.1,
                    help="as gpunet train's; the search selects on the same fraction of what is left for training")
     s.add_argument("--holdout", type=validate.cli_non_negative_int, default=0, metavar="N",
@@ -53,7 +56,7 @@ def run(args) -> int:
     rows = study.search(r, args.model, args.trials, args.out, epochs=args.epochs, steps=args.steps, space=space,
                         device=dev, seed=args.seed, sampler=args.sampler, pruner=args.pruner, dataset=dataset,
                         data_dir=args.data_dir, download=args.download, val_fraction=args.val_fraction,
-                        holdout=args.holdout)
+                        holdout=args.holdout, precision=args.precision)
     from gpunet.search.report import best
 
     top = best(rows)

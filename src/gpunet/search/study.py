@@ -41,7 +41,8 @@ def trial_seed(seed: int, number: int) -> int:
 
 def search(recipe, model: str, trials: int, out, *, epochs=None, steps=None, space=None, device=None,
            seed: int = 0, sampler: str = "random", pruner: str = "median", dataset=None, data_dir=None,
-           download: bool = False, val_fraction: float = 0.1, holdout: int = 0, log=print) -> list[dict]:
+           download: bool = False, val_fraction: float = 0.1, holdout: int = 0, precision: str = "fp32",
+           log=print) -> list[dict]:
     """Run (or resume) the search; returns the rows of trials.csv. space: a checked space (see
     gpunet.search.space), None for the model's default; device: a gn.device; log: one line per trial."""
     optuna = optuna_module()
@@ -58,7 +59,8 @@ def search(recipe, model: str, trials: int, out, *, epochs=None, steps=None, spa
     made = not out.exists()  # removed again if the search fails while it is still empty
     settings = {"model": model, "dataset": dataset, "epochs": epochs, "steps": steps, "seed": seed,
                 "sampler": sampler, "pruner": pruner, "val_fraction": val_fraction, "holdout": holdout,
-                "space": space}
+                "space": space,
+                **({"precision": precision} if precision != "fp32" else {})}  # (searches saved before: fp32)
     try:
         # Locked before anything else is looked at or written: a second search started while the first
         # has not yet made its study.db is refused as "in use", not as a folder of strangers' files.
@@ -103,7 +105,8 @@ def _run(optuna, recipe, model, trials, out, data, space, settings, device, log)
         folder = out / "trials" / f"trial-{number:03d}"
         try:
             outcome = trial_run.run(recipe, data, params, trial, epochs=epochs, steps=steps, device=device,
-                                 seed=seed, out=folder, log=lambda line, n=number: log(f"  trial {n}: {line}"))
+                                    seed=seed, out=folder, log=lambda line, n=number: log(f"  trial {n}: {line}"),
+                                    precision=settings.get("precision", "fp32"))
         except KeyboardInterrupt as stopped:  # Ctrl-C, SIGTERM or SIGHUP: the same signal ends the command
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             raise resume.interruption(stopped, f" in trial {number}; run the same command again to resume the "

@@ -71,7 +71,8 @@ class Outcome:
     seconds: float
 
 
-def run(recipe, data: SearchData, params: dict, trial, *, epochs, steps, device, seed: int, out, log) -> Outcome:
+def run(recipe, data: SearchData, params: dict, trial, *, epochs, steps, device, seed: int, out, log,
+        precision: str = "fp32") -> Outcome:
     """Train one trial into the run folder out (an interrupted earlier attempt there is moved aside)."""
     started = time.perf_counter()
     gn.manual_seed(seed)
@@ -93,7 +94,7 @@ def run(recipe, data: SearchData, params: dict, trial, *, epochs, steps, device,
                              batch_size=batch, eval_every=max(1, steps // EVALUATIONS) if steps else None,
                              schedule=schedule, clip_norm=recipe.clip_norm, out_dir=out, seed=seed, progress=False,
                              overwrite=bool(holds_run(out)),  # an interrupted attempt: moved aside, not lost
-                             log=log, callbacks=[pruning], run_config={"search_params": params})
+                             log=log, callbacks=[pruning], run_config={"search_params": params}, precision=precision)
     except gn.train.TrainingDiverged as exc:
         log(f"  diverged: {exc}")
         return Outcome("diverged", None, None, None, 0, round(time.perf_counter() - started, 1))

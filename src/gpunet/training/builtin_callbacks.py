@@ -84,7 +84,8 @@ class Checkpoint(Callback):
             s.best_loss, s.best_step = record[run.monitor], s.step
         if run.out is not None:
             if improved:
-                checkpoint.save(run.model, run.out / "model.safetensors")
+                checkpoint.save(run.model, run.out / "model.safetensors",
+                                extra_metadata={"training_precision": run.precision})  # (its weights: float32)
                 run.written.append(run.out / "model.safetensors")
             run.save_last()
 

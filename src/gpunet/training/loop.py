@@ -67,6 +67,7 @@ class _Run:
     accumulator: object = None  # the gradient sums of a step (gpunet.training.accumulate), with accumulate > 1
     interrupted: object = None  # the StopRequest of stop_on_interrupt while training
     loss_weights: list | None = None  # with a list of losses: their weights (gpunet.losses.Combined)
+    precision: str = "fp32"  # the steps' and evaluations' (gpunet.backend.precision), decided when the run starts
 
     def __post_init__(self) -> None:
         self.loss_fn = resolve(self.loss, self.loss_weights)

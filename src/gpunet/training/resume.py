@@ -66,12 +66,12 @@ class LoopState:
 
 
 def run_config(model, optimizer, schedule, *, loss, seed, batch_size, clip_norm, eval_every, early_stopping,
-               extra=None, data=None, accumulate: int = 1) -> dict:
+               extra=None, data=None, accumulate: int = 1, precision: str = "fp32") -> dict:
     """The hyper-parameters of a run, JSON-able, as compared on resume; data: the data's fingerprint
     (data_fingerprint), saved and compared with them."""
     config = {"architecture": model.to_config(), "loss": loss, "seed": seed, "optimizer": type(optimizer).__name__,
               "lr": schedule.base_lr if schedule is not None else optimizer.lr, "batch_size": batch_size,
-              "accumulate": accumulate,
+              "accumulate": accumulate, "precision": precision,
               "clip_norm": clip_norm or None, "eval_every": eval_every, "early_stopping": early_stopping,
               "schedule": _describe_schedule(schedule)}
     config.update({f"optimizer.{k}": v for k, v in optimizer.hyper.items()})
@@ -192,6 +192,17 @@ def save_last(out, model, optimizer, schedule, *, state: LoopState, history: His
     checkpoint.save(model, out / "last.safetensors", extra_tensors=arrays, extra_metadata={"training": training})
 
 
+def saved_precision(out) -> str:
+    """The precision the run in out trained in (fp32 for a run saved before precisions, or with none saved)."""
+    path = out / "last.safetensors" if out is not None else None
+    if path is None or not path.exists():
+        return "fp32"  # (restore says what is missing)
+    training = checkpoint.read_checkpoint(path)[2].get("training")
+    config = training.get("config") if isinstance(training, dict) else None
+    value = config.get("precision", "fp32") if isinstance(config, dict) else "fp32"
+    return value if value in ("fp32", "bf16", "fp16") else "fp32"
+
+
 def restore(out, model, optimizer, schedule, *, config: dict, log=print, samples: int | None = None,
             allow_data_change: bool = False) -> tuple[History, LoopState]:
     """Load out/last.safetensors into model, optimizer, schedule and the random state; returns
@@ -250,6 +261,8 @@ def _saved_as_now(saved: dict, config: dict, samples: int | None) -> dict:
     resume does not report a change nobody made. A run saved before accumulation took one batch a step."""
     if "accumulate" not in saved:  # saved before gradient accumulation: one batch a step
         saved = {**saved, "accumulate": 1}
+    if "precision" not in saved:  # saved before mixed precision: float32
+        saved = {**saved, "precision": "fp32"}
     every, batch = saved.get("eval_every"), saved.get("batch_size")
     if (samples and config.get("eval_every") is None and isinstance(every, int) and isinstance(batch, int)
             and batch > 0 and every == math.ceil(samples / batch)):  # (an older gpunet: a batch was a step)

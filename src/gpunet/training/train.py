@@ -11,6 +11,7 @@ from typing import Any
 import numpy
 
 from gpunet import validate
+from gpunet.backend import precision as precisions
 from gpunet.training import accumulate as accumulating, cuda_graph, resume as resuming, \
     builtin_callbacks as training_callbacks
 from gpunet.training.callbacks import check as check_callbacks
@@ -49,13 +50,15 @@ class ArrayData:
         return x, arrays.take(self.y, indices)
 
 
-def evaluate(model, x, y, loss="softmax_cross_entropy", batch_size: int | None = None, loss_weights=None) -> dict:
+def evaluate(model, x, y, loss="softmax_cross_entropy", batch_size: int | None = None, loss_weights=None,
+             precision: str = "fp32") -> dict:
     """Mean loss (and accuracy for classification) over raw inputs x and targets y.
 
     batch_size defaults to 1000 samples, or fewer for sequences (32,768 targets a batch). x and y may be
     nested Python lists (converted as gpunet.layers.inputs says). A gn.Model with several inputs takes x as a
     list; one with several outputs takes y as a list, loss as a list (one per output) and loss_weights, and
-    reports the weighted total "loss" with "loss_i" and "accuracy_i" per output.
+    reports the weighted total "loss" with "loss_i" and "accuracy_i" per output. precision: "fp32" (the default,
+    whatever the model trained in), "bf16" or "fp16" (gpunet.backend.precision).
     """
     _check_model(model, "evaluate")
     resolve(loss, loss_weights, "evaluate")
@@ -66,7 +69,8 @@ def evaluate(model, x, y, loss="softmax_cross_entropy", batch_size: int | None =
     validate.not_empty(arrays.samples(x), "evaluate")
     validate.positive_int("evaluate: batch_size", batch_size, allow_none=True)
     _check_arrays(model, x, y, loss, "evaluate")
-    return _evaluate(model, x, y, loss, batch_size, loss_weights)
+    with precisions.using(precisions.check(precision, "evaluate")):
+        return _evaluate(model, x, y, loss, batch_size, loss_weights)
 
 
 def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss: str = "softmax_cross_entropy", epochs: int | None = None,
@@ -75,7 +79,7 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
         seed: int = 0, progress: bool | None = None, restore_best: bool = True, run_config: dict | None = None,
         log=print, overwrite: bool = False, callbacks: list | None = None, cuda_graph: bool | None = None,
         allow_data_change: bool = False, setup: RunSetup | None = None, accumulate: int = 1,
-        loss_weights: list | None = None) -> History:
+        loss_weights: list | None = None, precision: str | None = None) -> History:
     """Train model in place and return its History.
 
     train: (x, y) raw arrays (the model's preprocess is applied per batch; for a gn.Model with several inputs x is
@@ -115,6 +119,8 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
     optimizer steps.
     setup: a gpunet.training.setup.RunSetup (as `gpunet train` makes) deciding the device, the world, the locked run
     folder, resume, overwrite, seed and allow_data_change instead of those arguments; without it fit makes its own.
+    precision: "fp32", or mixed precision "bf16" | "fp16" (gpunet.backend.precision: products of 16-bit operands in
+    float32, master weights float32) for the steps and fit's own evaluations; None: fp32, or on resume the run's own.
     The History returned has .best_step (of the saved model, or None) and .written (the files).
     """
     _check_model(model, "fit")
@@ -122,6 +128,8 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
     resolve(loss, loss_weights, "fit")
     arrays.check_losses(model, loss, "fit")
     validate.positive_int("fit: accumulate", accumulate)
+    if precision is not None:
+        precisions.check(precision, "fit")
     _check_optimizer(model, optimizer)
     if setup is None:
         setup = RunSetup.for_fit(model.device, out_dir, resume=resume, overwrite=overwrite, seed=seed,
@@ -141,9 +149,11 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
         run.graph = _graphed_step(run, log)
     out = setup.out
     with setup.session(log), resuming.stop_on_interrupt(out is not None) as interrupted:
+        # None: fp32 for a new run, a resumed run's own (another one, given, is applied and said on resume)
+        run.precision = precision or (resuming.saved_precision(out) if setup.resume else "fp32")
         run.config = resuming.run_config(model, optimizer, schedule, loss=loss, seed=setup.seed, batch_size=batch_size,
                                          clip_norm=clip_norm, eval_every=eval_every,  # as given: None, epoch ends
-                                         accumulate=accumulate,
+                                         accumulate=accumulate, precision=run.precision,
                                          early_stopping=early_stopping, extra=_with_weights(run_config, loss_weights),
                                          data=resuming.data_fingerprint(data, val) if out is not None else None)
         if setup.resume:
@@ -153,7 +163,8 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
             if run.done():
                 log(f"resume: the run is already at step {run.state.step}, which reaches the {run.length()} asked "
                     "for; nothing to train (ask for more steps or epochs)")
-        run.train(interrupted)
+        with precisions.using(run.precision):
+            run.train(interrupted)
         history = run.finish(restore_best)
         setup.world.barrier()  # no rank returns (and reads the folder) before rank 0 has written it
         if not setup.writes:  # rank 0 saved the best model: every rank ends with it, as rank 0 does
