@@ -16,21 +16,7 @@ from gpunet.parity_bound import reduction_path
 from tests.support.tolerance import assert_within, layer_atol, path_atol
 from tests.test_export import CASES as LAYER_CASES
 from tests.test_export import floats, randomised
-
-
-def siamese(nested=False):
-    """Two inputs through one shared encoder (a Sequential, or a gn.Model), joined by Concatenate,
-    Multiply and Add; two outputs."""
-    if nested:
-        e = gn.Input((6,))
-        encoder = gn.Model(e, L.Dense(8, 4)(L.ReLU()(L.Dense(6, 8)(e))), name="enc")
-    else:
-        encoder = gn.Sequential(L.Dense(6, 8), L.ReLU(), L.Dense(8, 4), name="enc")
-    a, b = gn.Input((6,)), gn.Input((6,))
-    ea, eb = encoder(a), encoder(b)
-    joined = L.Concatenate(axis=1)([ea, eb, L.Multiply()([ea, eb])])
-    return gn.Model([a, b], [L.Dense(12, 2, name="out")(joined),
-                             L.Sigmoid()(L.Dense(4, 1, name="sim")(L.Add()([ea, eb])))])
+from tests.layers.test_graph import siamese  # noqa: F401  (one definition of the shared-encoder model)
 
 
 def small_resnet():
