@@ -5,18 +5,26 @@ from gpunet.backend import ops_for_device
 
 
 def summary(model, input_shape, input_dtype="float32") -> str:
-    """Table of layers with output shapes for one sample of input_shape (run in eval mode)."""
-    layers = getattr(model, "layers", [model])
-    was_training = model.training
-    model.eval()
-    x = model_input(model, input_shape, input_dtype)
+    """Table of layers with output shapes for one sample of input_shape (run in eval mode); a graph model
+    (gn.Model) lists its nodes with the shapes found when it was built, a shared layer's parameters once."""
     rows = [("layer", "output shape", "params")]
-    try:
-        for i, layer in enumerate(layers):
-            x = layer.forward(x)
-            rows.append((f"{i}: {layer.describe()}", str(tuple(x.shape[1:])), f"{layer.num_params():,}"))
-    finally:
-        model.train(was_training)
+    if hasattr(model, "nodes"):
+        seen = set()
+        for name, layer, shapes in model.nodes():
+            rows.append((f"{name}: {layer.describe()}", ", ".join(str(s) for s in shapes),
+                         f"{0 if name in seen else layer.num_params():,}"))
+            seen.add(name)
+    else:
+        layers = getattr(model, "layers", [model])
+        was_training = model.training
+        model.eval()
+        x = model_input(model, input_shape, input_dtype)
+        try:
+            for i, layer in enumerate(layers):
+                x = layer.forward(x)
+                rows.append((f"{i}: {layer.describe()}", str(tuple(x.shape[1:])), f"{layer.num_params():,}"))
+        finally:
+            model.train(was_training)
     rows.append(("total", "", f"{model.num_params():,}"))
     widths = [max(len(r[c]) for r in rows) for c in range(3)]
     lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}" for r in rows]

@@ -238,3 +238,11 @@ def test_a_one_input_layer_refuses_a_list_of_symbolic_values():
     v = gn.Input((3,))
     with pytest.raises(TypeError, match=r"^ReLU\(\) takes one input, got a list of 1 symbolic values"):
         L.ReLU()([v])
+
+
+def test_the_summary_lists_a_graphs_nodes_and_counts_a_shared_layer_once():
+    from gpunet.summary import summary
+    table = summary(residual(), (6,)).splitlines()
+    assert [line.split(":")[0] for line in table[2:-1]] == ["fc1", "relu", "dense", "add", "mid", "tanh", "head", "head"]
+    assert table[-1].split() == ["total", f"{residual().num_params():,}"]
+    assert table[-2].split()[-1] == "0" and table[-3].split()[-1] == "18"  # head: 5 * 3 + 3 once

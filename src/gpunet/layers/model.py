@@ -97,6 +97,10 @@ class Model(Composite):
         """Each node's layer and its (first) input's shape with the batch axis, in the order they run."""
         return [(self._children[step.name], (batch, *self._shapes[step.ins[0]])) for step in self._steps]
 
+    def nodes(self) -> list[tuple[str, Layer, list[tuple]]]:
+        """Each node in the order it runs: its layer's name, the layer, its outputs' shapes (without the batch axis)."""
+        return [(step.name, self._children[step.name], [self._shapes[s] for s in step.outs]) for step in self._steps]
+
     def output_shapes(self, batch: int) -> list[tuple]:
         return [(batch, *self._shapes[s]) for s in self._outputs]
 
