@@ -1,4 +1,4 @@
-"""A model summary: each layer, its output shape and parameter count."""
+"""A model summary: each layer, its output shape and parameter count; the activation memory a forward keeps."""
 from __future__ import annotations
 
 from gpunet.backend import ops_for_device
@@ -34,3 +34,31 @@ def summary(model, input_shape, input_dtype="float32") -> str:
 
 def model_input(model, input_shape, dtype):
     return ops_for_device(model.device).zeros((1, *input_shape), dtype=dtype)
+
+
+def saved_bytes(model) -> int:
+    """The bytes of the arrays model and every layer under it keep from their last forward for the backward
+    (what save_for_backward saved): the activation memory of a training step, each array's memory counted once
+    (views of one array, or one array saved by two layers, share it)."""
+    seen: dict[int, int] = {}
+
+    def count(value) -> None:
+        if hasattr(value, "nbytes") and hasattr(value, "dtype") and hasattr(value, "shape"):
+            root = value
+            while getattr(root, "base", None) is not None and hasattr(root.base, "nbytes"):
+                root = root.base
+            seen[id(root)] = int(root.nbytes)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                count(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                count(item)
+        elif hasattr(value, "__dict__") and not callable(value):
+            for item in vars(value).values():
+                count(item)
+
+    for layer in model._subtree():
+        if layer._saved is not None:
+            count(vars(layer._saved))
+    return sum(seen.values())
