@@ -160,3 +160,41 @@ def test_an_accumulated_step_costs_its_batches_plus_a_few_launches_each():
     assert accumulated["launches"] == 4 * batch_work + 4 * PER_BATCH - 1 + PER_STEP, (plain, accumulated)
     assert accumulated["launches"] <= 67, accumulated
     print(f"launches per step: plain {plain['launches']}, accumulate=4 {accumulated['launches']}")
+
+
+# fp16's loss scaler (gpunet.training.loss_scale), per step on top of bf16's (the same 16-bit products, no scaler):
+# 1 launch multiplying the loss gradient by the scale, 1 per trained flat group (one here) unscaling and checking the
+# gradients, 1 updating the scale; the optimizer's kernels read the scaler's state instead of arguments (no launch),
+# and the running train loss is summed on the host from the losses the divergence watch reads anyway (1 fewer)
+LOSS_SCALE = 1 + 1 + 1 - 1
+
+
+def test_fp16_loss_scaling_costs_two_launches_a_step_and_no_host_read():
+    """fit(precision="fp16") on the MLP, counted per loop iteration (one optimizer step, eager) against
+    precision="bf16" in the same loop: LOSS_SCALE launches more, and nothing read by the host in either."""
+    from gpunet.training import loop
+
+    x, y = mnist_batch((784,), 32 * 4)
+    ops = ops_for_device("gpu")
+    saved_mode, ops.gemm_mode = ops.gemm_mode, "fused"
+    per_iteration, original = {}, loop._Run._step
+
+    def counted_step(run, idx):
+        with gpu_standin.counting() as c:
+            value = original(run, idx)
+        per_iteration.setdefault(run.precision, []).append(c)
+        return value
+
+    loop._Run._step = counted_step
+    try:
+        for precision in ("bf16", "fp16"):
+            gn.manual_seed(0)
+            model = gn.models.mlp((784, 300, 100, 10)).to("gpu")
+            gn.fit(model, (x, y), optimizer=gn.optim.Adam(model, lr=1e-3), steps=3, batch_size=32, progress=False,
+                   precision=precision, cuda_graph=False)
+    finally:
+        loop._Run._step, ops.gemm_mode = original, saved_mode
+    plain, scaled = per_iteration["bf16"][-1], per_iteration["fp16"][-1]  # (after the optimizer's state is made)
+    assert plain["d2h"] == scaled["d2h"] == 0 and plain["h2d"] == scaled["h2d"]
+    assert scaled["launches"] == plain["launches"] + LOSS_SCALE, (plain, scaled)
+    print(f"launches per step: bf16 {plain['launches']}, fp16 {scaled['launches']}")

@@ -12,6 +12,12 @@ the parameter names, the first that matches a name wins, the rest take the optim
 Each group is a flat group of its own (one more launch per group). A schedule scales every rate by
 the same factor: a group's rate is its lr * optimizer.lr / the optimizer's lr when made. Parameters of
 frozen layers (layer.freeze()) are flat groups of their own that step() skips: no state, no decay.
+
+fp16 loss scaling (gpunet.training.loss_scale): while fit trains in fp16 on a GPU, `loss_scaler` is its scaler,
+and the update kernels read its device state: a step whose gradients were not finite writes nothing there, and
+Adam's step (its bias corrections) is the count of applied steps kept there, so a skipped step advances
+neither; the host's step_count counts the steps attempted until the scaler's next host read corrects it
+(steps_applied). On the CPU the scaler skips the step itself, so step_count is the applied count throughout.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import fnmatch
 import math
 import numbers
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from gpunet import validate
 from gpunet.backend import Array, ops_for, ops_for_device, to_device, to_numpy
@@ -28,6 +34,16 @@ from gpunet.layers.base import Layer
 from gpunet.layers.flat import flat_parameters
 
 __all__ = ["Adam", "AdamW", "CosineLR", "OPTIMIZERS", "Optimizer", "SGD", "StepLR", "clip_grad_norm"]
+
+
+class LossScaled(NamedTuple):
+    """What a loss-scaled step hands the GPU update kernels as their `scalars` (cuda_wrappers.sgd_update /
+    adam_update): the per-step scalars (None: the arguments), the scaler's device state and first_at (the
+    applied count at which fresh momentum buffers were made: the step that applies first initialises them)."""
+
+    scalars: Any
+    loss_scale_state: Any
+    first_at: int
 
 
 class Optimizer:
@@ -54,6 +70,8 @@ class Optimizer:
         self._set_groups(groups)
         self.step_count = 0
         self.device_scalars = None  # set while a CUDA graph captures a step: the kernels read step_scalars() there
+        self.loss_scaler = None  # fit's fp16 loss scaler on a GPU (gpunet.training.loss_scale): kernels read its state
+        self._fresh_at = 0  # the applied step count when the state buffers were last made
         self.state: dict[str, dict] = {}  # name -> slot -> array (views of the flat state buffers)
         self._buffers = None  # (the FlatParameters they are laid out for, [{slot: buffer} per group])
         self._fresh: set[str] = set()  # parameters whose state started from zero at the last rebuild
@@ -96,9 +114,13 @@ class Optimizer:
         return lr, {**self.hyper, **{k: v for k, v in own.items() if k != "lr"}}
 
     def _scalars(self, tag: int):
-        """The device scalars group tag's kernels read while a CUDA graph captures (else None)."""
+        """The device scalars group tag's kernels read while a CUDA graph captures (else None); with a
+        loss scaler, those wrapped with its device state (LossScaled)."""
         scalars = self.device_scalars
-        return scalars[tag] if isinstance(scalars, (list, tuple)) else scalars
+        scalars = scalars[tag] if isinstance(scalars, (list, tuple)) else scalars
+        if self.loss_scaler is not None:
+            return LossScaled(scalars, self.loss_scaler.state, self._fresh_at)
+        return scalars
 
     def slots(self) -> tuple[str, ...]:
         """The names of the state this optimizer keeps per parameter."""
@@ -126,7 +148,15 @@ class Optimizer:
         for group, state in zip(flat.groups, self._state_buffers(flat)):
             if not group.frozen:  # (a frozen layer's parameters: no update, no state, no weight decay)
                 self._update(group, state)
-        self._fresh.clear()
+        if self.loss_scaler is None:  # (with one, the state stays fresh until a step is known to have applied)
+            self._fresh.clear()
+
+    def steps_applied(self, count: int) -> None:
+        """A loss scaler's host read: count steps were applied so far (not skipped). The host's step_count
+        becomes that, and state made fresh before the first of them is no longer fresh."""
+        self.step_count = count
+        if count > self._fresh_at:
+            self._fresh.clear()
 
     def _state_buffers(self, flat) -> list[dict]:
         """The state buffers laid out as flat's groups: kept while the layout and device are the
@@ -134,6 +164,13 @@ class Optimizer:
         it on another device, or of another shape)."""
         if self._buffers is not None and self._buffers[0] is flat:
             return self._buffers[1]
+        # the applied steps before this one (counted already); a loss scaler on a GPU reads them from the device,
+        # and the host's count goes on from there
+        if self.loss_scaler is None:
+            self._fresh_at = self.step_count - 1
+        else:
+            self._fresh_at = self.loss_scaler.applied_steps()
+            self.step_count = self._fresh_at + 1
         buffers = []
         for group in flat.groups:
             xp = ops_for_device(group.device).xp

@@ -251,10 +251,27 @@ ADAM_UPDATE = Kernel("optim", "adam_update",
                      "float*, int")
 
 
+SGD_UPDATE_SCALED = Kernel("optim", "sgd_update_scaled",
+                           "float*, float*, float*, long long, float, float, float, float, int, int, long long, float*, "
+                           "int, float*")
+ADAM_UPDATE_SCALED = Kernel("optim", "adam_update_scaled",
+                            "float*, float*, float*, float*, long long, float, double, double, float, float, int, "
+                            "float*, int, float*")
+
+
 def sgd_update(param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov, first_step,
                scalars=None) -> None:
     """One SGD step in place, torch.optim's semantics; velocity may be None when momentum is 0.
-    scalars: a device array holding lr, read by the kernel instead of lr (for a replayed graph)."""
+    scalars: a device array holding lr, read by the kernel instead of lr (for a replayed graph); or, in
+    a loss-scaled step, a gpunet.optim.LossScaled (its scalars, the scaler's device state, first_at):
+    sgd_update_scaled, which writes nothing when the state says a gradient was not finite."""
+    state = getattr(scalars, "loss_scale_state", None)
+    if state is not None:
+        record = scalars.scalars
+        SGD_UPDATE_SCALED(blocks_for(param.size), param, grad, velocity if velocity is not None else param,
+                          param.size, lr, momentum, dampening, weight_decay, nesterov, first_step, scalars.first_at,
+                          param if record is None else record, record is not None, state)
+        return
     SGD_UPDATE(blocks_for(param.size), param, grad, velocity if velocity is not None else param, param.size, lr,
                momentum, dampening, weight_decay, nesterov, first_step, param if scalars is None else scalars,
                scalars is not None)
@@ -263,25 +280,56 @@ def sgd_update(param, grad, velocity, lr, momentum, dampening, weight_decay, nes
 def adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, decoupled, step,
                 scalars=None) -> None:
     """One Adam (AdamW when decoupled) step in place; step counts from 1. scalars: a device array
-    holding adam_scalars(lr, beta1, beta2, step), read by the kernel instead (for a replayed graph)."""
+    holding adam_scalars(lr, beta1, beta2, step), read by the kernel instead (for a replayed graph); or,
+    in a loss-scaled step, a gpunet.optim.LossScaled: adam_update_scaled, which writes nothing when the
+    scaler's state says a gradient was not finite and takes the step from its applied count (step unused)."""
+    state = getattr(scalars, "loss_scale_state", None)
+    if state is not None:
+        record = scalars.scalars
+        ADAM_UPDATE_SCALED(blocks_for(param.size), param, grad, exp_avg, exp_avg_sq, param.size, lr, beta1, beta2,
+                           eps, weight_decay, decoupled, param if record is None else record, record is not None,
+                           state)
+        return
     _, bias1, bias2_sqrt = adam_scalars(lr, beta1, beta2, step)
     ADAM_UPDATE(blocks_for(param.size), param, grad, exp_avg, exp_avg_sq, param.size, lr, beta1, beta2, eps,
                 weight_decay, decoupled, bias1, bias2_sqrt, param if scalars is None else scalars, scalars is not None)
 
 
+UNSCALE_CHECK = Kernel("optim", "unscale_check", "float*, long long, float*")
+LOSS_SCALE_UPDATE = Kernel("optim", "loss_scale_update", "float*, int, double, double, int", block=32)
+
+
+def unscale_check(grad, state) -> None:
+    """grad (a flat float32 gradient buffer) times 1 / the scale in state (a loss scaler's device state,
+    gpunet.training.loss_scale), in place, and the state's found word set when a result is inf or NaN."""
+    UNSCALE_CHECK(blocks_for(grad.size), grad, grad.size, state)
+
+
+def loss_scale_update(state, growth_interval: int, growth_factor: float, backoff_factor: float, ring: int) -> None:
+    """The scaler's step end in one thread: the scale backed off (and the step counted skipped) or grown,
+    as torch.amp.GradScaler.update, the step's flag into the ring and the found word cleared."""
+    LOSS_SCALE_UPDATE(1, state, growth_interval, growth_factor, backoff_factor, ring)
+
+
 SUM_SQUARES = Kernel("optim", "sum_squares", "float*, long long, double*")
 CLIP_BY_NORM = Kernel("optim", "clip_by_norm", "float*, long long, double*, int, double, double*")
+CLIP_BY_NORM_SCALED = Kernel("optim", "clip_by_norm_scaled", "float*, long long, double*, int, double, double*, float*")
 NORM_PARTIALS = 1024  # at most this many blocks sum squares: each block of clip_by_norm adds them all up
 
 
-def clip_grad_norm(grad, max_norm):
+def clip_grad_norm(grad, max_norm, loss_scale_state=None):
     """grad (a flat float32 gradient buffer) scaled in place to an L2 norm of at most max_norm, in
-    two launches and no host read; returns the norm before clipping, a float64 0-d device array."""
+    two launches and no host read; returns the norm before clipping, a float64 0-d device array.
+    loss_scale_state: a loss scaler's device state (gpunet.training.loss_scale): grad is left as it is
+    when that says a gradient was not finite (clip_by_norm_scaled)."""
     cupy = _cupy()
     blocks = min(blocks_for(grad.size), NORM_PARTIALS)
     partial, norm = cupy.empty(blocks, dtype="float64"), cupy.empty((), dtype="float64")
     SUM_SQUARES(blocks, grad, grad.size, partial)
-    CLIP_BY_NORM(blocks_for(grad.size), grad, grad.size, partial, blocks, max_norm, norm)
+    if loss_scale_state is not None:
+        CLIP_BY_NORM_SCALED(blocks_for(grad.size), grad, grad.size, partial, blocks, max_norm, norm, loss_scale_state)
+    else:
+        CLIP_BY_NORM(blocks_for(grad.size), grad, grad.size, partial, blocks, max_norm, norm)
     return norm
 
 

@@ -10,6 +10,8 @@ gradient buffers (gpunet.layers.flat), so the step's gradient is sum_i (n_i / n)
 gradient of the whole group, and its loss sum_i (n_i / n) loss_i, the group's mean loss. The sum is
 copied into the gradient buffers before the all-reduce of data-parallel training (once per step, not
 per micro-batch), clipping and the update, which see one step's gradient as without accumulation.
+In fp16 every micro-batch's loss gradient is multiplied by the same loss scale: the scale changes only in
+the step's update (gpunet.training.loss_scale).
 
 What the adds cost, per trained flat group G (one per device and dtype, one more per parameter group of
 the optimizer; frozen layers have none): each micro-batch launches 1 kernel more to scale its loss
@@ -135,7 +137,7 @@ def step(run, idx):
             value = loss
         else:
             value = run._update_step(loss, len(mine), total)
-    s.running, s.running_count = s.running + value, s.running_count + 1
+    run.add_running(value)
     s.step, s.batch, s.sample = s.step + 1, s.batch + 1, s.sample + total
     return value
 

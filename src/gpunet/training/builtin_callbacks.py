@@ -10,11 +10,13 @@ files last.
 """
 from __future__ import annotations
 
+import numpy
 from tqdm.auto import tqdm
 
 from gpunet.training import checkpoint
 from gpunet.training.callbacks import Callback, EarlyStopping, Events
 from gpunet.training.divergence import DivergenceWatch
+from gpunet.training.loss_scale import RING
 from gpunet.losses import item
 
 
@@ -33,14 +35,17 @@ class ScheduleStep(Callback):
 class DivergenceCheck(Callback):
     """Keeps each step's loss (on a GPU a device-side record: no wait) and, where the host reads the
     loss anyway (run.host_reads: every step on the CPU, every 25 on a GPU and before each evaluation),
-    raises TrainingDiverged at the first step whose loss was not finite, before an evaluation sees its weights."""
+    raises TrainingDiverged at the first step whose loss was not finite, before an evaluation sees its weights.
+    In fp16 (run.scaler) a step the loss scaler skipped is no divergence, whatever its loss, but a scale that
+    fell below 2**-24 is (every scale overflowed); and the running train loss is summed here, on the host,
+    from the finite losses read (a skipped step's may be inf)."""
 
     def __init__(self, run):
-        self.run, self.watch = run, DivergenceWatch(run.setup.device.xp)
+        self.run, self.watch = run, DivergenceWatch(run.setup.device.xp, on_read=self._read)
 
     def on_step(self, step: int, loss) -> None:
         self.watch.observe(loss, step)
-        if self.run.host_reads:
+        if self.run.host_reads or (self.run.scaler is not None and self.watch.pending >= RING):
             # the host waits for the step here (device-side errors raise too); later callbacks (the
             # progress bar) take this value instead of reading the device again
             self.run.host_loss = item(loss)
@@ -48,6 +53,22 @@ class DivergenceCheck(Callback):
 
     def check(self) -> None:
         self.run.check_finite(self.watch)
+        scaler, s = self.run.scaler, self.run.state
+        if scaler is not None and (why := scaler.underflowed(s.step)) is not None:
+            self.run.history.append({"step": s.step, "epoch": s.epoch + 1, "train_loss": None, "val_loss": None,
+                                     **scaler.record(), "diverged": True})
+            self.run._diverged(why)
+
+    def _read(self, steps, losses):
+        """The watch's read of steps' losses (float64): with a scaler, which were skipped, and the finite
+        ones added to the running train loss in step order."""
+        scaler = self.run.scaler
+        if scaler is None:
+            return None
+        s = self.run.state
+        for value in losses[numpy.isfinite(losses)]:
+            s.running, s.running_count = s.running + float(value), s.running_count + 1
+        return scaler.skipped_at(steps)
 
 
 class Progress(Callback):
@@ -79,7 +100,7 @@ class Checkpoint(Callback):
 
     def on_evaluation(self, record: dict) -> None:
         run, s = self.run, self.run.state
-        improved = record[run.monitor] < s.best_loss
+        improved = record[run.monitor] is not None and record[run.monitor] < s.best_loss  # (None: fp16 overflowed)
         if improved:
             s.best_loss, s.best_step = record[run.monitor], s.step
         if run.out is not None:

@@ -18,6 +18,12 @@ into the step's sums), whose record holds the batch's share of the step's sample
 graph runs no optimizer) and its random step in word 3, and one graph of the update (the sums into the
 gradient buffers, clipping, the optimizer), whose record is a step's. A step of N batches is then N + 1
 graph launches.
+
+In fp16 the loss scaler's state (gpunet.training.loss_scale) is one device array the captured kernels read
+and write in place: the scale the loss gradient is multiplied by, the found flag unscale_check sets and the
+optimizer's kernels read (a skipped step is skipped in the replay too), the counters and the ring of skipped
+flags that loss_scale_update keeps. The record's bias corrections go unread then (Adam's step is the state's
+applied count); the host's step_count counts replays until the scaler's next host read corrects it.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy
 
 from gpunet import random
-from gpunet.training import accumulate as accumulating, checkpoint, resume as resuming
+from gpunet.training import accumulate as accumulating, checkpoint, loss_scale, resume as resuming
 from gpunet.training.callbacks import Events
 from gpunet.errors import out_of_memory
 from gpunet.backend import ops_for_device, to_device
@@ -23,7 +23,6 @@ from gpunet.training.divergence import first_non_finite_tensor
 from gpunet.training.history import History
 from gpunet.losses import LOSSES, item, metric, report_keys, resolve
 from gpunet.layers import inputs as arrays
-from gpunet.optim import clip_grad_norm
 from gpunet.training.resume import LoopState
 from gpunet.training.setup import RunSetup
 from gpunet.training.builtin_callbacks import DivergenceCheck
@@ -68,6 +67,7 @@ class _Run:
     interrupted: object = None  # the StopRequest of stop_on_interrupt while training
     loss_weights: list | None = None  # with a list of losses: their weights (gpunet.losses.Combined)
     precision: str = "fp32"  # the steps' and evaluations' (gpunet.backend.precision), decided when the run starts
+    scaler: object = None  # fp16's loss scaler (gpunet.training.loss_scale.LossScaler); None in fp32 and bf16
 
     def __post_init__(self) -> None:
         self.loss_fn = resolve(self.loss, self.loss_weights)
@@ -178,9 +178,15 @@ class _Run:
                 value = self._device_step(*(arrays.each(lambda a: to_device(a, model.device), b) if len(idx) else None
                                             for b in (xb, yb)),
                                           len(idx), len(everyone))
-        s.running, s.running_count = s.running + value, s.running_count + 1
+        self.add_running(value)
         s.step, s.batch, s.sample = s.step + 1, s.batch + 1, s.sample + len(everyone)
         return value
+
+    def add_running(self, value) -> None:
+        """The step's loss into the running train loss (with a loss scaler the divergence watch sums the finite
+        losses it reads on the host instead: a step skipped for an overflow may have an inf loss)."""
+        if self.scaler is None:
+            self.state.running, self.state.running_count = self.state.running + value, self.state.running_count + 1
 
     def _device_step(self, xb, yb, count: int | None = None, total: int | None = None):
         """Forward, loss, backward, the gradients combined across ranks, clipping and the optimizer
@@ -192,12 +198,11 @@ class _Run:
         if count is None or count:  # (a batch smaller than the world leaves a rank no sample)
             x = apply_preprocess(model.preprocess, xb, _xp(model))
             value, grad = self.loss_fn(model.forward(x), yb)
-            model.backward_params(grad)  # parameter gradients; nobody reads the input gradient
+            # parameter gradients (nobody reads the input gradient), in fp16 of the loss times the scale
+            model.backward_params(grad if self.scaler is None else self.scaler.scale(grad))
         if count is not None:
             value = self.parallel.combine(model, value, count, total)  # one all-reduce of the gradients
-        if self.clip_norm:
-            clip_grad_norm(model, self.clip_norm)
-        self.optimizer.step()
+        loss_scale.update_step(self)  # (unscaled and checked in fp16), clipped, the optimizer's step
         return value
 
     def _micro_step(self, xb, yb, weight):
@@ -207,7 +212,8 @@ class _Run:
         model = self.model
         x = apply_preprocess(model.preprocess, xb, _xp(model))
         value, grad = self.loss_fn(model.forward(x), yb)
-        model.backward_params(accumulating.scaled(grad, weight))
+        grad = accumulating.scaled(grad, weight)
+        model.backward_params(grad if self.scaler is None else self.scaler.scale(grad))  # (the step's scale: fixed)
         self.accumulator.add()
         return value
 
@@ -218,17 +224,16 @@ class _Run:
         self.accumulator.gradients()
         if count is not None:
             loss = self.parallel.combine(self.model, loss, count, total, weighted=True)
-        if self.clip_norm:
-            clip_grad_norm(self.model, self.clip_norm)
-        self.optimizer.step()
+        loss_scale.update_step(self)
         return loss
 
     def _evaluation(self, started) -> dict:
         """The record of an evaluation at this step, added to the history (raises if not finite)."""
         s = self.state
-        record = {"step": s.step, "epoch": s.epoch + 1, "train_loss": item(s.running) / s.running_count,
+        record = {"step": s.step, "epoch": s.epoch + 1,  # (train_loss None: fp16 overflowed every step since the last)
+                  "train_loss": item(s.running) / s.running_count if s.running_count else None,
                   "val_loss": None, "lr": self.step_lr, "seconds": round(time.perf_counter() - started, 3),
-                  "world_size": self.parallel.world_size}
+                  "world_size": self.parallel.world_size, **(self.scaler.record() if self.scaler else {})}
         if self.val is not None:
             result = (self.parallel.evaluate(self._validate, self.model, *self.val, self.loss)  # (sums over the ranks)
                       if isinstance(self.val, tuple) else self.val.evaluate(self.model, self.loss))
@@ -253,7 +258,8 @@ class _Run:
         finite weights)."""
         self.state.last_step, self.state.callbacks = self.state.step, self.callbacks.state_dicts()
         resuming.save_last(self.out, self.model, self.optimizer, self.schedule, state=self.state,
-                           history=self.history, config=self.config)
+                           history=self.history, config=self.config,  # (the scaler's state_dict syncs step_count)
+                           loss_scale=self.scaler.state_dict() if self.scaler is not None else None)
         self.written.append(self.out / "last.safetensors")
 
     def restore_callbacks(self, log) -> None:

@@ -184,11 +184,15 @@ def _data_change(name: str, old: dict | None, now: dict | None) -> str:
     return f"{name}: other content, same shape {tuple(now['shape'])} and dtype {now['dtype']}"
 
 
-def save_last(out, model, optimizer, schedule, *, state: LoopState, history: History, config: dict) -> None:
-    """Write out/last.safetensors: everything restore needs to go on exactly from state."""
+def save_last(out, model, optimizer, schedule, *, state: LoopState, history: History, config: dict,
+              loss_scale: dict | None = None) -> None:
+    """Write out/last.safetensors: everything restore needs to go on exactly from state (loss_scale: an fp16
+    run's LossScaler.state_dict())."""
     arrays, meta = optimizer.state_dict()
     training = {"state": state.to_json(), "optimizer": meta, "rng": random.get_state(),
                 "schedule": getattr(schedule, "count", None), "schedule_unit": "step", "history": history.records, "config": config}
+    if loss_scale is not None:
+        training["loss_scale"] = loss_scale
     checkpoint.save(model, out / "last.safetensors", extra_tensors=arrays, extra_metadata={"training": training})
 
 
@@ -204,11 +208,12 @@ def saved_precision(out) -> str:
 
 
 def restore(out, model, optimizer, schedule, *, config: dict, log=print, samples: int | None = None,
-            allow_data_change: bool = False) -> tuple[History, LoopState]:
-    """Load out/last.safetensors into model, optimizer, schedule and the random state; returns
-    (history, state). Raises ValueError listing refused differences, or naming the arrays of the
-    data that changed (unless allow_data_change: then log says so). samples: the size of the
-    training data, to read the evaluation interval an older gpunet saved (see _saved_as_now)."""
+            allow_data_change: bool = False, loss_scale=None) -> tuple[History, LoopState]:
+    """Load out/last.safetensors into model, optimizer, schedule, the random state and loss_scale (an fp16
+    run's LossScaler, when the run saved one: else it starts afresh); returns (history, state). Raises
+    ValueError listing refused differences, or naming the arrays of the data that changed (unless
+    allow_data_change: then log says so). samples: the size of the training data, to read the
+    evaluation interval an older gpunet saved (see _saved_as_now)."""
     if out is None or not (out / "last.safetensors").exists():
         raise FileNotFoundError(f"cannot resume: no {out / 'last.safetensors' if out else 'out_dir'} to resume from")
     path = out / "last.safetensors"
@@ -233,6 +238,8 @@ def restore(out, model, optimizer, schedule, *, config: dict, log=print, samples
     new_lr = optimizer.lr
     optimizer.load_state_dict(arrays, training["optimizer"])
     random.set_state(training["rng"])
+    if loss_scale is not None and isinstance(training.get("loss_scale"), dict):
+        loss_scale.load_state_dict(training["loss_scale"])
     if schedule is not None and training["schedule"] is not None:
         schedule.count = training["schedule"]
         if training.get("schedule_unit") != "step":  # saved when schedules advanced once per evaluation

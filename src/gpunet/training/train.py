@@ -12,7 +12,7 @@ import numpy
 
 from gpunet import validate
 from gpunet.backend import precision as precisions
-from gpunet.training import accumulate as accumulating, cuda_graph, resume as resuming, \
+from gpunet.training import accumulate as accumulating, cuda_graph, loss_scale, resume as resuming, \
     builtin_callbacks as training_callbacks
 from gpunet.training.callbacks import check as check_callbacks
 from gpunet.layers import inputs as arrays
@@ -121,6 +121,8 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
     folder, resume, overwrite, seed and allow_data_change instead of those arguments; without it fit makes its own.
     precision: "fp32", or mixed precision "bf16" | "fp16" (gpunet.backend.precision: products of 16-bit operands in
     float32, master weights float32) for the steps and fit's own evaluations; None: fp32, or on resume the run's own.
+    fp16 scales the loss dynamically (gpunet.training.loss_scale: a step whose gradients overflow is skipped, the
+    schedule still advances); its records hold loss_scale and skipped_steps.
     The History returned has .best_step (of the saved model, or None) and .written (the files).
     """
     _check_model(model, "fit")
@@ -151,6 +153,7 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
     with setup.session(log), resuming.stop_on_interrupt(out is not None) as interrupted:
         # None: fp32 for a new run, a resumed run's own (another one, given, is applied and said on resume)
         run.precision = precision or (resuming.saved_precision(out) if setup.resume else "fp32")
+        run.scaler = loss_scale.LossScaler() if run.precision == "fp16" else None  # (bf16: float32's exponent range)
         run.config = resuming.run_config(model, optimizer, schedule, loss=loss, seed=setup.seed, batch_size=batch_size,
                                          clip_norm=clip_norm, eval_every=eval_every,  # as given: None, epoch ends
                                          accumulate=accumulate, precision=run.precision,
@@ -158,12 +161,13 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
                                          data=resuming.data_fingerprint(data, val) if out is not None else None)
         if setup.resume:
             run.history, run.state = resuming.restore(out, model, optimizer, schedule, config=run.config, log=log,
-                                                      samples=len(data), allow_data_change=setup.allow_data_change)
+                                                      samples=len(data), allow_data_change=setup.allow_data_change,
+                                                      loss_scale=run.scaler)
             run.restore_callbacks(log)
             if run.done():
                 log(f"resume: the run is already at step {run.state.step}, which reaches the {run.length()} asked "
                     "for; nothing to train (ask for more steps or epochs)")
-        with precisions.using(run.precision):
+        with precisions.using(run.precision), loss_scale.attached(run):
             run.train(interrupted)
         history = run.finish(restore_best)
         setup.world.barrier()  # no rank returns (and reads the folder) before rank 0 has written it
