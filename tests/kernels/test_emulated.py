@@ -662,3 +662,103 @@ def test_conv_relu_pool_and_backward(shape, pool):
     dy = REFERENCE.max_pool_backward(dp * (want_p > 0), want_arg, shape, pool, pool)
     numpy.testing.assert_array_equal(dz_t, dy.transpose(1, 0, 2, 3).reshape(c, -1))  # copies of dp: exact
     assert_within(grad_bias, dy.sum(axis=(0, 2, 3)), sum_atol(dy, (0, 2, 3)), "grad_bias")
+
+# fp16 loss scaling's kernels (gpunet.training.loss_scale; the fit-level tests are tests/test_loss_scale.py)
+from gpunet.training import loss_scale  # noqa: E402
+
+
+def emulated_state(scale=2.0**16, found=False, applied=0) -> numpy.ndarray:
+    words = numpy.zeros(loss_scale.WORDS, dtype=numpy.uint32)
+    words[loss_scale.APPLIED] = applied
+    state = words.view(numpy.float32)
+    state[loss_scale.SCALE], state[loss_scale.FOUND] = scale, float(found)
+    return state
+
+
+@pytest.mark.parametrize("bad", [None, 5, 700], ids=["finite", "inf-in-block-0", "nan-in-a-later-block"])
+def test_unscale_check_is_the_hosts_product_and_flags_what_is_not_finite(bad):
+    """Three blocks over 3 * 256 + 77 values (the grid-stride loop too): each value times float32(1 / scale)
+    bit for bit as the host multiplies, and the found word 1 iff a result is inf or NaN."""
+
+    grad = numpy.random.default_rng(6).standard_normal(3 * THREADS + 77).astype("float32") * 2.0**20
+    if bad is not None:
+        grad[bad] = numpy.inf if bad == 5 else numpy.nan
+    want = grad * numpy.float32(1.0 / 2.0**15)
+    state = emulated_state(2.0**15)
+    run("optim", "unscale_check", 2, THREADS, grad, grad.size, state)
+    numpy.testing.assert_array_equal(grad, want)
+    assert state[loss_scale.FOUND] == (0.0 if bad is None else 1.0)
+
+
+@pytest.mark.parametrize("found", [False, True])
+@pytest.mark.parametrize("first_at", [3, 2])
+def test_the_scaled_updates_are_the_plain_ones_or_write_nothing(found, first_at):
+    """sgd_update_scaled and adam_update_scaled: with the found word set nothing is written; else they are
+    sgd_update (first step iff the applied count is first_at) and adam_update at step applied + 1 (the bias
+    corrections as the host's adam_scalars, in double then float), bit for bit. clip_by_norm_scaled likewise."""
+    from gpunet.backend.ops import adam_scalars
+
+    r = numpy.random.default_rng(7)
+    param, grad, m, v = (r.standard_normal(777).astype("float32") for _ in range(4))
+    v = numpy.abs(v)
+    state, record = emulated_state(found=found, applied=3), numpy.array([0.05, 0.0, 0.0], "float32")
+    for on_device in (0, 1):
+        want_p, want_v, got_p, got_v = param.copy(), m.copy(), param.copy(), m.copy()
+        if not found:
+            run("optim", "sgd_update", 2, 64, want_p, grad, want_v, param.size, 0.05, 0.9, 0.5, 0.01, 0,
+                first_at == 3, record, on_device)
+        run("optim", "sgd_update_scaled", 2, 64, got_p, grad, got_v, param.size, 0.0 if on_device else 0.05, 0.9,
+            0.5, 0.01, 0, 1, first_at, record, on_device, state)
+        assert numpy.array_equal(got_p, want_p) and numpy.array_equal(got_v, want_v)
+        want = [a.copy() for a in (param, m, v)]
+        got = [a.copy() for a in (param, m, v)]
+        if not found:
+            _, bias1, bias2_sqrt = adam_scalars(0.05, 0.9, 0.999, 4)
+            run("optim", "adam_update", 2, 64, want[0], grad, want[1], want[2], param.size, 0.05, 0.9, 0.999, 1e-8,
+                0.01, 1, bias1, bias2_sqrt, record, 0)
+        run("optim", "adam_update_scaled", 2, 64, got[0], grad, got[1], got[2], param.size,
+            0.0 if on_device else 0.05, 0.9, 0.999, 1e-8, 0.01, 1, record, on_device, state)
+        assert all(numpy.array_equal(a, b) for a, b in zip(got, want))
+    big = r.standard_normal(3 * THREADS + 77).astype("float32")
+    partial, norm = numpy.zeros(3), numpy.zeros(1)
+    want = big.copy()
+    run("optim", "sum_squares", 3, THREADS, big, big.size, partial)
+    if not found:
+        run("optim", "clip_by_norm", 2, THREADS, want, want.size, partial, 3, 0.5, norm)
+    run("optim", "clip_by_norm_scaled", 2, THREADS, big, big.size, partial, 3, 0.5, norm, state)
+    assert numpy.array_equal(big, want)
+
+
+@pytest.mark.parametrize("growth_interval", [1, 3])
+def test_loss_scale_update_in_the_emulator_is_the_hosts_rule(growth_interval):
+    """One thread of a launch of 32 (the wrapper's), word for word against the host's rule."""
+
+    reference, state = loss_scale.LossScaler(growth_interval=growth_interval), emulated_state()
+    for bad in [False] * 5 + [True] + [False] * 7 + [True, True] + [False] * 6:
+        state[loss_scale.FOUND] = float(bad)
+        run("optim", "loss_scale_update", 1, 32, state, growth_interval, 2.0, 0.5, loss_scale.RING)
+        reference.found = bad
+        reference.update()
+        words = state.view(numpy.uint32)
+        assert (float(state[loss_scale.SCALE]), int(words[loss_scale.TRACKER]), int(words[loss_scale.SKIPPED]),
+                int(words[loss_scale.APPLIED]), int(words[loss_scale.ATTEMPTED]), state[loss_scale.FOUND]) == (
+            reference.scale_value, reference.tracker, reference.skipped, reference.applied, reference.attempted, 0.0)
+        assert numpy.array_equal(state[loss_scale.RING_START:] != 0, reference.ring)
+
+
+@pytest.mark.parametrize("kind", ["bf16", "f16"])
+def test_precision_casts_round_to_nearest_even_as_numpy_does(kind):
+    """kernels/precision.cu in the emulator, bit for bit against NumPy / ml_dtypes (exhaustive checks of the
+    conversions themselves: tests/kernels/test_fp16_emulation.py)."""
+    import ml_dtypes
+
+    dtype = numpy.dtype(ml_dtypes.bfloat16 if kind == "bf16" else numpy.float16)
+    x = rng(9).standard_normal(3 * THREADS + 77).astype("float32") * 300
+    with numpy.errstate(over="ignore"):
+        want = x.astype(dtype)
+    short, back, trip = numpy.zeros(x.size, dtype), numpy.zeros(x.size, "float32"), numpy.zeros(x.size, "float32")
+    run("precision", f"cast_f32_to_{kind}", 2, THREADS, x, short, x.size)
+    run("precision", f"cast_{kind}_to_f32", 2, THREADS, short, back, x.size)
+    run("precision", f"round_trip_{'f16' if kind == 'f16' else 'bf16'}", 2, THREADS, x, trip, x.size)
+    assert numpy.array_equal(short.view(numpy.uint16), want.view(numpy.uint16))
+    assert numpy.array_equal(back, want.astype("float32")) and numpy.array_equal(trip, back)
