@@ -92,6 +92,9 @@ class EarlyStopping(Callback):
 
     def on_evaluation(self, record: dict) -> bool:
         key = self.monitor or ("val_loss" if record.get("val_loss") is not None else "train_loss")
+        if key == "train_loss" and key in record and record[key] is None and record.get("skipped_steps"):
+            self.stale += 1  # (fp16: every step since the last evaluation overflowed and was skipped: no loss)
+            return self.stale >= self.patience
         if key not in record or record[key] is None:
             raise ValueError(f"EarlyStopping: the evaluation record has no {key!r} to monitor "
                              f"(it has {', '.join(k for k, v in record.items() if v is not None)})")
