@@ -230,3 +230,135 @@ def assert_within(got, want, atol, what: str) -> float:
 def _activate(name, z):
     from gpunet.backend.ops import Ops
     return numpy.asarray(Ops().activation(name, numpy.asarray(z, "float64")), "float64")
+
+
+# ------------------------------------------------------------------ mixed precision (bf16, fp16)
+# In mixed precision every matrix product rounds its float32 operands to the 16-bit format (to nearest
+# even) and multiplies those in float32: each product of two 16-bit numbers is exact (8 + 8 or 11 + 11
+# significant bits fit float32's 24), so the sums are the only float32 roundings, as in fp32. Two sides
+# (the CPU and the GPU, or the CPU and a float64 reference) that round the same float32 operands get the
+# same 16-bit operands and differ by the float32 sums' bound alone (matmul_atol of the rounded operands).
+# Where a side's float32 operand already differs from the other's (it was computed: dz, h, the
+# probabilities), by at most a_atol, the rounding removes that difference unless a rounding boundary (the
+# midpoint between two 16-bit neighbours) lies within a_atol of the operand: then the two 16-bit values
+# are neighbours, one 16-bit ulp apart. An ulp of x is at most 2 U16 |x| (2^-7 |x| for bf16, 2^-10 |x|
+# for fp16) and at least U16 |x|, U16 the unit roundoff (2^-8 and 2^-11). crossing16 computes that
+# change per element: rounding is monotone, so the 16-bit values of everything within a_atol of a lie
+# between those of a - a_atol and a + a_atol. A product whose operands come in unchanged (weights, the
+# layer's input, the upstream gradient) gets no such term: both sides round the same array.
+
+U16 = {"bf16": 2.0**-8, "fp16": 2.0**-11}  # unit roundoff: 8 and 11 significant bits
+# the largest |f''| of an activation, in the variable its derivative reads (docs: activations.from_output):
+# sigmoid' = y (1 - y) and tanh' = 1 - y^2 read y, slopes 1 and 2; gelu' reads z, gelu'' = phi(z) (2 - z^2)
+# is at most 2 phi(0) = 0.80 (1 covers gelu_tanh's too); relu and none: a select, see activation_grad16_atol
+CURVATURE = {"sigmoid": 1.0, "tanh": 2.0, "gelu": 1.0, "gelu_tanh": 1.0}
+
+
+def round16(a, kind: str) -> numpy.ndarray:
+    """float32(a) rounded to kind's 16-bit format (to nearest even, as NumPy/ml_dtypes and the GPU do), in float64."""
+    from gpunet.backend.ops import sixteen_bit_dtype
+    with numpy.errstate(over="ignore", invalid="ignore"):
+        return numpy.asarray(a, "float32").astype(sixteen_bit_dtype(kind)).astype("float64")
+
+
+def crossing16(a, a_atol, kind: str) -> numpy.ndarray:
+    """The most the 16-bit values of an operand can differ between two sides whose float32 operands are
+    both within a_atol of a (elementwise; a may be one side's, or a reference's): |r(a + a_atol) - r(a - a_atol)|,
+    which bounds |r(a1) - r(a2)| for every float32 a1, a2 in between (rounding is monotone). 0 where a_atol
+    is 0 or no rounding boundary lies within a_atol (the rounding removes the difference); one 16-bit ulp
+    where one does (more only where a_atol is as large as an ulp). The ends are taken one float32 step
+    further out, so that every float32 in between is covered."""
+    a64 = numpy.asarray(a, "float32").astype("float64")
+    t = numpy.broadcast_to(numpy.abs(numpy.asarray(a_atol, "float64")), a64.shape)
+    with numpy.errstate(over="ignore"):
+        lo = numpy.nextafter((a64 - t).astype("float32"), numpy.float32(-numpy.inf))
+        hi = numpy.nextafter((a64 + t).astype("float32"), numpy.float32(numpy.inf))
+    return numpy.where(t > 0, round16(hi, kind) - round16(lo, kind), 0.0)
+
+
+def matmul16_atol(a, b, kind: str, a_atol=0.0, b_atol=0.0, sides: int = 2) -> numpy.ndarray:
+    """The bound on |C1 - C2| for C = r(a) @ r(b), the 16-bit roundings of float32 operands multiplied
+    exactly and summed in float32, on two sides whose operands are within a_atol and b_atol of a and b
+    (zero: the same arrays on both sides). Each side's float32 sum of K exact products is within
+    gamma_K (|r(a)| @ |r(b)|) of its exact value (the other side's operands are within da and db of
+    these, crossing16); the exact values differ by da @ |r(b)| + |r(a)| @ db + da @ db. sides=1: against
+    an exact (float64) product of the same rounded operands, only this side's sums err."""
+    ra, rb = numpy.abs(round16(a, kind)), numpy.abs(round16(b, kind))
+    da, db = crossing16(a, a_atol, kind), crossing16(b, b_atol, kind)
+    g = gamma(max(ra.shape[-1], 1))
+    sums = g * (ra @ rb) if sides == 1 else g * (ra @ rb + (ra + da) @ (rb + db))
+    return sums + da @ rb + ra @ db + da @ db
+
+
+def linear16_atol(x, w, b, activation, kind: str, sides: int = 2) -> numpy.ndarray:
+    """Dense's forward in mixed precision, activation(r(x) @ r(w).T + b) from the same x, w and b on
+    both sides: matmul16_atol, then bias_act_atol as in fp32 (the bias add and the activation are float32)."""
+    z = round16(x, kind) @ round16(w, kind).T
+    if b is not None:
+        z = z + numpy.asarray(b, "float64")
+    return bias_act_atol(matmul16_atol(x, numpy.asarray(w).T, kind, sides=sides), z, activation)
+
+
+def activation_grad16_atol(dy, activation, pre, pre_atol) -> numpy.ndarray:
+    """dz = dy * f'(pre) when each side has its own pre (the value f' reads: y for relu, sigmoid and tanh,
+    z for gelu) within pre_atol of the other's, from the same dy: activation_grad_atol (the same pre on
+    both sides) plus |dy| CURVATURE pre_atol. A select (relu; none reads nothing) differs only where the
+    sign of pre may differ, |pre| <= pre_atol: there by |dy|."""
+    dy, pre = numpy.abs(numpy.asarray(dy, "float64")), numpy.asarray(pre, "float64")
+    if activation is None:
+        return numpy.zeros_like(dy)
+    if activation == "relu":
+        return numpy.where(numpy.abs(pre) <= pre_atol, dy, 0.0)
+    return activation_grad_atol(dy, activation) + dy * CURVATURE[activation] * pre_atol
+
+
+def linear16_backward_atol(x, w, dz, dz_atol, kind: str, sides: int = 2):
+    """The bounds on dx = r(dz) @ r(w) and dW = r(dz).T @ r(x) (matmul16_atol, dz within dz_atol between
+    the sides, x and w the same) and on db = the float32 sum of dz itself over the rows (as in fp32)."""
+    dz, dz_atol = numpy.asarray(dz, "float32"), numpy.broadcast_to(numpy.asarray(dz_atol, "float64"), numpy.shape(dz))
+    dx = matmul16_atol(dz, w, kind, dz_atol, sides=sides)
+    dw = matmul16_atol(dz.T, x, kind, dz_atol.T, sides=sides)
+    return dx, dw, sum_atol(dz, 0) + dz_atol.sum(axis=0)
+
+
+def conv16_atol(x, w, kind: str, stride=1, padding=0) -> numpy.ndarray:
+    """A convolution of the rounded x and w (the same on both sides): conv_atol of r(x) and r(w)."""
+    return conv_atol(round16(x, kind), round16(w, kind), stride, padding)
+
+
+def conv16_backward_atol(x, w, dz, dz_atol, kind: str, stride=1, padding=0):
+    """The bounds on a 2-D convolution's dx, dW (products of r(dz) with r(w) and r(x), dz within dz_atol
+    between the sides: conv_backward_atol's sums over the operands as large as either side's, plus what
+    the change of r(dz), crossing16, carries through |r(w)| and |r(x)|) and db (the float32 sums of dz)."""
+    import torch
+    from torch.nn.grad import conv2d_input, conv2d_weight
+    dz = numpy.asarray(dz, "float32")
+    ddz = crossing16(dz, dz_atol, kind)
+    ax, aw = numpy.abs(round16(x, kind)), numpy.abs(round16(w, kind))
+    dx, dw, _ = conv_backward_atol(ax, aw, numpy.abs(round16(dz, kind)) + ddz, stride, padding)
+    t = [torch.from_numpy(a) for a in (ax, aw, ddz)]
+    dx = dx + conv2d_input(t[0].shape, t[1], t[2], stride, padding).numpy()
+    dw = dw + conv2d_weight(t[0], t[1].shape, t[2], stride, padding).numpy()
+    db = sum_atol(dz, (0, 2, 3)) + numpy.broadcast_to(numpy.asarray(dz_atol, "float64"), dz.shape).sum(axis=(0, 2, 3))
+    return dx, dw, db
+
+
+def rounded_change(a1, a2, kind: str) -> float:
+    """How far two sides' 16-bit operands are apart, relative to this side's, elementwise at most:
+    max |r(a1) - r(a2)| / |r(a1)| (0 when they rounded alike, as they do unless a boundary lay between)."""
+    r1, r2 = round16(a1, kind), round16(a2, kind)
+    diff = numpy.abs(r1 - r2)
+    if not diff.any():
+        return 0.0
+    with numpy.errstate(divide="ignore", invalid="ignore"):
+        return float(numpy.where(diff > 0, diff / numpy.abs(r1), 0.0).max())
+
+
+def path16_atol(want, length: int, operand_changes=()) -> float:
+    """A chain of sums in mixed precision, as path_atol bounds one in fp32 (the float32 sums are the same
+    on both sides: their 16-bit operands are), plus, for each product operand that rounded differently on
+    the two sides (rounded_change: one 16-bit ulp, at most 2 U16 relative, where a boundary lay between its
+    float32 values), that relative change of the product's terms carried to the output at the path's gain
+    of 1, as path_atol carries every sum's error: operand_changes times the output's size."""
+    size = float(numpy.abs(numpy.asarray(want, "float64")).max(initial=0.0))
+    return path_atol(want, length) + float(sum(operand_changes)) * size

@@ -1,7 +1,12 @@
 """The convolution and pooling ops of Ops (which inherits them), written once against `xp` like
 the rest: im2col and one channel-major GEMM, its epilogue (bias, activation, and LeNet's ReLU then
 max pool), and their backwards. CupyOps overrides the epilogues and im2col/col2im with kernels;
-NumpyOps runs stride-1 convolutions over wide rows (see there)."""
+NumpyOps runs stride-1 convolutions over wide rows (see there).
+
+In mixed precision (gpunet.backend.precision) every GEMM here takes its operands through the Ops'
+gemm_operands: x and the weight rounded to the 16-bit format before im2col (which only gathers, so its
+columns are rounded values too), dY and the weight in the backward; the columns are kept for the
+backward in 16 bits (store_16bit: only dW's product reads them)."""
 from __future__ import annotations
 
 
@@ -50,11 +55,14 @@ class ConvOps:
         return self.conv_epilogue(y_t, bias, activation).reshape(x.shape[0], weight.shape[0], oh, ow), cols
 
     def conv_gemm(self, x, weight, stride, padding):
-        """(y_t, cols, (oh, ow)): the convolution's product channel-major, y_t (out, N, oh * ow)."""
+        """(y_t, cols, (oh, ow)): the convolution's product channel-major, y_t (out, N, oh * ow); cols as
+        kept for the backward (16-bit in mixed precision)."""
         n, out_c = x.shape[0], weight.shape[0]
         oh, ow = pooled_size(x.shape[2:], weight.shape[2:], stride, padding)
+        x, weight = self.gemm_operands(x, weight)
         cols = self.im2col(x, weight.shape[2:], stride, padding)
-        return self.xp.matmul(weight.reshape(out_c, -1), cols.T).reshape(out_c, n, oh * ow), cols, (oh, ow)
+        y_t = self.xp.matmul(weight.reshape(out_c, -1), cols.T).reshape(out_c, n, oh * ow)
+        return y_t, self.store_16bit(cols), (oh, ow)
 
     def conv_epilogue(self, y_t, bias, activation):
         """(N, C, ...) = activation(y_t (C, N, ...) moved to NCHW, + bias (C))."""
@@ -74,12 +82,14 @@ class ConvOps:
         return self._conv_gemms_backward(dy_t, cols, x_shape, weight, grad_weight, stride, padding, need_dx)
 
     def _conv_gemms_backward(self, dy_t, cols, x_shape, weight, grad_weight, stride, padding, need_dx):
-        """dW = dY^T cols into grad_weight; dX = col2im(dY W) (or None) from the channel-major dY (C, N * L)."""
+        """dW = dY^T cols into grad_weight; dX = col2im(dY W) (or None) from the channel-major dY (C, N * L).
+        (The bias gradient was summed from dY itself, in float32, before.)"""
         out_c = weight.shape[0]
+        dy_t, cols, w = self.gemm_operands(dy_t, cols, weight if need_dx else None)
         self.xp.matmul(dy_t, cols, out=grad_weight.reshape(out_c, -1))
         if not need_dx:
             return None
-        dcols = self.xp.matmul(weight.reshape(out_c, -1).T, dy_t).T  # = dY W, laid out as im2col lays out its columns
+        dcols = self.xp.matmul(w.reshape(out_c, -1).T, dy_t).T  # = dY W, laid out as im2col lays out its columns
         return self.col2im(dcols, x_shape, weight.shape[2:], stride, padding)
 
     def conv2d_relu_pool(self, x, weight, bias, stride, padding, pool):

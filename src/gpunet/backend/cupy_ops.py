@@ -1,7 +1,13 @@
 """GPU backend: CuPy (cuBLAS for plain GEMM) with gpunet's own kernels from kernels/*.cu for
 GEMM with a fused epilogue, im2col/col2im, max pooling, fused softmax cross-entropy, the LSTM
 cell, the attention softmax, layer normalisation, activations, the optimizer updates and 16-bit casts,
-each launched through its wrapper (cuda_wrappers.py, cuda_wrappers_sequence.py, cuda_precision.py).
+each launched through its wrapper (cuda_wrappers.py, cuda_wrappers_sequence.py, cuda_precision.py);
+the Dense product's paths and their dispatch are the mixin CupyGemmPaths (cupy_gemm.py).
+
+In mixed precision (gpunet.backend.precision) the GEMM operands are rounded before each product as
+in the base Ops (gemm_operands: one cast launch per operand): the kernels read float32 arrays holding
+16-bit values. Attention then runs the base's batched products around the softmax kernel: the fused
+attention kernels cannot round the probabilities before they weigh v.
 
 Each override takes the kernel path only for what the kernel handles (float32, contiguous,
 not empty: its @kernel_or_fallback names the arguments the kernel needs so, kernel_guard.py) and
@@ -26,13 +32,15 @@ from gpunet.backend import cublaslt
 from gpunet.backend import activations
 from gpunet.backend import cuda_precision, cuda_wrappers as kernels
 from gpunet.backend import cuda_wrappers_sequence as sequence_kernels
-from gpunet.backend.cuda_kernels import ACTIVATION_CODES, compile_inputs
+from gpunet.backend import precision
+from gpunet.backend.cuda_kernels import ACTIVATION_CODES
 from gpunet.backend.cuda_wrappers import NO_RANGE_ERROR
 from gpunet.validate import env_choice
-from gpunet.backend.devices import configure_tf32, cupy_status, gpu_name
-from gpunet.backend.gemm_dispatch import GemmDispatch, agreeing, source_hash
+from gpunet.backend.devices import configure_tf32, cupy_status
+from gpunet.backend.gemm_dispatch import agreeing
+from gpunet.backend.cupy_gemm import CupyGemmPaths
 from gpunet.backend.kernel_guard import float32_contiguous, kernel_or_fallback
-from gpunet.backend.ops import Ops, id_range_error, label_range_error, pooled_size
+from gpunet.backend.ops import Ops, id_range_error, is_16bit, label_range_error, pooled_size
 
 
 # embed_backward's kernel lets each of the V rows of the gradient scan all N ids: up to V * N of
@@ -41,7 +49,7 @@ from gpunet.backend.ops import Ops, id_range_error, label_range_error, pooled_si
 EMBEDDING_SCAN_LIMIT = 1 << 22
 
 
-class CupyOps(Ops):
+class CupyOps(CupyGemmPaths, Ops):
     name = "gpu"
 
     def __init__(self):
@@ -84,7 +92,8 @@ class CupyOps(Ops):
     def linear(self, x, weight, bias=None, activation=None, out=None):
         empty = x.shape[0] == 0 or weight.shape[0] == 0  # (no inputs, K = 0, is fine: y = act(bias))
         if (bias is None and activation is None) or empty:
-            return super().linear(x, weight, bias, activation, out)  # cuBLAS
+            return super().linear(x, weight, bias, activation, out)  # cuBLAS (the base rounds in mixed precision)
+        x, weight = self.gemm_operands(x, weight)  # (16-bit values in mixed precision; as they are in fp32)
         paths = self._linear_paths(bias, activation)
         args = (x, weight, bias, activation)
         mode = self.gemm_mode
@@ -93,56 +102,16 @@ class CupyOps(Ops):
                                                 lambda: agreeing(paths, args, 1e-2 if self.tf32 else 1e-4, self.xp))
         return paths.get(mode, paths["fused"])(*args, out)  # (cublaslt forced or remembered, where it cannot run)
 
-    def _linear_paths(self, bias, activation) -> dict:
-        """The ways to run a Dense product with its epilogue: each (x, weight, bias, activation, out) -> y,
-        writing into out when given. Made once per kind of epilogue (a Dense forward asks every step)."""
-        key = (bias is not None, activation)
-        paths = self._paths.get(key)
-        if paths is None:
-            paths = self._paths[key] = {"fused": self._fused_linear, "cublas": self._cublas_linear}
-            if self._lt is not None and cublaslt.handles(bias, activation):
-                paths["cublaslt"] = self._lt
-        return paths
-
-    def _fused_linear(self, x, weight, bias, activation, out=None):
-        """gpunet's GEMM with the bias and the activation in its epilogue."""
-        y = out if out is not None else self.xp.empty((x.shape[0], weight.shape[0]), dtype="float32")
-        kernels.gemm_bias_act(x, weight, bias, activation, y)
-        return y
-
-    def _cublas_linear(self, x, weight, bias, activation, out=None):
-        """cuBLAS, then the bias and the activation in one pass."""
-        y = self.xp.matmul(x, weight.T, out=out)
-        kernels.bias_act_forward(y, bias, activation, y)
-        return y
-
-    def _gemm_dispatch(self):
-        if self._dispatch is None:
-            device = self.xp.cuda.Device()
-            # the source and the -D constants, and whether cuBLASLt is a candidate: a choice made without it is
-            # measured again once it is installed
-            kernels_version = source_hash(*compile_inputs("gemm"), f"cublaslt={self._lt is not None}")
-            self._dispatch = GemmDispatch(f"{gpu_name(device.id)} sm_{device.compute_capability}", kernels_version,
-                                          measure=self._time_on_gpu, tf32=self.tf32)
-        return self._dispatch
-
-    def _time_on_gpu(self, fn, warmup: int = 2, repeats: int = 5) -> float:
-        for _ in range(warmup):
-            fn()
-        start, end = self.xp.cuda.Event(), self.xp.cuda.Event()
-        start.record()
-        for _ in range(repeats):
-            fn()
-        end.record()
-        end.synchronize()
-        return self.xp.cuda.get_elapsed_time(start, end) / repeats / 1e3
-
-    @kernel_or_fallback("x", "weight", "z", "y", "dy", "grad_weight", "grad_bias", nonempty="dy")
+    @kernel_or_fallback("z", "y", "dy", "grad_weight", "grad_bias", nonempty="dy")
     def linear_act_backward(self, x, weight, z, y, dy, activation, grad_weight, grad_bias=None, need_dx=True):
+        # x may be the forward's 16-bit copy, which gemm_operands makes a contiguous float32 array
+        if not ((is_16bit(x) or float32_contiguous(x)) and float32_contiguous(weight)):
+            return super().linear_act_backward(x, weight, z, y, dy, activation, grad_weight, grad_bias, need_dx)
         if activation is None and grad_bias is None:
             dz = dy  # no activation to undo and no bias to sum: nothing for the kernel to do
         else:
-            dz = kernels.bias_act_backward(dy, z, y, activation, grad_bias)
+            dz = kernels.bias_act_backward(dy, z, y, activation, grad_bias)  # (db summed from dz in float32)
+        dz, x, weight = self.gemm_operands(dz, x, weight if need_dx else None)  # (the base's order)
         self.xp.matmul(dz.T, x, out=grad_weight)
         return self.xp.matmul(dz, weight) if need_dx else None
 
@@ -303,6 +272,8 @@ class CupyOps(Ops):
 
     @kernel_or_fallback("qkv", nonempty="qkv")
     def attention(self, qkv, causal):
+        if precision.current() != "fp32":  # (the kernels cannot round the probabilities before they weigh v)
+            return super().attention(qkv, causal)  # cuBLAS and the softmax kernel, as the base rounds
         mixed, probs = sequence_kernels.attention(qkv, causal)
         return mixed, (qkv, probs, causal)
 

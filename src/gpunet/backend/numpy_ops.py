@@ -138,7 +138,9 @@ class NumpyOps(Ops):
         return self._conv_gemms_backward(dy_t, cols, x_shape, weight, grad_weight, stride, padding, need_dx)
 
     def _wide_conv_gemm(self, x, weight, padding):
-        """(y (out, N, oh, wp), the columns (c*kh*kw, N*oh*wp), ow): the product over wide rows."""
+        """(y (out, N, oh, wp), the columns (c*kh*kw, N*oh*wp) as kept for the backward, ow): the product
+        over wide rows, of operands rounded in mixed precision as conv_gemm's."""
+        x, weight = self.gemm_operands(x, weight)
         n, c, h, w = x.shape
         out_c, _, kh, kw = weight.shape
         (ph, pw), hp, wp = padding, h + 2 * padding[0], w + 2 * padding[1]
@@ -154,11 +156,12 @@ class NumpyOps(Ops):
         cols.reshape(runs.shape)[...] = runs
         y = numpy.matmul(weight.reshape(out_c, -1), cols, out=_scratch("y", (out_c, n * oh * wp), x.dtype))
         y = y.reshape(out_c, n, oh, wp)  # scratch: the callers' epilogues read it at once
-        return y, cols, wp - kw + 1
+        return y, self.store_16bit(cols), wp - kw + 1
 
     def _wide_gemms_backward(self, dy_wide, cols, x_shape, weight, grad_weight, padding, need_dx):
         """dW = dY cols^T into grad_weight; dX (or None) from dY (out, N*oh*wp), zero in dropped values."""
         out_c, _, kh, kw = weight.shape
+        dy_wide, cols, weight = self.gemm_operands(dy_wide, cols, weight if need_dx else None)
         numpy.matmul(cols, dy_wide.T, out=grad_weight.reshape(out_c, -1).T)  # (K, out): 1.2-1.5x faster in OpenBLAS
         if not need_dx:
             return None

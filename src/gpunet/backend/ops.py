@@ -4,7 +4,8 @@ Subclasses (NumpyOps, CupyOps) override only the hot ops and keep the base signa
 (tests/backend/test_devices.py checks that). Arrays are (N, features) unless said otherwise; ops that
 take `out=` write into it so layers can reuse buffers between steps. The math of the sequence
 layers' ops is in sequence_ops.py, as functions of xp; the methods here hand it self.xp. The
-convolution and pooling ops are ConvOps's (conv_ops.py), which Ops inherits.
+convolution and pooling ops are ConvOps's (conv_ops.py), the 16-bit casts and the rounding of every
+product's operands in mixed precision SixteenBitOps's (sixteen_bit_ops.py); Ops inherits both.
 """
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import math
 
 import numpy
 
-from gpunet.backend import precision
 from gpunet.backend import activations, sequence_ops
 from gpunet.backend.conv_ops import ConvOps, pooled_size  # noqa: F401  (pooled_size: imported from here too)
+from gpunet.backend.sixteen_bit_ops import SixteenBitOps, is_16bit, sixteen_bit_dtype  # noqa: F401  (as pooled_size)
 
 ACTIVATIONS = activations.NAMES
 
@@ -29,7 +30,7 @@ def label_range_error(bad: int, classes: int) -> ValueError:
     return ValueError(f"softmax_cross_entropy: label {bad} is out of range for {classes} classes")
 
 
-class Ops(ConvOps):
+class Ops(ConvOps, SixteenBitOps):
     name = "base"
     xp = numpy
 
@@ -42,10 +43,14 @@ class Ops(ConvOps):
 
     # ---------------------------------------------------------------- GEMM with epilogue
     def matmul(self, a, b, out=None):
+        """a @ b of the operands as given: the caller rounds them (gemm_operands), as the recurrent layers do
+        once per sequence for W_hh and once per step for h."""
         return self.xp.matmul(a, b, out=out)
 
     def linear(self, x, weight, bias=None, activation=None, out=None):
-        """activation(x @ weight.T + bias) for x (N, in), weight (out, in)."""
+        """activation(x @ weight.T + bias) for x (N, in), weight (out, in); the operands rounded to the 16-bit
+        format in mixed precision (gemm_operands), as in every GEMM op below."""
+        x, weight = self.gemm_operands(x, weight)
         y = self.xp.matmul(x, weight.T, out=out)
         if bias is not None:
             y += bias
@@ -54,11 +59,13 @@ class Ops(ConvOps):
         return y
 
     def linear_backward(self, x, weight, dy, grad_weight, grad_bias=None, need_dx=True):
-        """Writes dW = dy^T x and db = sum(dy) into the given buffers; returns dx = dy W."""
-        self.xp.matmul(dy.T, x, out=grad_weight)
+        """Writes dW = dy^T x and db = sum(dy) into the given buffers; returns dx = dy W. x may be the
+        forward's 16-bit copy (store_16bit); db sums dy itself, in float32, not its rounded copy."""
+        dz, x, weight = self.gemm_operands(dy, x, weight if need_dx else None)
+        self.xp.matmul(dz.T, x, out=grad_weight)
         if grad_bias is not None:
             self.xp.sum(dy, axis=0, out=grad_bias)
-        return self.xp.matmul(dy, weight) if need_dx else None
+        return self.xp.matmul(dz, weight) if need_dx else None
 
     def linear_act_backward(self, x, weight, z, y, dy, activation, grad_weight, grad_bias=None, need_dx=True):
         """Backward of activation(linear(x)): dz = dy * activation'(z, y), then linear_backward."""
@@ -177,14 +184,16 @@ class Ops(ConvOps):
 
     def lstm_step(self, x_gates, w_hh_t, h_prev, c_prev, acts_out, h_out, c_out, tanh_c_out):
         """One LSTM time step: the cell of the gates x_gates + h_prev @ w_hh_t (w_hh_t is
-        weight_hh transposed, (H, 4H)). A GPU fuses both into one launch."""
+        weight_hh transposed, (H, 4H)). A GPU fuses both into one launch. The product's operands
+        are taken as given, as matmul's (the layer rounds them)."""
         # (h_gates in acts_out would save an array, but the CPU cell loses its vector loops to aliasing)
         self.lstm_cell(x_gates, self.matmul(h_prev, w_hh_t), c_prev, acts_out, h_out, c_out, tanh_c_out)
 
     def lstm_step_backward(self, dy, dgates_next, w_hh, dc, acts, c_prev, tanh_c, dgates_out):
         """One backward LSTM time step: dgates_out from dh = dy + dgates_next @ w_hh and dc (the
         gradients of this step's h and c); dc is overwritten with the gradient of c_prev.
-        dgates_next None: the last step, which gets no gradient from a later one (dc is not read)."""
+        dgates_next None: the last step, which gets no gradient from a later one (dc is not read).
+        dgates_next and w_hh are the product's operands as given (the layer rounds them)."""
         if dgates_next is None:
             dh = dy
             dc[...] = 0
@@ -208,12 +217,16 @@ class Ops(ConvOps):
         return sequence_ops.attention_softmax_backward(self.xp, probs, dprobs, scale)
 
     def attention(self, qkv, causal):
-        """Self-attention of qkv (B, T, 3, H, Dh): (mixed (B, T, H, Dh), state for attention_backward)."""
-        return sequence_ops.attention(self.xp, qkv, causal, self.attention_softmax)
+        """Self-attention of qkv (B, T, 3, H, Dh): (mixed (B, T, H, Dh), state for attention_backward).
+        In mixed precision the state keeps qkv in 16 bits (only the products read it) and the
+        probabilities in float32 (the softmax's backward reads them)."""
+        return sequence_ops.attention(self.xp, qkv, self.store_16bit(qkv), causal, self.attention_softmax,
+                                      self.gemm_operands)
 
     def attention_backward(self, dmixed, state):
         """dqkv (B, T, 3, H, Dh) from dmixed (B, T, H, Dh) and attention's state."""
-        return sequence_ops.attention_backward(self.xp, dmixed, state, self.attention_softmax_backward)
+        return sequence_ops.attention_backward(self.xp, dmixed, state, self.attention_softmax_backward,
+                                               self.gemm_operands)
 
     def embed(self, ids, weight, position=None):
         """weight[ids]; with position (P, D), ids are (B, T) and position[t] is added at position t."""
@@ -245,34 +258,6 @@ class Ops(ConvOps):
     def dropout_backward(self, dy, p, stream, mask):
         """dy * the forward's mask (regenerated from stream when mask is None)."""
         return dy * mask if mask is not None else self.dropout(dy, p, stream)[0]
-
-    # ---------------------------------------------------------------- 16-bit storage
-    def gemm_operands(self, *arrays):
-        """The operands of a matrix product in the running precision (gpunet.backend.precision): as they are in
-        fp32; rounded to bf16 or fp16 and back in mixed precision (float32 arrays holding 16-bit values, which a
-        float32 product multiplies exactly and sums in float32, as a tensor core does). None stays None."""
-        kind = precision.current()
-        if kind == "fp32":
-            return arrays
-        return tuple(None if a is None or a.dtype != numpy.float32 else self.round_16bit(a, kind) for a in arrays)
-
-    def to_16bit(self, x, kind):
-        """float32 x rounded to nearest even into a new array of kind's 16-bit dtype (sixteen_bit_dtype)."""
-        if x.dtype != numpy.float32:
-            raise TypeError(f"to_16bit takes a float32 array, got {x.dtype}")
-        dtype = sixteen_bit_dtype(kind)
-        with numpy.errstate(over="ignore", invalid="ignore"):  # (Inf from 65520 on, NaN kept: as intended)
-            return x.astype(dtype)
-
-    def from_16bit(self, x):
-        """A bfloat16 or float16 array as a new float32 array (exact)."""
-        if x.dtype != numpy.float16 and not (x.dtype.name == "bfloat16" and x.dtype == sixteen_bit_dtype("bf16")):
-            raise TypeError(f"from_16bit takes a bfloat16 or float16 array, got {x.dtype}")
-        return x.astype(numpy.float32)
-
-    def round_16bit(self, x, kind):
-        """float32 x rounded to kind's 16-bit format and back: the float32 value a 16-bit store keeps."""
-        return self.from_16bit(self.to_16bit(x, kind))
 
     # ---------------------------------------------------------------- optimizer updates
     def sgd_update(self, param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov, first_step,
@@ -317,17 +302,6 @@ class Ops(ConvOps):
         for g in grads:
             g *= scale.astype(g.dtype)
         return total
-
-
-def sixteen_bit_dtype(kind: str) -> numpy.dtype:
-    """The dtype of a 16-bit kind, the one NumPy and CuPy 14 both use: "bf16" ml_dtypes.bfloat16, "fp16" float16."""
-    if kind == "fp16":
-        return numpy.dtype(numpy.float16)
-    if kind == "bf16":
-        import ml_dtypes  # (here, not at the top: importing it takes most of a second)
-
-        return numpy.dtype(ml_dtypes.bfloat16)
-    raise ValueError(f"the 16-bit kind must be 'bf16' or 'fp16', got {kind!r}")
 
 
 def adam_scalars(lr, beta1, beta2, step) -> tuple[float, float, float]:

@@ -102,33 +102,41 @@ def attention_softmax_backward(xp, probs, dprobs, scale):
     return dprobs
 
 
-def attention(xp, qkv, causal, softmax):
+def attention(xp, qkv, kept, causal, softmax, operands):
     """Multi-head scaled dot-product attention of qkv (B, T, 3, H, Dh), the input projection's
     output as it comes: (mixed (B, T, H, Dh), state), state for attention_backward. Heads and
     batch rows go through batched matmuls on strided views of qkv and of the output (each matrix
     has unit-stride rows, which BLAS reads and writes in place: no transposing copies).
-    softmax(scores, scale, causal): the backend's attention_softmax (a kernel, or the one above)."""
-    q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # views, each (B, H, T, Dh)
+    softmax(scores, scale, causal): the backend's attention_softmax (a kernel, or the one above);
+    operands(*arrays): the backend's gemm_operands, the products' operands in the running precision
+    (rounded to 16 bits in mixed precision: q, k and v once, the probabilities before they weigh v).
+    kept: what the state keeps of qkv, qkv itself or (mixed precision) its 16-bit copy, whose values
+    are the rounded q, k and v (operands turns it into them, exactly)."""
+    q, k, v = operands(kept)[0].transpose(2, 0, 3, 1, 4)  # views, each (B, H, T, Dh)
     scale = 1.0 / math.sqrt(qkv.shape[-1])
     scores = xp.matmul(q, k.swapaxes(-1, -2))
     probs = softmax(scores, scale, causal)
     b, t, _, h, dh = qkv.shape
     mixed = xp.empty((b, t, h, dh), dtype=probs.dtype)
-    xp.matmul(probs, v, out=mixed.transpose(0, 2, 1, 3))
-    return mixed, (qkv, probs, (q, k, v))
+    xp.matmul(operands(probs)[0], v, out=mixed.transpose(0, 2, 1, 3))
+    # (q, k, v): views of qkv, free; of a 16-bit copy they would keep its float32 values alive
+    return mixed, (kept, probs, (q, k, v) if kept is qkv else ())
 
 
-def attention_backward(xp, dmixed, state, softmax_backward):
+def attention_backward(xp, dmixed, state, softmax_backward, operands):
     """dqkv (B, T, 3, H, Dh) from the gradient of attention's output, dmixed (B, T, H, Dh);
-    softmax_backward(probs, dprobs, scale) as attention's softmax."""
-    qkv, probs, (q, k, v) = state
-    scale = 1.0 / math.sqrt(qkv.shape[-1])
+    softmax_backward(probs, dprobs, scale) as attention's softmax; operands as attention's: every
+    product's operands rounded in mixed precision, the softmax's backward on the float32 probabilities."""
+    kept, probs, views = state
+    q, k, v = views or operands(kept)[0].transpose(2, 0, 3, 1, 4)
+    scale = 1.0 / math.sqrt(kept.shape[-1])
     dmixed = dmixed.transpose(0, 2, 1, 3)  # a view: (B, H, T, Dh)
-    dqkv = xp.empty(qkv.shape, dtype=dmixed.dtype)
+    dqkv = xp.empty(kept.shape, dtype=dmixed.dtype)
     dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)  # views, written by the matmuls
-    xp.matmul(probs.swapaxes(-1, -2), dmixed, out=dv)
+    probs_r, dmixed = operands(probs, dmixed)
+    xp.matmul(probs_r.swapaxes(-1, -2), dmixed, out=dv)
     dprobs = xp.matmul(dmixed, v.swapaxes(-1, -2))
-    dscores = softmax_backward(probs, dprobs, scale)
+    dscores = operands(softmax_backward(probs, dprobs, scale))[0]
     xp.matmul(dscores, k, out=dq)
     xp.matmul(dscores.swapaxes(-1, -2), q, out=dk)
     return dqkv

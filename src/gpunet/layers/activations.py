@@ -1,7 +1,7 @@
 """Elementwise activations and Softmax as layers (no parameters)."""
 from __future__ import annotations
 
-from gpunet.backend import Array, ops_for
+from gpunet.backend import Array, activations, ops_for, precision
 from gpunet.layers.base import Layer, register
 
 
@@ -13,12 +13,20 @@ class Activation(Layer):
     def forward(self, x: Array) -> Array:
         ops = ops_for(x, op=f"{type(self).__name__}.forward")
         y = ops.activation(self.kind, x)
-        self.save_for_backward(x=x, y=y)  # relu', sigmoid' and tanh' read y; gelu' reads x
+        if precision.current() == "fp32":
+            self.save_for_backward(x=x, y=y)  # relu', sigmoid' and tanh' read y; gelu' reads x
+        elif self.kind == "relu":  # mixed precision: only what the derivative reads, ReLU's sign in 16 bits
+            self.save_for_backward(x=None, y=ops.store_16bit(y, hand_on=True))  # (as Dense keeps a fused ReLU's)
+        elif activations.from_output(self.kind):
+            self.save_for_backward(x=None, y=y)
+        else:
+            self.save_for_backward(x=x, y=None)
         return y
 
     def backprop(self, dy, saved, need_dx):
         ops = ops_for(dy, op=f"{type(self).__name__}.backward")
-        return ops.activation_backward(self.kind, saved.x, saved.y, dy)
+        y = ops.stored_float32(saved.y)
+        return ops.activation_backward(self.kind, y if saved.x is None else saved.x, y, dy)  # relu'(x) = relu'(y)
 
 
 @register("ReLU")

@@ -43,8 +43,10 @@ class MultiHeadAttention(Layer):
         qkv = ops.linear(x2, w, self.params["in_proj_bias"]).reshape(b, t, 3, heads, d // heads)
         mixed, state = ops.attention(qkv, self.causal)  # q, k, v read in place: no transposes
         mixed = mixed.reshape(b * t, d)
-        self.save_for_backward(x2=x2, mixed=mixed, state=state)
-        return ops.linear(mixed, self.params["out_proj.weight"], self.params["out_proj.bias"]).reshape(b, t, d)
+        y = ops.linear(mixed, self.params["out_proj.weight"], self.params["out_proj.bias"]).reshape(b, t, d)
+        # x2 and mixed only feed the weights' products: 16 bits in mixed precision (state: see Ops.attention)
+        self.save_for_backward(x2=ops.store_16bit(x2), mixed=ops.store_16bit(mixed), state=state)
+        return y
 
     def backprop(self, dy, saved, need_dx):
         ops = ops_for(dy, self.params["in_proj_weight"], op="MultiHeadAttention.backward")

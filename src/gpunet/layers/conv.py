@@ -70,8 +70,9 @@ class Conv2D(Layer):
         ops = ops_for(x, w, op="Conv2D.forward")
         y, argmax, cols, y_shape = ops.conv2d_relu_pool(x, w, self.params.get("bias"), self.stride, self.padding,
                                                         pool.kernel)
-        self.save_for_backward(cols=cols, x_shape=x.shape, pooled=y, argmax=argmax, y_shape=y_shape,
-                               pool=pool.kernel)
+        # the backward reads only the sign of the pooled ReLU outputs: 16 bits in mixed precision, as a ReLU's
+        self.save_for_backward(cols=cols, x_shape=x.shape, pooled=ops.store_16bit(y, hand_on=True), argmax=argmax,
+                               y_shape=y_shape, pool=pool.kernel)
         return y
 
     def forward(self, x: Array) -> Array:
@@ -86,18 +87,20 @@ class Conv2D(Layer):
         self._check_input(x)
         ops = ops_for(x, w, op="Conv2D.forward")
         y, cols = ops.conv2d(x, w, self.params.get("bias"), self.stride, self.padding, activation)
-        self.save_for_backward(cols=cols, x_shape=x.shape, activation=activation, y=y if activation else None)
+        # cols: 16-bit in mixed precision (the ops keep them so); y, for the activation's derivative, as Dense keeps it
+        kept = ops.store_16bit(y, hand_on=True) if activation == "relu" else y if activation else None
+        self.save_for_backward(cols=cols, x_shape=x.shape, activation=activation, y=kept)
         return y
 
     def backprop(self, dy, saved, need_dx):
         w = self.params["weight"]
         ops = ops_for(dy, w, op="Conv2D.backward")
         if hasattr(saved, "pool"):  # fused with a ReLU and a MaxPool2D
-            return ops.conv2d_relu_pool_backward(dy, saved.pooled, saved.argmax, saved.cols, saved.x_shape,
-                                                 saved.y_shape, w, self.grads["weight"], self.grads.get("bias"),
-                                                 self.stride, self.padding, saved.pool, need_dx)
+            return ops.conv2d_relu_pool_backward(dy, ops.stored_float32(saved.pooled), saved.argmax, saved.cols,
+                                                 saved.x_shape, saved.y_shape, w, self.grads["weight"],
+                                                 self.grads.get("bias"), self.stride, self.padding, saved.pool, need_dx)
         return ops.conv2d_backward(dy, saved.cols, saved.x_shape, w, self.grads["weight"], self.grads.get("bias"),
-                                   self.stride, self.padding, need_dx, saved.activation, saved.y)
+                                   self.stride, self.padding, need_dx, saved.activation, ops.stored_float32(saved.y))
 
 
 class _Pool(Layer):

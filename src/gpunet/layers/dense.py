@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from gpunet import init as initialisers
 from gpunet.backend import Array, ops_for
-from gpunet.backend import activations
+from gpunet.backend import activations, precision
 from gpunet.layers.activations import Activation
 from gpunet.layers.base import Layer, register
 from gpunet.layers.checks import check_float_input, check_last_dim
@@ -57,16 +57,38 @@ class Dense(Layer):
         else:  # the derivative needs the pre-activation
             z = ops.linear(x2, w, b)
             y = ops.activation(activation, z)
-        self.save_for_backward(x=x2, z=z, y=y, activation=activation)
+        if precision.current() == "fp32":
+            self.save_for_backward(x=x2, z=z, y=y, activation=activation)
+        else:  # mixed precision: x only for dW's product, 16 bits; the activation's input in docs/precision.md
+            self.save_for_backward(x=ops.store_16bit(x2), **_kept_for_derivative(ops, activation, z, y),
+                                   activation=activation)
         return y.reshape(*x.shape[:-1], w.shape[0])
 
     def backprop(self, dy, saved, need_dx):
         w = self.params["weight"]
         ops = ops_for(dy, w, op="Dense.backward")
+        y = ops.stored_float32(saved.y)  # (ReLU's output, kept in 16 bits in mixed precision)
+        z = y if saved.z is None else saved.z
         if self.frozen:  # its parameters are not trained: dx alone, without the dW and db GEMMs
             dy2 = dy.reshape(-1, w.shape[0])
-            dz = dy2 if saved.activation is None else ops.activation_backward(saved.activation, saved.z, saved.y, dy2)
+            dz = dy2 if saved.activation is None else ops.activation_backward(saved.activation, z, y, dy2)
+            dz, w = ops.gemm_operands(dz, w)
             return (dz @ w).reshape(*dy.shape[:-1], w.shape[1]) if need_dx else None
-        dx = ops.linear_act_backward(saved.x, w, saved.z, saved.y, dy.reshape(-1, w.shape[0]), saved.activation,
+        dx = ops.linear_act_backward(saved.x, w, z, y, dy.reshape(-1, w.shape[0]), saved.activation,
                                      self.grads["weight"], self.grads.get("bias"), need_dx)
         return None if dx is None else dx.reshape(*dy.shape[:-1], w.shape[1])
+
+
+def _kept_for_derivative(ops, activation, z, y) -> dict:
+    """What the activation's derivative reads, as a mixed-precision Dense keeps it (z None: the derivative
+    reads y in its place): nothing without an activation; ReLU's output in 16 bits (its derivative reads
+    only the sign, which rounding keeps: a value too small for fp16 flushes to 0, as the next product's
+    rounded operand does); sigmoid's and tanh's output and GELU's input in float32 (their derivatives
+    would carry the 16-bit rounding error)."""
+    if activation is None:
+        return {"z": None, "y": None}
+    if activation == "relu":
+        return {"z": None, "y": ops.store_16bit(y, hand_on=True)}  # (the next Dense may keep the same copy)
+    if activations.from_output(activation):
+        return {"z": None, "y": y}
+    return {"z": z, "y": None}

@@ -12,6 +12,13 @@ h @ W_hh and the cell's pointwise work run per step, on time-major buffers whose
 are contiguous. The LSTM's step is one op
 (Ops.lstm_step and its backward), which a GPU runs as one launch: product and cell fused.
 GRU and RNN keep a product and a cell launch per step.
+
+In mixed precision (docs/precision.md) every product's operands are rounded to the 16-bit format:
+the input projection's and the weight gradients' inside the ops, the per-step ones here (W_hh once a
+sequence, h or the gates' gradient each step), since Ops.matmul and lstm_step take operands as given.
+The time-major input is kept in 16 bits (only W_ih's gradient reads it), and so are the LSTM's states
+h (only W_hh's gradient reads them); the cells' gates and states stay float32, and so do the RNN's and
+GRU's h, which their cells' backwards read.
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from gpunet import init as initialisers
-from gpunet.backend import Array, ops_for
+from gpunet.backend import Array, ops_for, precision
 from gpunet.layers.base import Layer, register
 from gpunet.layers.checks import check_float_input, check_last_dim, check_ndim
 
@@ -42,6 +49,7 @@ class _Recurrent(Layer):
     _forward: Callable[..., dict]  # each cell's
     blocks = 1  # gate blocks of size H in the weights
     state_parts = 1  # h, or (h, c) for the LSTM
+    h_kept_in_16bit = False  # whether only products read the states h in backward (the LSTM's): 16 bits then
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True):
         if input_size < 1 or hidden_size < 1:
@@ -70,8 +78,11 @@ class _Recurrent(Layer):
         check_float_input(self, x, w.dtype)
         ops = ops_for(x, w, op=f"{type(self).__name__}.forward")
         b, t, f = x.shape
-        xs = self._buffer(ops, "xs", (t, b, f), x.dtype)
-        xs[...] = x.transpose(1, 0, 2)
+        if precision.current() == "fp32":
+            xs = self._buffer(ops, "xs", (t, b, f), x.dtype)
+            xs[...] = x.transpose(1, 0, 2)
+        else:  # kept in 16 bits (by _run): the float32 copy is not kept between calls either
+            xs = ops.xp.ascontiguousarray(x.transpose(1, 0, 2))
         return self._run(ops, xs, b, t, state)
 
     def takes_embedded(self, ids, weight) -> bool:
@@ -92,10 +103,16 @@ class _Recurrent(Layer):
     def _run(self, ops, inputs, b, t, state):
         """The steps over time-major inputs: xs (T, B, F), or EmbeddedIds."""
         dtype = self.params["weight_ih"].dtype
-        hs = self._buffer(ops, "hs", (t + 1, b, self.config["hidden_size"]), dtype)
+        shape = (t + 1, b, self.config["hidden_size"])
+        if self.h_kept_in_16bit and precision.current() != "fp32":  # the cell keeps a 16-bit copy instead
+            hs = ops.xp.empty(shape, dtype=dtype)
+        else:
+            hs = self._buffer(ops, "hs", shape, dtype)
         initial = self._initial_state(ops, state, b, dtype)
-        cell = self._forward(ops, inputs, hs, initial)  # the cell's own arrays for its backward
-        self.save_for_backward(xs=inputs, hs=hs, state_given=state is not None, **cell)
+        cell = self._forward(ops, inputs, hs, initial)  # the cell's own arrays for its backward (hs: may replace it)
+        # the inputs (not ids) only feed W_ih's gradient: kept in 16 bits in mixed precision
+        kept = inputs if isinstance(inputs, EmbeddedIds) else ops.store_16bit(inputs)
+        self.save_for_backward(**{"xs": kept, "hs": hs, "state_given": state is not None, **cell})
         return ops.xp.ascontiguousarray(hs[1:].transpose(1, 0, 2))
 
     def backprop(self, dy, saved, need_dx):
@@ -162,19 +179,25 @@ class _Recurrent(Layer):
     def _embedded_grads(self, ops, inputs, dgi, grad_bias, grad_embedding):
         """W_ih's, the embedding's and (into grad_bias) b_ih's gradients from the gates' gradient
         summed per id: a row per table entry instead of one per token."""
-        weight = inputs.weight
-        per_id = self._buffer(ops, "dgates_per_id", (weight.shape[0], dgi.shape[-1]), dgi.dtype)
+        per_id = self._buffer(ops, "dgates_per_id", (inputs.weight.shape[0], dgi.shape[-1]), dgi.dtype)
         ops.embedding_backward(inputs.ids, dgi, per_id)
-        ops.matmul(per_id.T, weight, out=self.grads["weight_ih"])
         if grad_bias is not None:
-            ops.xp.sum(per_id, axis=0, out=grad_bias)
-        ops.matmul(per_id, self.params["weight_ih"], out=grad_embedding)
+            ops.xp.sum(per_id, axis=0, out=grad_bias)  # (from the float32 sums, not their rounded copy)
+        per_id, weight, w_ih = ops.gemm_operands(per_id, inputs.weight, self.params["weight_ih"])
+        ops.matmul(per_id.T, weight, out=self.grads["weight_ih"])
+        ops.matmul(per_id, w_ih, out=grad_embedding)
 
-    def _recurrent_grad(self, ops, saved, dgates_t, t):
-        """dh_{t-1} through W_hh, or None at t = 0 when nobody needs the initial state's gradient."""
+    def _recurrent_grad(self, ops, saved, dgates_t, t, w_hh):
+        """dh_{t-1} through w_hh (W_hh as the caller rounded it), or None at t = 0 when nobody needs the
+        initial state's gradient."""
         if t == 0 and not saved.state_given:
             return None
-        return ops.matmul(dgates_t, self.params["weight_hh"])
+        return ops.matmul(ops.gemm_operands(dgates_t)[0], w_hh)
+
+    def _step_operands(self, ops, transposed):
+        """W_hh as the per-step products take it, rounded once a sequence (transposed: W_hh^T, contiguous)."""
+        w = self.params["weight_hh"]
+        return ops.gemm_operands(ops.xp.ascontiguousarray(w.T) if transposed else w)[0]
 
 
 @register("RNN")
@@ -184,20 +207,21 @@ class RNN(_Recurrent):
     def _forward(self, ops, xs, hs, state):
         hs[0] = state[0]
         pre = self._input_projection(ops, xs, with_hidden_bias=True)
-        w_hh_t = ops.xp.ascontiguousarray(self.params["weight_hh"].T)
+        w_hh_t = self._step_operands(ops, transposed=True)
         for t in range(len(hs) - 1):
-            pre[t] += ops.matmul(hs[t], w_hh_t)
+            pre[t] += ops.matmul(ops.gemm_operands(hs[t])[0], w_hh_t)
             ops.activation("tanh", pre[t], out=hs[t + 1])
         self.final_state = hs[-1].copy()
         return {}
 
     def _backward_steps(self, ops, saved, dys):
         hs, dpre = saved.hs, self._buffer(ops, "dpre", dys.shape, dys.dtype)
+        w_hh = self._step_operands(ops, transposed=False)
         dh = None
         for t in range(len(dys) - 1, -1, -1):
             dh_t = dys[t] if dh is None else dys[t] + dh
             dpre[t] = ops.activation_backward("tanh", None, hs[t + 1], dh_t)
-            dh = self._recurrent_grad(ops, saved, dpre[t], t)
+            dh = self._recurrent_grad(ops, saved, dpre[t], t, w_hh)
         self.state_grad = dh
         return dpre, dpre
 
@@ -208,28 +232,30 @@ class LSTM(_Recurrent):
 
     blocks = 4
     state_parts = 2
+    h_kept_in_16bit = True
 
     def _forward(self, ops, xs, hs, state):
-        xp = ops.xp
         cs = self._buffer(ops, "cs", hs.shape, hs.dtype)
         tanh_c = self._buffer(ops, "tanh_c", hs[1:].shape, hs.dtype)
         hs[0], cs[0] = state
         x_gates = self._input_projection(ops, xs, with_hidden_bias=True)
         gates = self._buffer(ops, "gates", x_gates.shape, x_gates.dtype)  # activated
-        w_hh_t = xp.ascontiguousarray(self.params["weight_hh"].T)
+        w_hh_t = self._step_operands(ops, transposed=True)
         for t in range(len(hs) - 1):  # on a GPU one launch a step: h @ W_hh^T fused with the cell
-            ops.lstm_step(x_gates[t], w_hh_t, hs[t], cs[t], gates[t], hs[t + 1], cs[t + 1], tanh_c[t])
+            h = ops.gemm_operands(hs[t])[0]
+            ops.lstm_step(x_gates[t], w_hh_t, h, cs[t], gates[t], hs[t + 1], cs[t + 1], tanh_c[t])
         self.final_state = (hs[-1].copy(), cs[-1].copy())
-        return {"gates": gates, "cs": cs, "tanh_c": tanh_c}
+        # h feeds only products (W_hh's gradient): 16 bits in mixed precision (the cell's arrays stay float32)
+        return {"gates": gates, "cs": cs, "tanh_c": tanh_c, "hs": ops.store_16bit(hs)}
 
     def _backward_steps(self, ops, saved, dys):
         dgates = self._buffer(ops, "dgates", saved.gates.shape, saved.gates.dtype)  # all steps': for the weights
         dc = self._buffer(ops, "dc", dys.shape[1:], dys.dtype)
-        w_hh, last = self.params["weight_hh"], len(dys) - 1
+        w_hh, last = self._step_operands(ops, transposed=False), len(dys) - 1
         for t in range(last, -1, -1):  # on a GPU one launch a step: dgates[t + 1] @ W_hh fused with the cell
-            ops.lstm_step_backward(dys[t], None if t == last else dgates[t + 1], w_hh, dc, saved.gates[t],
-                                   saved.cs[t], saved.tanh_c[t], dgates[t])
-        dh = self._recurrent_grad(ops, saved, dgates[0], 0) if len(dys) else None
+            ops.lstm_step_backward(dys[t], None if t == last else ops.gemm_operands(dgates[t + 1])[0], w_hh, dc,
+                                   saved.gates[t], saved.cs[t], saved.tanh_c[t], dgates[t])
+        dh = self._recurrent_grad(ops, saved, dgates[0], 0, w_hh) if len(dys) else None
         self.state_grad = None if dh is None else (dh, dc.copy())  # dc is a work buffer
         return dgates, dgates
 
@@ -242,14 +268,13 @@ class GRU(_Recurrent):
     blocks = 3
 
     def _forward(self, ops, xs, hs, state):
-        xp = ops.xp
         hs[0] = state[0]
         gi = self._input_projection(ops, xs, with_hidden_bias=False)
         gh = self._buffer(ops, "gh", gi.shape, gi.dtype)
-        w_hh, b_hh = self.params["weight_hh"], self.params.get("bias_hh")
-        w_hh_t = xp.ascontiguousarray(w_hh.T)
+        b_hh = self.params.get("bias_hh")
+        w_hh_t = self._step_operands(ops, transposed=True)
         for t in range(len(hs) - 1):
-            ops.matmul(hs[t], w_hh_t, out=gh[t])
+            ops.matmul(ops.gemm_operands(hs[t])[0], w_hh_t, out=gh[t])
             if b_hh is not None:
                 gh[t] += b_hh
             ops.gru_cell(gi[t], gh[t], hs[t], hs[t + 1])
@@ -259,11 +284,12 @@ class GRU(_Recurrent):
     def _backward_steps(self, ops, saved, dys):
         dgi = self._buffer(ops, "dgi", saved.gi.shape, saved.gi.dtype)
         dgh = self._buffer(ops, "dgh", saved.gh.shape, saved.gh.dtype)
+        w_hh = self._step_operands(ops, transposed=False)
         dh = None
         for t in range(len(dys) - 1, -1, -1):
             dh_t = dys[t] if dh is None else dys[t] + dh
             direct = ops.gru_cell_backward(dh_t, saved.gi[t], saved.gh[t], saved.hs[t], dgi[t], dgh[t])
-            through = self._recurrent_grad(ops, saved, dgh[t], t)
+            through = self._recurrent_grad(ops, saved, dgh[t], t, w_hh)
             dh = direct if through is None else direct + through
         self.state_grad = dh if saved.state_given else None
         return dgi, dgh
