@@ -260,6 +260,9 @@ def _zero_size_cases():
         "embed_backward": [("batch", embed_backward)],
         "dropout": [(s, lambda ops, put, s=s: [ops.dropout(put(f32(*s)), 0.5, (1, 2, 3, 0))[0]]) for s in ((0, 5), (3, 0))],
         "dropout_backward": [("batch", lambda ops, put: [ops.dropout_backward(put(f32(0, 5)), 0.5, (1, 2, 3, 0), None)])],
+        "to_16bit": [(k, lambda ops, put, k=k: [ops.to_16bit(put(f32(0, 5)), k)]) for k in ("bf16", "fp16")],
+        "from_16bit": [("fp16", lambda ops, put: [ops.from_16bit(put(numpy.zeros((0, 5), "float16")))])],
+        "round_16bit": [(k, lambda ops, put, k=k: [ops.round_16bit(put(f32(3, 0)), k)]) for k in ("bf16", "fp16")],
     }
 
 
