@@ -1,6 +1,8 @@
 """A model summary: each layer, its output shape and parameter count; the activation memory a forward keeps."""
 from __future__ import annotations
 
+import numpy
+
 from gpunet.backend import ops_for_device
 
 
@@ -38,16 +40,13 @@ def model_input(model, input_shape, dtype):
 
 def saved_bytes(model) -> int:
     """The bytes of the arrays model and every layer under it keep from their last forward for the backward
-    (what save_for_backward saved): the activation memory of a training step, each array's memory counted once
-    (views of one array, or one array saved by two layers, share it)."""
-    seen: dict[int, int] = {}
+    (what save_for_backward saved): the activation memory of a training step, each byte of memory counted once
+    (views of one array, or one array saved by two layers, share it: the union of the arrays' address ranges)."""
+    ranges: list[tuple[int, int]] = []
 
     def count(value) -> None:
-        if hasattr(value, "nbytes") and hasattr(value, "dtype") and hasattr(value, "shape"):
-            root = value
-            while getattr(root, "base", None) is not None and hasattr(root.base, "nbytes"):
-                root = root.base
-            seen[id(root)] = int(root.nbytes)
+        if hasattr(value, "nbytes") and hasattr(value, "strides") and hasattr(value, "shape"):
+            ranges.append(_address_range(value))
         elif isinstance(value, (list, tuple)):
             for item in value:
                 count(item)
@@ -61,4 +60,24 @@ def saved_bytes(model) -> int:
     for layer in model._subtree():
         if layer._saved is not None:
             count(vars(layer._saved))
-    return sum(seen.values())
+    total, reached = 0, None
+    for low, high in sorted(ranges):
+        start = low if reached is None else max(low, reached)
+        if high > start:
+            total += high - start
+        reached = high if reached is None else max(reached, high)
+    return total
+
+
+def _address_range(a) -> tuple[int, int]:
+    """[first byte, past the last byte) of an array's elements: a NumPy array's or a CuPy array's (data.ptr)."""
+    start = a.ctypes.data if isinstance(a, numpy.ndarray) else a.data.ptr  # (a bfloat16 array has no buffer)
+    if a.size == 0:
+        return start, start
+    low = high = start
+    for n, stride in zip(a.shape, a.strides):
+        if stride > 0:
+            high += (n - 1) * stride
+        else:
+            low += (n - 1) * stride
+    return low, high + a.itemsize

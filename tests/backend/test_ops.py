@@ -304,7 +304,8 @@ def test_dropout_and_its_backward(device, shape, residual):
     want, want_mask = REFERENCE.dropout(x, 0.25, stream, r if residual else None)
     numpy.testing.assert_array_equal(gn.to_numpy(y), want)
     numpy.testing.assert_array_equal(gn.to_numpy(ops.dropout_backward(on(device, dy), 0.25, stream, mask)),
-                                     dy * want_mask)
+                                     dy * (want_mask.astype("float32") * (1 / 0.75)))  # (the kept elements, scaled)
+    assert want_mask.dtype == bool  # a byte an element: the CPU keeps the booleans, a GPU regenerates them
 
 
 # ------------------------------------------------------------------ rows beyond gridDim.y

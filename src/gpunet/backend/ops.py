@@ -247,17 +247,19 @@ class Ops(ConvOps, SixteenBitOps):
         """(x * mask, mask) with the counter-based mask of stream (seed key, step, layer, draw):
         keep with probability 1 - p, scaled by 1 / (1 - p), as gpunet.random.dropout_keep (no
         host draw: the bits are computed with self.xp); with residual (x's shape), residual +
-        x * mask. mask is what dropout_backward needs."""
+        x * mask. The mask returned, what dropout_backward needs, is the kept elements as booleans (a
+        byte each, a quarter of the float32 scaled mask: activation memory)."""
         from gpunet import random  # (gpunet.random imports nothing of the backend)
 
         keep = random.dropout_keep(x.size, p, stream, self.xp).reshape(x.shape)
-        mask = keep.astype(x.dtype) * (1.0 / (1.0 - p))
-        y = x * mask
-        return (y if residual is None else residual + y), mask
+        y = x * (keep.astype(x.dtype) * (1.0 / (1.0 - p)))
+        return (y if residual is None else residual + y), keep
 
     def dropout_backward(self, dy, p, stream, mask):
-        """dy * the forward's mask (regenerated from stream when mask is None)."""
-        return dy * mask if mask is not None else self.dropout(dy, p, stream)[0]
+        """dy * the forward's scaled mask (regenerated from stream when mask is None)."""
+        if mask is None:
+            return self.dropout(dy, p, stream)[0]
+        return dy * (mask.astype(dy.dtype) * (1.0 / (1.0 - p)))
 
     # ---------------------------------------------------------------- optimizer updates
     def sgd_update(self, param, grad, velocity, lr, momentum, dampening, weight_decay, nesterov, first_step,
