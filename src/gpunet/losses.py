@@ -137,7 +137,8 @@ def report_keys(loss) -> list[str]:
     """The means an evaluation with `loss` reports besides "samples": "loss" and its metric ("accuracy"), or for
     several outputs the weighted total "loss", then "loss_i" (unweighted) and "accuracy_i" per output i."""
     if not isinstance(loss, (list, tuple)):
-        return ["loss"] + ([metric(loss)] if metric(loss) else [])
+        implied = metric(loss)
+        return ["loss"] + ([implied] if implied else [])
     keys = ["loss"]
     for i, name in enumerate(loss):
         keys += [f"loss_{i}"] + ([f"{metric(name)}_{i}"] if metric(name) else [])

@@ -40,9 +40,10 @@ def step_bound(layers, input_shape: tuple, classes: int, dtype: str = "float32")
     return 2 * LAMBDA * total * UNIT_ROUNDOFF[dtype]
 
 
-def reduction_path(layer, shape: tuple) -> tuple[int, tuple]:
+def reduction_path(layer, shape: tuple | list) -> tuple[int, tuple]:
     """(the lengths of the sums a step of layer runs one after the other, forward then backward,
-    on input of shape `shape`; the output's shape). The backward's input and parameter gradients
+    on input of shape `shape`, or a list of shapes for several inputs; the output's shape). The backward's input
+    and parameter gradients
     are computed side by side: the longer of the two counts."""
     kind, c = type(layer).__name__, layer.config
     several = bool(shape) and isinstance(shape[0], (tuple, list))  # the shapes of several inputs
