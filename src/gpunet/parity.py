@@ -9,6 +9,9 @@ A Sequential is compared per layer, each layer's forward run alone; a gn.Model p
 each node's layer run alone (the model's fused chains unfused, as a Sequential's), a row per node named
 by the layer's name in the model, a shared layer's later calls "head#2", "head#3". The command line
 trains a recipe (gpunet train's --model); compare() also takes a model and its batches.
+
+With precision="bf16" or "fp16" the two runs are one device's: the same steps in fp32 and in that mixed
+precision, in lockstep, each step's differences held to gpunet.parity_bound.precision_bound.
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ from gpunet.backend import to_device, to_numpy
 from gpunet.data import CharWindows, image_preprocess, load_dataset, text_preprocess
 from gpunet.data.pipeline import apply_preprocess
 from gpunet.layers import Dropout, Layer, Model, Sequential, build_layer
-from gpunet.parity_bound import step_bound
+from gpunet.backend import precision as precisions
+from gpunet.parity_bound import UNIT_16, product_bound, step_bound
 from gpunet.recipes import recipe
 
 
@@ -113,8 +117,8 @@ def _set_dropout(config, p: float) -> bool:
 class _Side:
     """One device's copy of the model and its Adam, stepped one batch at a time."""
 
-    def __init__(self, model, device: str, lr: float):
-        self.device, self.model = device, _copy(model).to(device)
+    def __init__(self, model, device: str, lr: float, precision: str = "fp32"):
+        self.device, self.model, self.precision = device, _copy(model).to(device), precision
         if isinstance(self.model, Model):
             for step in self.model._steps:  # every node alone, as a Sequential's layers run here (see step)
                 step.absorbed, step.inside = [], False
@@ -130,7 +134,12 @@ class _Side:
         """Train on one batch: (loss, activations per layer or node, gradients per parameter), host copies
         taken when each was made (layers and optimizers reuse their buffers in place). A gn.Model's copy
         has no fused chains: its forward runs each node's layer alone and keeps every node's output until
-        its backward, so they are copied when the forward is done."""
+        its backward, so they are copied when the forward is done. The side's precision is the thread's
+        for the step (gpunet.backend.precision.using)."""
+        with precisions.using(self.precision):
+            return self._step(step, x, y)
+
+    def _step(self, step: int, x, y):
         gn.random.set_step(step)
         moved = [to_device(a, self.device) for a in x] if isinstance(x, (list, tuple)) else to_device(x, self.device)
         out = apply_preprocess(self.model.preprocess, moved, self.xp)
@@ -161,12 +170,12 @@ def run(model, data, device: str, lr: float, seed: int):
     return _run_sides(model, data, (device,), lr, seed, lockstep=False)[0]
 
 
-def _run_sides(model, data, devices, lr: float, seed: int, lockstep: bool):
+def _run_sides(model, data, devices, lr: float, seed: int, lockstep: bool, precisions_=("fp32", "fp32")):
     """Each device's record (see run). lockstep: before every step after the first, each later
     side takes the first side's parameters and optimizer state, so a step's differences are that
     step's arithmetic alone (not rounding carried and amplified from earlier steps)."""
     gn.manual_seed(seed)  # the dropout masks' key
-    sides = [_Side(model, device, lr) for device in devices]
+    sides = [_Side(model, device, lr, p) for device, p in zip(devices, precisions_)]
     records = [[] for _ in sides]
     for step, (x, y) in enumerate(data):
         if lockstep and step:
@@ -177,8 +186,9 @@ def _run_sides(model, data, devices, lr: float, seed: int, lockstep: bool):
     return records
 
 
-def compare(model, steps: int = 20, devices=("cpu", "gpu"), batch_size: int | None = None, seed: int = 0,
-            dropout: float | None = None, lockstep: bool = False, *, data=None, lr: float = 1e-3) -> dict:
+def compare(model, steps: int = 20, devices=None, batch_size: int | None = None, seed: int = 0,
+            dropout: float | None = None, lockstep: bool = False, *, data=None, lr: float = 1e-3,
+            precision: str = "fp32") -> dict:
     """Train `model` on both devices and compare: per layer (per node of a gn.Model) and parameter the
     largest relative difference over all steps (activation_diff, grad_diff), and per step the loss,
     activation and gradient differences (loss_diff, step_activation_diff, step_grad_diff; the latter two
@@ -193,7 +203,21 @@ def compare(model, steps: int = 20, devices=("cpu", "gpu"), batch_size: int | No
     seeded by `seed`), or a model (a Sequential, a gn.Model, any layer) with `data`, its training batches
     [(x, y), ...] (the first `steps` of them; x a list of arrays for several inputs, raw if the model has
     `preprocess`; y class ids, a list of them for several outputs: the loss is a softmax cross-entropy
-    per output, summed), trained by Adam at `lr`; batch_size is the recipe's only."""
+    per output, summed), trained by Adam at `lr`; batch_size is the recipe's only.
+
+    devices: the two devices, ("cpu", "gpu") by default. precision "bf16" or "fp16": one device (devices
+    its name twice, ("cpu", "cpu") by default) runs the steps in fp32 and in that mixed precision, in
+    lockstep (the mixed side starts every step from the fp32 side's state); the report adds per row the
+    bound of gpunet.parity_bound.precision_bound (row_bounds: a Sequential's layer i the forward's products
+    up to it, a gn.Model's nodes the whole step's), first_over (the first step, and in it the first layer,
+    parameter or the loss, over its bound; None: none) and loss_scale (parity's steps have no loss scaler:
+    no overflow to list)."""
+    precisions.check(precision, "parity.compare")
+    mixed = precision != "fp32"
+    devices = tuple(devices or (("cpu", "cpu") if mixed else ("cpu", "gpu")))
+    if mixed and devices[0] != devices[1]:
+        raise ValueError(f"parity.compare: precision {precision!r} compares fp32 with it on one device, got {devices}")
+    lockstep = lockstep or mixed
     if isinstance(model, str):
         name = model
         model, data, r = model_and_batches(name, steps, batch_size, seed, dropout)
@@ -206,22 +230,54 @@ def compare(model, steps: int = 20, devices=("cpu", "gpu"), batch_size: int | No
         if dropout is not None:
             model = with_dropout(model, dropout)
         data = list(data)[:steps]
-    first, second = _run_sides(model, data, devices, lr, seed, lockstep)
+    first, second = _run_sides(model, data, devices, lr, seed, lockstep, ("fp32", precision))
     layers = rows(model)
     inputs = apply_preprocess(getattr(model, "preprocess", None), data[0][0], numpy)
     # per step: [layer or node] -> relative difference of the second device from the first
     activations = [[max(map(relative_difference, y, x), default=0.0) if isinstance(x, list)
                     else relative_difference(y, x) for x, y in zip(a[1], b[1])] for a, b in zip(first, second)]
     grads = [_gradient_differences(a[2], b[2]) for a, b in zip(first, second)]
-    return {"model": name, "devices": list(devices), "dropout": dropout, "lockstep": lockstep, "layers": layers,
-            "graph": isinstance(model, Model),
-            "activation_diff": [max(step[i] for step in activations) for i in range(len(layers))],
-            "grad_diff": {k: max(step[k] for step in grads) for k in first[0][2]},
-            "losses": [[a[0], b[0]] for a, b in zip(first, second)],
-            "loss_diff": [relative_difference(b[0], a[0]) for a, b in zip(first, second)],
-            "step_activation_diff": [max(step) for step in activations],
-            "step_grad_diff": [max(step.values(), default=0.0) for step in grads],
-            "bound": _bound(model, inputs, first[0][1][-1])}
+    report = {"model": name, "devices": list(devices), "dropout": dropout, "lockstep": lockstep, "layers": layers,
+              "graph": isinstance(model, Model),
+              "activation_diff": [max(step[i] for step in activations) for i in range(len(layers))],
+              "grad_diff": {k: max(step[k] for step in grads) for k in first[0][2]},
+              "losses": [[a[0], b[0]] for a, b in zip(first, second)],
+              "loss_diff": [relative_difference(b[0], a[0]) for a, b in zip(first, second)],
+              "step_activation_diff": [max(step) for step in activations],
+              "step_grad_diff": [max(step.values(), default=0.0) for step in grads],
+              "bound": _bound(model, inputs, first[0][1][-1]), "precision": precision}
+    if mixed:
+        report.update(_precision_rows(model, inputs, first[0][1][-1], UNIT_16[precision], activations, grads,
+                                      report["loss_diff"], layers))
+    return report
+
+
+def _precision_rows(model, inputs, last, unit: float, activations, grads, loss_diff, layers) -> dict:
+    """precision_bound per row and for the step, the first row over its bound (steps in order; in a step
+    the layers in order, then the loss), and the gradients over the step's bound (kinks: not a verdict).
+
+    The gradients are reported, not held to it: a ReLU (or max pool) whose input lies within the forward's
+    difference of its kink passes the gradient on one side and not on the other, a difference of the
+    element's whole upstream gradient that no rounding bound covers (at the recipes' tiny batches one
+    such element moves a weight gradient's row by up to its size)."""
+    fp32 = _bound(model, inputs, last)  # each side's float32 sums
+    if isinstance(model, Model):
+        shapes = tuple(a.shape for a in inputs) if isinstance(inputs, list) else inputs.shape
+        bound = fp32 + product_bound([model], shapes, unit)
+        row_bounds = [bound] * len(layers)
+    else:
+        bound = fp32 + product_bound(model.layers, inputs.shape, unit)
+        row_bounds = [fp32 + product_bound(model.layers, inputs.shape, unit, upto=i + 1) for i in range(len(layers))]
+    first_over = None
+    for step, (acts, step_grads, loss) in enumerate(zip(activations, grads, loss_diff), 1):
+        over = [(f"layer {row}", diff, b) for row, diff, b in zip(layers, acts, row_bounds) if diff > b]
+        over += [("loss", loss, bound)] if loss > bound else []
+        if over and first_over is None:
+            first_over = {"step": step, "where": over[0][0], "diff": over[0][1], "bound": over[0][2]}
+    gradients_over = [[step, k, diff] for step, step_grads in enumerate(grads, 1)
+                      for k, diff in step_grads.items() if diff > bound]
+    return {"bound": bound, "row_bounds": row_bounds, "first_over": first_over, "gradients_over": gradients_over,
+            "loss_scale": "not used by parity's steps (they have no loss scaler): no overflows to list"}
 
 
 def rows(model) -> list[str]:
@@ -254,6 +310,8 @@ def _bound(model, inputs, last) -> float:
 
 
 def format_report(report: dict) -> str:
+    if report.get("precision", "fp32") != "fp32":
+        return _format_precision(report)
     a, b = report["devices"]
     dropout = "" if report.get("dropout") is None else f", dropout {report['dropout']}"
     lockstep = ", in lockstep" if report.get("lockstep") else ""
@@ -275,6 +333,35 @@ def format_report(report: dict) -> str:
     else:
         lines += ["", f"(differences carry over from step to step; --lockstep holds each step to the bound "
                       f"{bound:.2e})"]
+    return "\n".join(lines)
+
+
+def _format_precision(report: dict) -> str:
+    """A bf16/fp16 report: per row the largest difference from fp32 and its bound, per step the largest
+    differences, the first row over its bound, and the loss scaling."""
+    p, device, bound = report["precision"], report["devices"][0], report["bound"]
+    dropout = "" if report.get("dropout") is None else f", dropout {report['dropout']}"
+    lines = [f"parity of {report['model']}: fp32 vs {p} on {device}, {len(report['losses'])} steps{dropout}, in "
+             f"lockstep (largest relative difference over all steps, and its bound)", "",
+             f"{'node' if report.get('graph') else 'layer'} activations:"]
+    lines += [f"  {name:<60} {diff:.2e}  {b:.2e}"
+              for name, diff, b in zip(report["layers"], report["activation_diff"], report["row_bounds"])]
+    lines += ["", "parameter gradients:"]
+    lines += [f"  {name:<60} {diff:.2e}  {bound:.2e}" for name, diff in report["grad_diff"].items()]
+    lines += ["", f"{'step':>5}  {'loss in fp32':>14}  {'loss in ' + p:>14}  {'loss diff':>10}  "
+                  f"{'activations':>11}  {'gradients':>10}   (relative differences)"]
+    rows = zip(report["losses"], report["loss_diff"], report["step_activation_diff"], report["step_grad_diff"])
+    for step, ((x, y), loss, act, grad) in enumerate(rows, 1):
+        lines.append(f"{step:>5}  {x:>14.6f}  {y:>14.6f}  {loss:>10.2e}  {act:>11.2e}  {grad:>10.2e}")
+    over = report["first_over"]
+    first = "none" if over is None else (f"step {over['step']}, {over['where']}: {over['diff']:.2e} > "
+                                         f"{over['bound']:.2e}")
+    kinks = ", ".join(f"{k} at step {step} ({diff:.2e})" for step, k, diff in report["gradients_over"]) or "none"
+    lines += ["", f"bound on one step's differences from fp32: {bound:.2e} (the loss, gradients; a layer's: its row; "
+                  f"gpunet.parity_bound.precision_bound)", f"first layer or loss over its bound: {first}",
+              f"gradients over it (a ReLU's or max pool's kink within the forward's difference switches the "
+              f"gradient; reported, not a verdict): {kinks}",
+              f"loss scaling: {report['loss_scale']}"]
     return "\n".join(lines)
 
 

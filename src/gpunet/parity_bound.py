@@ -106,3 +106,60 @@ def _conv_output(layer, shape):
         return (shape[0], c["out_channels"], (shape[2] + 2 * ph - kh) // sh + 1, (shape[3] + 2 * pw - kw) // sw + 1)
     k, s, p, d = c["kernel_size"], c["stride"], c["padding"], c["dilation"]
     return (shape[0], c["out_channels"], (shape[2] + 2 * p - d * (k - 1) - 1) // s + 1)
+
+
+# Mixed precision (gpunet parity --precision): the same step in fp32 and in bf16 or fp16 on one device.
+UNIT_16 = {"bf16": 2.0**-8, "fp16": 2.0**-11}  # 8 and 11 significant bits, rounding to nearest
+
+
+def precision_bound(layers, input_shape: tuple, classes: int, operand_unit: float, upto: int | None = None) -> float:
+    """The bound on the relative difference between a step in fp32 and the same step in mixed precision
+    (the products' operands rounded to 16 bits, unit roundoff operand_unit, UNIT_16), both started from the
+    same parameters and optimizer state on one device: of the activations of layers[:upto] (forward sums
+    only), or with upto None of the whole step (loss and gradients: the forward's and the backward's sums).
+
+    Rounding both operands of a product changes it by a factor (1 + d), |d| <= 2 u16 (+ u16^2), so a sum of
+    K products moves by sum_k t_k d_k, at most 2 u16 sum|t_k|. The operands' rounding errors are independent
+    and of mean zero (Higham and Mary's model), so by Hoeffding's inequality |sum_k t_k d_k| <= LAMBDA 2 u16
+    ||t||_2 except with probability 2 exp(-LAMBDA^2/2), and ||t||_2 is the size of the largest output, as in
+    step_bound: each product sum moves the relative difference by at most 2 LAMBDA u16 (no K: one rounding
+    per term, not one per partial sum). Those add along the path like step_bound's sums, and the float32
+    sums of each side add step_bound itself (both sides' own float32 rounding)."""
+    return product_bound(layers, input_shape, operand_unit, upto) + step_bound(layers, input_shape, classes)
+
+
+def product_bound(layers, input_shape: tuple, operand_unit: float, upto: int | None = None) -> float:
+    """precision_bound's share of the rounded operands: 2 LAMBDA u16 per product sum on the path."""
+    shape, products = tuple(input_shape), 0
+    for layer in layers[:upto] if upto is not None else layers:
+        forward, backward = product_sums(layer, shape)
+        products += forward + (backward if upto is None else 0)
+        shape = reduction_path(layer, shape)[1]
+    return 2 * LAMBDA * products * operand_unit
+
+
+def product_sums(layer, shape: tuple | list) -> tuple[int, int]:
+    """(the matrix products a step of layer runs one after the other in its forward, in its backward) on
+    input of shape `shape`: the sums whose operands mixed precision rounds (the backward's input and
+    parameter gradients side by side: one)."""
+    kind = type(layer).__name__
+    several = bool(shape) and isinstance(shape[0], (tuple, list))
+    if kind == "Model":
+        batch = (shape[0] if several else shape)[0]
+        counts = [product_sums(child, s) for child, s in layer.calls(batch)]
+        return sum(f for f, _ in counts), sum(b for _, b in counts)
+    if kind in ("Dense", "Conv2D", "Conv1D"):
+        return 1, 1
+    if kind in ("LSTM", "GRU", "RNN"):
+        return shape[1] + 1, shape[1] + 1  # the input projection, then each step's state product, chained
+    if kind == "MultiHeadAttention":
+        return 4, 4  # the in-projection, the scores, the weighted sum, the out-projection
+    children = getattr(layer, "_children", None)
+    if children and not several:
+        forward = backward = 0
+        for child in children.values():
+            f, b = product_sums(child, shape)
+            forward, backward = forward + f, backward + b
+            shape = reduction_path(child, shape)[1]
+        return forward, backward
+    return 0, 0

@@ -18,11 +18,26 @@ def add_parser(sub) -> None:
     p.add_argument("--lockstep", action="store_true",
                    help="start every GPU step from the CPU's parameters and optimizer state: each step's "
                         "differences are then that step's rounding alone, held to a derived bound")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="bf16 or fp16: the same steps in fp32 and in that mixed precision on one device (--device), "
+                        "in lockstep, held to the format's bound; fp32 (as without it): the CPU against the GPU")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                   help="the device of a --precision bf16/fp16 comparison (default: cpu)")
 
 
 def run(args) -> int:
     from gpunet import parity
 
+    if args.precision in ("bf16", "fp16"):
+        if args.device == "gpu":
+            try:
+                gn.device("gpu")
+            except RuntimeError as exc:
+                raise SystemExit(f"gpunet parity --device gpu: {exc}") from None
+        report = parity.compare(args.model, args.steps, (args.device, args.device), args.batch_size, args.seed,
+                                args.dropout, True, precision=args.precision)
+        print(parity.format_report(report))
+        return 0
     try:
         gn.device("gpu")
     except RuntimeError as exc:
