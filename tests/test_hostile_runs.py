@@ -66,7 +66,7 @@ def test_sigterm_or_sighup_mid_training_saves_exits_128_plus_the_signal_and_resu
     process = start(out, data, 3000)
     first_evaluation(out, process)
     process.send_signal(getattr(signal, signame))
-    stdout, stderr = process.communicate(timeout=120)
+    stdout, stderr = process.communicate(timeout=300)  # (a step and a save: seconds; minutes on a loaded machine)
     lines = [line for line in stderr.splitlines() if line.strip()]
     step = saved_step(out / "last.safetensors")
     assert process.returncode == code and "Traceback" not in stderr

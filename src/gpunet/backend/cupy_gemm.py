@@ -10,7 +10,7 @@ from __future__ import annotations
 from gpunet.backend import cublaslt
 from gpunet.backend import cuda_wrappers as kernels
 from gpunet.backend.cuda_kernels import compile_inputs
-from gpunet.backend.devices import gpu_name
+from gpunet.backend.devices import cupy_status, gpu_name
 from gpunet.backend.gemm_dispatch import GemmDispatch, source_hash
 
 
@@ -40,7 +40,7 @@ class CupyGemmPaths:
 
     def _gemm_dispatch(self):
         if self._dispatch is None:
-            device = self.xp.cuda.Device()
+            device = cupy_status()[0].cuda.Device()  # (CuPy itself: self.xp of the mixin reads as NumPy-or-CuPy)
             # the source and the -D constants, and whether cuBLASLt is a candidate: a choice made without it is
             # measured again once it is installed
             kernels_version = source_hash(*compile_inputs("gemm"), f"cublaslt={self._lt is not None}")
@@ -51,10 +51,11 @@ class CupyGemmPaths:
     def _time_on_gpu(self, fn, warmup: int = 2, repeats: int = 5) -> float:
         for _ in range(warmup):
             fn()
-        start, end = self.xp.cuda.Event(), self.xp.cuda.Event()
+        cupy = cupy_status()[0]
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
         start.record()
         for _ in range(repeats):
             fn()
         end.record()
         end.synchronize()
-        return self.xp.cuda.get_elapsed_time(start, end) / repeats / 1e3
+        return cupy.cuda.get_elapsed_time(start, end) / repeats / 1e3
