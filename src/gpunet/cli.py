@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tiny", action="store_true",
                    help=f"toy sizes (named by them) and {benchmarks.TINY_REPEATS} rounds of one call: a smoke test of "
                         "the harness in seconds, not a measurement")
+    b.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="the model rows' steps: gpunet in it as gn.fit, PyTorch under torch.autocast (fp16: both with "
+                        "a dynamic loss scale); kernel and dispatch rows stay fp32 (default fp32)")
     b.add_argument("--ranks", type=validate.cli_positive_int, default=None, metavar="N",
                    help="instead: data-parallel training samples/s at 1 and N ranks through mpiexec (the mpi extra)")
 
@@ -346,11 +349,12 @@ def cmd_bench(args) -> int:
     if dev.name == "gpu" and not torch.cuda.is_available():
         raise SystemExit("gpunet bench: PyTorch here has no CUDA, so there is nothing to compare with on the GPU; "
                          "use --device cpu")
-    env = report.environment(dev.name)
-    print(f"gpunet bench on {dev.name}: {report.machine_name(env)}" + (" (tiny sizes)" if args.tiny else ""))
+    env = report.environment(dev.name, args.precision)
+    print(f"gpunet bench on {dev.name}: {report.machine_name(env)}" + (" (tiny sizes)" if args.tiny else "")
+          + (f"; model steps in {args.precision}" if args.precision != "fp32" else ""))
     only = [w for w in args.only.split(",") if w] if args.only else None
     try:
-        results = runner.run(dev.name, only, args.tiny, args.repeats)
+        results = runner.run(dev.name, only, args.tiny, args.repeats, precision=args.precision, skipped=skipped)
     except ValueError as exc:
         raise SystemExit(f"gpunet bench: {exc}") from None
     print(report.table(results, skipped, args.tiny))

@@ -1,8 +1,9 @@
 """Reports of `gpunet bench`: the printed table, JSON, Markdown and a PNG of the ratios.
 
-JSON fields: "date", "device", "machine", "versions", "command", "tiny", "results" (one object
-per benchmark: name, group, gpunet_s, torch_s, ratio, gpunet_spread, torch_spread, rate, unit,
-roofline_rate, percent_of_roofline, samples_per_s, extra) and "skipped" ([name, reason] pairs).
+JSON fields: "date", "device", "machine", "versions", "command", "precision" (--precision: the model
+rows'), "tiny", "results" (one object per benchmark: name, group, gpunet_s, torch_s, ratio, gpunet_spread,
+torch_spread, rate, unit, roofline_rate, percent_of_roofline, samples_per_s, extra, precision: the row's
+own, fp32 for kernel and dispatch rows) and "skipped" ([name, reason] pairs).
 The roofline of a GEMM row is the plain BLAS (cuBLAS) GEMM of the same size; extra holds
 percent_of_blas_peak, against the fastest BLAS GEMM of the run, and torch_samples_per_s.
 """
@@ -23,7 +24,7 @@ from gpunet.files import atomic_write
 COLUMNS = ("benchmark", "gpunet", "PyTorch", "ratio", "spread", "rate", "% of roofline")
 
 
-def environment(device: str) -> dict:
+def environment(device: str, precision: str = "fp32") -> dict:
     import torch
 
     import gpunet
@@ -38,7 +39,8 @@ def environment(device: str) -> dict:
         versions["cupy"] = cupy.__version__
         machine["gpu"] = gpu_name(0)
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": device, "machine": machine,
-            "versions": versions, "command": " ".join(["gpunet", *sys.argv[1:]]) if sys.argv else "gpunet bench"}
+            "versions": versions, "command": " ".join(["gpunet", *sys.argv[1:]]) if sys.argv else "gpunet bench",
+            "precision": precision}
 
 
 def rows(results) -> list[tuple]:
@@ -66,10 +68,23 @@ def table(results, skipped, tiny: bool = False) -> str:
     lines.insert(1, "-" * len(lines[0]))
     lines.append("ratio = gpunet time / PyTorch time (below 1: gpunet is faster); spread = p10-p90 of the rounds "
                  "over the median, the larger of the two sides")
+    note = precision_note(results)
+    if note:
+        lines.append(note)
     if tiny:
         lines.append(TINY_NOTE)
     lines += [f"skipped {name}: {reason}" for name, reason in skipped]
     return "\n".join(lines)
+
+
+def precision_note(results) -> str:
+    """Said under a table with rows in mixed precision: which rows, and how each side ran them."""
+    mixed = sorted({r.precision for r in results if r.precision != "fp32"})
+    if not mixed:
+        return ""
+    p = mixed[0]
+    return (f"precision {p}: the model rows (gpunet: precision.using('{p}'), as gn.fit; PyTorch: torch.autocast"
+            f"{'; both with a dynamic loss scale' if p == 'fp16' else ''}); kernel and dispatch rows in fp32")
 
 
 def markdown(results, skipped, env: dict, tiny: bool = False) -> str:
@@ -77,6 +92,8 @@ def markdown(results, skipped, env: dict, tiny: bool = False) -> str:
             + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + f"; command `{env['command']}`.\n\n")
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in rows(results)]
+    note = precision_note(results)
+    lines += [f"\n{note[0].upper()}{note[1:]}."] if note else []
     lines += [f"\n{TINY_NOTE[0].upper()}{TINY_NOTE[1:]}."] if tiny else []
     lines += [f"\nSkipped {name}: {reason}." for name, reason in skipped]
     return head + "\n".join(lines) + "\n"

@@ -7,6 +7,9 @@ SETTLE_SECONDS, synchronising the GPU before every clock read. A row reports the
 seconds per call of both, the spread (p10-p90 over rounds, relative to the median) and their
 ratio; rate rows add GFLOP/s or GB/s and the share of the roofline measured in the same run
 (the plain BLAS GEMM, or a device-to-device copy).
+
+precision (`--precision bf16|fp16`) applies to the model rows (gpunet.benchmarks.steps says how each
+side runs it); the kernel and dispatch rows run in fp32 whatever it is, and every row names its own.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import numpy
 
 from gpunet.benchmarks import REPEATS, TINY_REPEATS, kernels, steps
 from gpunet.benchmarks.report import format_time
+from gpunet.parity_bound import UNIT_16
 
 
 # Rounds this long keep the handover between the libraries' thread pools a small part of a round.
@@ -44,6 +48,7 @@ class Pair:
     roofline: object = None  # zero-argument call doing the same work at the ceiling rate
     samples: int = 0  # samples per call, for samples/s of model rows
     check: object = None  # (ours' result, theirs') -> None or raise; None compares losses
+    precision: str = "fp32"  # the model steps' (a kernel pair's is fp32)
 
 
 @dataclass
@@ -61,19 +66,21 @@ class Result:
     percent_of_roofline: float | None = None
     samples_per_s: float | None = None
     extra: dict = field(default_factory=dict)
+    precision: str = "fp32"
 
 
 TINY_BATCH = 4
 
 
-def cases(device: str = "cpu", tiny: bool = False) -> list[Case]:
+def cases(device: str = "cpu", tiny: bool = False, precision: str = "fp32") -> list[Case]:
     """Every benchmark, in report order; tiny shrinks every size to check the harness quickly, and
-    its names say the sizes it runs (a tiny run is never mistaken for the full-size one)."""
+    its names say the sizes it runs (a tiny run is never mistaken for the full-size one). The model
+    steps run in precision, the kernels in fp32."""
     def model(names, make, batch, tiny_sizes):
         name, tiny_name = names
         if tiny:
-            return Case(tiny_name, "model", lambda: _model(make, device, TINY_BATCH, **tiny_sizes))
-        return Case(name, "model", lambda: _model(make, device, batch))
+            return Case(tiny_name, "model", lambda: _model(make, device, TINY_BATCH, precision, **tiny_sizes))
+        return Case(name, "model", lambda: _model(make, device, batch, precision))
     b = TINY_BATCH
     return kernels.kernel_cases(Case, Pair, device, tiny) + [
         model(("mlp-784-300-100-10-b128", f"mlp-784-300-100-10-b{b}"), steps.mlp_steps, 128, {}),
@@ -87,22 +94,30 @@ def cases(device: str = "cpu", tiny: bool = False) -> list[Case]:
     ]
 
 
-def _model(make, device, batch, **sizes) -> Pair:
-    ours, theirs = make(batch=batch, device=device, **sizes)
-    return Pair(ours, theirs, samples=batch)
+def _model(make, device, batch, precision="fp32", **sizes) -> Pair:
+    ours, theirs = make(batch=batch, device=device, precision=precision, **sizes)
+    return Pair(ours, theirs, samples=batch, precision=precision)
 
 
-def run(device: str = "cpu", only=None, tiny: bool = False, repeats: int | None = None, log=print):
-    """Measure the selected cases; returns their Results in report order."""
+def run(device: str = "cpu", only=None, tiny: bool = False, repeats: int | None = None, log=print,
+        precision: str = "fp32", skipped: list | None = None):
+    """Measure the selected cases; returns their Results in report order. A model PyTorch cannot run in
+    precision (steps.TorchUnsupported) goes into skipped as (name, reason), or raises without it."""
     sync = synchroniser(device)
     results = []
-    everything = cases(device, tiny)
+    everything = cases(device, tiny, precision)
     selected = [c for c in everything if not only or any(word in c.name for word in only)]
     if not selected:
         raise ValueError(f"--only {','.join(only)} matches no benchmark; names: {', '.join(c.name for c in everything)}")
     for case in selected:
         pair = case.build()
-        check_agreement(case.name, pair)
+        try:
+            check_agreement(case.name, pair)
+        except steps.TorchUnsupported as exc:
+            if skipped is None:
+                raise
+            skipped.append((case.name, str(exc)))
+            continue
         rounds = repeats or (TINY_REPEATS if tiny else REPEATS)
         inner = 1 if tiny else None  # tiny checks the harness: one call a round, no pauses
         ours_t, theirs_t = _alternate(pair.ours, pair.theirs, sync, rounds, inner)
@@ -161,7 +176,7 @@ def _round(fn, calls: int, sync, settle: bool = False) -> float:
 def _summarise(case, pair, ours_t, theirs_t, sync, rounds, inner) -> Result:
     med_ours, med_theirs = float(numpy.median(ours_t)), float(numpy.median(theirs_t))
     result = Result(case.name, case.group, med_ours, med_theirs, med_ours / med_theirs,
-                    _spread(ours_t), _spread(theirs_t), unit=pair.unit)
+                    _spread(ours_t), _spread(theirs_t), unit=pair.unit, precision=pair.precision)
     if pair.work:
         result.rate = pair.work / med_ours / 1e9
         if pair.roofline is not None:
@@ -180,14 +195,31 @@ def _spread(times) -> float:
     return float((high - low) / numpy.median(times))
 
 
+def agreement(precision: str) -> tuple[int, float]:
+    """(losses compared, their relative tolerance): a check that both sides compute the same step, not a
+    parity bound. fp32: the first two losses within 1e-3. bf16: within 2 u16 (u16 = 2^-8), as the loss of
+    two roundings of the same products to bf16 may differ (PyTorch's autocast also rounds the products'
+    outputs). fp16: the first loss alone, within 2 u16 (2^-11): whether a step's scaled gradients overflow
+    differs between the two (autocast keeps the weight gradients in fp16, gpunet in float32: at batch 4
+    PyTorch's GradScaler skips the mlp's first step and gpunet's does not), and a skipped step changes the
+    next loss."""
+    if precision == "fp32":
+        return 2, 1e-3
+    return (1 if precision == "fp16" else 2), 2 * UNIT_16[precision]
+
+
 def check_agreement(name, pair):
+    n, tolerance = agreement(pair.precision)
     try:
         if pair.check is not None:
             pair.check(pair.ours(), pair.theirs())
             return
-        for ours, theirs in steps.first_losses(pair.ours, pair.theirs, n=2):
-            if not abs(ours - theirs) <= 1e-3 * max(1.0, abs(theirs)):
-                raise RuntimeError(f"gpunet's loss is {ours} but PyTorch's {theirs}")
+        for ours, theirs in steps.first_losses(pair.ours, pair.theirs, n=n):
+            if not abs(ours - theirs) <= tolerance * max(1.0, abs(theirs)):
+                raise RuntimeError(f"gpunet's loss is {ours} but PyTorch's {theirs}"
+                                   + (f" (in {pair.precision})" if pair.precision != "fp32" else ""))
+    except steps.TorchUnsupported:
+        raise
     except RuntimeError as exc:
         raise RuntimeError(f"benchmark {name}: {exc}; timing them would compare different computations") from None
 
