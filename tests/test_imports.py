@@ -29,7 +29,8 @@ LAYERS = [
     ("train", ["gpunet.training", "gpunet.recipes"]),
     # gpunet.testing (gn.testing.check_layer) checks layers with parity_bound's bound; the package re-exports it
     ("public api", ["gpunet", "gpunet.testing"]),
-    ("tools", ["gpunet.parity", "gpunet.parity_command", "gpunet.search", "gpunet.benchmarks", "gpunet.predict"]),
+    ("tools", ["gpunet.parity", "gpunet.parity_command", "gpunet.parity_precision", "gpunet.search",
+               "gpunet.benchmarks", "gpunet.predict"]),
     ("cli", ["gpunet.cli", "gpunet.__main__"]),
 ]
 

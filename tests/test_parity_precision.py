@@ -1,7 +1,8 @@
 """gpunet parity --precision bf16|fp16: the same seeded steps in fp32 and in mixed precision on one device,
 in lockstep, each layer's activations and the loss held to gpunet.parity_bound.precision_bound (derived from
 the 16-bit format's unit roundoff and the products on the path, never from a measurement); a planted bug is
-named by its layer and step."""
+named by its layer and step. In fp16 the mixed side scales its loss as gn.fit does; a forced overflow is listed,
+skipped by both sides, and the other steps are still held to the bound."""
 from __future__ import annotations
 
 import numpy
@@ -25,7 +26,11 @@ def test_recipes_within_the_formats_bound(model, p):
     for name, diff, bound in zip(report["layers"], report["activation_diff"], report["row_bounds"]):
         assert 0 < diff <= bound, f"{model} {p} {name}: {diff:.2e} > {bound:.2e}"
     assert max(report["loss_diff"]) <= report["bound"]
-    assert "loss scaling: not used by parity's steps" in parity.format_report(report)
+    assert report["overflows"] == [] and None not in report["step_grad_diff"]  # 2**16 overflows nothing here
+    said = {"bf16": "loss scaling: none in bf16, as in training",
+            "fp16": "loss scaling: fp16's dynamic loss scale, gn.fit's (from 65536, halved and the step skipped when a "
+                    "gradient overflows, doubled after 2000 clean steps): 0 overflows"}[p]
+    assert said in parity.format_report(report)
 
 
 def round_to_bits(a, bits: int):
@@ -84,7 +89,7 @@ def test_the_command_line(capsys):
     assert main(["parity", "--model", "mlp", "--steps", "1", "--batch-size", "4", "--precision", "fp16"]) == 0
     out = capsys.readouterr().out
     assert "parity of mlp: fp32 vs fp16 on cpu, 1 steps" in out and "first layer or loss over its bound: none" in out
-    assert "loss scaling: not used by parity's steps" in out
+    assert "gn.fit's (from 65536, halved" in out and "0 overflows" in out
 
 
 @pytest.mark.parametrize("given", [[], ["--precision", "fp32"]])
@@ -100,6 +105,73 @@ def test_fp32_is_the_cpu_against_the_gpu_as_before(monkeypatch, given):
     with pytest.raises(SystemExit):
         main(["parity", "--model", "mlp", "--steps", "1", *given])
     assert seen["args"][2] == ("cpu", "gpu") and "precision" not in seen["kwargs"]
+
+
+def tanh_mlp():
+    """A tanh mlp without dropout (no kinks: its gradients are held to the bound too; no masks: a step's result
+    does not depend on its index), with the mlp recipe's preprocessing, and the recipe's first 3 batches of 3."""
+    import gpunet as gn
+
+    recipe_model, data, _ = parity.model_and_batches("mlp", 3, 3, 0)
+    gn.manual_seed(0)
+    model = gn.models.mlp((784, 64, 32, 10), activation="tanh")
+    model.preprocess = recipe_model.preprocess
+    return model, data
+
+
+def test_a_forced_overflow_is_listed_skipped_by_both_sides_and_the_other_steps_hold():
+    """Starting at 2**18, the first step's scaled loss gradient (up to (1 - p) / 3 of it per element at batch 3)
+    leaves fp16's 65504 where the products round it: the scaler skips the step and halves the scale; at 2**17
+    the next steps are clean. Both sides skip step 1: their later losses are bit for bit those of a run that
+    starts at step 2 (Adam's step count and bias correction included); steps 2 and 3 stay within the bound."""
+    model, data = tanh_mlp()
+    report = parity.compare(model, steps=3, data=data, precision="fp16", init_scale=2.0**18)
+    assert report["overflows"] == [{"step": 1, "scale_before": 2.0**18, "scale_after": 2.0**17}]
+    assert report["first_over"] is None and report["gradients_over"] == [], parity.format_report(report)
+    assert report["step_grad_diff"][0] is None and 0 < max(report["step_grad_diff"][1:]) <= report["bound"]
+    assert max(report["loss_diff"]) <= report["bound"] and max(report["step_activation_diff"]) <= report["bound"]
+    later = parity.compare(model, steps=2, data=data[1:], precision="fp16")
+    assert later["overflows"] == [] and report["losses"][1:] == later["losses"]
+    text = parity.format_report(report)
+    assert "from 262144, halved and the step skipped when a gradient overflows" in text and "): 1 overflow\n" in text
+    assert ("  overflow at step 1: loss scale 262144 -> 131072, the step's update skipped in fp32 and fp16 alike "
+            "(its gradients not compared)") in text
+    step_rows = [line.split() for line in text.splitlines() if line.split()[:1] in (["1"], ["2"])]
+    assert step_rows[0][-1] == "skipped" and step_rows[1][-1] != "skipped"  # step 1's gradients: not compared
+
+
+def test_the_mixed_side_steps_with_the_unscaled_gradients_it_reports():
+    """The fp16 side's gradients are unscaled once, before they are compared, and its update (the scaler's step
+    and update) steps with those: after it they are still within the bound of the fp32 side's (unscaled a second
+    time, in place, they would be 2**16 times smaller)."""
+    from gpunet.backend import to_numpy
+
+    model, data = tanh_mlp()
+    sides = [parity._Side(model, "cpu", 1e-3, p) for p in ("fp32", "fp16")]
+    for side in sides:
+        side.step(0, *data[0])
+    assert [side.apply() for side in sides] == [None, None]  # no overflow at 2**16
+    assert sides[1].scaler.applied == 1 and sides[1].optimizer.step_count == sides[0].optimizer.step_count == 1
+    bound = parity.compare(model, steps=1, data=data, precision="fp16")["bound"]
+    for k, grad in sides[0].model.grads.items():
+        assert parity.relative_difference(to_numpy(sides[1].model.grads[k]), to_numpy(grad)) <= bound, k
+
+
+def test_the_loss_scale_option(capsys):
+    assert main(["parity", "--model", "mlp", "--steps", "2", "--batch-size", "3", "--precision", "fp16",
+                 "--loss-scale", str(2**40)]) == 0
+    out = capsys.readouterr().out
+    assert "overflow at step 1: loss scale 1.09951e+12 -> 5.49756e+11" in out and "overflow at step 2" in out
+    assert "parameter gradients: none compared (every step overflowed)" in out
+    for given in (["--precision", "bf16"], []):
+        with pytest.raises(SystemExit) as exc:
+            main(["parity", "--loss-scale", "1024", *given])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err == ("gpunet parity: --loss-scale 1024 is fp16's starting loss scale: it needs --precision fp16 "
+                       "(bf16 and fp32 have no loss scaling)")
+    with pytest.raises(ValueError, match="init_scale is fp16's starting loss scale"):
+        parity.compare("mlp", steps=1, batch_size=BATCH, precision="bf16", init_scale=1024.0)
 
 
 @pytest.mark.parametrize("p", ["bf16", "fp16"])
@@ -126,3 +198,19 @@ def test_on_the_gpu_within_the_bound():
         pytest.skip(f"no GPU: {GPU}")
     report = parity.compare("mlp", steps=1, devices=("gpu", "gpu"), batch_size=BATCH, precision="bf16")
     assert report["devices"] == ["gpu", "gpu"] and report["first_over"] is None, parity.format_report(report)
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_the_device_scaler_finds_the_same_overflow():
+    """fp16 on the GPU (the stand-in in CI): the scaler's state, its check and the skip on the device (fit's
+    kernels, read back after each step); the CPU's forced overflow is found there too, listed, and the steps
+    after it are held to the bound."""
+    from tests.support.arrays import GPU
+
+    if GPU not in ("real", "standin"):
+        pytest.skip(f"no GPU: {GPU}")
+    model, data = tanh_mlp()
+    report = parity.compare(model, steps=3, devices=("gpu", "gpu"), data=data, precision="fp16", init_scale=2.0**18)
+    assert report["overflows"] == [{"step": 1, "scale_before": 2.0**18, "scale_after": 2.0**17}]
+    assert report["first_over"] is None and report["gradients_over"] == [], parity.format_report(report)
+    assert report["step_grad_diff"][0] is None and 0 < max(report["step_grad_diff"][1:]) <= report["bound"]

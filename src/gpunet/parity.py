@@ -11,7 +11,9 @@ by the layer's name in the model, a shared layer's later calls "head#2", "head#3
 trains a recipe (gpunet train's --model); compare() also takes a model and its batches.
 
 With precision="bf16" or "fp16" the two runs are one device's: the same steps in fp32 and in that mixed
-precision, in lockstep, each step's differences held to gpunet.parity_bound.precision_bound.
+precision, in lockstep, each step's differences held to gpunet.parity_bound.precision_bound. In fp16 the
+mixed side scales its loss as gn.fit does (gpunet.training.loss_scale); a step whose scaled gradients
+overflow is skipped by both sides, and listed.
 """
 from __future__ import annotations
 
@@ -23,8 +25,10 @@ from gpunet.data import CharWindows, image_preprocess, load_dataset, text_prepro
 from gpunet.data.pipeline import apply_preprocess
 from gpunet.layers import Dropout, Layer, Model, Sequential, build_layer
 from gpunet.backend import precision as precisions
-from gpunet.parity_bound import UNIT_16, product_bound, step_bound
+from gpunet import parity_precision as mixed_report
+from gpunet.parity_bound import UNIT_16, step_bound
 from gpunet.recipes import recipe
+from gpunet.training import loss_scale
 
 
 def relative_difference(a, b, floor: float = 1e-12) -> float:
@@ -115,14 +119,18 @@ def _set_dropout(config, p: float) -> bool:
 
 
 class _Side:
-    """One device's copy of the model and its Adam, stepped one batch at a time."""
+    """One device's copy of the model and its Adam, stepped one batch at a time: step (forward, backward),
+    then apply (the update). In fp16, with fit's dynamic loss scaler from init_scale (None: fit's 2**16)."""
 
-    def __init__(self, model, device: str, lr: float, precision: str = "fp32"):
+    def __init__(self, model, device: str, lr: float, precision: str = "fp32", init_scale: float | None = None):
         self.device, self.model, self.precision = device, _copy(model).to(device), precision
         if isinstance(self.model, Model):
             for step in self.model._steps:  # every node alone, as a Sequential's layers run here (see step)
                 step.absorbed, step.inside = [], False
-        self.optimizer = gn.optim.Adam(self.model, lr=lr)
+        self.optimizer, self.scaler = gn.optim.Adam(self.model, lr=lr), None
+        if precision == "fp16":
+            self.scaler = loss_scale.LossScaler(loss_scale.INIT_SCALE if init_scale is None else init_scale)
+            self.scaler.attach(self.model, self.optimizer, 0)
         self.xp = gn.backend.ops_for_device(device).xp
 
     def take_state_of(self, other: "_Side") -> None:
@@ -135,9 +143,26 @@ class _Side:
         taken when each was made (layers and optimizers reuse their buffers in place). A gn.Model's copy
         has no fused chains: its forward runs each node's layer alone and keeps every node's output until
         its backward, so they are copied when the forward is done. The side's precision is the thread's
-        for the step (gpunet.backend.precision.using)."""
-        with precisions.using(self.precision):
+        for the step (gpunet.backend.precision.using). With a loss scaler the loss gradient is scaled and the
+        gradients unscaled before they are copied (inf or NaN where they overflowed: no NumPy warnings)."""
+        with precisions.using(self.precision), numpy.errstate(all=None if self.scaler is None else "ignore"):
             return self._step(step, x, y)
+
+    def apply(self, skip: bool = False) -> dict | None:
+        """The step's update, unless skip; with a loss scaler the rest of fit's (loss_scale.update_step, after
+        step's unscale; parity does not clip): the optimizer's step, skipped on an overflow, and the scale's
+        update. Returns the overflow's scale before and after, or None."""
+        with precisions.using(self.precision):
+            if self.scaler is None:
+                if not skip:
+                    self.optimizer.step()
+                return None
+            before, skipped = self.scaler.scale_value, self.scaler.skipped
+            self.scaler.step()
+            self.scaler.update()
+            self.scaler.sync()
+            return {"scale_before": before, "scale_after": self.scaler.scale_value} if self.scaler.skipped > skipped \
+                else None
 
     def _step(self, step: int, x, y):
         gn.random.set_step(step)
@@ -158,37 +183,45 @@ class _Side:
         else:
             value, grad = gn.losses.softmax_cross_entropy(out, to_device(y, self.device))
             loss = gn.losses.item(value)
-        self.model.backward(grad, input_grad=False)
-        grads = {k: _host_copy(v) for k, v in self.model.grads.items()}
-        self.optimizer.step()
-        return loss, activations, grads
+        self.model.backward(grad if self.scaler is None else self.scaler.scale(grad), input_grad=False)
+        if self.scaler is not None:
+            self.scaler.unscale()
+        return loss, activations, {k: _host_copy(v) for k, v in self.model.grads.items()}
 
 
 def run(model, data, device: str, lr: float, seed: int):
     """Train a copy of model on device; per step: loss, activations and gradients per layer, each
     a host copy taken when it was made."""
-    return _run_sides(model, data, (device,), lr, seed, lockstep=False)[0]
+    return _run_sides(model, data, (device,), lr, seed, lockstep=False)[0][0]
 
 
-def _run_sides(model, data, devices, lr: float, seed: int, lockstep: bool, precisions_=("fp32", "fp32")):
-    """Each device's record (see run). lockstep: before every step after the first, each later
-    side takes the first side's parameters and optimizer state, so a step's differences are that
-    step's arithmetic alone (not rounding carried and amplified from earlier steps)."""
+def _run_sides(model, data, devices, lr: float, seed: int, lockstep: bool, precisions_=("fp32", "fp32"),
+               init_scale: float | None = None):
+    """(each device's record (see run), the loss scaler's overflows: step, scale before and after). lockstep:
+    before every step after the first, each later side takes the first side's parameters and optimizer
+    state, so a step's differences are that step's arithmetic alone (not rounding carried and amplified
+    from earlier steps). A step a side's loss scaler skips (an overflow) is skipped by every side: its
+    update is applied after the scaled side's, and only when that one applied."""
     gn.manual_seed(seed)  # the dropout masks' key
-    sides = [_Side(model, device, lr, p) for device, p in zip(devices, precisions_)]
-    records = [[] for _ in sides]
+    sides = [_Side(model, device, lr, p, init_scale) for device, p in zip(devices, precisions_)]
+    records, overflows = [[] for _ in sides], []
     for step, (x, y) in enumerate(data):
         if lockstep and step:
             for side in sides[1:]:
                 side.take_state_of(sides[0])
         for side, record in zip(sides, records):
             record.append(side.step(step, x, y))
-    return records
+        overflow = None
+        for side in sorted(sides, key=lambda s: s.scaler is None):  # the scaled side first
+            overflow = side.apply(skip=overflow is not None) or overflow
+        if overflow:
+            overflows.append({"step": step + 1, **overflow})
+    return records, overflows
 
 
 def compare(model, steps: int = 20, devices=None, batch_size: int | None = None, seed: int = 0,
             dropout: float | None = None, lockstep: bool = False, *, data=None, lr: float = 1e-3,
-            precision: str = "fp32") -> dict:
+            precision: str = "fp32", init_scale: float | None = None) -> dict:
     """Train `model` on both devices and compare: per layer (per node of a gn.Model) and parameter the
     largest relative difference over all steps (activation_diff, grad_diff), and per step the loss,
     activation and gradient differences (loss_diff, step_activation_diff, step_grad_diff; the latter two
@@ -210,9 +243,14 @@ def compare(model, steps: int = 20, devices=None, batch_size: int | None = None,
     lockstep (the mixed side starts every step from the fp32 side's state); the report adds per row the
     bound of gpunet.parity_bound.precision_bound (row_bounds: a Sequential's layer i the forward's products
     up to it, a gn.Model's nodes the whole step's), first_over (the first step, and in it the first layer,
-    parameter or the loss, over its bound; None: none) and loss_scale (parity's steps have no loss scaler:
-    no overflow to list)."""
+    parameter or the loss, over its bound; None: none), loss_scale (how the mixed side scaled its loss) and
+    overflows. fp16's side scales its loss as gn.fit does, from init_scale (None: fit's 2**16; a large one
+    forces overflows); each step its scaler skipped is in overflows (step, scale_before, scale_after), skipped
+    by the fp32 side too, its gradients not compared (step_grad_diff None); its activations and loss are."""
     precisions.check(precision, "parity.compare")
+    if init_scale is not None and (precision != "fp16" or not init_scale > 0):
+        raise ValueError(f"parity.compare: init_scale is fp16's starting loss scale, a positive number; got "
+                         f"{init_scale!r} with precision {precision!r}")
     mixed = precision != "fp32"
     devices = tuple(devices or (("cpu", "cpu") if mixed else ("cpu", "gpu")))
     if mixed and devices[0] != devices[1]:
@@ -230,54 +268,30 @@ def compare(model, steps: int = 20, devices=None, batch_size: int | None = None,
         if dropout is not None:
             model = with_dropout(model, dropout)
         data = list(data)[:steps]
-    first, second = _run_sides(model, data, devices, lr, seed, lockstep, ("fp32", precision))
+    (first, second), overflows = _run_sides(model, data, devices, lr, seed, lockstep, ("fp32", precision), init_scale)
+    skipped = {o["step"] for o in overflows}
     layers = rows(model)
     inputs = apply_preprocess(getattr(model, "preprocess", None), data[0][0], numpy)
     # per step: [layer or node] -> relative difference of the second device from the first
     activations = [[max(map(relative_difference, y, x), default=0.0) if isinstance(x, list)
                     else relative_difference(y, x) for x, y in zip(a[1], b[1])] for a, b in zip(first, second)]
-    grads = [_gradient_differences(a[2], b[2]) for a, b in zip(first, second)]
+    fp32_bound = _bound(model, inputs, first[0][1][-1])
+    grads = [None if step in skipped else _gradient_differences(a[2], b[2])
+             for step, (a, b) in enumerate(zip(first, second), 1)]
     report = {"model": name, "devices": list(devices), "dropout": dropout, "lockstep": lockstep, "layers": layers,
               "graph": isinstance(model, Model),
               "activation_diff": [max(step[i] for step in activations) for i in range(len(layers))],
-              "grad_diff": {k: max(step[k] for step in grads) for k in first[0][2]},
+              "grad_diff": {k: max((step[k] for step in grads if step is not None), default=0.0) for k in first[0][2]},
               "losses": [[a[0], b[0]] for a, b in zip(first, second)],
               "loss_diff": [relative_difference(b[0], a[0]) for a, b in zip(first, second)],
               "step_activation_diff": [max(step) for step in activations],
-              "step_grad_diff": [max(step.values(), default=0.0) for step in grads],
-              "bound": _bound(model, inputs, first[0][1][-1]), "precision": precision}
+              "step_grad_diff": [None if step is None else max(step.values(), default=0.0) for step in grads],
+              "bound": fp32_bound, "precision": precision}
     if mixed:
-        report.update(_precision_rows(model, inputs, first[0][1][-1], UNIT_16[precision], activations, grads,
-                                      report["loss_diff"], layers))
+        report.update(mixed_report.precision_rows(model, inputs, fp32_bound, UNIT_16[precision], activations,
+                                                  grads, report["loss_diff"], layers),
+                      loss_scale=mixed_report.loss_scaling(precision, init_scale, overflows), overflows=overflows)
     return report
-
-
-def _precision_rows(model, inputs, last, unit: float, activations, grads, loss_diff, layers) -> dict:
-    """precision_bound per row and for the step, the first row over its bound (steps in order; in a step
-    the layers in order, then the loss), and the gradients over the step's bound (kinks: not a verdict).
-
-    The gradients are reported, not held to it: a ReLU (or max pool) whose input lies within the forward's
-    difference of its kink passes the gradient on one side and not on the other, a difference of the
-    element's whole upstream gradient that no rounding bound covers (at the recipes' tiny batches one
-    such element moves a weight gradient's row by up to its size)."""
-    fp32 = _bound(model, inputs, last)  # each side's float32 sums
-    if isinstance(model, Model):
-        shapes = tuple(a.shape for a in inputs) if isinstance(inputs, list) else inputs.shape
-        bound = fp32 + product_bound([model], shapes, unit)
-        row_bounds = [bound] * len(layers)
-    else:
-        bound = fp32 + product_bound(model.layers, inputs.shape, unit)
-        row_bounds = [fp32 + product_bound(model.layers, inputs.shape, unit, upto=i + 1) for i in range(len(layers))]
-    first_over = None
-    for step, (acts, step_grads, loss) in enumerate(zip(activations, grads, loss_diff), 1):
-        over = [(f"layer {row}", diff, b) for row, diff, b in zip(layers, acts, row_bounds) if diff > b]
-        over += [("loss", loss, bound)] if loss > bound else []
-        if over and first_over is None:
-            first_over = {"step": step, "where": over[0][0], "diff": over[0][1], "bound": over[0][2]}
-    gradients_over = [[step, k, diff] for step, step_grads in enumerate(grads, 1)
-                      for k, diff in step_grads.items() if diff > bound]
-    return {"bound": bound, "row_bounds": row_bounds, "first_over": first_over, "gradients_over": gradients_over,
-            "loss_scale": "not used by parity's steps (they have no loss scaler): no overflows to list"}
 
 
 def rows(model) -> list[str]:
@@ -311,7 +325,7 @@ def _bound(model, inputs, last) -> float:
 
 def format_report(report: dict) -> str:
     if report.get("precision", "fp32") != "fp32":
-        return _format_precision(report)
+        return mixed_report.format_precision(report)
     a, b = report["devices"]
     dropout = "" if report.get("dropout") is None else f", dropout {report['dropout']}"
     lockstep = ", in lockstep" if report.get("lockstep") else ""
@@ -333,35 +347,6 @@ def format_report(report: dict) -> str:
     else:
         lines += ["", f"(differences carry over from step to step; --lockstep holds each step to the bound "
                       f"{bound:.2e})"]
-    return "\n".join(lines)
-
-
-def _format_precision(report: dict) -> str:
-    """A bf16/fp16 report: per row the largest difference from fp32 and its bound, per step the largest
-    differences, the first row over its bound, and the loss scaling."""
-    p, device, bound = report["precision"], report["devices"][0], report["bound"]
-    dropout = "" if report.get("dropout") is None else f", dropout {report['dropout']}"
-    lines = [f"parity of {report['model']}: fp32 vs {p} on {device}, {len(report['losses'])} steps{dropout}, in "
-             f"lockstep (largest relative difference over all steps, and its bound)", "",
-             f"{'node' if report.get('graph') else 'layer'} activations:"]
-    lines += [f"  {name:<60} {diff:.2e}  {b:.2e}"
-              for name, diff, b in zip(report["layers"], report["activation_diff"], report["row_bounds"])]
-    lines += ["", "parameter gradients:"]
-    lines += [f"  {name:<60} {diff:.2e}  {bound:.2e}" for name, diff in report["grad_diff"].items()]
-    lines += ["", f"{'step':>5}  {'loss in fp32':>14}  {'loss in ' + p:>14}  {'loss diff':>10}  "
-                  f"{'activations':>11}  {'gradients':>10}   (relative differences)"]
-    rows = zip(report["losses"], report["loss_diff"], report["step_activation_diff"], report["step_grad_diff"])
-    for step, ((x, y), loss, act, grad) in enumerate(rows, 1):
-        lines.append(f"{step:>5}  {x:>14.6f}  {y:>14.6f}  {loss:>10.2e}  {act:>11.2e}  {grad:>10.2e}")
-    over = report["first_over"]
-    first = "none" if over is None else (f"step {over['step']}, {over['where']}: {over['diff']:.2e} > "
-                                         f"{over['bound']:.2e}")
-    kinks = ", ".join(f"{k} at step {step} ({diff:.2e})" for step, k, diff in report["gradients_over"]) or "none"
-    lines += ["", f"bound on one step's differences from fp32: {bound:.2e} (the loss, gradients; a layer's: its row; "
-                  f"gpunet.parity_bound.precision_bound)", f"first layer or loss over its bound: {first}",
-              f"gradients over it (a ReLU's or max pool's kink within the forward's difference switches the "
-              f"gradient; reported, not a verdict): {kinks}",
-              f"loss scaling: {report['loss_scale']}"]
     return "\n".join(lines)
 
 

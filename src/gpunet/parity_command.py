@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import gpunet as gn
-from gpunet import validate
+from gpunet import errors, validate
 from gpunet.recipes import RECIPES
 
 
@@ -23,11 +23,17 @@ def add_parser(sub) -> None:
                         "in lockstep, held to the format's bound; fp32 (as without it): the CPU against the GPU")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                    help="the device of a --precision bf16/fp16 comparison (default: cpu)")
+    p.add_argument("--loss-scale", type=validate.cli_positive, default=None, metavar="S",
+                   help="with --precision fp16: the loss scale to start from (default 65536, gn.fit's); a large one "
+                        "forces overflows, which the report lists")
 
 
 def run(args) -> int:
     from gpunet import parity
 
+    if args.loss_scale is not None and args.precision != "fp16":
+        raise errors.UsageError(f"--loss-scale {args.loss_scale:g} is fp16's starting loss scale: it needs "
+                                f"--precision fp16 (bf16 and fp32 have no loss scaling)")
     if args.precision in ("bf16", "fp16"):
         if args.device == "gpu":
             try:
@@ -35,7 +41,7 @@ def run(args) -> int:
             except RuntimeError as exc:
                 raise SystemExit(f"gpunet parity --device gpu: {exc}") from None
         report = parity.compare(args.model, args.steps, (args.device, args.device), args.batch_size, args.seed,
-                                args.dropout, True, precision=args.precision)
+                                args.dropout, True, precision=args.precision, init_scale=args.loss_scale)
         print(parity.format_report(report))
         return 0
     try:
