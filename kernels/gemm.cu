@@ -43,23 +43,10 @@
 #ifndef ACT_GELU_TANH
 #define ACT_GELU_TANH 5
 #endif
-static_assert(THREADS == 16 * 16 && TILE_M == 16 * 4 && TILE_N == 16 * 4,
-              "gemm_bias_act's 16 x 16 threads each compute a 4 x 4 block of the TILE_M x TILE_N tile of C");
 static_assert(ACT_NONE == 0, "bias_act_backward reads act as a flag: no activation must be 0");
 
 #include "common.cuh"  // last_block_done
-
-__device__ __forceinline__ float activate(float z, int act) {
-  switch (act) {
-    case ACT_RELU: return z <= 0.f ? 0.f : z;  // NaN passes through, as on the CPU and in torch
-    case ACT_SIGMOID: return 1.f / (1.f + expf(-z));
-    case ACT_TANH: return tanhf(z);
-    case ACT_GELU: return 0.5f * z * (1.f + erff(z * 0.70710678118654752f));
-    case ACT_GELU_TANH:
-      return 0.5f * z * (1.f + tanhf(0.79788456080286536f * (z + 0.044715f * z * z * z)));
-    default: return z;
-  }
-}
+#include "gemm_tiles.cuh"  // gemm_tiles, activate
 
 // d activation / dz from the pre-activation z and the output y (whichever the formula needs).
 __device__ __forceinline__ float derivative(float z, float y, int act) {
@@ -78,55 +65,11 @@ __device__ __forceinline__ float derivative(float z, float y, int act) {
 }
 
 // C (M, N) = act(A (M, K) . W (N, K)^T + bias (N)): torch.nn.Linear's layout, all row-major.
-// Launch: grid (ceil(N / TILE_N), min(ceil(M / TILE_M), 65535)), block THREADS. gridDim.y is
-// capped at 65,535 on every GPU, so each block walks the row tiles blockIdx.y, + gridDim.y, ...
-// (the loop bound depends only on blockIdx.y: every thread of a block takes the same trips, as
-// the __syncthreads inside require).
+// Launch: grid (ceil(N / TILE_N), min(ceil(M / TILE_M), 65535)), block THREADS (gemm_tiles.cuh).
 extern "C" __global__ void gemm_bias_act(const float* __restrict__ A, const float* __restrict__ W,
                                          const float* __restrict__ bias, float* __restrict__ C,
                                          int M, int N, int K, int has_bias, int act) {
-  __shared__ float As[TILE_K][TILE_M + 1];  // +1: the transposing stores hit distinct banks
-  __shared__ float Ws[TILE_K][TILE_N + 1];
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  const int col0 = blockIdx.x * TILE_N;
-  for (long long row0 = (long long)blockIdx.y * TILE_M; row0 < M; row0 += (long long)gridDim.y * TILE_M) {
-    float acc[4][4] = {{0.f}};
-    for (int k0 = 0; k0 < K; k0 += TILE_K) {
-      for (int i = threadIdx.x; i < TILE_M * TILE_K; i += THREADS) {
-        int r = i / TILE_K, k = i % TILE_K, gk = k0 + k;
-        long long gr = row0 + r;
-        As[k][r] = (gr < M && gk < K) ? A[(size_t)gr * K + gk] : 0.f;
-      }
-      for (int i = threadIdx.x; i < TILE_N * TILE_K; i += THREADS) {
-        int c = i / TILE_K, k = i % TILE_K, gc = col0 + c, gk = k0 + k;
-        Ws[k][c] = (gc < N && gk < K) ? W[(size_t)gc * K + gk] : 0.f;
-      }
-      __syncthreads();
-#pragma unroll
-      for (int k = 0; k < TILE_K; ++k) {
-        float a[4], w[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = As[k][ty + 16 * i];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) w[j] = Ws[k][tx + 16 * j];
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], w[j], acc[i][j]);
-      }
-      __syncthreads();  // the next tile's loads overwrite As and Ws
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      long long r = row0 + ty + 16 * i;
-      if (r >= M) continue;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        int c = col0 + tx + 16 * j;
-        if (c < N) C[(size_t)r * N + c] = activate(acc[i][j] + (has_bias ? bias[c] : 0.f), act);
-      }
-    }
-  }
+  gemm_tiles(A, K, 1, W, K, 1, bias, C, M, N, K, has_bias, act);
 }
 
 // dz = dy * act'(z, y) (written when write_dz), and the bias gradient, the column sums of dz.

@@ -297,19 +297,21 @@ CHAIN = {  # the layers whose products feed each other: (make, input shape; ids 
 
 
 class Recorder:
-    """Ops.gemm_operands of one backend, recorded: each call's float32 inputs (a 16-bit one as its
-    values) and the operands it gave (host copies)."""
+    """Ops.gemm_operands and gemm_operands16 of one backend, recorded in one sequence: each call's float32
+    inputs (a 16-bit one as its values) and the operands it gave (host copies of their float32 values)."""
 
     def __init__(self, monkeypatch, ops):
         self.calls = []
-        original = ops.gemm_operands
+        for method in ("gemm_operands", "gemm_operands16"):  # (the GPU's Dense products cast to 16-bit arrays)
+            monkeypatch.setattr(ops, method, self.recording(getattr(ops, method)))
 
-        def recording(*arrays):
+    def recording(self, original):
+        def recorded(*arrays):
             out = original(*arrays)
             self.calls.append(([None if a is None else gn.to_numpy(a).astype("float32") for a in arrays],
-                               [None if a is None else gn.to_numpy(a) for a in out]))
+                               [None if a is None else gn.to_numpy(a).astype("float32") for a in out]))
             return out
-        monkeypatch.setattr(ops, "gemm_operands", recording)
+        return recorded
 
 
 @pytest.mark.gpu

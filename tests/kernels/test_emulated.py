@@ -45,7 +45,8 @@ def compiled(code: str, name: str, defines=DEFINE_FLAGS):
 def load_every_module_first():
     """Under TSan: its symbolizer only knows the modules loaded at its first report."""
     if TSAN:
-        for family in ("attention", "embedding", "gemm", "im2col", "optim", "random", "sequence", "softmax_xent"):
+        for family in ("attention", "embedding", "gemm", "gemm16", "im2col", "optim", "precision", "random", "sequence",
+                       "softmax_xent"):
             compiled(source(family), family)
         probes()
 
@@ -764,3 +765,32 @@ def test_precision_casts_round_to_nearest_even_as_numpy_does(kind):
     run("precision", round_trip, 2, THREADS, x, trip, x.size)
     assert numpy.array_equal(short.view(numpy.uint16), want.view(numpy.uint16))
     assert numpy.array_equal(back, want.astype("float32")) and numpy.array_equal(trip, back)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["row-major", "transposed"])
+@pytest.mark.parametrize("kernel", ["gemm16_bf16", "gemm16_f16"])
+def test_gemm16_multiplies_16bit_operands_exactly_and_sums_in_float32(kernel, transposed):
+    """kernels/gemm16.cu (gemm16_bf16, gemm16_f16) in the emulator: the 16-bit operands' float32 values give
+    the float32 GEMM's result within its bound (each product of two 16-bit numbers is exact in float32), read
+    row-major or through transposing strides (the backward's dz . W and dz^T . x), with the epilogue."""
+    import ml_dtypes
+
+    dtype = numpy.dtype(ml_dtypes.bfloat16 if kernel == "gemm16_bf16" else numpy.float16)
+    m, k, n = 70, 33, 130
+    r = rng(m + k)
+    x, w = (r.standard_normal(s).astype("float32").astype(dtype) for s in ((m, k), (n, k)))
+    b = r.standard_normal(n).astype("float32")
+    x32, w32 = x.astype("float32"), w.astype("float32")
+    if transposed:  # A[r, k] = a[k, r] (strides 1, M); W[c, k] = wt[k, c] (strides 1, N)
+        a, a_strides, wt, w_strides = numpy.ascontiguousarray(x.T), (1, m), numpy.ascontiguousarray(w.T), (1, n)
+    else:
+        a, a_strides, wt, w_strides = x, (k, 1), w, (k, 1)
+    for activation in (None, "relu", "gelu"):
+        out = numpy.full((m, n), numpy.nan, "float32")
+        run("gemm16", kernel, (-(-n // TILE_N), 1), THREADS, a, *a_strides, wt, *w_strides, b, out, m, n, k,
+            1, ACTIVATION_CODES[activation])
+        assert_within(out, REFERENCE.linear(x32, w32, b, activation), linear_atol(x32, w32, b, activation), "gemm16")
+    out[:] = numpy.nan
+    run("gemm16", kernel, (-(-n // TILE_N), -(-m // TILE_M)), THREADS, a, *a_strides, wt, *w_strides, out,
+        out, m, n, k, 0, 0)  # no bias (the bias argument is any float array, unread)
+    assert_within(out, x32.astype("float64") @ w32.T.astype("float64"), linear_atol(x32, w32, None, None), "no bias")

@@ -162,9 +162,23 @@ def test_each_shared_device_helper_is_written_once_in_the_header():
         assert not defined & header_definitions(), family
         used = {name for name in header_definitions() if re.search(rf"\b{name}\b", text)}
         includes = re.findall(r'^#include "(\w+\.cuh)"', text, flags=re.M)
-        assert includes == (["common.cuh"] if used else []), family
+        assert [i for i in includes if i == "common.cuh"] == (["common.cuh"] if used else []), family
         users |= {family} if used else set()
     assert users == {"attention", "gemm", "sequence", "softmax_xent"}
+
+
+def test_the_tiled_gemm_is_written_once_for_every_input_type():
+    """kernels/gemm_tiles.cuh holds the tiled GEMM and the activations once; gemm.cu instantiates it for
+    float32, gemm16.cu for bfloat16 and float16, and no family has a copy of its own."""
+    header = (KERNELS / "gemm_tiles.cuh").read_text()
+    assert "void gemm_tiles(" in header and "float activate(" in header
+    including = set()
+    for family in FAMILIES:
+        text = (KERNELS / f"{family}.cu").read_text()
+        assert not re.search(r"\b(gemm_tiles|activate)\([^;]*\)\s*\{", text), family
+        if re.search(r'^#include "gemm_tiles.cuh"', text, flags=re.M):
+            including.add(family)
+    assert including == {"gemm", "gemm16"}
 
 
 def test_the_source_nvrtc_gets_holds_the_header_in_place_of_its_include():

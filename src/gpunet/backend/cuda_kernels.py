@@ -131,6 +131,8 @@ PARAMETER_TYPES = {"float*": ArrayParam(F32), "strided float*": ArrayParam(F32, 
                    # ml_dtypes.bfloat16 (CuPy's bfloat16) by name: NumPy knows the name once ml_dtypes is
                    # imported, as it is wherever such an array exists (importing it here costs ~0.8 s)
                    "__nv_bfloat16*": ArrayParam("bfloat16"),  # type: ignore[arg-type]
+                   "strided __half*": ArrayParam(numpy.dtype("float16"), contiguous=False),
+                   "strided __nv_bfloat16*": ArrayParam("bfloat16", contiguous=False),  # type: ignore[arg-type]
                    "int*": ArrayParam(I32), "long long*": ArrayParam(I64), "unsigned int*": ArrayParam(U32),
                    "int": numpy.int32, "long long": numpy.int64, "float": numpy.float32, "double": numpy.float64}
 _INTEGERS = (int, numpy.integer, numpy.bool_)  # what an int or long long parameter takes (a bool is 0 or 1)

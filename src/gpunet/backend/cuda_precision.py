@@ -1,6 +1,6 @@
 """The wrappers of kernels/precision.cu: float32 to and from the 16-bit formats, as arrays of the
 dtypes CuPy 14 holds them in (ml_dtypes.bfloat16 for "bf16", float16 for "fp16": ops.sixteen_bit_dtype),
-and float32 rounded through either. Each conversion to 16 bits rounds to nearest even, as NumPy and
+and float32 rounded through either; and of kernels/gemm16.cu, the GEMM of 16-bit operands. Each conversion to 16 bits rounds to nearest even, as NumPy and
 ml_dtypes do on the CPU (a NaN becomes the canonical NaN there, whatever its payload).
 
 As in cuda_wrappers.py, each kernel is declared with its parameter types as the .cu file spells them
@@ -9,8 +9,9 @@ on C-contiguous, non-empty arrays only (empty ones never reach a launch).
 """
 from __future__ import annotations
 
-from gpunet.backend.cuda_kernels import Kernel, blocks_for, cupy_module as _cupy
-from gpunet.backend.ops import sixteen_bit_dtype
+from gpunet.backend.cuda_kernels import (ACTIVATION_CODES, TILE_M, TILE_N, Kernel, blocks_for, ceil_div,
+                                         cupy_module as _cupy, grid_2d)
+from gpunet.backend.ops import is_16bit, sixteen_bit_dtype
 
 CAST_F32_TO_BF16 = Kernel("precision", "cast_f32_to_bf16", "float*, __nv_bfloat16*, long long")
 CAST_F32_TO_F16 = Kernel("precision", "cast_f32_to_f16", "float*, __half*, long long")
@@ -44,4 +45,28 @@ def round_16bit(x, kind: str, out=None):
     sixteen_bit_dtype(kind)  # (a kind other than bf16 or fp16 raises here)
     y = _cupy().empty_like(x) if out is None else out
     _ROUND_TRIP[kind](blocks_for(x.size), x, y, x.size)
+    return y
+
+
+_GEMM16_PARAMS = "strided {0}*, long long, long long, strided {0}*, long long, long long, float*, float*, int, int, " \
+                 "int, int, int"
+GEMM16 = {"bf16": Kernel("gemm16", "gemm16_bf16", _GEMM16_PARAMS.format("__nv_bfloat16")),
+          "fp16": Kernel("gemm16", "gemm16_f16", _GEMM16_PARAMS.format("__half"))}
+GEMM16_BF16, GEMM16_F16 = GEMM16["bf16"], GEMM16["fp16"]  # (by name, for cuda_wrappers.KERNELS)
+
+
+def gemm16(a, w, bias, activation, out=None):
+    """out (M, N) float32 = activation(a . w^T + bias) for 16-bit a (M, K) and w (N, K) of one dtype, in any
+    layout (read through their strides: a transposed view costs no copy), float32 products and sums
+    (kernels/gemm16.cu); bias (N) float32 or None. One block per TILE_M x TILE_N tile of out."""
+    (m, k), n = a.shape, w.shape[0]
+    if w.dtype != a.dtype or not is_16bit(a) or w.shape[1] != k:
+        raise TypeError(f"gemm16 takes two 16-bit operands of one dtype, (M, K) and (N, K): got {a.dtype} {a.shape} "
+                        f"and {w.dtype} {w.shape}")
+    y = _cupy().empty((m, n), dtype="float32") if out is None else out
+    kind = "bf16" if a.dtype.name == "bfloat16" else "fp16"
+    size = a.dtype.itemsize
+    GEMM16[kind](grid_2d(ceil_div(n, TILE_N), ceil_div(m, TILE_M)), a, a.strides[0] // size, a.strides[1] // size,
+                 w, w.strides[0] // size, w.strides[1] // size, y if bias is None else bias, y, m, n, k,
+                 bias is not None, ACTIVATION_CODES[activation])
     return y

@@ -1,17 +1,24 @@
 """The ways CupyOps runs a Dense product with its epilogue, and the GEMM dispatch that picks one: a
-mixin of CupyOps (cupy_ops.py), which reads self.xp, self._paths, self._lt, self._dispatch and self.tf32.
+mixin of CupyOps (cupy_ops.py), which reads self.xp, self._paths, self._lt, self._dispatch, self.tf32
+and self.gemm_mode.
 
 Each path takes (x, weight, bias, activation, out) and gives y, into out when given: gpunet's fused
 kernel (kernels/gemm.cu), cuBLAS then one epilogue pass, or cuBLASLt's fused epilogue (cublaslt.py,
-with nvmath-python). The operands come as CupyOps.linear hands them: in mixed precision, float32 arrays
-holding 16-bit values, which every path multiplies exactly and sums in float32."""
+with nvmath-python).
+
+In mixed precision (product16) every Dense product, forward and backward, has two paths: gpunet's
+16-bit GEMM (kernels/gemm16.cu: the operands cast to 16 bits, half the bytes loaded, float32 products
+and sums, the epilogue fused) and cuBLAS on float32 arrays holding the 16-bit values (gemm_operands)
+with the epilogue after it. Both multiply the same 16-bit values exactly and sum in float32 (TF32 mode
+changes nothing there: a 16-bit value is a TF32 value); the dispatch times them per size class and
+precision, as in float32."""
 from __future__ import annotations
 
-from gpunet.backend import cublaslt
+from gpunet.backend import cublaslt, cuda_precision, precision
 from gpunet.backend import cuda_wrappers as kernels
 from gpunet.backend.cuda_kernels import compile_inputs
 from gpunet.backend.devices import cupy_status, gpu_name
-from gpunet.backend.gemm_dispatch import GemmDispatch, source_hash
+from gpunet.backend.gemm_dispatch import GemmDispatch, agreeing, source_hash
 
 
 class CupyGemmPaths:
@@ -43,7 +50,8 @@ class CupyGemmPaths:
             device = cupy_status()[0].cuda.Device()  # (CuPy itself: self.xp of the mixin reads as NumPy-or-CuPy)
             # the source and the -D constants, and whether cuBLASLt is a candidate: a choice made without it is
             # measured again once it is installed
-            kernels_version = source_hash(*compile_inputs("gemm"), f"cublaslt={self._lt is not None}")
+            kernels_version = source_hash(*compile_inputs("gemm"), *compile_inputs("gemm16"),
+                                          f"cublaslt={self._lt is not None}")
             self._dispatch = GemmDispatch(f"{gpu_name(device.id)} sm_{device.compute_capability}", kernels_version,
                                           measure=self._time_on_gpu, tf32=self.tf32)
         return self._dispatch
@@ -59,3 +67,37 @@ class CupyGemmPaths:
         end.record()
         end.synchronize()
         return cupy.cuda.get_elapsed_time(start, end) / repeats / 1e3
+
+    def product16(self, a, w, bias=None, activation=None, out=None, what="dense"):
+        """out (M, N) float32 = activation(a . w^T + bias) for 16-bit a (M, K) and w (N, K) of the running
+        precision (gemm_operands16), each C-contiguous or a transposed view of a C-contiguous array (the
+        backward's dz.T, x.T, weight.T: no copy). By the path the dispatch measured fastest for this size class,
+        `what` (dense, dx, dw) and precision, or the one GPUNET_GEMM forces (cublaslt: the fused one here)."""
+        paths = {"fused": self._fused16, "cublas": self._cublas16}
+        args = (a, w, bias, activation)
+        mode = self.gemm_mode
+        if mode == "auto":
+            epilogue = f"{what}:{activation or ('bias' if bias is not None else 'none')}@{precision.current()}"
+            mode = self._gemm_dispatch().choose(a.shape[0], w.shape[0], a.shape[1], epilogue,
+                                                lambda: agreeing(paths, args, 1e-4, self.xp))
+        return paths.get(mode, paths["fused"])(*args, out)
+
+    def _fused16(self, a, w, bias, activation, out=None):
+        """gpunet's 16-bit GEMM (kernels/gemm16.cu), the epilogue fused."""
+        if out is not None and not out.flags.c_contiguous:  # (the kernel writes C row-major)
+            out[...] = cuda_precision.gemm16(a, w, bias, activation)
+            return out
+        return cuda_precision.gemm16(a, w, bias, activation, out)
+
+    def _cublas16(self, a, w, bias, activation, out=None):
+        """cuBLAS on the operands' float32 values (from_16bit, exact), then the epilogue in one pass."""
+        a, w = (_converted(v, self.from_16bit) for v in (a, w))
+        y = self.xp.matmul(a, w.T, out=out)
+        if bias is not None or activation is not None:
+            kernels.bias_act_forward(y, bias, activation, y)
+        return y
+
+
+def _converted(a, convert):
+    """convert(a) for a C-contiguous a; for a transposed view of one, convert(a.T).T (no copy)."""
+    return convert(a) if a.flags.c_contiguous else convert(a.T).T

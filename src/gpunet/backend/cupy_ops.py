@@ -4,10 +4,11 @@ cell, the attention softmax, layer normalisation, activations, the optimizer upd
 each launched through its wrapper (cuda_wrappers.py, cuda_wrappers_sequence.py, cuda_precision.py);
 the Dense product's paths and their dispatch are the mixin CupyGemmPaths (cupy_gemm.py).
 
-In mixed precision (gpunet.backend.precision) the GEMM operands are rounded before each product as
-in the base Ops (gemm_operands: one cast launch per operand): the kernels read float32 arrays holding
-16-bit values. Attention then runs the base's batched products around the softmax kernel: the fused
-attention kernels cannot round the probabilities before they weigh v.
+In mixed precision (gpunet.backend.precision) a Dense product, forward and backward, runs as
+CupyGemmPaths.product16 (gpunet's 16-bit GEMM or cuBLAS on the rounded values, as measured); the
+other products round their operands as in the base Ops (gemm_operands: one cast launch per operand)
+and read float32 arrays holding 16-bit values. Attention then runs the base's batched products around
+the softmax kernel: the fused attention kernels cannot round the probabilities before they weigh v.
 
 Each override takes the kernel path only for what the kernel handles (float32, contiguous,
 not empty: its @kernel_or_fallback names the arguments the kernel needs so, kernel_guard.py) and
@@ -91,9 +92,10 @@ class CupyOps(CupyGemmPaths, Ops):
     @kernel_or_fallback("x", "weight", "bias", "out")
     def linear(self, x, weight, bias=None, activation=None, out=None):
         empty = x.shape[0] == 0 or weight.shape[0] == 0  # (no inputs, K = 0, is fine: y = act(bias))
-        if (bias is None and activation is None) or empty:
+        if empty or x.shape[1] == 0 or (bias is None and activation is None and precision.current() == "fp32"):
             return super().linear(x, weight, bias, activation, out)  # cuBLAS (the base rounds in mixed precision)
-        x, weight = self.gemm_operands(x, weight)  # (16-bit values in mixed precision; as they are in fp32)
+        if precision.current() != "fp32":
+            return self.product16(*self.gemm_operands16(x, weight), bias, activation, out)
         paths = self._linear_paths(bias, activation)
         args = (x, weight, bias, activation)
         mode = self.gemm_mode
@@ -111,6 +113,10 @@ class CupyOps(CupyGemmPaths, Ops):
             dz = dy  # no activation to undo and no bias to sum: nothing for the kernel to do
         else:
             dz = kernels.bias_act_backward(dy, z, y, activation, grad_bias)  # (db summed from dz in float32)
+        if precision.current() != "fp32" and x.shape[1] > 0 and dz.shape[1] > 0:
+            dz, x, weight = self.gemm_operands16(dz, x, weight if need_dx else None)  # (the base's order)
+            self.product16(dz.T, x.T, out=grad_weight, what="dw")
+            return self.product16(dz, weight.T, what="dx") if need_dx else None
         dz, x, weight = self.gemm_operands(dz, x, weight if need_dx else None)  # (the base's order)
         self.xp.matmul(dz.T, x, out=grad_weight)
         return self.xp.matmul(dz, weight) if need_dx else None

@@ -26,6 +26,13 @@ class SixteenBitOps:
                      self.round_16bit(a, kind) if kind != "fp32" and a is not None and a.dtype == numpy.float32
                      else a for a in arrays)
 
+    def gemm_operands16(self, *arrays):
+        """The operands of a matrix product as arrays of the running mixed precision's 16-bit dtype, for a
+        kernel that loads 16 bits (CupyOps' product16): a float32 array cast to nearest even (the values
+        gemm_operands gives, as 16-bit arrays), a 16-bit one as it is, None as None."""
+        kind = precision.current()
+        return tuple(a if a is None or is_16bit(a) else self.to_16bit(a, kind) for a in arrays)
+
     def store_16bit(self, x, hand_on: bool = False):
         """x as kept for the backward when the backward only multiplies it (a GEMM rounds it anyway) or reads
         its sign (ReLU): in mixed precision its 16-bit array (to_16bit), half the memory at no extra error;
