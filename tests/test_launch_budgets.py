@@ -71,6 +71,44 @@ def test_char_lstm_step():
     assert counts["launches"] <= 160 and counts["d2h"] == 0 and counts["h2d"] == 0, counts  # issue 12: 170
 
 
+# The LSTM in mixed precision, per time step on top of fp32's 2 (its fused step each way): 1 rounding h for the
+# forward's product, 1 rounding the gates' gradient for the backward's, and 1 more step: the backward re-runs the
+# forward's steps from the kept 16-bit h (LSTM.recompute_cell: the cell's float32 gates, c and tanh(c) are not kept;
+# 2 a step before). The re-run costs a call at most RERUN_PER_CALL more besides its steps: its input projection (the
+# kept input converted, W_ih rounded, the biases' sum, the product: 4 on the base's path), h converted, W_hh^T made
+# and rounded, c's fill; 9 in all on the stand-in.
+MIXED_LSTM_PER_STEP, RERUN_PER_CALL = 3, 9
+
+
+@pytest.mark.parametrize("gemm", ["cublas", "fused"])
+def test_an_lstm_in_mixed_precision_launches_three_more_a_step(monkeypatch, gemm):
+    """LSTM(4, 5), forward and backward over 3 and 6 steps (counted after a warm-up call): bf16 against fp32, and
+    the backward that re-runs the steps against the one that reads the cell's arrays kept (recompute_cell=False)."""
+    from gpunet.backend import precision
+
+    ops = ops_for_device("gpu")
+    monkeypatch.setattr(ops, "gemm_mode", gemm)
+    counts = {}
+    for kind, rerun in (("fp32", True), ("bf16", True), ("bf16", False)):
+        monkeypatch.setattr(gn.layers.LSTM, "recompute_cell", rerun)
+        for t in (3, 6):
+            gn.manual_seed(0)
+            layer = gn.layers.LSTM(4, 5).to("gpu")
+            x = to_device(numpy.ones((2, t, 4), dtype=numpy.float32), "gpu")
+            with precision.using(kind):
+                for _ in range(2):
+                    with gpu_standin.counting() as c:
+                        layer.backward(layer.forward(x))
+            assert c["d2h"] == 0 and c["h2d"] == 0, c
+            counts[kind, rerun, t] = c["launches"]
+    per_step = {key: (counts[(*key, 6)] - counts[(*key, 3)]) / 3 for key in (("fp32", True), ("bf16", True),
+                                                                                ("bf16", False))}
+    assert per_step == {("fp32", True): 2, ("bf16", True): 2 + MIXED_LSTM_PER_STEP, ("bf16", False): 4}, counts
+    rerun_per_call = counts["bf16", True, 3] - counts["bf16", False, 3] - 3
+    assert 0 < rerun_per_call <= RERUN_PER_CALL, counts
+    print(f"LSTM(4, 5) forward and backward, 3 and 6 steps: {counts}")
+
+
 @pytest.mark.parametrize("cuda_graph, h2d", [(False, 2), (True, 3)])
 def test_fit_steps_transfer_nothing_to_the_host_between_its_reads(cuda_graph, h2d):
     """In gn.fit on a GPU the host reads the loss only every 25 steps and at evaluations: every

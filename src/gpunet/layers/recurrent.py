@@ -17,13 +17,16 @@ In mixed precision (docs/precision.md) every product's operands are rounded to t
 the input projection's and the weight gradients' inside the ops, the per-step ones here (W_hh once a
 sequence, h or the gates' gradient each step), since Ops.matmul and lstm_step take operands as given.
 The time-major input is kept in 16 bits (only W_ih's gradient reads it), and so are the LSTM's states
-h (only W_hh's gradient reads them); the cells' gates and states stay float32, and so do the RNN's and
-GRU's h, which their cells' backwards read.
+h (only W_hh's gradient reads them); the RNN's and GRU's h, which their cells' backwards read, and their
+gates stay float32. The LSTM keeps no more than that: its backward first re-runs its steps from the kept
+input and h (and the initial c), the same ops on the same values, so the cell's float32 gates, c and tanh(c)
+come out bit for bit as the forward computed them (LSTM.recompute_cell; docs/precision.md).
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import NamedTuple
 
 from gpunet import init as initialisers
@@ -154,8 +157,9 @@ class _Recurrent(Layer):
             bias = bias + self.params["bias_hh"]
         if isinstance(inputs, EmbeddedIds):
             return ops.linear(inputs.weight, self.params["weight_ih"], bias)[inputs.ids]
-        t, b, f = inputs.shape
-        out = self._buffer(ops, "x_gates", (t * b, self.blocks * self.config["hidden_size"]), inputs.dtype)
+        t, b, f = inputs.shape  # (float32, or the 16-bit copy an LSTM's backward re-runs its steps from)
+        shape, dtype = (t * b, self.blocks * self.config["hidden_size"]), self.params["weight_ih"].dtype
+        out = self._buffer(ops, "x_gates", shape, dtype)
         return ops.linear(inputs.reshape(t * b, f), self.params["weight_ih"], bias, out=out).reshape(t, b, -1)
 
     def _weight_grads(self, ops, saved, dgi, dgh, need_dx, grad_embedding):
@@ -228,36 +232,86 @@ class RNN(_Recurrent):
 
 @register("LSTM")
 class LSTM(_Recurrent):
-    """Long short-term memory, gates i, f, g, o as torch.nn.LSTMCell; state (h, c)."""
+    """Long short-term memory, gates i, f, g, o as torch.nn.LSTMCell; state (h, c).
+
+    In fp32 the forward keeps the cell's activated gates, c and tanh(c) (float32) for the backward. In mixed
+    precision it keeps only the 16-bit input and h, which the weight gradients read anyway (and the initial c,
+    when given); the backward re-runs the steps from them, in the forward's precision, to get the cell's arrays
+    again: the same ops on the same values, so bit for bit the forward's, at the cost of a second forward of the
+    layer. recompute_cell = False keeps the cell's arrays in mixed precision too (tests compare the two)."""
 
     blocks = 4
     state_parts = 2
     h_kept_in_16bit = True
+    recompute_cell = True
 
     def _forward(self, ops, xs, hs, state):
-        cs = self._buffer(ops, "cs", hs.shape, hs.dtype)
-        tanh_c = self._buffer(ops, "tanh_c", hs[1:].shape, hs.dtype)
+        keep = precision.current() == "fp32" or not self.recompute_cell
+        if keep:  # the whole sequence's cell arrays, for the backward
+            cs = self._buffer(ops, "cs", hs.shape, hs.dtype)
+            tanh_c = self._buffer(ops, "tanh_c", hs[1:].shape, hs.dtype)
+        else:  # only the current step's (c alternates between two buffers): the backward re-runs the steps
+            c_pair = self._buffer(ops, "c_pair", (2, *hs.shape[1:]), hs.dtype)
+            cs = _Ring(c_pair[0], c_pair[1])
+            tanh_c = _Ring(self._buffer(ops, "tanh_c_step", hs.shape[1:], hs.dtype))
         hs[0], cs[0] = state
         x_gates = self._input_projection(ops, xs, with_hidden_bias=True)
-        gates = self._buffer(ops, "gates", x_gates.shape, x_gates.dtype)  # activated
+        gates = (self._buffer(ops, "gates", x_gates.shape, x_gates.dtype) if keep  # activated
+                 else _Ring(self._buffer(ops, "gates_step", x_gates.shape[1:], x_gates.dtype)))
+        self._steps(ops, x_gates, lambda t: ops.gemm_operands(hs[t])[0], hs, cs, gates, tanh_c)
+        self.final_state = (hs[-1].copy(), cs[len(hs) - 1].copy())
+        # h feeds only products (W_hh's gradient): 16 bits in mixed precision (the cell's arrays: float32)
+        if keep:
+            return {"gates": gates, "cs": cs, "tanh_c": tanh_c, "hs": ops.store_16bit(hs)}
+        return {"hs": ops.store_16bit(hs), "c0": state[1], "precision": precision.current()}
+
+    def _steps(self, ops, x_gates, h_operand, hs, cs, gates, tanh_c):
+        """The cell over the sequence from the input projection x_gates (T, B, 4H): step t multiplies
+        h_operand(t) (h_t, rounded in mixed precision) by W_hh, reads cs[t] and writes gates[t], hs[t + 1],
+        cs[t + 1] and tanh_c[t] (a sequence's buffers, or _Rings holding only the current step's)."""
         w_hh_t = self._step_operands(ops, transposed=True)
-        for t in range(len(hs) - 1):  # on a GPU one launch a step: h @ W_hh^T fused with the cell
-            h = ops.gemm_operands(hs[t])[0]
-            ops.lstm_step(x_gates[t], w_hh_t, h, cs[t], gates[t], hs[t + 1], cs[t + 1], tanh_c[t])
-        self.final_state = (hs[-1].copy(), cs[-1].copy())
-        # h feeds only products (W_hh's gradient): 16 bits in mixed precision (the cell's arrays stay float32)
-        return {"gates": gates, "cs": cs, "tanh_c": tanh_c, "hs": ops.store_16bit(hs)}
+        for t in range(len(x_gates)):  # on a GPU one launch a step: h @ W_hh^T fused with the cell
+            ops.lstm_step(x_gates[t], w_hh_t, h_operand(t), cs[t], gates[t], hs[t + 1], cs[t + 1], tanh_c[t])
+
+    def _recomputed_cell(self, ops, saved):
+        """The activated gates, c and tanh(c) of the forward that kept only saved.hs (16-bit), saved.xs and
+        saved.c0: its steps again, in its precision, from the same operands (the rounded input and h_t)."""
+        with precision.using(saved.precision):
+            x_gates = self._input_projection(ops, saved.xs, with_hidden_bias=True)
+            h = ops.gemm_operands(saved.hs)[0]  # each step's operand: the 16-bit h_t's values, all at once
+            xp, dtype = ops.xp, x_gates.dtype
+            cs = xp.empty(saved.hs.shape, dtype=dtype)
+            cs[0] = saved.c0
+            cell = SimpleNamespace(gates=xp.empty(x_gates.shape, dtype=dtype), cs=cs,
+                                   tanh_c=xp.empty(cs[1:].shape, dtype=dtype))
+            h_out = _Ring(xp.empty(cs.shape[1:], dtype=dtype))  # (h itself: kept)
+            self._steps(ops, x_gates, h.__getitem__, h_out, cell.cs, cell.gates, cell.tanh_c)
+        return cell
 
     def _backward_steps(self, ops, saved, dys):
-        dgates = self._buffer(ops, "dgates", saved.gates.shape, saved.gates.dtype)  # all steps': for the weights
+        cell = saved if hasattr(saved, "gates") else self._recomputed_cell(ops, saved)
+        dgates = self._buffer(ops, "dgates", cell.gates.shape, cell.gates.dtype)  # all steps': for the weights
         dc = self._buffer(ops, "dc", dys.shape[1:], dys.dtype)
         w_hh, last = self._step_operands(ops, transposed=False), len(dys) - 1
         for t in range(last, -1, -1):  # on a GPU one launch a step: dgates[t + 1] @ W_hh fused with the cell
             ops.lstm_step_backward(dys[t], None if t == last else ops.gemm_operands(dgates[t + 1])[0], w_hh, dc,
-                                   saved.gates[t], saved.cs[t], saved.tanh_c[t], dgates[t])
+                                   cell.gates[t], cell.cs[t], cell.tanh_c[t], dgates[t])
         dh = self._recurrent_grad(ops, saved, dgates[0], 0, w_hh) if len(dys) else None
         self.state_grad = None if dh is None else (dh, dc.copy())  # dc is a work buffer
         return dgates, dgates
+
+
+class _Ring:
+    """Stands for a sequence's buffer of which a step needs only its own slices: [t] is arrays[t % len(arrays)]."""
+
+    def __init__(self, *arrays):
+        self.arrays = arrays
+
+    def __getitem__(self, t):
+        return self.arrays[t % len(self.arrays)]
+
+    def __setitem__(self, t, value):
+        self[t][...] = value
 
 
 @register("GRU")
