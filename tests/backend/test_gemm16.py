@@ -1,5 +1,6 @@
 """The GPU's mixed-precision Dense products (CupyGemmPaths.product16): gpunet's 16-bit GEMM
-(kernels/gemm16.cu) and cuBLAS on the rounded values, each forced in turn, forward and backward,
+(kernels/gemm16.cu), cuBLAS's cublasGemmEx on the 16-bit operands and cuBLAS's float32 GEMM of their
+values, each forced in turn, forward and backward,
 against the reference Ops in the same precision (NumPy: the operands rounded to 16 bits, float32
 products), within the float32 bounds of those rounded operands: both sides multiply the same
 16-bit values exactly and differ only in the order of their float32 sums."""
@@ -19,7 +20,7 @@ REFERENCE = Ops()
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["bf16", "fp16"])
-@pytest.mark.parametrize("mode", ["fused", "cublas"])
+@pytest.mark.parametrize("mode", ["fused", "cublas", "gemmex"])
 def test_each_16bit_path_forward_and_backward_against_the_cpu(monkeypatch, mode, kind):
     ops = ops_for_device("gpu")
     monkeypatch.setattr(ops, "gemm_mode", mode)
@@ -61,3 +62,26 @@ def test_the_16bit_gemm_refuses_operands_it_cannot_read():
         h, = ops.gemm_operands16(on("gpu", numpy.ones((5, 3), "float32")))
     with pytest.raises(TypeError, match=r"one dtype.*bfloat16.*float16"):
         cuda_precision.gemm16(a, h, None, None)
+
+
+@pytest.mark.gpu
+def test_the_standin_cublas_refuses_a_range_no_allocation_holds():
+    """The stand-in's cublasGemmEx reads operands by raw device address, as cuBLAS does: a leading dimension
+    that reaches past the array is refused (a GPU would read another array's memory)."""
+    import cupy
+
+    with precision.using("bf16"):
+        a, w = ops_for_device("gpu").gemm_operands16(on("gpu", numpy.ones((4, 3), "float32")),
+                                                      on("gpu", numpy.ones((5, 3), "float32")))
+    y = cupy.empty((4, 5), dtype="float32")
+    one, zero = numpy.ones(1, numpy.float32), numpy.zeros(1, numpy.float32)
+    cublas, runtime = cupy.cuda.cublas, cupy.cuda.runtime
+    bf16 = runtime.CUDA_R_16BF
+    cublas.gemmEx(cupy.cuda.get_cublas_handle(), cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, 5, 4, 3, one.ctypes.data,
+                  w.data.ptr, bf16, 3, a.data.ptr, bf16, 3, zero.ctypes.data, y.data.ptr, runtime.CUDA_R_32F, 5,
+                  cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
+    assert numpy.array_equal(gn.to_numpy(y), numpy.full((4, 5), 3.0, "float32"))
+    with pytest.raises(cublas.CUBLASError, match="not inside one live device allocation"):
+        cublas.gemmEx(cupy.cuda.get_cublas_handle(), cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, 5, 4, 3, one.ctypes.data,
+                      w.data.ptr, bf16, 4, a.data.ptr, bf16, 3, zero.ctypes.data, y.data.ptr, runtime.CUDA_R_32F, 5,
+                      cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)

@@ -19,3 +19,12 @@ DYNAMIC_NAMES = {
 
 def cupy_only(file: str, scope: str) -> bool:
     return any(file == f and (scope == s or scope.startswith(s + ".")) for f, s in CUPY_ONLY_SCOPES)
+
+
+# Modules that bind a CUDA library the tier does not install (cupy-cuda13x without its [ctk] libraries):
+# CuPy imports them on first use and raises ImportError without the library. Their names and signatures
+# are read instead from the compiled binding itself (Cython keeps each function's signature line and
+# each enum member's name in it). Keyed by (module, attribute).
+LIBRARY_BINDINGS = {
+    ("cupy.cuda", "cublas"): ("cupy_backends.cuda.libs.cublas", "needs libcublas: gpunet's cublasGemmEx path"),
+}

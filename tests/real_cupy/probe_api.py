@@ -31,17 +31,48 @@ MISSING = object()
 
 
 def lookup(obj, name: str, via_instance: bool):
-    """obj.name, or the submodule obj.name when obj is a module that has not imported it yet."""
+    """obj.name, or the submodule obj.name when obj is a module that has not imported it yet (a binding of a
+    CUDA library the tier lacks: read from the compiled module, CompiledBinding)."""
     try:
         return getattr(obj, name)
     except AttributeError:
         pass
+    except ImportError:
+        entry = allowlist.LIBRARY_BINDINGS.get((getattr(obj, "__name__", ""), name))
+        if entry is None:
+            raise
+        return CompiledBinding(entry[0])
     if inspect.ismodule(obj) and not via_instance:
         try:
             return importlib.import_module(f"{obj.__name__}.{name}")
         except ImportError:
             pass
     return MISSING
+
+
+class CompiledBinding:
+    """A Cython module that cannot be imported here (its CUDA library is missing), as far as its compiled file
+    tells: each function with its signature line as its docstring (doc_signature reads it), each enum member
+    (its value unknown: 0). An attribute it does not name is missing."""
+
+    def __init__(self, module: str):
+        import importlib.util
+        self.__name__ = module
+        text = Path(importlib.util.find_spec(module).origin).read_bytes().decode("latin-1")
+        self._signatures = {m.group(1): m.group(0) for m in re.finditer(r"\b(\w+)\(([\w ,*]*)\)(?: -> \w+)?", text)}
+        self._members = set(re.findall(r"__pyx_e_\w*?\d%s_(\w+)" % re.escape(module.rsplit(".", 1)[-1]), text))
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name in self._signatures:
+            def function(*args, **kwargs):
+                raise RuntimeError(f"{self.__name__}.{name} cannot run here: its CUDA library is missing")
+            function.__name__, function.__doc__ = name, self._signatures[name]
+            return function
+        if name in self._members:
+            return 0
+        raise AttributeError(name)
 
 
 _RETURNS = (re.compile(r"Returns:\s*\n\s+~?([\w.]+)\s*:"),  # CuPy's: "Returns:\n    cupy.ndarray: ..."

@@ -6,13 +6,16 @@ Each path takes (x, weight, bias, activation, out) and gives y, into out when gi
 kernel (kernels/gemm.cu), cuBLAS then one epilogue pass, or cuBLASLt's fused epilogue (cublaslt.py,
 with nvmath-python).
 
-In mixed precision (product16) every Dense product, forward and backward, has two paths: gpunet's
+In mixed precision (product16) every Dense product, forward and backward, has three paths: gpunet's
 16-bit GEMM (kernels/gemm16.cu: the operands cast to 16 bits, half the bytes loaded, float32 products
-and sums, the epilogue fused) and cuBLAS on float32 arrays holding the 16-bit values (gemm_operands)
-with the epilogue after it. Both multiply the same 16-bit values exactly and sum in float32 (TF32 mode
-changes nothing there: a 16-bit value is a TF32 value); the dispatch times them per size class and
-precision, as in float32."""
+and sums, the epilogue fused), cuBLAS's cublasGemmEx on the 16-bit operands (tensor cores, float32
+compute and output; "gemmex"), and cuBLAS's float32 GEMM on their float32 values ("cublas"), each of
+the last two with the epilogue after it. All multiply the same 16-bit values exactly and sum in float32
+(TF32 mode changes nothing there: a 16-bit value is a TF32 value); the dispatch times them per size
+class and precision, as in float32."""
 from __future__ import annotations
+
+import numpy
 
 from gpunet.backend import cublaslt, cuda_precision, precision
 from gpunet.backend import cuda_wrappers as kernels
@@ -73,7 +76,7 @@ class CupyGemmPaths:
         precision (gemm_operands16), each C-contiguous or a transposed view of a C-contiguous array (the
         backward's dz.T, x.T, weight.T: no copy). By the path the dispatch measured fastest for this size class,
         `what` (dense, dx, dw) and precision, or the one GPUNET_GEMM forces (cublaslt: the fused one here)."""
-        paths = {"fused": self._fused16, "cublas": self._cublas16}
+        paths = {"fused": self._fused16, "cublas": self._cublas16, "gemmex": self._gemmex16}
         args = (a, w, bias, activation)
         mode = self.gemm_mode
         if mode == "auto":
@@ -89,6 +92,27 @@ class CupyGemmPaths:
             return out
         return cuda_precision.gemm16(a, w, bias, activation, out)
 
+    def _gemmex16(self, a, w, bias, activation, out=None):
+        """cuBLAS's cublasGemmEx on the 16-bit operands themselves (tensor cores: 16-bit inputs, float32
+        compute and output), then the epilogue in one pass. cuBLAS is column-major: the row-major y (M, N) is
+        the column-major y^T = w . a^T, and a row-major (C-contiguous) operand is its transpose there."""
+        cupy = cupy_status()[0]
+        cublas, runtime = cupy.cuda.cublas, cupy.cuda.runtime
+        (m, k), n = a.shape, w.shape[0]
+        y = out if out is not None and out.flags.c_contiguous else self.xp.empty((m, n), dtype="float32")
+        kind = runtime.CUDA_R_16BF if a.dtype.name == "bfloat16" else runtime.CUDA_R_16F
+        w_op, ldw = (cublas.CUBLAS_OP_T, k) if w.flags.c_contiguous else (cublas.CUBLAS_OP_N, n)
+        a_op, lda = (cublas.CUBLAS_OP_N, k) if a.flags.c_contiguous else (cublas.CUBLAS_OP_T, m)
+        cublas.gemmEx(cupy.cuda.get_cublas_handle(), w_op, a_op, n, m, k, _ONE.ctypes.data, w.data.ptr, kind, ldw,
+                      a.data.ptr, kind, lda, _ZERO.ctypes.data, y.data.ptr, runtime.CUDA_R_32F, n,
+                      cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
+        if bias is not None or activation is not None:
+            kernels.bias_act_forward(y, bias, activation, y)
+        if out is not None and y is not out:
+            out[...] = y
+            return out
+        return y
+
     def _cublas16(self, a, w, bias, activation, out=None):
         """cuBLAS on the operands' float32 values (from_16bit, exact), then the epilogue in one pass."""
         a, w = (_converted(v, self.from_16bit) for v in (a, w))
@@ -96,6 +120,9 @@ class CupyGemmPaths:
         if bias is not None or activation is not None:
             kernels.bias_act_forward(y, bias, activation, y)
         return y
+
+
+_ONE, _ZERO = numpy.ones(1, numpy.float32), numpy.zeros(1, numpy.float32)  # gemmEx's alpha, beta (host pointers)
 
 
 def _converted(a, convert):

@@ -8,6 +8,7 @@ import time
 
 import cupy._ndarray as device_memory
 from cupy.cuda import compiler, memory, nccl, runtime  # noqa: F401
+from cupy.cuda import cublas  # noqa: F401  (CuPy 14 imports it on first use: cupy.cuda.cublas)
 from cupy.cuda.memory import MemoryPointer, MemoryPool, alloc, get_allocator, set_allocator  # noqa: F401
 
 COMPUTE_CAPABILITY = "90"  # the kernels are checked against sm_90's limits (tests/cuda/emulator.py)
@@ -129,3 +130,8 @@ def get_elapsed_time(start: Event, end: Event) -> float:
     if start._time is None or end._time is None:
         raise runtime.CUDARuntimeError("cudaErrorInvalidResourceHandle: an event was never recorded")
     return (end._time - start._time) * 1e3
+
+
+def get_cublas_handle() -> int:
+    """The current device's cuBLAS handle (cupy.cuda.get_cublas_handle, from cupy.cuda.device): any non-zero int."""
+    return 1

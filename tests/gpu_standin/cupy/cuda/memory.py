@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import threading
+import weakref
 
 
 class OutOfMemoryError(MemoryError):
@@ -37,6 +38,25 @@ class Memory:
         # enough for gpunet's kernels, which make no vector (float4) loads.
         self.offset = pages * _PAGE - self.size
         self.ptr = start + self.offset
+        _LIVE[self.ptr] = (self.size, weakref.ref(self.buffer, _forget(self.ptr)))  # (arrays keep the mmap alive)
+
+
+# Every live allocation by its device address: (size, its mmap), for what reads memory by raw pointer
+# outside a kernel (the stand-in's cuBLAS, cupy.cuda.cublas), which must refuse a range no allocation holds.
+_LIVE: dict = {}
+
+
+def _forget(start: int):
+    def forget(dead_ref) -> None:  # (the address may hold a newer allocation by now: forget only this one)
+        if _LIVE.get(start, (0, None))[1] is dead_ref:
+            del _LIVE[start]
+    return forget
+
+
+def holding(ptr: int, nbytes: int) -> bool:
+    """Whether one live allocation holds the nbytes from device address ptr."""
+    return any(start <= ptr and ptr + nbytes <= start + size and buffer() is not None
+               for start, (size, buffer) in list(_LIVE.items()))
 
 
 class MemoryPointer:

@@ -5,6 +5,11 @@ class CUDARuntimeError(RuntimeError):
     pass
 
 
+# cudaDataType_t, as cupy_backends.cuda.api.runtime exports it
+CUDA_R_32F = 0
+CUDA_R_16F = 2
+CUDA_R_16BF = 14
+
 NAME = b"gpunet CuPy stand-in (kernel emulator, sm_90 limits)"
 
 
