@@ -206,11 +206,13 @@ def test_conv2d_on_the_cpu_is_the_float64_convolution_of_rounded_operands(kind, 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("gemm", ["fused", "cublas", "gemmex"])  # (the GPU's three 16-bit product paths)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "relu"])
-def test_conv2d_on_the_gpu_is_the_cpu_within_the_16bit_bound(kind, fused):
+def test_conv2d_on_the_gpu_is_the_cpu_within_the_16bit_bound(monkeypatch, kind, fused, gemm):
     """(b), per element: the same rounded operands in the forward; dz differs only where a ReLU's sign
-    may (|z| within the forward's bound)."""
+    may (|z| within the forward's bound). Each of the GPU's product paths in turn (CupyGemmPaths.product16)."""
+    monkeypatch.setattr(ops_for_device("gpu"), "gemm_mode", gemm)
     model, conv, x, dy = conv_case(1, 1, fused)
     w, b = (gn.to_numpy(conv.params[k]).copy() for k in ("weight", "bias"))
     want_y, want_dx, want_g = run(copy_of(model), x, dy, "cpu", kind)

@@ -21,6 +21,7 @@ from gpunet.backend import cublaslt, cuda_precision, precision
 from gpunet.backend import cuda_wrappers as kernels
 from gpunet.backend.cuda_kernels import compile_inputs
 from gpunet.backend.devices import cupy_status, gpu_name
+from gpunet.backend.conv_ops import pooled_size
 from gpunet.backend.gemm_dispatch import GemmDispatch, agreeing, source_hash
 
 
@@ -84,6 +85,33 @@ class CupyGemmPaths:
             mode = self._gemm_dispatch().choose(a.shape[0], w.shape[0], a.shape[1], epilogue,
                                                 lambda: agreeing(paths, args, 1e-4, self.xp))
         return paths.get(mode, paths["fused"])(*args, out)
+
+    def conv_gemm(self, x, weight, stride, padding):
+        """ConvOps.conv_gemm; in mixed precision its product runs as product16 on the 16-bit columns it keeps
+        for the backward anyway (the weight cast once more), rounding at the CPU's points."""
+        if precision.current() == "fp32" or 0 in x.shape or 0 in weight.shape:
+            return super().conv_gemm(x, weight, stride, padding)
+        n, out_c = x.shape[0], weight.shape[0]
+        x, weight = self.gemm_operands(x, weight)
+        cols = self.store_16bit(self.im2col(x, weight.shape[2:], stride, padding))
+        if 0 in cols.shape:
+            return super().conv_gemm(x, weight, stride, padding)
+        w16, = self.gemm_operands16(self.xp.ascontiguousarray(weight.reshape(out_c, -1)))
+        y_t = self.product16(w16, cols, what="conv")
+        return y_t.reshape(out_c, n, -1), cols, pooled_size(x.shape[2:], weight.shape[2:], stride, padding)
+
+    def _conv_gemms_backward(self, dy_t, cols, x_shape, weight, grad_weight, stride, padding, need_dx):
+        """ConvOps._conv_gemms_backward; in mixed precision its products run as product16 (dW = dY cols into
+        grad_weight, dcols = dY^T W, each through transposed views: no copies)."""
+        if precision.current() == "fp32" or 0 in dy_t.shape or 0 in cols.shape:
+            return super()._conv_gemms_backward(dy_t, cols, x_shape, weight, grad_weight, stride, padding, need_dx)
+        out_c = weight.shape[0]
+        dy_t, cols, w = self.gemm_operands16(dy_t, cols, weight if need_dx else None)  # (the base's order)
+        self.product16(dy_t, cols.T, out=grad_weight.reshape(out_c, -1), what="conv_dw")
+        if not need_dx:
+            return None
+        dcols = self.product16(dy_t.T, w.reshape(out_c, -1).T, what="conv_dx")
+        return self.col2im(dcols, x_shape, weight.shape[2:], stride, padding)
 
     def _fused16(self, a, w, bias, activation, out=None):
         """gpunet's 16-bit GEMM (kernels/gemm16.cu), the epilogue fused."""
