@@ -9,44 +9,15 @@
 // activation codes ACT_NONE (0), ACT_RELU, ACT_SIGMOID, ACT_TANH, ACT_GELU (erf), ACT_GELU_TANH.
 // Fallbacks, so that `nvcc kernels/gemm.cu` compiles on its own: gpunet always passes its values
 // as -D flags (cuda_kernels.DEFINES, the one place they are set), and
-// tests/kernels/test_resources.py checks that each fallback here equals that value.
-#ifndef THREADS
-#define THREADS 256
-#endif
-#ifndef TILE_M
-#define TILE_M 64
-#endif
-#ifndef TILE_N
-#define TILE_N 64
-#endif
-#ifndef TILE_K
-#define TILE_K 16
-#endif
+// tests/kernels/test_resources.py checks that each fallback equals that value (those of THREADS, the
+// tiles and the ACT_* codes are gemm_tiles.cuh's, which gemm16.cu includes too).
 #ifndef ROWS_PER_CHUNK
 #define ROWS_PER_CHUNK 64
 #endif
-#ifndef ACT_NONE
-#define ACT_NONE 0
-#endif
-#ifndef ACT_RELU
-#define ACT_RELU 1
-#endif
-#ifndef ACT_SIGMOID
-#define ACT_SIGMOID 2
-#endif
-#ifndef ACT_TANH
-#define ACT_TANH 3
-#endif
-#ifndef ACT_GELU
-#define ACT_GELU 4
-#endif
-#ifndef ACT_GELU_TANH
-#define ACT_GELU_TANH 5
-#endif
-static_assert(ACT_NONE == 0, "bias_act_backward reads act as a flag: no activation must be 0");
-
 #include "common.cuh"  // last_block_done
-#include "gemm_tiles.cuh"  // gemm_tiles, activate
+#include "gemm_tiles.cuh"  // gemm_tiles, activate; THREADS, the tiles, the ACT_* codes
+
+static_assert(ACT_NONE == 0, "bias_act_backward reads act as a flag: no activation must be 0");
 
 // d activation / dz from the pre-activation z and the output y (whichever the formula needs).
 __device__ __forceinline__ float derivative(float z, float y, int act) {

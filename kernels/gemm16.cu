@@ -6,38 +6,8 @@
 // so that the float32 kernels never need the 16-bit headers.
 //
 // Compiled at run time by NVRTC through cupy.RawModule (gpunet/backend/cuda_kernels.py), with the
-// constants as -D flags; the fallbacks below (equal to Python's, a test checks) let `nvcc` compile it
-// alone. Launched only through gpunet/backend/cuda_precision.py.
-#ifndef THREADS
-#define THREADS 256
-#endif
-#ifndef TILE_M
-#define TILE_M 64
-#endif
-#ifndef TILE_N
-#define TILE_N 64
-#endif
-#ifndef TILE_K
-#define TILE_K 16
-#endif
-#ifndef ACT_NONE
-#define ACT_NONE 0
-#endif
-#ifndef ACT_RELU
-#define ACT_RELU 1
-#endif
-#ifndef ACT_SIGMOID
-#define ACT_SIGMOID 2
-#endif
-#ifndef ACT_TANH
-#define ACT_TANH 3
-#endif
-#ifndef ACT_GELU
-#define ACT_GELU 4
-#endif
-#ifndef ACT_GELU_TANH
-#define ACT_GELU_TANH 5
-#endif
+// constants as -D flags; gemm_tiles.cuh's fallbacks (equal to Python's, a test checks) let `nvcc`
+// compile it alone. Launched only through gpunet/backend/cuda_precision.py.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -1,10 +1,42 @@
 // The tiled GEMM with a fused bias + activation epilogue, written once for every input type:
 // gemm.cu instantiates it for float (gemm_bias_act), gemm16.cu for bfloat16 and float16
 // (gemm16_bf16, gemm16_f16: 16-bit loads, float32 arithmetic). A .cu file that includes this
-// header first defines to_float() for its input type (float's is here), and the constants
-// THREADS, TILE_M, TILE_N, TILE_K and the ACT_* codes (gpunet passes them as -D flags).
+// header first defines to_float() for its input type (float's is here). gpunet passes THREADS, the
+// tiles and the ACT_* codes as -D flags (cuda_kernels.DEFINES); the fallbacks below, equal to those
+// (tests/kernels/test_resources.py checks), let `nvcc` compile an including file alone.
 #ifndef GPUNET_KERNELS_GEMM_TILES_CUH
 #define GPUNET_KERNELS_GEMM_TILES_CUH
+
+#ifndef THREADS
+#define THREADS 256
+#endif
+#ifndef TILE_M
+#define TILE_M 64
+#endif
+#ifndef TILE_N
+#define TILE_N 64
+#endif
+#ifndef TILE_K
+#define TILE_K 16
+#endif
+#ifndef ACT_NONE
+#define ACT_NONE 0
+#endif
+#ifndef ACT_RELU
+#define ACT_RELU 1
+#endif
+#ifndef ACT_SIGMOID
+#define ACT_SIGMOID 2
+#endif
+#ifndef ACT_TANH
+#define ACT_TANH 3
+#endif
+#ifndef ACT_GELU
+#define ACT_GELU 4
+#endif
+#ifndef ACT_GELU_TANH
+#define ACT_GELU_TANH 5
+#endif
 
 static_assert(THREADS == 16 * 16 && TILE_M == 16 * 4 && TILE_N == 16 * 4,
               "gemm_tiles' 16 x 16 threads each compute a 4 x 4 block of the TILE_M x TILE_N tile of C");

@@ -70,8 +70,9 @@ def test_kernels_fit_the_blocks_gpunet_launches(usage, family):
 def test_a_kernel_sources_fallback_constants_equal_pythons(family):
     """The kernels get THREADS, the tiles and the activation codes as -D flags from
     cuda_kernels.DEFINES. A .cu file may hold a fallback, so that plain `nvcc FILE.cu` compiles,
-    only under #ifndef of the same name and only with Python's value: never a second value."""
-    text = (KERNELS / f"{family}.cu").read_text()
+    only under #ifndef of the same name and only with Python's value: never a second value. (The file
+    as compiled: the fallbacks of a header it includes count as its own.)"""
+    text = source(family)
     guarded = dict(re.findall(r"^#ifndef (\w+)\n#define \1 (\S+)\n#endif", text, flags=re.M))
     defined = set(re.findall(r"^\s*#\s*define\s+(\w+)", text, flags=re.M)) & set(DEFINES)
     assert defined == set(guarded) & set(DEFINES)
