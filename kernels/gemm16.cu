@@ -11,9 +11,12 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <mma.h>
 
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ __nv_bfloat16 zero_like(__nv_bfloat16) { return __float2bfloat16_rn(0.f); }
+__device__ __forceinline__ __half zero_like(__half) { return __float2half_rn(0.f); }
 
 #include "gemm_tiles.cuh"  // gemm_tiles, activate
 
@@ -31,4 +34,79 @@ extern "C" __global__ void gemm16_f16(const __half* __restrict__ A, long long a_
                                       const float* __restrict__ bias, float* __restrict__ C, int M, int N, int K,
                                       int has_bias, int act) {
   gemm_tiles(A, a_row, a_k, W, w_col, w_k, bias, C, M, N, K, has_bias, act);
+}
+
+// The same product on the tensor cores (nvcuda::wmma, m16n16k16, float accumulators): each block stages a
+// 64 x 16 tile of A and a 32 x 16 tile of W in shared memory (zeros past the edges, so M, N and K need not
+// be multiples of 16), and each of its 8 warps multiplies one 16 x 16 block of the block's 64 x 32 tile of
+// C; the epilogue goes through shared memory. Launch: grid (ceil(N / 32), min(ceil(M / 64), 65535)), block
+// THREADS; each block walks the row tiles blockIdx.y, + gridDim.y, ...
+static_assert(THREADS == 256, "gemm16_tc's 8 warps each compute a 16 x 16 block of its 64 x 32 tile of C");
+constexpr int TC_ROWS = 64, TC_COLS = 32, TC_K = 16, TC_PAD = 8;  // TC_PAD: rows stay 32-byte aligned
+
+template <typename T>
+__device__ __forceinline__ void gemm_tensor_cores(const T* __restrict__ A, long long a_row, long long a_k,
+                                                  const T* __restrict__ W, long long w_col, long long w_k,
+                                                  const float* __restrict__ bias, float* __restrict__ C, int M,
+                                                  int N, int K, int has_bias, int act) {
+  using namespace nvcuda;
+  __shared__ __align__(32) T As[TC_ROWS][TC_K + TC_PAD];
+  __shared__ __align__(32) T Ws[TC_COLS][TC_K + TC_PAD];
+  __shared__ __align__(32) float Cs[TC_ROWS][TC_COLS + 4];
+  const int warp = threadIdx.x / 32, warp_row = warp / 2, warp_col = warp % 2;
+  const int col0 = blockIdx.x * TC_COLS;
+  const T zero = zero_like(A[0]);
+  for (long long row0 = (long long)blockIdx.y * TC_ROWS; row0 < M; row0 += (long long)gridDim.y * TC_ROWS) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.f);
+    for (int k0 = 0; k0 < K; k0 += TC_K) {
+      for (int i = threadIdx.x; i < TC_ROWS * TC_K; i += THREADS) {  // (k fastest where k is contiguous)
+        int r = a_k == 1 ? i / TC_K : i % TC_ROWS, k = a_k == 1 ? i % TC_K : i / TC_ROWS, gk = k0 + k;
+        long long gr = row0 + r;
+        As[r][k] = (gr < M && gk < K) ? A[gr * a_row + gk * a_k] : zero;
+      }
+      for (int i = threadIdx.x; i < TC_COLS * TC_K; i += THREADS) {
+        int c = w_k == 1 ? i / TC_K : i % TC_COLS, k = w_k == 1 ? i % TC_K : i / TC_COLS;
+        int gc = col0 + c, gk = k0 + k;
+        Ws[c][k] = (gc < N && gk < K) ? W[(long long)gc * w_col + gk * w_k] : zero;
+      }
+      __syncthreads();
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;  // b(k, c) = W[c, k]: Ws read by columns
+      wmma::load_matrix_sync(a, &As[warp_row * 16][0], TC_K + TC_PAD);
+      wmma::load_matrix_sync(b, &Ws[warp_col * 16][0], TC_K + TC_PAD);
+      wmma::mma_sync(acc, a, b, acc);
+      __syncthreads();  // the next tile's loads overwrite As and Ws
+    }
+    wmma::store_matrix_sync(&Cs[warp_row * 16][warp_col * 16], acc, TC_COLS + 4, wmma::mem_row_major);
+    __syncthreads();  // every warp's block of Cs is written before any thread reads it
+    for (int i = threadIdx.x; i < TC_ROWS * TC_COLS; i += THREADS) {
+      const int r = i / TC_COLS, c = i % TC_COLS, gc = col0 + c;
+      const long long gr = row0 + r;
+      if (gr < M && gc < N) C[(size_t)gr * N + gc] = activate(Cs[r][c] + (has_bias ? bias[gc] : 0.f), act);
+    }
+    __syncthreads();  // the next row tile rewrites Cs
+  }
+}
+
+extern "C" __global__ void gemm16_tc_bf16(const __nv_bfloat16* __restrict__ A, long long a_row, long long a_k,
+                                          const __nv_bfloat16* __restrict__ W, long long w_col, long long w_k,
+                                          const float* __restrict__ bias, float* __restrict__ C, int M, int N,
+                                          int K, int has_bias, int act) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800  // (bfloat16 fragments need sm_80; CupyOps offers it there)
+  gemm_tensor_cores(A, a_row, a_k, W, w_col, w_k, bias, C, M, N, K, has_bias, act);
+#else
+  __trap();
+#endif
+}
+
+extern "C" __global__ void gemm16_tc_f16(const __half* __restrict__ A, long long a_row, long long a_k,
+                                         const __half* __restrict__ W, long long w_col, long long w_k,
+                                         const float* __restrict__ bias, float* __restrict__ C, int M, int N, int K,
+                                         int has_bias, int act) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800  // (gpunet offers the tensor-core path from sm_80 on)
+  gemm_tensor_cores(A, a_row, a_k, W, w_col, w_k, bias, C, M, N, K, has_bias, act);
+#else
+  __trap();
+#endif
 }

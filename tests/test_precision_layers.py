@@ -206,7 +206,7 @@ def test_conv2d_on_the_cpu_is_the_float64_convolution_of_rounded_operands(kind, 
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gemm", ["fused", "cublas", "gemmex"])  # (the GPU's three 16-bit product paths)
+@pytest.mark.parametrize("gemm", ["fused", "wmma", "cublas", "gemmex"])  # (the GPU's four 16-bit product paths)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "relu"])
 def test_conv2d_on_the_gpu_is_the_cpu_within_the_16bit_bound(monkeypatch, kind, fused, gemm):

@@ -83,7 +83,7 @@ def cli_int_up_to(maximum: int):
 ENVIRONMENT = {  # name -> the values it may take, its default (when unset or blank) first
     "GPUNET_DEVICE": ("auto", "cpu", "gpu"),
     "GPUNET_TF32": ("0", "1"),
-    "GPUNET_GEMM": ("auto", "fused", "cublas", "cublaslt", "gemmex"),
+    "GPUNET_GEMM": ("auto", "fused", "cublas", "cublaslt", "gemmex", "wmma"),
     "GPUNET_DEBUG": ("0", "1"),
 }
 

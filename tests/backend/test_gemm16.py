@@ -1,5 +1,5 @@
 """The GPU's mixed-precision Dense products (CupyGemmPaths.product16): gpunet's 16-bit GEMM
-(kernels/gemm16.cu), cuBLAS's cublasGemmEx on the 16-bit operands and cuBLAS's float32 GEMM of their
+(kernels/gemm16.cu) and its tensor-core version (gemm16_tc, nvcuda::wmma), cuBLAS's cublasGemmEx on the 16-bit operands and cuBLAS's float32 GEMM of their
 values, each forced in turn, forward and backward,
 against the reference Ops in the same precision (NumPy: the operands rounded to 16 bits, float32
 products), within the float32 bounds of those rounded operands: both sides multiply the same
@@ -20,7 +20,7 @@ REFERENCE = Ops()
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["bf16", "fp16"])
-@pytest.mark.parametrize("mode", ["fused", "cublas", "gemmex"])
+@pytest.mark.parametrize("mode", ["fused", "wmma", "cublas", "gemmex"])
 def test_each_16bit_path_forward_and_backward_against_the_cpu(monkeypatch, mode, kind):
     ops = ops_for_device("gpu")
     monkeypatch.setattr(ops, "gemm_mode", mode)

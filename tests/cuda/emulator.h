@@ -27,10 +27,13 @@
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 #define __constant__
+// __constinit: a __shared__ variable is never dynamically initialised (CUDA refuses an initialiser), and
+// without it g++ guards a static of class type (__half) with a guard byte, which TSan sees every thread
+// of the block write and read.
 #if EMU_TSAN
-#define __shared__ static thread_local  // one copy per block: every block runs on a new OS thread
+#define __shared__ static thread_local __constinit  // one copy per block: every block runs on a new OS thread
 #else
-#define __shared__ static  // one block runs at a time, so a static is the block's shared memory
+#define __shared__ static __constinit  // one block runs at a time, so a static is the block's shared memory
 #endif
 
 // The built-in variables are read from the running fiber (through functions: TSan must not see

@@ -10,7 +10,8 @@ the emulated threads (the process must have the TSan runtime preloaded: tsan_env
 (gpunet.backend.cuda_kernels.DEFINE_FLAGS for gpunet's kernels). A source's `#include "common.cuh"`
 finds the headers of kernels/ (the folder is an include path of g++ and nvcc, as nvcc has it beside
 the .cu file), and their text keys the build caches. `#include <cuda_fp16.h>` and `<cuda_bf16.h>` find
-this folder's emulations of CUDA's 16-bit float types (nvcc and NVRTC use CUDA's own headers).
+this folder's emulations of CUDA's 16-bit float types, and `<mma.h>` its emulation of the warp matrix
+functions (nvcuda::wmma, m16n16k16; nvcc and NVRTC use CUDA's own headers).
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RUNTIME = Path(__file__).parent
-RUNTIME_FILES = ("emulator.h", "runtime.h", "launch.h", "fiber.h", "cuda_fp16.h", "cuda_bf16.h")  # (keys the cache)
+RUNTIME_FILES = ("emulator.h", "runtime.h", "launch.h", "fiber.h", "cuda_fp16.h", "cuda_bf16.h",
+                 "mma.h")  # (keys the cache)
 KERNEL_HEADERS = RUNTIME.parents[1] / "kernels"  # gpunet's kernels and their shared headers (*.cuh)
 KINDS = ("pointer", "int", "uint", "float", "bool")  # the order of emu::Kind in emulator.h
 

@@ -768,14 +768,16 @@ def test_precision_casts_round_to_nearest_even_as_numpy_does(kind):
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["row-major", "transposed"])
-@pytest.mark.parametrize("kernel", ["gemm16_bf16", "gemm16_f16"])
+@pytest.mark.parametrize("kernel", ["gemm16_bf16", "gemm16_f16", "gemm16_tc_bf16", "gemm16_tc_f16"])
 def test_gemm16_multiplies_16bit_operands_exactly_and_sums_in_float32(kernel, transposed):
-    """kernels/gemm16.cu (gemm16_bf16, gemm16_f16) in the emulator: the 16-bit operands' float32 values give
+    """kernels/gemm16.cu (gemm16_bf16, gemm16_f16, and on the tensor cores gemm16_tc_bf16, gemm16_tc_f16
+    through the emulator's nvcuda::wmma, tests/cuda/mma.h) in the emulator: the 16-bit operands' float32 values give
     the float32 GEMM's result within its bound (each product of two 16-bit numbers is exact in float32), read
     row-major or through transposing strides (the backward's dz . W and dz^T . x), with the epilogue."""
     import ml_dtypes
 
-    dtype = numpy.dtype(ml_dtypes.bfloat16 if kernel == "gemm16_bf16" else numpy.float16)
+    dtype = numpy.dtype(ml_dtypes.bfloat16 if kernel.endswith("bf16") else numpy.float16)
+    rows, cols = (64, 32) if "_tc_" in kernel else (TILE_M, TILE_N)  # (gemm16_tc: nvcuda::wmma, 64 x 32 a block)
     m, k, n = 70, 33, 130
     r = rng(m + k)
     x, w = (r.standard_normal(s).astype("float32").astype(dtype) for s in ((m, k), (n, k)))
@@ -787,10 +789,10 @@ def test_gemm16_multiplies_16bit_operands_exactly_and_sums_in_float32(kernel, tr
         a, a_strides, wt, w_strides = x, (k, 1), w, (k, 1)
     for activation in (None, "relu", "gelu"):
         out = numpy.full((m, n), numpy.nan, "float32")
-        run("gemm16", kernel, (-(-n // TILE_N), 1), THREADS, a, *a_strides, wt, *w_strides, b, out, m, n, k,
+        run("gemm16", kernel, (-(-n // cols), 1), THREADS, a, *a_strides, wt, *w_strides, b, out, m, n, k,
             1, ACTIVATION_CODES[activation])
         assert_within(out, REFERENCE.linear(x32, w32, b, activation), linear_atol(x32, w32, b, activation), "gemm16")
     out[:] = numpy.nan
-    run("gemm16", kernel, (-(-n // TILE_N), -(-m // TILE_M)), THREADS, a, *a_strides, wt, *w_strides, out,
+    run("gemm16", kernel, (-(-n // cols), -(-m // rows)), THREADS, a, *a_strides, wt, *w_strides, out,
         out, m, n, k, 0, 0)  # no bias (the bias argument is any float array, unread)
     assert_within(out, x32.astype("float64") @ w32.T.astype("float64"), linear_atol(x32, w32, None, None), "no bias")

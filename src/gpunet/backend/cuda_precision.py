@@ -52,13 +52,18 @@ _GEMM16_PARAMS = "strided {0}*, long long, long long, strided {0}*, long long, l
                  "int, int, int"
 GEMM16 = {"bf16": Kernel("gemm16", "gemm16_bf16", _GEMM16_PARAMS.format("__nv_bfloat16")),
           "fp16": Kernel("gemm16", "gemm16_f16", _GEMM16_PARAMS.format("__half"))}
+GEMM16_TC = {"bf16": Kernel("gemm16", "gemm16_tc_bf16", _GEMM16_PARAMS.format("__nv_bfloat16")),
+             "fp16": Kernel("gemm16", "gemm16_tc_f16", _GEMM16_PARAMS.format("__half"))}
 GEMM16_BF16, GEMM16_F16 = GEMM16["bf16"], GEMM16["fp16"]  # (by name, for cuda_wrappers.KERNELS)
+GEMM16_TC_BF16, GEMM16_TC_F16 = GEMM16_TC["bf16"], GEMM16_TC["fp16"]
+TC_ROWS, TC_COLS = 64, 32  # the tile of out one block of gemm16_tc computes (kernels/gemm16.cu)
 
 
-def gemm16(a, w, bias, activation, out=None):
+def gemm16(a, w, bias, activation, out=None, tensor_cores: bool = False):
     """out (M, N) float32 = activation(a . w^T + bias) for 16-bit a (M, K) and w (N, K) of one dtype, in any
     layout (read through their strides: a transposed view costs no copy), float32 products and sums
-    (kernels/gemm16.cu); bias (N) float32 or None. One block per TILE_M x TILE_N tile of out."""
+    (kernels/gemm16.cu); bias (N) float32 or None. One block per TILE_M x TILE_N tile of out; with
+    tensor_cores, gemm16_tc (nvcuda::wmma), one block per TC_ROWS x TC_COLS tile."""
     (m, k), n = a.shape, w.shape[0]
     if w.dtype != a.dtype or not is_16bit(a) or w.shape[1] != k:
         raise TypeError(f"gemm16 takes two 16-bit operands of one dtype, (M, K) and (N, K): got {a.dtype} {a.shape} "
@@ -66,7 +71,8 @@ def gemm16(a, w, bias, activation, out=None):
     y = _cupy().empty((m, n), dtype="float32") if out is None else out
     kind = "bf16" if a.dtype.name == "bfloat16" else "fp16"
     size = a.dtype.itemsize
-    GEMM16[kind](grid_2d(ceil_div(n, TILE_N), ceil_div(m, TILE_M)), a, a.strides[0] // size, a.strides[1] // size,
-                 w, w.strides[0] // size, w.strides[1] // size, y if bias is None else bias, y, m, n, k,
-                 bias is not None, ACTIVATION_CODES[activation])
+    kernel, (rows, cols) = (GEMM16_TC[kind], (TC_ROWS, TC_COLS)) if tensor_cores else (GEMM16[kind], (TILE_M, TILE_N))
+    kernel(grid_2d(ceil_div(n, cols), ceil_div(m, rows)), a, a.strides[0] // size, a.strides[1] // size,
+           w, w.strides[0] // size, w.strides[1] // size, y if bias is None else bias, y, m, n, k,
+           bias is not None, ACTIVATION_CODES[activation])
     return y

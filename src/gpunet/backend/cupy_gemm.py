@@ -78,6 +78,8 @@ class CupyGemmPaths:
         backward's dz.T, x.T, weight.T: no copy). By the path the dispatch measured fastest for this size class,
         `what` (dense, dx, dw) and precision, or the one GPUNET_GEMM forces (cublaslt: the fused one here)."""
         paths = {"fused": self._fused16, "cublas": self._cublas16, "gemmex": self._gemmex16}
+        if self._has_tensor_cores():
+            paths["wmma"] = self._wmma16
         args = (a, w, bias, activation)
         mode = self.gemm_mode
         if mode == "auto":
@@ -119,6 +121,20 @@ class CupyGemmPaths:
             out[...] = cuda_precision.gemm16(a, w, bias, activation)
             return out
         return cuda_precision.gemm16(a, w, bias, activation, out)
+
+    def _has_tensor_cores(self) -> bool:
+        """Whether gemm16_tc runs here: compute capability 8.0 or more (bfloat16 fragments; the kernel traps
+        below), asked once."""
+        if getattr(self, "_tensor_cores", None) is None:
+            self._tensor_cores = int(cupy_status()[0].cuda.Device().compute_capability) >= 80
+        return self._tensor_cores
+
+    def _wmma16(self, a, w, bias, activation, out=None):
+        """gpunet's tensor-core GEMM (gemm16_tc: nvcuda::wmma), the epilogue fused."""
+        if out is not None and not out.flags.c_contiguous:
+            out[...] = cuda_precision.gemm16(a, w, bias, activation, tensor_cores=True)
+            return out
+        return cuda_precision.gemm16(a, w, bias, activation, out, tensor_cores=True)
 
     def _gemmex16(self, a, w, bias, activation, out=None):
         """cuBLAS's cublasGemmEx on the 16-bit operands themselves (tensor cores: 16-bit inputs, float32
