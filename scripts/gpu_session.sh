@@ -8,7 +8,8 @@
 #      cannot pass on it; without a usable GPU every gpu test fails with the reason;
 #   3. `gpunet parity` for the four models;
 #   4. compute-sanitizer (memcheck, racecheck) over a few training steps;
-#   5. timings: `gpunet bench --device gpu`, and a CUDA-graph run against an eager one.
+#   5. timings: `gpunet bench --device gpu` (and in bf16: the 16-bit GEMM, the cnn and transformer steps),
+#      and a CUDA-graph run against an eager one.
 # A stage whose timeout would pass the budget is not started (the summary says so).
 # Usage there, from the repository root:  bash scripts/gpu_session.sh "$OUT"
 # The machine has no package registry: it runs from the source tree with PYTHONPATH=src.
@@ -61,6 +62,10 @@ else
     | tee -a "$summary"
 fi
 stage bench 35 "$out/timings.txt" python3 -m gpunet bench --device gpu --repeats 3 --json "$out/bench.json"
+# issue 30 item 7: the 16-bit Dense product (the dispatch's pick of gemm16, gemm16_tc, cublasGemmEx, cuBLAS on the
+# rounded values) against cuBLAS's 16-bit GEMM through autocast, and the cnn and transformer steps in bf16
+stage "bench bf16" 15 "$out/timings.txt" python3 -m gpunet bench --device gpu --repeats 3 --precision bf16 \
+  --only gemm16,lenet,transformer --json "$out/bench-bf16.json"
 # CUDA-graph replay (on by default on a GPU) against eager steps: the same run both ways
 for graph in --cuda-graph --no-cuda-graph; do
   stage "train cnn $graph" 10 "$out/timings.txt" python3 -m gpunet train --model cnn --steps 200 --no-progress \

@@ -48,8 +48,8 @@ def test_bench_only_matching_nothing_is_an_error():
 @pytest.mark.parametrize("p,dtype", [("bf16", "bfloat16"), ("fp16", "float16")])
 def test_precision_reaches_both_sides_of_the_model_steps(monkeypatch, tmp_path, capsys, p, dtype):
     """--precision: gpunet's model steps run inside precision.using(p) (their products' operands rounded:
-    gemm_operands sees p), PyTorch's inside torch.autocast with the matching dtype; gemm stays fp32. Each
-    row, the JSON and the table say which precision it ran in."""
+    gemm_operands sees p), PyTorch's inside torch.autocast with the matching dtype, and so do the gemm16 rows'
+    Dense products; gemm stays fp32. Each row, the JSON and the table say which precision it ran in."""
     import torch
 
     from gpunet.backend import ops_for_device, precision
@@ -68,15 +68,16 @@ def test_precision_reaches_both_sides_of_the_model_steps(monkeypatch, tmp_path, 
     monkeypatch.setattr(ops, "gemm_operands", recorded)
     monkeypatch.setattr(torch, "autocast", recorded_autocast)
     path = tmp_path / "bench.json"
-    argv = ["bench", "--tiny", "--device", "cpu", "--only", "gemm-64,mlp", "--precision", p, "--json", str(path)]
+    argv = ["bench", "--tiny", "--device", "cpu", "--only", "gemm-64,gemm16,mlp", "--precision", p, "--json",
+            str(path)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert f"model steps in {p}" in printed and f"precision {p}: the model rows" in printed
+    assert f"model steps in {p}" in printed and f"precision {p}: the model and gemm16 rows" in printed
     assert set(seen) == {p} and autocasts and set(autocasts) == {("cpu", getattr(torch, dtype))}
     report = json.loads(path.read_text())
     assert report["precision"] == p
-    assert [(r["name"], r["precision"]) for r in report["results"]] == [("gemm-64", "fp32"),
-                                                                         ("mlp-784-300-100-10-b4", p)]
+    assert [(r["name"], r["precision"]) for r in report["results"]] == [
+        ("gemm-64", "fp32"), ("gemm16-bias-relu-64", p), ("mlp-784-300-100-10-b4", p)]
 
 
 def test_fp16_rows_pytorchs_cpu_autocast_cannot_run_are_skipped_with_why(capsys):

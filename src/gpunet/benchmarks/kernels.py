@@ -5,12 +5,14 @@ from __future__ import annotations
 import numpy
 
 import gpunet as gn
-from gpunet.backend import ops_for_device, to_device
+from gpunet.backend import ops_for_device, precision as precisions, to_device
 from gpunet.benchmarks import steps
+from gpunet.parity_bound import UNIT_16
 from gpunet.benchmarks.twins import import_torch
 
 
-def kernel_cases(case, pair, device: str, tiny: bool) -> list:
+def kernel_cases(case, pair, device: str, tiny: bool, precision: str = "fp32") -> list:
+    """The kernel rows, in fp32; in bf16/fp16 also the Dense product in that precision (gemm16-*)."""
     gemm_sizes = (64,) if tiny else ((128, 512, 2048, 4096) if device == "cpu" else (128, 1024, 4096, 8192))
     xent = (64, 10) if tiny else ((4096, 1000) if device == "cpu" else (16384, 32000))
     conv = [(4, 2, 3, 8, 3, 1)] if tiny else [(64, 1, 6, 28, 5, 2), (64, 6, 16, 14, 5, 0), (32, 32, 64, 14, 3, 1)]
@@ -18,6 +20,8 @@ def kernel_cases(case, pair, device: str, tiny: bool) -> list:
     for n in gemm_sizes:
         out.append(case(f"gemm-{n}", "kernel", lambda n=n: _gemm(pair, device, n, epilogue=False)))
         out.append(case(f"gemm-bias-relu-{n}", "kernel", lambda n=n: _gemm(pair, device, n, epilogue=True)))
+        if precision != "fp32":
+            out.append(case(f"gemm16-bias-relu-{n}", "kernel", lambda n=n: _gemm16(pair, device, n, precision)))
     out.append(case(f"softmax-xent-{xent[0]}x{xent[1]}", "kernel", lambda: _softmax_xent(pair, device, *xent)))
     for shape in conv:
         b, c, o, s, k, p = shape
@@ -56,6 +60,35 @@ def _gemm(pair, device, n, epilogue):
         ours = lambda: ops.matmul(a, b.T, out=out)  # noqa: E731
         theirs = lambda: torch.mm(ta, tb.t())  # noqa: E731
     return pair(ours, theirs, work=2.0 * n**3, unit="GFLOP/s", roofline=plain, check=_same_arrays)
+
+
+def _gemm16(pair, device, n, precision):
+    """A Dense product with a bias and ReLU in mixed precision: gpunet's linear in precision.using (on a GPU
+    the GEMM dispatch's 16-bit path: gemm16, gemm16_tc, cublasGemmEx or cuBLAS on the rounded values)
+    against torch.addmm under torch.autocast (cuBLAS's 16-bit GEMM on a GPU; its output is 16-bit, ours
+    float32). The roofline is cuBLAS's float32 GEMM of the same size."""
+    torch = import_torch()
+    ops = ops_for_device(device)
+    (a, b, bias), (ta, tb, tbias) = _arrays(device, (n, n), (n, n), (n,))
+    out = ops.empty((n, n))
+    dtype = getattr(torch, steps.AUTOCAST[precision])
+
+    def ours():
+        with precisions.using(precision):
+            return ops.linear(a, b, bias, "relu", out=out)
+
+    def theirs():
+        with torch.autocast(steps.torch_device(device), dtype):
+            return torch.relu(torch.addmm(tbias, ta, tb.t()))
+
+    def check(got, want):  # torch rounds its output to 16 bits: within 2 units of that format, relative
+        got, want = gn.to_numpy(got), want.detach().float().cpu().numpy()
+        scale = max(1e-6, float(numpy.abs(want).max()))
+        if got.shape != want.shape or float(numpy.abs(got - want).max()) > 2 * UNIT_16[precision] * scale:
+            raise RuntimeError(f"gpunet and PyTorch disagree in {precision}: largest difference "
+                               f"{float(numpy.abs(got - want).max()):.3g} of {scale:.3g}")
+    return pair(ours, theirs, work=2.0 * n**3, unit="GFLOP/s", roofline=lambda: ops.xp.matmul(a, b.T, out=out),
+                check=check, precision=precision)
 
 
 def _softmax_xent(pair, device, rows, classes):

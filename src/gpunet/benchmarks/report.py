@@ -83,8 +83,9 @@ def precision_note(results) -> str:
     if not mixed:
         return ""
     p = mixed[0]
-    return (f"precision {p}: the model rows (gpunet: precision.using('{p}'), as gn.fit; PyTorch: torch.autocast"
-            f"{'; both with a dynamic loss scale' if p == 'fp16' else ''}); kernel and dispatch rows in fp32")
+    return (f"precision {p}: the model and gemm16 rows (gpunet: precision.using('{p}'), as gn.fit; PyTorch: "
+            f"torch.autocast{'; the models with a dynamic loss scale' if p == 'fp16' else ''}); the other kernel and "
+            f"dispatch rows in fp32")
 
 
 def markdown(results, skipped, env: dict, tiny: bool = False) -> str:

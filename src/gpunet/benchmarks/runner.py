@@ -48,7 +48,7 @@ class Pair:
     roofline: object = None  # zero-argument call doing the same work at the ceiling rate
     samples: int = 0  # samples per call, for samples/s of model rows
     check: object = None  # (ours' result, theirs') -> None or raise; None compares losses
-    precision: str = "fp32"  # the model steps' (a kernel pair's is fp32)
+    precision: str = "fp32"  # the model steps' and the gemm16 rows' (the other kernel pairs' is fp32)
 
 
 @dataclass
@@ -75,14 +75,14 @@ TINY_BATCH = 4
 def cases(device: str = "cpu", tiny: bool = False, precision: str = "fp32") -> list[Case]:
     """Every benchmark, in report order; tiny shrinks every size to check the harness quickly, and
     its names say the sizes it runs (a tiny run is never mistaken for the full-size one). The model
-    steps run in precision, the kernels in fp32."""
+    steps run in precision, the kernels in fp32 (in bf16/fp16 the gemm16 rows add the Dense product in it)."""
     def model(names, make, batch, tiny_sizes):
         name, tiny_name = names
         if tiny:
             return Case(tiny_name, "model", lambda: _model(make, device, TINY_BATCH, precision, **tiny_sizes))
         return Case(name, "model", lambda: _model(make, device, batch, precision))
     b = TINY_BATCH
-    return kernels.kernel_cases(Case, Pair, device, tiny) + [
+    return kernels.kernel_cases(Case, Pair, device, tiny, precision) + [
         model(("mlp-784-300-100-10-b128", f"mlp-784-300-100-10-b{b}"), steps.mlp_steps, 128, {}),
         model(("lenet-b64", f"lenet-b{b}"), steps.lenet_steps, 64, {}),
         model(("lstm-lm-b32-t64-h256", f"lstm-lm-b{b}-t8-h16"), steps.lstm_lm_steps, 32,
