@@ -5,28 +5,11 @@
 // col2im and the pooling backward are gathers (one thread per input element): no atomics.
 // All kernels use grid-stride loops, so any grid size covers any array.
 
-struct Geometry {
-  int n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow;
-};
-
-// Passed as twelve ints (plain scalars travel through every launcher), gathered into g.
-#define GEOMETRY_ARGS int n, int c, int h, int w, int kh, int kw, int sh, int sw, int ph, int pw, int oh, int ow
-#define GEOMETRY const Geometry g = {n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow}
+#include "im2col.cuh"  // Geometry, GEOMETRY_ARGS, im2col_gather
 
 extern "C" __global__ void im2col(const float* __restrict__ x, float* __restrict__ cols, GEOMETRY_ARGS) {
   GEOMETRY;
-  const long long width = (long long)g.c * g.kh * g.kw;
-  const long long total = (long long)g.n * g.oh * g.ow * width;
-  for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
-       idx += (long long)gridDim.x * blockDim.x) {
-    long long row = idx / width;
-    int col = (int)(idx % width);
-    int ow = (int)(row % g.ow), oh = (int)((row / g.ow) % g.oh), n = (int)(row / ((long long)g.ow * g.oh));
-    int j = col % g.kw, i = (col / g.kw) % g.kh, c = col / (g.kw * g.kh);
-    int hh = oh * g.sh - g.ph + i, ww = ow * g.sw - g.pw + j;
-    cols[idx] = (hh >= 0 && hh < g.h && ww >= 0 && ww < g.w)
-                    ? x[(((long long)n * g.c + c) * g.h + hh) * g.w + ww] : 0.f;
-  }
+  im2col_gather(x, cols, g, 0.f);
 }
 
 // cols[row, col] is cols[row * row_stride + col * col_stride]. Consecutive threads take

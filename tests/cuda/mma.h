@@ -3,9 +3,12 @@
 // NVRTC find CUDA's own header.
 //
 // CUDA leaves unspecified which of a tile's elements each lane's fragment holds; a kernel can only rely on
-// the warp as a whole. Here every lane's fragment holds the whole 16 x 16 tile (num_elements 256, where the
-// GPU's hold 8 of the 256 each): an elementwise change of x[i], applied alike by every lane as the API
-// requires, means the same thing either way. The semantics kept, and checked as a GPU would need them:
+// the warp as a whole. Here lane 0's fragment holds the whole 16 x 16 tile (num_elements 256, where the GPU's
+// hold 8 of the 256 each) and the warp's loads, products and stores are lane 0's (32 times less emulation);
+// the other lanes take part in each collective but their fragments are not written. An elementwise change of
+// x[i], applied alike by every lane as the API requires, means the same thing either way; a kernel that
+// branched on a fragment element's value would diverge here as it may on a GPU. The semantics kept, and
+// checked as a GPU would need them:
 // - load_matrix_sync, mma_sync, store_matrix_sync and fill_fragment are warp collectives: all 32 lanes must
 //   call them together (each is a __syncwarp here, which faults otherwise);
 // - the pointer of a load or store is 256-bit aligned and ldm a multiple of 16 bytes' worth of elements
@@ -14,6 +17,7 @@
 //   tensor core's order is its own: within the float32 bound either way);
 // - store_matrix_sync writes the tile once (lane 0 writes it): a lane that reads what the warp stored must
 //   first synchronise (__syncwarp or __syncthreads), as on a GPU, where other lanes wrote those elements.
+// The checks run in every lane; the work in lane 0.
 #pragma once
 #include "cuda_bf16.h"
 #include "cuda_fp16.h"
@@ -66,6 +70,7 @@ template <typename Use, typename T, typename Layout>
 inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* ptr, unsigned ldm) {
   static_assert(!std::is_same<Use, accumulator>::value, "an accumulator's load takes a layout_t");
   detail::check<T>(ptr, ldm, "load_matrix_sync");
+  if (::emu::lane_id() != 0) return;
   const bool rows = std::is_same<Layout, row_major>::value;
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = rows ? ptr[r * ldm + c] : ptr[c * ldm + r];
@@ -74,6 +79,7 @@ inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p
 inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* ptr, unsigned ldm,
                              layout_t layout) {
   detail::check<float>(ptr, ldm, "load_matrix_sync");
+  if (::emu::lane_id() != 0) return;
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = layout == mem_row_major ? ptr[r * ldm + c] : ptr[c * ldm + r];
 }
@@ -83,6 +89,7 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment
                      const fragment<matrix_b, 16, 16, 16, T, LayoutB>& b,
                      const fragment<accumulator, 16, 16, 16, float>& c) {
   __syncwarp();
+  if (::emu::lane_id() != 0) return;
   float out[256];
   for (int r = 0; r < 16; ++r)
     for (int col = 0; col < 16; ++col) {

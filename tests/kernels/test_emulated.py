@@ -168,6 +168,22 @@ def test_im2col_and_col2im(shape, kernel, stride, padding, blocks, threads):
                       * REFERENCE.col2im(numpy.abs(dcols), shape, kernel, stride, padding), "col2im")
 
 
+@pytest.mark.parametrize("kernel_name", ["im2col_bf16", "im2col_f16"])
+def test_the_16bit_im2col_gathers_the_same_columns(kernel_name):
+    """precision.cu's im2col_bf16 / im2col_f16 (the gather of im2col.cuh on 16-bit elements): the reference
+    im2col's columns of the 16-bit values, bit for bit (padding, strides, fewer blocks than columns)."""
+    import ml_dtypes
+
+    dtype = numpy.dtype(ml_dtypes.bfloat16 if kernel_name.endswith("bf16") else numpy.float16)
+    shape, kernel, stride, padding = (2, 3, 9, 11), (3, 3), (2, 1), (1, 2)
+    x = rng(3).standard_normal(shape).astype("float32").astype(dtype)
+    oh, ow = pooled_size(shape[2:], kernel, stride, padding)
+    want = REFERENCE.im2col(x.astype("float32"), kernel, stride, padding).astype(dtype)
+    cols = numpy.full(want.shape, numpy.nan, "float32").astype(dtype)
+    run("precision", kernel_name, 3, THREADS, x, cols, *shape, *kernel, *stride, *padding, oh, ow)
+    assert numpy.array_equal(cols.view(numpy.uint16), want.view(numpy.uint16))
+
+
 @pytest.mark.parametrize("shape, kernel, stride", [((2, 3, 8, 8), (2, 2), (2, 2)), ((1, 2, 9, 7), (3, 2), (2, 3))])
 def test_max_pool_and_backward(shape, kernel, stride):
     x = rng().standard_normal(shape).astype("float32")

@@ -1,6 +1,7 @@
 """The wrappers of kernels/precision.cu: float32 to and from the 16-bit formats, as arrays of the
 dtypes CuPy 14 holds them in (ml_dtypes.bfloat16 for "bf16", float16 for "fp16": ops.sixteen_bit_dtype),
-and float32 rounded through either; and of kernels/gemm16.cu, the GEMM of 16-bit operands. Each conversion to 16 bits rounds to nearest even, as NumPy and
+and float32 rounded through either, and the 16-bit im2col; and of kernels/gemm16.cu, the GEMM of 16-bit
+operands. Each conversion to 16 bits rounds to nearest even, as NumPy and
 ml_dtypes do on the CPU (a NaN becomes the canonical NaN there, whatever its payload).
 
 As in cuda_wrappers.py, each kernel is declared with its parameter types as the .cu file spells them
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from gpunet.backend.cuda_kernels import (ACTIVATION_CODES, TILE_M, TILE_N, Kernel, blocks_for, ceil_div,
                                          cupy_module as _cupy, grid_2d)
-from gpunet.backend.ops import is_16bit, sixteen_bit_dtype
+from gpunet.backend.ops import is_16bit, pooled_size, sixteen_bit_dtype
 
 CAST_F32_TO_BF16 = Kernel("precision", "cast_f32_to_bf16", "float*, __nv_bfloat16*, long long")
 CAST_F32_TO_F16 = Kernel("precision", "cast_f32_to_f16", "float*, __half*, long long")
@@ -20,7 +21,12 @@ CAST_F16_TO_F32 = Kernel("precision", "cast_f16_to_f32", "__half*, float*, long 
 ROUND_TRIP_BF16 = Kernel("precision", "round_trip_bf16", "float*, float*, long long")
 ROUND_TRIP_F16 = Kernel("precision", "round_trip_f16", "float*, float*, long long")
 
+_GEOMETRY = ", int, int, int, int, int, int, int, int, int, int, int, int"  # (im2col.cuh's GEOMETRY_ARGS)
+IM2COL_BF16 = Kernel("precision", "im2col_bf16", "__nv_bfloat16*, __nv_bfloat16*" + _GEOMETRY)
+IM2COL_F16 = Kernel("precision", "im2col_f16", "__half*, __half*" + _GEOMETRY)
+
 _TO_16BIT = {"bf16": CAST_F32_TO_BF16, "fp16": CAST_F32_TO_F16}
+_IM2COL = {"bfloat16": IM2COL_BF16, "float16": IM2COL_F16}  # by the array's dtype name
 _FROM_16BIT = {"bfloat16": CAST_BF16_TO_F32, "float16": CAST_F16_TO_F32}  # by the array's dtype name
 _ROUND_TRIP = {"bf16": ROUND_TRIP_BF16, "fp16": ROUND_TRIP_F16}
 
@@ -37,6 +43,16 @@ def from_16bit(x):
     y = _cupy().empty(x.shape, dtype="float32")
     _FROM_16BIT[x.dtype.name](blocks_for(x.size), x, y, x.size)
     return y
+
+
+def im2col16(x, kernel, stride, padding):
+    """The (N*OH*OW, C*KH*KW) columns of a 16-bit x (N, C, H, W, C-contiguous), of its dtype, as Ops.im2col
+    lays them out (OH * OW > 0)."""
+    n, c, h, w = x.shape
+    oh, ow = pooled_size((h, w), kernel, stride, padding)
+    cols = _cupy().empty((n * oh * ow, c * kernel[0] * kernel[1]), dtype=x.dtype)
+    _IM2COL[x.dtype.name](blocks_for(cols.size), x, cols, n, c, h, w, *kernel, *stride, *padding, oh, ow)
+    return cols
 
 
 def round_16bit(x, kind: str, out=None):

@@ -89,18 +89,19 @@ class CupyGemmPaths:
         return paths.get(mode, paths["fused"])(*args, out)
 
     def conv_gemm(self, x, weight, stride, padding):
-        """ConvOps.conv_gemm; in mixed precision its product runs as product16 on the 16-bit columns it keeps
-        for the backward anyway (the weight cast once more), rounding at the CPU's points."""
+        """ConvOps.conv_gemm; in mixed precision x and the weight are cast to 16 bits (gemm_operands16: the values
+        the CPU rounds them to), x gathered into 16-bit columns (im2col16), which the backward keeps, and the
+        product runs as product16."""
         if precision.current() == "fp32" or 0 in x.shape or 0 in weight.shape:
             return super().conv_gemm(x, weight, stride, padding)
         n, out_c = x.shape[0], weight.shape[0]
-        x, weight = self.gemm_operands(x, weight)
-        cols = self.store_16bit(self.im2col(x, weight.shape[2:], stride, padding))
-        if 0 in cols.shape:
+        conv_hw = pooled_size(x.shape[2:], weight.shape[2:], stride, padding)
+        if min(conv_hw) <= 0:
             return super().conv_gemm(x, weight, stride, padding)
-        w16, = self.gemm_operands16(self.xp.ascontiguousarray(weight.reshape(out_c, -1)))
-        y_t = self.product16(w16, cols, what="conv")
-        return y_t.reshape(out_c, n, -1), cols, pooled_size(x.shape[2:], weight.shape[2:], stride, padding)
+        x, weight = self.gemm_operands16(self.xp.ascontiguousarray(x), self.xp.ascontiguousarray(weight))
+        cols = cuda_precision.im2col16(x, weight.shape[2:], stride, padding)  # (16-bit: kept for dW as it is)
+        y_t = self.product16(weight.reshape(out_c, -1), cols, what="conv")
+        return y_t.reshape(out_c, n, -1), cols, conv_hw
 
     def _conv_gemms_backward(self, dy_t, cols, x_shape, weight, grad_weight, stride, padding, need_dx):
         """ConvOps._conv_gemms_backward; in mixed precision its products run as product16 (dW = dY cols into
@@ -145,8 +146,9 @@ class CupyGemmPaths:
         (m, k), n = a.shape, w.shape[0]
         y = out if out is not None and out.flags.c_contiguous else self.xp.empty((m, n), dtype="float32")
         kind = runtime.CUDA_R_16BF if a.dtype.name == "bfloat16" else runtime.CUDA_R_16F
-        w_op, ldw = (cublas.CUBLAS_OP_T, k) if w.flags.c_contiguous else (cublas.CUBLAS_OP_N, n)
-        a_op, lda = (cublas.CUBLAS_OP_N, k) if a.flags.c_contiguous else (cublas.CUBLAS_OP_T, m)
+        (a, a_rows), (w, w_rows) = (_blas_layout(v, self.xp) for v in (a, w))
+        w_op, ldw = (cublas.CUBLAS_OP_T, w.strides[0] // 2) if w_rows else (cublas.CUBLAS_OP_N, w.strides[1] // 2)
+        a_op, lda = (cublas.CUBLAS_OP_N, a.strides[0] // 2) if a_rows else (cublas.CUBLAS_OP_T, a.strides[1] // 2)
         cublas.gemmEx(cupy.cuda.get_cublas_handle(), w_op, a_op, n, m, k, _ONE.ctypes.data, w.data.ptr, kind, ldw,
                       a.data.ptr, kind, lda, _ZERO.ctypes.data, y.data.ptr, runtime.CUDA_R_32F, n,
                       cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
@@ -167,6 +169,19 @@ class CupyGemmPaths:
 
 
 _ONE, _ZERO = numpy.ones(1, numpy.float32), numpy.zeros(1, numpy.float32)  # gemmEx's alpha, beta (host pointers)
+
+
+def _blas_layout(a, xp):
+    """(a, rows): a 2-D array cuBLAS can read as it is, and whether its rows are contiguous (row-major, any
+    leading dimension: a slice of rows too) or else its columns; a copy, row-major, when neither is (and for
+    a dimension of one, whose stride says nothing)."""
+    (r, c), (sr, sc), size = a.shape, a.strides, a.itemsize
+    if r > 1 and c > 1:
+        if sc == size and sr >= c * size:
+            return a, True
+        if sr == size and sc >= r * size:
+            return a, False
+    return xp.ascontiguousarray(a), True
 
 
 def _converted(a, convert):

@@ -89,13 +89,15 @@ class CupyOps(CupyGemmPaths, Ops):
             return super().activation_backward(name, x, y, dy)
         return kernels.activation_backward(x, y, dy, name)
 
-    @kernel_or_fallback("x", "weight", "bias", "out")
+    @kernel_or_fallback("weight", "bias", "out")
     def linear(self, x, weight, bias=None, activation=None, out=None):
         empty = x.shape[0] == 0 or weight.shape[0] == 0  # (no inputs, K = 0, is fine: y = act(bias))
         if empty or x.shape[1] == 0 or (bias is None and activation is None and precision.current() == "fp32"):
             return super().linear(x, weight, bias, activation, out)  # cuBLAS (the base rounds in mixed precision)
-        if precision.current() != "fp32":
+        if precision.current() != "fp32" and (is_16bit(x) or float32_contiguous(x)):  # (x: an LSTM's 16-bit copy)
             return self.product16(*self.gemm_operands16(x, weight), bias, activation, out)
+        if not float32_contiguous(x):
+            return super().linear(x, weight, bias, activation, out)
         paths = self._linear_paths(bias, activation)
         args = (x, weight, bias, activation)
         mode = self.gemm_mode
