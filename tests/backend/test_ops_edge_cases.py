@@ -369,7 +369,8 @@ def test_the_gemm_choices_are_keyed_by_the_kernel_source_and_its_constants(monke
     from gpunet.backend.gemm_dispatch import source_hash
 
     version = CupyOps()._gemm_dispatch().key.split("|")[-1]
-    assert version == source_hash(cuda_kernels.source("gemm"), *cuda_kernels.DEFINE_FLAGS,
+    flags = cuda_kernels.DEFINE_FLAGS  # (both GEMM families: gemm, and gemm16 in mixed precision)
+    assert version == source_hash(cuda_kernels.source("gemm"), *flags, cuda_kernels.source("gemm16"), *flags,
                                   f"cublaslt={cublaslt.available()}")
     monkeypatch.setattr(cublaslt, "available", lambda flipped=not cublaslt.available(): flipped)
     assert CupyOps()._gemm_dispatch().key.split("|")[-1] != version  # measured afresh once nvmath comes or goes
