@@ -1,6 +1,6 @@
 """The ways CupyOps runs a Dense product with its epilogue, and the GEMM dispatch that picks one: a
-mixin of CupyOps (cupy_ops.py), which reads self.xp, self._paths, self._lt, self._dispatch, self.tf32
-and self.gemm_mode.
+mixin of CupyOps (cupy_ops.py), which reads self.xp, self._paths, self._lt, self._dispatch, self.tf32,
+self.gemm_mode and self._tensor_cores.
 
 Each path takes (x, weight, bias, activation, out) and gives y, into out when given: gpunet's fused
 kernel (kernels/gemm.cu), cuBLAS then one epilogue pass, or cuBLASLt's fused epilogue (cublaslt.py,
@@ -126,7 +126,7 @@ class CupyGemmPaths:
     def _has_tensor_cores(self) -> bool:
         """Whether gemm16_tc runs here: compute capability 8.0 or more (bfloat16 fragments; the kernel traps
         below), asked once."""
-        if getattr(self, "_tensor_cores", None) is None:
+        if self._tensor_cores is None:
             self._tensor_cores = int(cupy_status()[0].cuda.Device().compute_capability) >= 80
         return self._tensor_cores
 
