@@ -751,7 +751,8 @@ def test_loss_scale_update_in_the_emulator_is_the_hosts_rule(growth_interval):
     """One thread of a launch of 32 (the wrapper's), word for word against the host's rule."""
 
     reference, state = loss_scale.LossScaler(growth_interval=growth_interval), emulated_state()
-    for bad in [False] * 5 + [True] + [False] * 7 + [True, True] + [False] * 6:
+    for bad in [False] * 5 + [True] + [False] * 7 + [True, True] + [False] * 20 + [True] + [False] * 3:  # (as FOUND of
+        # tests/test_loss_scale.py: overflows after growth, twice in a row, and once more after 20 clean steps)
         state[loss_scale.FOUND] = float(bad)
         run("optim", "loss_scale_update", 1, 32, state, growth_interval, 2.0, 0.5, loss_scale.RING)
         reference.found = bad
