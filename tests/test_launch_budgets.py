@@ -167,13 +167,12 @@ def test_transformer_step(gemm, budget):
 PER_BATCH, PER_STEP, PLAIN_STEP_ONLY = 1 + 1 + 2, 1 + 1 + 2, 2
 
 
-def test_an_accumulated_step_costs_its_batches_plus_a_few_launches_each():
-    """fit(accumulate=4, batch_size=32) on the MLP, counted per loop iteration (one optimizer step) against
-    fit(batch_size=32) in the same loop: 4 batches' forward, loss and backward, plus the adds above; and
-    nothing read by the host. Issue 12's fused budget of a plain step (13) gives 4 * 12 + 4 * 4 - 1 + 4 = 67."""
+def fit_step_counts(setting: str, values, x, y) -> dict:
+    """What each loop iteration (one optimizer step, eager, on the fused GEMM path) of gn.fit launches and
+    transfers, for the MLP trained 3 steps of batches of 32 with Adam under setting=value for each value:
+    {value: [counts per iteration]}."""
     from gpunet.training import loop
 
-    x, y = mnist_batch((784,), 32 * 4 * 4)
     ops = ops_for_device("gpu")
     saved_mode, ops.gemm_mode = ops.gemm_mode, "fused"
     per_iteration, original = {}, loop._Run._step
@@ -181,18 +180,26 @@ def test_an_accumulated_step_costs_its_batches_plus_a_few_launches_each():
     def counted_step(run, idx):
         with gpu_standin.counting() as c:
             value = original(run, idx)
-        per_iteration.setdefault(run.accumulate, []).append(c)
+        per_iteration.setdefault(getattr(run, setting), []).append(c)
         return value
 
     loop._Run._step = counted_step
     try:
-        for accumulate in (1, 4):
+        for value in values:
             gn.manual_seed(0)
             model = gn.models.mlp((784, 300, 100, 10)).to("gpu")
             gn.fit(model, (x, y), optimizer=gn.optim.Adam(model, lr=1e-3), steps=3, batch_size=32, progress=False,
-                   accumulate=accumulate, cuda_graph=False)
+                   cuda_graph=False, **{setting: value})
     finally:
         loop._Run._step, ops.gemm_mode = original, saved_mode
+    return per_iteration
+
+
+def test_an_accumulated_step_costs_its_batches_plus_a_few_launches_each():
+    """fit(accumulate=4, batch_size=32) on the MLP, counted per loop iteration (one optimizer step) against
+    fit(batch_size=32) in the same loop: 4 batches' forward, loss and backward, plus the adds above; and
+    nothing read by the host. Issue 12's fused budget of a plain step (13) gives 4 * 12 + 4 * 4 - 1 + 4 = 67."""
+    per_iteration = fit_step_counts("accumulate", (1, 4), *mnist_batch((784,), 32 * 4 * 4))
     plain, accumulated = per_iteration[1][-1], per_iteration[4][-1]  # (after the optimizer's state is made)
     assert plain["d2h"] == accumulated["d2h"] == 0 and accumulated["h2d"] == 4 * plain["h2d"]
     batch_work = plain["launches"] - PLAIN_STEP_ONLY
@@ -211,28 +218,7 @@ LOSS_SCALE = 1 + 1 + 1 - 1
 def test_fp16_loss_scaling_costs_two_launches_a_step_and_no_host_read():
     """fit(precision="fp16") on the MLP, counted per loop iteration (one optimizer step, eager) against
     precision="bf16" in the same loop: LOSS_SCALE launches more, and nothing read by the host in either."""
-    from gpunet.training import loop
-
-    x, y = mnist_batch((784,), 32 * 4)
-    ops = ops_for_device("gpu")
-    saved_mode, ops.gemm_mode = ops.gemm_mode, "fused"
-    per_iteration, original = {}, loop._Run._step
-
-    def counted_step(run, idx):
-        with gpu_standin.counting() as c:
-            value = original(run, idx)
-        per_iteration.setdefault(run.precision, []).append(c)
-        return value
-
-    loop._Run._step = counted_step
-    try:
-        for precision in ("bf16", "fp16"):
-            gn.manual_seed(0)
-            model = gn.models.mlp((784, 300, 100, 10)).to("gpu")
-            gn.fit(model, (x, y), optimizer=gn.optim.Adam(model, lr=1e-3), steps=3, batch_size=32, progress=False,
-                   precision=precision, cuda_graph=False)
-    finally:
-        loop._Run._step, ops.gemm_mode = original, saved_mode
+    per_iteration = fit_step_counts("precision", ("bf16", "fp16"), *mnist_batch((784,), 32 * 4))
     plain, scaled = per_iteration["bf16"][-1], per_iteration["fp16"][-1]  # (after the optimizer's state is made)
     assert plain["d2h"] == scaled["d2h"] == 0 and plain["h2d"] == scaled["h2d"]
     assert scaled["launches"] == plain["launches"] + LOSS_SCALE, (plain, scaled)
