@@ -78,12 +78,15 @@ TC_ROWS, TC_COLS = 64, 32  # the tile of out one block of gemm16_tc computes (ke
 def gemm16(a, w, bias, activation, out=None, tensor_cores: bool = False):
     """out (M, N) float32 = activation(a . w^T + bias) for 16-bit a (M, K) and w (N, K) of one dtype, in any
     layout (read through their strides: a transposed view costs no copy), float32 products and sums
-    (kernels/gemm16.cu); bias (N) float32 or None. One block per TILE_M x TILE_N tile of out; with
-    tensor_cores, gemm16_tc (nvcuda::wmma), one block per TC_ROWS x TC_COLS tile."""
+    (kernels/gemm16.cu); bias (N) float32 or None; out, when given, in any layout. One block per TILE_M x
+    TILE_N tile of out; with tensor_cores, gemm16_tc (nvcuda::wmma), one block per TC_ROWS x TC_COLS tile."""
     (m, k), n = a.shape, w.shape[0]
     if w.dtype != a.dtype or not is_16bit(a) or w.shape[1] != k:
         raise TypeError(f"gemm16 takes two 16-bit operands of one dtype, (M, K) and (N, K): got {a.dtype} {a.shape} "
                         f"and {w.dtype} {w.shape}")
+    if out is not None and not out.flags.c_contiguous:  # (the kernels write out row-major)
+        out[...] = gemm16(a, w, bias, activation, tensor_cores=tensor_cores)
+        return out
     y = _cupy().empty((m, n), dtype="float32") if out is None else out
     kind = "bf16" if a.dtype.name == "bfloat16" else "fp16"
     size = a.dtype.itemsize

@@ -1,6 +1,6 @@
 """The ways CupyOps runs a Dense product with its epilogue, and the GEMM dispatch that picks one: a
-mixin of CupyOps (cupy_ops.py), which reads self.xp, self._paths, self._lt, self._dispatch, self.tf32,
-self.gemm_mode and self._tensor_cores.
+mixin of CupyOps (cupy_ops.py), which reads self.xp, self._paths, self._paths16, self._lt, self._dispatch,
+self.tf32 and self.gemm_mode.
 
 Each path takes (x, weight, bias, activation, out) and gives y, into out when given: gpunet's fused
 kernel (kernels/gemm.cu), cuBLAS then one epilogue pass, or cuBLASLt's fused epilogue (cublaslt.py,
@@ -14,6 +14,8 @@ the last two with the epilogue after it. All multiply the same 16-bit values exa
 (TF32 mode changes nothing there: a 16-bit value is a TF32 value); the dispatch times them per size
 class and precision, as in float32."""
 from __future__ import annotations
+
+import functools
 
 import numpy
 
@@ -74,12 +76,10 @@ class CupyGemmPaths:
 
     def product16(self, a, w, bias=None, activation=None, out=None, what="dense"):
         """out (M, N) float32 = activation(a . w^T + bias) for 16-bit a (M, K) and w (N, K) of the running
-        precision (gemm_operands16), each C-contiguous or a transposed view of a C-contiguous array (the
-        backward's dz.T, x.T, weight.T: no copy). By the path the dispatch measured fastest for this size class,
+        precision (gemm_operands16), in any layout (the backward's dz.T, x.T, weight.T are views: no copy; gemm16
+        reads through strides, cuBLAS takes a transposed operand as it is). By the path the dispatch measured fastest for this size class,
         `what` (dense, dx, dw) and precision, or the one GPUNET_GEMM forces (cublaslt: the fused one here)."""
-        paths = {"fused": self._fused16, "cublas": self._cublas16, "gemmex": self._gemmex16}
-        if self._has_tensor_cores():
-            paths["wmma"] = self._wmma16
+        paths = self._paths16 or self._make_paths16()
         args = (a, w, bias, activation)
         mode = self.gemm_mode
         if mode == "auto":
@@ -116,26 +116,13 @@ class CupyGemmPaths:
         dcols = self.product16(dy_t.T, w.reshape(out_c, -1).T, what="conv_dx")
         return self.col2im(dcols, x_shape, weight.shape[2:], stride, padding)
 
-    def _fused16(self, a, w, bias, activation, out=None):
-        """gpunet's 16-bit GEMM (kernels/gemm16.cu), the epilogue fused."""
-        if out is not None and not out.flags.c_contiguous:  # (the kernel writes C row-major)
-            out[...] = cuda_precision.gemm16(a, w, bias, activation)
-            return out
-        return cuda_precision.gemm16(a, w, bias, activation, out)
-
-    def _has_tensor_cores(self) -> bool:
-        """Whether gemm16_tc runs here: compute capability 8.0 or more (bfloat16 fragments; the kernel traps
-        below), asked once."""
-        if self._tensor_cores is None:
-            self._tensor_cores = int(cupy_status()[0].cuda.Device().compute_capability) >= 80
-        return self._tensor_cores
-
-    def _wmma16(self, a, w, bias, activation, out=None):
-        """gpunet's tensor-core GEMM (gemm16_tc: nvcuda::wmma), the epilogue fused."""
-        if out is not None and not out.flags.c_contiguous:
-            out[...] = cuda_precision.gemm16(a, w, bias, activation, tensor_cores=True)
-            return out
-        return cuda_precision.gemm16(a, w, bias, activation, out, tensor_cores=True)
+    def _make_paths16(self) -> dict:
+        """product16's paths, made once: gpunet's 16-bit GEMM, its tensor-core version where it runs (compute
+        capability 8.0 or more: bfloat16 fragments; the kernel traps below), cublasGemmEx, cuBLAS fp32."""
+        self._paths16 = {"fused": cuda_precision.gemm16, "cublas": self._cublas16, "gemmex": self._gemmex16}
+        if int(cupy_status()[0].cuda.Device().compute_capability) >= 80:
+            self._paths16["wmma"] = functools.partial(cuda_precision.gemm16, tensor_cores=True)
+        return self._paths16
 
     def _gemmex16(self, a, w, bias, activation, out=None):
         """cuBLAS's cublasGemmEx on the 16-bit operands themselves (tensor cores: 16-bit inputs, float32

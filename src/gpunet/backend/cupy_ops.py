@@ -60,7 +60,7 @@ class CupyOps(CupyGemmPaths, Ops):
         self.xp = cupy
         self.gemm_mode = env_choice("GPUNET_GEMM")  # auto: whichever was measured faster
         self._dispatch = None  # made on first use: it asks the device for its name
-        self._tensor_cores = None  # whether gemm16_tc runs here (compute capability 8.0+), asked on first use
+        self._paths16 = None  # product16's paths, made on first use (it asks the device for its capability)
         self._lt = cublaslt.LtLinear() if cublaslt.available() else None  # cuBLASLt's epilogues (nvmath-python)
         self._paths: dict = {}  # (has a bias, activation) -> _linear_paths
         self.tf32 = configure_tf32(cupy)  # cuBLAS float32 mode: full float32 unless GPUNET_TF32=1
