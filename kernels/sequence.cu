@@ -16,6 +16,9 @@
 #endif
 static_assert(THREADS % 32 == 0 && THREADS <= 1024, "the block reductions take whole warps");
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include "common.cuh"  // NEG_INF, warp_sum, last_block_done
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
@@ -226,12 +229,19 @@ extern "C" __global__ void attention_softmax_backward(const float* __restrict__ 
 
 // y = xhat * weight + bias with xhat = (x - mean) * rstd over rows of D. With has_residual, the
 // row normalised is v = x + residual, written to sum: a residual add and the next layer norm in
-// one pass (TransformerBlock). Launch: grid rows.
-extern "C" __global__ void layer_norm(const float* __restrict__ x, const float* __restrict__ residual,
-                                      float* __restrict__ sum_out, const float* __restrict__ weight,
-                                      const float* __restrict__ bias, float* __restrict__ y,
-                                      float* __restrict__ xhat, float* __restrict__ rstd, int D, float eps,
-                                      int affine, int has_residual) {
+// one pass (TransformerBlock). y is float32 (layer_norm) or, where only a product reads it in mixed
+// precision, bfloat16 or float16 (layer_norm_bf16, layer_norm_f16: y rounded to nearest even, the
+// operand the product would round it to; everything else float32). Launch: grid rows.
+__device__ __forceinline__ void store_y(float* y, float v) { *y = v; }
+__device__ __forceinline__ void store_y(__nv_bfloat16* y, float v) { *y = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void store_y(__half* y, float v) { *y = __float2half_rn(v); }
+
+template <typename Y>
+__device__ __forceinline__ void normalize_rows(const float* __restrict__ x, const float* __restrict__ residual,
+                                               float* __restrict__ sum_out, const float* __restrict__ weight,
+                                               const float* __restrict__ bias, Y* __restrict__ y,
+                                               float* __restrict__ xhat, float* __restrict__ rstd, int D, float eps,
+                                               int affine, int has_residual) {
   __shared__ float scratch[THREADS / 32];
   const long long row = blockIdx.x;
   const float* xr = (has_residual ? sum_out : x) + row * D;  // each thread rereads only what it wrote
@@ -255,8 +265,32 @@ extern "C" __global__ void layer_norm(const float* __restrict__ x, const float* 
   for (int k = threadIdx.x; k < D; k += THREADS) {
     float h = (xr[k] - mean) * r;
     xhat[row * D + k] = h;
-    y[row * D + k] = affine ? h * weight[k] + bias[k] : h;
+    store_y(y + row * D + k, affine ? h * weight[k] + bias[k] : h);
   }
+}
+
+extern "C" __global__ void layer_norm(const float* __restrict__ x, const float* __restrict__ residual,
+                                      float* __restrict__ sum_out, const float* __restrict__ weight,
+                                      const float* __restrict__ bias, float* __restrict__ y,
+                                      float* __restrict__ xhat, float* __restrict__ rstd, int D, float eps,
+                                      int affine, int has_residual) {
+  normalize_rows(x, residual, sum_out, weight, bias, y, xhat, rstd, D, eps, affine, has_residual);
+}
+
+extern "C" __global__ void layer_norm_bf16(const float* __restrict__ x, const float* __restrict__ residual,
+                                           float* __restrict__ sum_out, const float* __restrict__ weight,
+                                           const float* __restrict__ bias, __nv_bfloat16* __restrict__ y,
+                                           float* __restrict__ xhat, float* __restrict__ rstd, int D, float eps,
+                                           int affine, int has_residual) {
+  normalize_rows(x, residual, sum_out, weight, bias, y, xhat, rstd, D, eps, affine, has_residual);
+}
+
+extern "C" __global__ void layer_norm_f16(const float* __restrict__ x, const float* __restrict__ residual,
+                                          float* __restrict__ sum_out, const float* __restrict__ weight,
+                                          const float* __restrict__ bias, __half* __restrict__ y,
+                                          float* __restrict__ xhat, float* __restrict__ rstd, int D, float eps,
+                                          int affine, int has_residual) {
+  normalize_rows(x, residual, sum_out, weight, bias, y, xhat, rstd, D, eps, affine, has_residual);
 }
 
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * weight (+ residual, a residual

@@ -335,7 +335,9 @@ def test_chained_products_round_at_the_same_points_on_the_gpu(monkeypatch, name,
         cpu = Recorder(m, ops_for_device("cpu"))
         want_y, want_dx, want_g = run(twin, x, dy, "cpu", kind)
     with monkeypatch.context() as m:
-        gpu = Recorder(m, ops_for_device("gpu"))
+        gpu_ops = ops_for_device("gpu")
+        m.setattr(type(gpu_ops), "fused_attention16", False)  # (the fused kernels round inside: the test below)
+        gpu = Recorder(m, gpu_ops)
         y, dx, grads = run(model, x, dy, "gpu", kind)
     assert [[None if a is None else a.shape for a in ins] for ins, _ in gpu.calls] == \
            [[None if a is None else a.shape for a in ins] for ins, _ in cpu.calls], "rounding points differ"
@@ -352,6 +354,41 @@ def test_chained_products_round_at_the_same_points_on_the_gpu(monkeypatch, name,
     for what, got, want in (("output", y, want_y), ("dx", dx, want_dx), *((k, grads[k], want_g[k]) for k in want_g)):
         if want is not None:
             within(got, want, path16_atol(want, length, changes), (name, "gpu", kind, what))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", ["multi_head_attention", "transformer_block"])
+def test_fused_16bit_attention_against_the_cpu(monkeypatch, name, kind):
+    """Mixed precision's attention on the GPU runs kernels/attention.cu's 16-bit kernels (one launch forward, two
+    backward, on the 16-bit qkv the layer keeps), which round where the CPU's products round
+    (tests/kernels/test_emulated.py checks each rounding point). Their own operands (the probabilities, dmixed,
+    the scores' gradient) cannot be recorded, so every product operand of the step is allowed the most a crossing
+    changes it (one 16-bit ulp, 2 U16 relative): path16_atol with that change for each."""
+    from gpunet.backend import cuda_wrappers_sequence as kernels
+
+    make, shape = CHAIN[name]
+    gn.manual_seed(9)
+    model = make()
+    x = f32(*shape, seed=16)
+    twin = copy_of(model)
+    dy = f32(*gn.to_numpy(twin.forward(x)).shape, seed=17)
+    length, _ = reduction_path(model, tuple(x.shape))
+    with monkeypatch.context() as m:
+        cpu = Recorder(m, ops_for_device("cpu"))
+        want_y, want_dx, want_g = run(twin, x, dy, "cpu", kind)
+    fused = []
+    for wrapper in ("attention", "attention_backward"):
+        original = getattr(kernels, wrapper)
+        monkeypatch.setattr(kernels, wrapper, lambda qkv, *rest, _f=original, _w=wrapper: (
+            fused.append((_w, qkv.dtype.name)), _f(qkv, *rest))[1])
+    y, dx, grads = run(model, x, dy, "gpu", kind)
+    assert fused == [("attention", "bfloat16" if kind == "bf16" else "float16"),
+                     ("attention_backward", "bfloat16" if kind == "bf16" else "float16")]
+    changes = [2 * U16[kind]] * sum(a is not None for ins, _ in cpu.calls for a in ins)
+    for what, got, want in (("output", y, want_y), ("dx", dx, want_dx), *((k, grads[k], want_g[k]) for k in want_g)):
+        if want is not None:
+            within(got, want, path16_atol(want, length, changes), (name + " fused", "gpu", kind, what))
 
 
 # ------------------------------------------------------------------ (c) fp32 unchanged, (d) 16-bit storage

@@ -19,8 +19,8 @@ from gpunet.backend.ops import Ops, pooled_size
 from tests.cuda import emulator as cuda_emulator
 from tests.support.arrays import rng
 from tests.backend.test_ops import lstm_cell_atols
-from tests.support.tolerance import (U, activation_grad_atol, assert_within, bias_act_atol, elementwise_atol, gamma,
-                                     linear_atol, path_atol,
+from tests.support.tolerance import (U, activation_grad_atol, assert_within, bias_act_atol, crossing16,
+                                     elementwise_atol, gamma, linear_atol, matmul16_atol, path_atol, round16,
                                      softmax_atol, softmax_backward_atol, sum_atol, ulps, xent_atol,
                                      xent_grad_atol)
 from tests.cuda.emulator import KernelFault, LaunchError, build
@@ -325,6 +325,34 @@ def test_layer_norm_and_backward(affine, width):
         assert_within(g, w, path_atol(w, length), name)
 
 
+@pytest.mark.parametrize("kernel, kind", [("layer_norm_bf16", "bf16"), ("layer_norm_f16", "fp16")])
+@pytest.mark.parametrize("residual", [False, True])
+def test_layer_norm_writes_y_in_16_bits_for_a_product(kernel, kind, residual):
+    """layer_norm_bf16 / layer_norm_f16 (Ops.layer_norm's for_product): y is the float32 normalisation's,
+    rounded to nearest even into the 16-bit format (a 16-bit neighbour only where a rounding boundary lies
+    within the float32 chain's bound of the reference), and the sum, xhat and rstd are the float32 kernel's."""
+    import ml_dtypes
+
+    dtype = numpy.dtype(ml_dtypes.bfloat16 if kind == "bf16" else numpy.float16)
+    rows, width = 5, 300
+    r = rng(14)
+    x = (r.standard_normal((rows, width)) * 3 + 1).astype("float32")
+    res = r.standard_normal((rows, width)).astype("float32")
+    w, b = r.standard_normal(width).astype("float32"), r.standard_normal(width).astype("float32")
+    total = x + res if residual else x
+    want_y, want_xhat, want_rstd = REFERENCE.layer_norm(total.astype("float64"), w, b, 1e-5)
+    y, xhat, rstd = numpy.zeros(x.shape, dtype), numpy.zeros_like(x), numpy.zeros(rows, "float32")
+    summed = numpy.zeros_like(x)
+    run("sequence", kernel, rows, THREADS, x, res, summed if residual else xhat, w, b, y, xhat, rstd, width, 1e-5, 1,
+        int(residual))
+    length = 4 * width + 5
+    if residual:
+        numpy.testing.assert_array_equal(summed, total)  # one float32 add, as the reference's
+    assert_within(xhat, want_xhat, path_atol(want_xhat, length), "xhat")
+    assert_within(rstd, want_rstd[:, 0], path_atol(want_rstd, length), "rstd")
+    assert_within(y.astype("float32"), round16(want_y, kind), crossing16(want_y, path_atol(want_y, length), kind), "y")
+
+
 @pytest.mark.parametrize("width", [37, 300])
 def test_layer_norm_with_residuals_and_parameter_gradients(width):
     """Three row chunks (the last one short) summed by the last block, and both residual adds."""
@@ -381,6 +409,58 @@ def test_attention_forward_and_backward(b, t, heads, dh, causal):
     run("attention", "attention_backward_columns", blocks, THREADS, qkv, probs, dmixed, dscores, dqkv, rows, t, heads,
         dh, int(causal))
     assert_within(dqkv, want_dqkv, path_atol(want_dqkv, length), "dqkv")
+
+
+ATTENTION16 = {"bf16": ("attention_forward_bf16", "attention_backward_rows_bf16", "attention_backward_columns_bf16"),
+               "fp16": ("attention_forward_f16", "attention_backward_rows_f16", "attention_backward_columns_f16")}
+
+
+@pytest.mark.parametrize("kind", ["bf16", "fp16"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("b, t, heads, dh", [(2, 5, 2, 3), (1, 37, 2, 33)], ids=["small", "over-a-warp"])
+def test_attention16_rounds_where_ops_attention_rounds(b, t, heads, dh, causal, kind):
+    """attention_forward_bf16 / _f16 and their backward kernels: each product's operands are the 16-bit values
+    Ops.attention rounds to in mixed precision (q, k and v as kept; the kernel's own probabilities before they
+    weigh v; dmixed; the scores' gradient, which the rows kernel writes in 16 bits), multiplied exactly and summed
+    in float32. So each output is within one side's float32 sums (matmul16_atol, sides=1) of the float64 product
+    of the operands the kernel rounded, and each rounded intermediate is the float64 reference's, rounded, unless
+    a 16-bit boundary lies within the float32 chain's bound of it (crossing16)."""
+    import ml_dtypes
+
+    dtype = numpy.dtype(ml_dtypes.bfloat16 if kind == "bf16" else numpy.float16)
+    forward, backward_rows, backward_columns = ATTENTION16[kind]
+    qkv32, dmixed, *_ = attention_case(b, t, heads, dh, causal)
+    qkv = qkv32.astype(dtype)
+    q, k, v = qkv.astype("float64").transpose(2, 0, 3, 1, 4)  # (B, H, T, Dh) each, exact
+    rows, scale, length = b * heads * t, 1.0 / numpy.sqrt(dh), 2 * dh + 5 * t
+    blocks = -(-rows // (THREADS // 32))
+    mask = numpy.triu(numpy.full((t, t), -numpy.inf), 1) if causal else 0.0
+    z = scale * (q @ k.swapaxes(-1, -2)) + mask
+    want_probs = numpy.exp(z - z.max(-1, keepdims=True))
+    want_probs /= want_probs.sum(-1, keepdims=True)
+    probs, mixed = numpy.full(want_probs.shape, numpy.nan, "float32"), numpy.full(dmixed.shape, numpy.nan, "float32")
+    run("attention", forward, blocks, THREADS, qkv, probs, mixed, rows, t, heads, dh, scale,
+        int(causal))
+    assert_within(probs, want_probs, path_atol(want_probs, length), "probs")
+    assert_within(mixed.transpose(0, 2, 1, 3), round16(probs, kind) @ v, matmul16_atol(probs, v, kind, sides=1),
+                  "mixed")
+    dscores, dqkv = numpy.full(probs.shape, numpy.nan, dtype), numpy.full(qkv.shape, numpy.nan, "float32")
+    run("attention", backward_rows, blocks, THREADS, qkv, probs, dmixed, dscores, dqkv, rows, t,
+        heads, dh, scale, int(causal))
+    run("attention", backward_columns, blocks, THREADS, qkv, probs, dmixed, dscores, dqkv, rows,
+        t, heads, dh, int(causal))
+    d_out = round16(dmixed, kind).transpose(0, 2, 1, 3)  # (B, H, T, Dh)
+    p = probs.astype("float64")
+    dp = d_out @ v.swapaxes(-1, -2)
+    want_ds = scale * p * (dp - (dp * p).sum(-1, keepdims=True))
+    ds = dscores.astype("float32")
+    assert_within(ds, round16(want_ds, kind), crossing16(want_ds, path_atol(want_ds, length), kind), "dscores")
+    dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)
+    assert_within(dq, ds.astype("float64") @ k, matmul16_atol(ds, k, kind, sides=1), "dq")
+    assert_within(dk, ds.astype("float64").swapaxes(-1, -2) @ q,
+                  matmul16_atol(ds.swapaxes(-1, -2), q, kind, sides=1), "dk")
+    assert_within(dv, round16(probs, kind).swapaxes(-1, -2) @ d_out,
+                  matmul16_atol(probs.swapaxes(-1, -2), dmixed.transpose(0, 2, 1, 3), kind, sides=1), "dv")
 
 
 @pytest.mark.parametrize("positions", [False, True])

@@ -8,6 +8,7 @@ import math
 
 from gpunet.backend.cuda_kernels import ceil_div as _ceil, cupy_module as _cupy
 from gpunet.backend.cuda_kernels import ROWS_PER_CHUNK, THREADS, Kernel, blocks_for, done_blocks_counter, grid_2d
+from gpunet.backend.ops import sixteen_bit_dtype
 
 
 # ------------------------------------------------------------------ sequence.cu
@@ -16,8 +17,11 @@ LSTM_CELL_BACKWARD = Kernel("sequence", "lstm_cell_backward",
                             "float*, float*, float*, float*, float*, float*, int, int")
 ATTENTION_SOFTMAX = Kernel("sequence", "attention_softmax", "float*, int, float, int")
 ATTENTION_SOFTMAX_BACKWARD = Kernel("sequence", "attention_softmax_backward", "float*, float*, int, float")
-LAYER_NORM = Kernel("sequence", "layer_norm",
-                    "float*, float*, float*, float*, float*, float*, float*, float*, int, float, int, int")
+_LAYER_NORM = "float*, float*, float*, float*, float*, {0}*, float*, float*, int, float, int, int"
+LAYER_NORM = Kernel("sequence", "layer_norm", _LAYER_NORM.format("float"))
+LAYER_NORM_BF16 = Kernel("sequence", "layer_norm_bf16", _LAYER_NORM.format("__nv_bfloat16"))
+LAYER_NORM_F16 = Kernel("sequence", "layer_norm_f16", _LAYER_NORM.format("__half"))
+_LAYER_NORMS = {"fp32": LAYER_NORM, "bf16": LAYER_NORM_BF16, "fp16": LAYER_NORM_F16}  # by y's precision
 LAYER_NORM_BACKWARD = Kernel("sequence", "layer_norm_backward", "float*, float*, float*, float*, float*, float*, "
                              "float*, float*, float*, unsigned int*, long long, int, int, int")
 
@@ -73,17 +77,21 @@ def attention_softmax_backward(probs, dprobs, scale):
     return dprobs
 
 
-def layer_norm(x, weight, bias, eps, residual=None):
+def layer_norm(x, weight, bias, eps, residual=None, y_kind="fp32"):
     """(y, xhat, rstd, total) over the last axis, as Ops.layer_norm; weight and bias both or
     neither. With residual (x's shape), the rows normalised are total = x + residual, also
-    returned (else total is None): a residual add and the next layer norm in one launch."""
+    returned (else total is None): a residual add and the next layer norm in one launch.
+    y_kind "bf16" or "fp16": y is written in that 16-bit format (rounded to nearest even), the rest
+    in float32."""
     width = x.shape[-1]
-    y, xhat = _cupy().empty_like(x), _cupy().empty_like(x)
+    y = _cupy().empty(x.shape, dtype="float32" if y_kind == "fp32" else sixteen_bit_dtype(y_kind))
+    xhat = _cupy().empty_like(x)
     total = None if residual is None else _cupy().empty_like(x)
     rstd = _cupy().empty(x.shape[:-1] + (1,), dtype="float32")
     affine = weight is not None
-    LAYER_NORM(x.size // width, x, x if total is None else residual, y if total is None else total,
-               weight if affine else x, bias if affine else x, y, xhat, rstd, width, eps, affine, total is not None)
+    _LAYER_NORMS[y_kind](x.size // width, x, x if total is None else residual, xhat if total is None else total,
+                         weight if affine else x, bias if affine else x, y, xhat, rstd, width, eps, affine,
+                         total is not None)
     return y, xhat, rstd, total
 
 
@@ -105,38 +113,51 @@ def layer_norm_backward(dy, xhat, rstd, weight, grad_weight=None, grad_bias=None
 
 
 # ------------------------------------------------------------------ attention.cu
-ATTENTION_FORWARD = Kernel("attention", "attention_forward",
-                           "float*, float*, float*, long long, int, int, int, float, int")
-ATTENTION_BACKWARD_ROWS = Kernel("attention", "attention_backward_rows",
-                                 "float*, float*, float*, float*, float*, long long, int, int, int, float, int")
-ATTENTION_BACKWARD_COLUMNS = Kernel("attention", "attention_backward_columns",
-                                    "float*, float*, float*, float*, float*, long long, int, int, int, int")
+_FORWARD, _ROWS, _COLUMNS = ("{0}*, float*, float*, long long, int, int, int, float, int",
+                             "{0}*, float*, float*, {0}*, float*, long long, int, int, int, float, int",
+                             "{0}*, float*, float*, {0}*, float*, long long, int, int, int, int")
+ATTENTION_FORWARD = Kernel("attention", "attention_forward", _FORWARD.format("float"))
+ATTENTION_BACKWARD_ROWS = Kernel("attention", "attention_backward_rows", _ROWS.format("float"))
+ATTENTION_BACKWARD_COLUMNS = Kernel("attention", "attention_backward_columns", _COLUMNS.format("float"))
+ATTENTION_FORWARD_BF16 = Kernel("attention", "attention_forward_bf16", _FORWARD.format("__nv_bfloat16"))
+ATTENTION_BACKWARD_ROWS_BF16 = Kernel("attention", "attention_backward_rows_bf16", _ROWS.format("__nv_bfloat16"))
+ATTENTION_BACKWARD_COLUMNS_BF16 = Kernel("attention", "attention_backward_columns_bf16", _COLUMNS.format("__nv_bfloat16"))
+ATTENTION_FORWARD_F16 = Kernel("attention", "attention_forward_f16", _FORWARD.format("__half"))
+ATTENTION_BACKWARD_ROWS_F16 = Kernel("attention", "attention_backward_rows_f16", _ROWS.format("__half"))
+ATTENTION_BACKWARD_COLUMNS_F16 = Kernel("attention", "attention_backward_columns_f16", _COLUMNS.format("__half"))
+_ATTENTION = {  # by qkv's dtype name: (forward, backward rows, backward columns)
+    "float32": (ATTENTION_FORWARD, ATTENTION_BACKWARD_ROWS, ATTENTION_BACKWARD_COLUMNS),
+    "bfloat16": (ATTENTION_FORWARD_BF16, ATTENTION_BACKWARD_ROWS_BF16, ATTENTION_BACKWARD_COLUMNS_BF16),
+    "float16": (ATTENTION_FORWARD_F16, ATTENTION_BACKWARD_ROWS_F16, ATTENTION_BACKWARD_COLUMNS_F16)}
 WARPS = THREADS // 32  # the attention kernels give each row of scores one warp
 
 
 def attention(qkv, causal):
-    """(mixed (B, T, H, Dh), probs (B, H, T, T)) of qkv (B, T, 3, H, Dh), as Ops.attention, in
-    one launch: one warp per query row, reading q, k and v where the input projection wrote them."""
+    """(mixed (B, T, H, Dh), probs (B, H, T, T)), both float32, of qkv (B, T, 3, H, Dh), as Ops.attention, in
+    one launch: one warp per query row, reading q, k and v where the input projection wrote them. qkv float32,
+    or (mixed precision) the 16-bit copy the layer keeps: then the probabilities are rounded to its format before
+    they weigh v, as Ops.attention rounds them (kernels/attention.cu)."""
     b, t, _, heads, dh = qkv.shape
     rows = b * heads * t
     probs = _cupy().empty((b, heads, t, t), dtype="float32")
     mixed = _cupy().empty((b, t, heads, dh), dtype="float32")
-    ATTENTION_FORWARD(_ceil(rows, WARPS), qkv, probs, mixed, rows, t, heads, dh, 1.0 / math.sqrt(dh), causal)
+    _ATTENTION[qkv.dtype.name][0](_ceil(rows, WARPS), qkv, probs, mixed, rows, t, heads, dh, 1.0 / math.sqrt(dh),
+                                  causal)
     return mixed, probs
 
 
 def attention_backward(qkv, probs, dmixed, causal):
-    """dqkv (B, T, 3, H, Dh) from dmixed (B, T, H, Dh), as Ops.attention_backward, in two launches:
-    the rows of the scores' gradient with dq, then its columns with dk and dv."""
+    """dqkv (B, T, 3, H, Dh) float32 from dmixed (B, T, H, Dh), as Ops.attention_backward, in two launches:
+    the rows of the scores' gradient with dq, then its columns with dk and dv. For a 16-bit qkv, dmixed and
+    the probabilities are rounded to its format as operands, and the scores' gradient is kept in it."""
     b, t, _, heads, dh = qkv.shape
     rows = b * heads * t
-    dscores = _cupy().empty_like(probs)
-    dqkv = _cupy().empty_like(qkv)
-    ATTENTION_BACKWARD_ROWS(_ceil(rows, WARPS), qkv, probs, dmixed, dscores, dqkv, rows, t, heads, dh,
-                            1.0 / math.sqrt(dh), causal)
-    ATTENTION_BACKWARD_COLUMNS(_ceil(rows, WARPS), qkv, probs, dmixed, dscores, dqkv, rows, t, heads, dh, causal)
+    _, backward_rows, backward_columns = _ATTENTION[qkv.dtype.name]
+    dscores = _cupy().empty(probs.shape, dtype=qkv.dtype)
+    dqkv = _cupy().empty(qkv.shape, dtype="float32")
+    backward_rows(_ceil(rows, WARPS), qkv, probs, dmixed, dscores, dqkv, rows, t, heads, dh, 1.0 / math.sqrt(dh), causal)
+    backward_columns(_ceil(rows, WARPS), qkv, probs, dmixed, dscores, dqkv, rows, t, heads, dh, causal)
     return dqkv
-
 
 
 # ------------------------------------------------------------------ embedding.cu

@@ -7,8 +7,8 @@ the Dense product's paths and their dispatch are the mixin CupyGemmPaths (cupy_g
 In mixed precision (gpunet.backend.precision) a Dense product, forward and backward, runs as
 CupyGemmPaths.product16 (gpunet's 16-bit GEMM or cuBLAS on the rounded values, as measured); the
 other products round their operands as in the base Ops (gemm_operands: one cast launch per operand)
-and read float32 arrays holding 16-bit values. Attention then runs the base's batched products around
-the softmax kernel: the fused attention kernels cannot round the probabilities before they weigh v.
+and read float32 arrays holding 16-bit values. Attention runs its fused kernels on the 16-bit copy of
+q, k and v it keeps (kernels/attention.cu's _bf16 and _f16 kernels round where the base rounds).
 
 Each override takes the kernel path only for what the kernel handles (float32, contiguous,
 not empty: its @kernel_or_fallback names the arguments the kernel needs so, kernel_guard.py) and
@@ -33,7 +33,7 @@ from gpunet.backend import cublaslt
 from gpunet.backend import activations
 from gpunet.backend import cuda_precision, cuda_wrappers as kernels
 from gpunet.backend import cuda_wrappers_sequence as sequence_kernels
-from gpunet.backend import precision
+from gpunet.backend import precision, sequence_ops
 from gpunet.backend.cuda_kernels import ACTIVATION_CODES
 from gpunet.backend.cuda_wrappers import NO_RANGE_ERROR
 from gpunet.validate import env_choice
@@ -255,14 +255,14 @@ class CupyOps(CupyGemmPaths, Ops):
         return sequence_kernels.attention_softmax_backward(probs, dprobs, scale)
 
     @kernel_or_fallback("x", "weight", "bias", nonempty="x")
-    def layer_norm(self, x, weight, bias, eps):
-        return sequence_kernels.layer_norm(x, weight, bias, eps)[:3]
+    def layer_norm(self, x, weight, bias, eps, for_product=False):
+        return sequence_kernels.layer_norm(x, weight, bias, eps, None, _y_kind(for_product))[:3]
 
     @kernel_or_fallback("x", "residual", "weight", "bias", nonempty="x")
-    def add_layer_norm(self, x, residual, weight, bias, eps):
+    def add_layer_norm(self, x, residual, weight, bias, eps, for_product=False):
         if residual.shape != x.shape:
-            return super().add_layer_norm(x, residual, weight, bias, eps)
-        y, xhat, rstd, total = sequence_kernels.layer_norm(x, weight, bias, eps, residual)
+            return super().add_layer_norm(x, residual, weight, bias, eps, for_product)
+        y, xhat, rstd, total = sequence_kernels.layer_norm(x, weight, bias, eps, residual, _y_kind(for_product))
         return total, y, xhat, rstd
 
     @kernel_or_fallback("dy", "xhat", "rstd", "weight", "grad_weight", "grad_bias", "residual", nonempty="dy",
@@ -279,18 +279,24 @@ class CupyOps(CupyGemmPaths, Ops):
             grad_weight = grad_bias = None
         return sequence_kernels.layer_norm_backward(dy, xhat, rstd, weight, grad_weight, grad_bias, residual), grad_weight, grad_bias
 
+    fused_attention16 = True  # mixed precision's attention on the 16-bit kernels (False: the base's products)
+
     @kernel_or_fallback("qkv", nonempty="qkv")
     def attention(self, qkv, causal):
-        if precision.current() != "fp32":  # (the kernels cannot round the probabilities before they weigh v)
-            return super().attention(qkv, causal)  # cuBLAS and the softmax kernel, as the base rounds
-        mixed, probs = sequence_kernels.attention(qkv, causal)
-        return mixed, (qkv, probs, causal)
+        kept = self.store_16bit(qkv)  # (fp32: qkv itself)
+        if kept is not qkv and not self.fused_attention16:
+            return sequence_ops.attention(self.xp, qkv, kept, causal, self.attention_softmax, self.gemm_operands)
+        mixed, probs = sequence_kernels.attention(kept, causal)  # (16-bit kept: rounding where the base rounds)
+        return mixed, (kept, probs, causal)
 
     @kernel_or_fallback("dmixed", contiguous=("dmixed",))
     def attention_backward(self, dmixed, state):
         qkv, probs, kept = state
         if isinstance(kept, tuple):  # the base's forward kept (q, k, v): its backward
             return super().attention_backward(dmixed, state)
+        kind = precision.current()
+        if kind != "fp32" and not is_16bit(qkv):  # (rounding as the running precision says, as the base's)
+            qkv = self.to_16bit(qkv, kind)
         return sequence_kernels.attention_backward(qkv, probs, dmixed, bool(kept))  # kept: causal
 
     @kernel_or_fallback("x", nonempty="x")
@@ -376,3 +382,7 @@ class CupyOps(CupyGemmPaths, Ops):
         return kernels.dropout(dy, random.dropout_threshold(p), 1.0 / (1.0 - p), stream, None,
                                random.current().step_source)
 
+
+def _y_kind(for_product: bool) -> str:
+    """The format a layer norm writes y in: the running 16-bit one where only a product reads y (Ops.layer_norm)."""
+    return precision.current() if for_product else "fp32"

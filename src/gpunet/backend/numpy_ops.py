@@ -29,9 +29,9 @@ class NumpyOps(Ops):
             return cpu_kernels.gelu_grad32(x, dy)
         return super().activation_backward(name, x, y, dy)
 
-    def layer_norm(self, x, weight, bias, eps):
+    def layer_norm(self, x, weight, bias, eps, for_product=False):
         if not _fusable(x, weight, bias) or x.ndim < 1 or not x.size:
-            return super().layer_norm(x, weight, bias, eps)
+            return super().layer_norm(x, weight, bias, eps, for_product)
         d = x.shape[-1]
         x2 = x.reshape(-1, d)
         y, xhat = numpy.empty_like(x), numpy.empty_like(x)
@@ -39,7 +39,7 @@ class NumpyOps(Ops):
         affine = weight is not None
         sequence_kernels().layer_norm(x2, weight if affine else x2[0], bias if affine else x2[0], affine, float(eps),
                                       y.reshape(-1, d), xhat.reshape(-1, d), rstd.reshape(-1))
-        return y, xhat, rstd
+        return self.store_16bit(y) if for_product else y, xhat, rstd
 
     def layer_norm_backward(self, dy, xhat, rstd, weight, grad_weight=None, grad_bias=None, residual=None):
         arrays = (dy, xhat, rstd, weight, grad_weight, grad_bias, residual)

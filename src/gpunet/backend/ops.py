@@ -144,20 +144,22 @@ class Ops(ConvOps, SixteenBitOps):
         return loss.astype(logits.dtype), grad.astype(logits.dtype, copy=False)
 
     # ---------------------------------------------------------------- normalisation
-    def layer_norm(self, x, weight, bias, eps):
-        """Normalise over the last axis; returns (y, xhat, rstd) for the backward pass."""
+    def layer_norm(self, x, weight, bias, eps, for_product=False):
+        """Normalise over the last axis; returns (y, xhat, rstd) for the backward pass. for_product: only a
+        matrix product reads y, so in mixed precision y is its 16-bit copy (store_16bit: the operand the
+        product rounds it to; a kernel writes it so directly); in fp32 it changes nothing."""
         mean = x.mean(axis=-1, keepdims=True)
         centered = x - mean
         var = (centered * centered).mean(axis=-1, keepdims=True)
         rstd = 1.0 / self.xp.sqrt(var + eps)
         xhat = centered * rstd
         y = xhat * weight + bias if weight is not None else xhat
-        return y, xhat, rstd
+        return self.store_16bit(y) if for_product else y, xhat, rstd
 
-    def add_layer_norm(self, x, residual, weight, bias, eps):
+    def add_layer_norm(self, x, residual, weight, bias, eps, for_product=False):
         """A residual add and the layer norm of its result: (x + residual, *layer_norm(x + residual))."""
         total = x + residual
-        return (total, *self.layer_norm(total, weight, bias, eps))
+        return (total, *self.layer_norm(total, weight, bias, eps, for_product))
 
     def layer_norm_backward(self, dy, xhat, rstd, weight, grad_weight=None, grad_bias=None, residual=None):
         """Returns (dx, dweight, dbias) with the parameter gradients summed over all rows (written

@@ -35,17 +35,18 @@ class MultiHeadAttention(Layer):
         w = self.params["in_proj_weight"]
         check_ndim(self, x, (3,), "(B, T, d_model)")
         check_last_dim(self, x, w.shape[1])
-        check_float_input(self, x, w.dtype)
+        check_float_input(self, x, w.dtype, sixteen_bit_copy=True)
         ops = ops_for(x, w, op="MultiHeadAttention.forward")
         b, t, d = x.shape
         heads = self.config["num_heads"]
-        x2 = x.reshape(b * t, d)
+        # x2 and mixed only feed the weights' products: 16 bits in mixed precision, the same copy kept for the
+        # backward and multiplied now (one cast for both; fp32: the arrays themselves; state: see Ops.attention)
+        x2 = ops.store_16bit(x.reshape(b * t, d))
         qkv = ops.linear(x2, w, self.params["in_proj_bias"]).reshape(b, t, 3, heads, d // heads)
         mixed, state = ops.attention(qkv, self.causal)  # q, k, v read in place: no transposes
-        mixed = mixed.reshape(b * t, d)
+        mixed = ops.store_16bit(mixed.reshape(b * t, d))
         y = ops.linear(mixed, self.params["out_proj.weight"], self.params["out_proj.bias"]).reshape(b, t, d)
-        # x2 and mixed only feed the weights' products: 16 bits in mixed precision (state: see Ops.attention)
-        self.save_for_backward(x2=ops.store_16bit(x2), mixed=ops.store_16bit(mixed), state=state)
+        self.save_for_backward(x2=x2, mixed=mixed, state=state)
         return y
 
     def backprop(self, dy, saved, need_dx):

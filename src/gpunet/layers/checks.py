@@ -1,8 +1,16 @@
 """Input checks shared by layers: errors name the layer, the expectation and what came."""
 from __future__ import annotations
 
+from gpunet.backend import precision
+from gpunet.backend.ops import is_16bit
 
-def check_float_input(layer, x, dtype) -> None:
+
+def check_float_input(layer, x, dtype, sixteen_bit_copy: bool = False) -> None:
+    """x of the layer's dtype. sixteen_bit_copy: the layer's input only feeds its products, so in mixed precision
+    it may also be the 16-bit copy of a float32 input (what those products round it to: a layer norm before it
+    may write that copy directly, Ops.layer_norm's for_product)."""
+    if sixteen_bit_copy and dtype == "float32" and is_16bit(x) and precision.current() != "fp32":
+        return
     if x.dtype != dtype:
         hint = " (raw images need preprocessing: float32 = uint8 / 255)" if x.dtype.kind in "ui" else ""
         raise TypeError(f"{layer.describe()}: expected {dtype} input, got {x.dtype}{hint}")

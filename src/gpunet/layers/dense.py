@@ -48,9 +48,11 @@ class Dense(Layer):
     def _forward(self, x, activation):
         w = self.params["weight"]
         check_last_dim(self, x, w.shape[1])
-        check_float_input(self, x, w.dtype)
+        check_float_input(self, x, w.dtype, sixteen_bit_copy=True)
         ops = ops_for(x, w, op="Dense.forward")
-        x2 = x.reshape(-1, w.shape[1])
+        # mixed precision: x's 16-bit copy, which the backward keeps for dW's product, is the product's operand
+        # too (one cast for both; fp32: x itself)
+        x2 = ops.store_16bit(x.reshape(-1, w.shape[1]))
         b = self.params.get("bias")
         if activations.from_output(activation):  # fused: the derivative reads y alone
             y = z = ops.linear(x2, w, b, activation)
@@ -60,7 +62,7 @@ class Dense(Layer):
         if precision.current() == "fp32":
             self.save_for_backward(x=x2, z=z, y=y, activation=activation)
         else:  # mixed precision: x only for dW's product, 16 bits; the activation's input in docs/precision.md
-            self.save_for_backward(x=ops.store_16bit(x2), **_kept_for_derivative(ops, activation, z, y),
+            self.save_for_backward(x=x2, **_kept_for_derivative(ops, activation, z, y),
                                    activation=activation)
         return y.reshape(*x.shape[:-1], w.shape[0])
 

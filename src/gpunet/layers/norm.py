@@ -101,14 +101,16 @@ class LayerNorm(Layer):
             self.add_param("weight", numpy.ones(normalized_shape, dtype="float32"))
             self.add_param("bias", numpy.zeros(normalized_shape, dtype="float32"))
 
-    def forward(self, x: Array) -> Array:
+    def forward(self, x: Array, for_product: bool = False) -> Array:
+        """for_product: only a matrix product reads the output (a Dense, attention's projection), so in mixed
+        precision it is given as its 16-bit copy, which the product multiplies and keeps (Ops.layer_norm)."""
         check_last_dim(self, x, self.config["normalized_shape"])
         ops = ops_for(x, op="LayerNorm.forward")
-        y, xhat, rstd = ops.layer_norm(x, self.params.get("weight"), self.params.get("bias"), self.eps)
+        y, xhat, rstd = ops.layer_norm(x, self.params.get("weight"), self.params.get("bias"), self.eps, for_product)
         self.save_for_backward(xhat=xhat, rstd=rstd)
         return y
 
-    def forward_add(self, x: Array, residual: Array) -> tuple[Array, Array]:
+    def forward_add(self, x: Array, residual: Array, for_product: bool = False) -> tuple[Array, Array]:
         """(x + residual, forward(x + residual)) in one pass (one launch on a GPU): a residual
         connection followed by this norm, as in TransformerBlock. The backward is forward's."""
         check_last_dim(self, x, self.config["normalized_shape"])
@@ -117,7 +119,7 @@ class LayerNorm(Layer):
                              f"{tuple(x.shape)}")
         ops = ops_for(x, residual, op="LayerNorm.forward_add")
         total, y, xhat, rstd = ops.add_layer_norm(x, residual, self.params.get("weight"), self.params.get("bias"),
-                                                  self.eps)
+                                                  self.eps, for_product)
         self.save_for_backward(xhat=xhat, rstd=rstd)
         return total, y
 

@@ -112,9 +112,10 @@ class _Recurrent(Layer):
         else:
             hs = self._buffer(ops, "hs", shape, dtype)
         initial = self._initial_state(ops, state, b, dtype)
-        cell = self._forward(ops, inputs, hs, initial)  # the cell's own arrays for its backward (hs: may replace it)
-        # the inputs (not ids) only feed W_ih's gradient: kept in 16 bits in mixed precision
+        # the inputs (not ids) only feed products (the input projection, W_ih's gradient): in mixed precision one
+        # 16-bit copy for both, kept for the backward
         kept = inputs if isinstance(inputs, EmbeddedIds) else ops.store_16bit(inputs)
+        cell = self._forward(ops, kept, hs, initial)  # the cell's own arrays for its backward (hs: may replace it)
         self.save_for_backward(**{"xs": kept, "hs": hs, "state_given": state is not None, **cell})
         return ops.xp.ascontiguousarray(hs[1:].transpose(1, 0, 2))
 

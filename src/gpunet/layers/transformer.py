@@ -64,17 +64,19 @@ class TransformerBlock(Composite):
     def _branches(self, x, residual):
         """(h, the MLP's branch) of y = h + branch, on x, or on x + residual summed inside ln1
         (the previous block's closing add); h is None when the second dropout added it already."""
+        # the norms' outputs feed only products (attention's and the MLP's first projection): in mixed precision
+        # their 16-bit copies, written so by the norm (for_product)
         if residual is None:
-            normed = self.ln1.forward(x)
+            normed = self.ln1.forward(x, for_product=True)
         else:
-            x, normed = self.ln1.forward_add(x, residual)
+            x, normed = self.ln1.forward_add(x, residual, for_product=True)
         branch = self.attn.forward(normed)
         if self.drop1.active:  # the residual add is fused with the dropout (one kernel on a GPU)
             h = self.drop1.forward_add(branch, x)
-            normed = self.ln2.forward(h)
+            normed = self.ln2.forward(h, for_product=True)
         else:  # ... or with the layer norm that follows it (one kernel on a GPU)
             self.drop1.forward(branch)  # the identity here: records that it ran
-            h, normed = self.ln2.forward_add(branch, x)
+            h, normed = self.ln2.forward_add(branch, x, for_product=True)
         if self.drop2.active:
             return None, self.drop2.forward_add(self.mlp.forward(normed), h)
         return h, self.drop2.forward(self.mlp.forward(normed))  # (the identity)
