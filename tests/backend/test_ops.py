@@ -290,8 +290,8 @@ def test_a_kernel_source_compiles_alone_with_nvrtc(source):
 
 
 def test_every_kernel_family_is_there():
-    assert [p.stem for p in KERNELS] == ["attention", "embedding", "gemm", "gemm16", "im2col", "optim", "precision",
-                                         "random", "sequence", "softmax_xent"]
+    assert [p.stem for p in KERNELS] == ["attention", "batch_norm", "embedding", "gemm", "gemm16", "im2col", "optim",
+                                         "precision", "random", "sequence", "softmax_xent"]
 
 
 @pytest.mark.parametrize("shape, residual", [((7,), False), ((9, 130), True), ((2, 3, 65), False)])

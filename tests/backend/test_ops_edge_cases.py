@@ -241,6 +241,12 @@ def _zero_size_cases():
         "attention_softmax": [("batch", lambda ops, put: [ops.attention_softmax(put(f32(0, 2, 4, 4)), 0.5, True)])],
         "attention_softmax_backward": [("batch", lambda ops, put: [ops.attention_softmax_backward(
             put(f32(0, 2, 4, 4)), put(f32(0, 2, 4, 4)), 0.5)])],
+        "batch_norm": [("batch", lambda ops, put: list(ops.batch_norm(  # (eval: training refuses a count < 2)
+            put(f32(0, 3, 4, 4)), put(f32(3)), put(f32(3)), put(f32(3)), put(numpy.ones(3, "float32")),
+            put(numpy.zeros((), "int64")), False, 0.1, 1e-5)))],
+        "batch_norm_backward": [("batch", lambda ops, put: [ops.batch_norm_backward(
+            put(f32(0, 3, 4, 4)), put(f32(0, 3, 4, 4)), put(numpy.ones((1, 3, 1, 1), "float32")), put(f32(3)),
+            put(numpy.zeros(3, "float32")), put(numpy.zeros(3, "float32")), False)])],
         "layer_norm": [("batch", lambda ops, put: list(ops.layer_norm(put(f32(0, 6)), put(f32(6)), put(f32(6)), 1e-5)))],
         "layer_norm_backward": [("batch", lambda ops, put: list(ops.layer_norm_backward(
             put(f32(0, 6)), put(f32(0, 6)), put(f32(0, 1)), put(f32(6))))),

@@ -45,8 +45,8 @@ def compiled(code: str, name: str, defines=DEFINE_FLAGS):
 def load_every_module_first():
     """Under TSan: its symbolizer only knows the modules loaded at its first report."""
     if TSAN:
-        for family in ("attention", "embedding", "gemm", "gemm16", "im2col", "optim", "precision", "random", "sequence",
-                       "softmax_xent"):
+        for family in ("attention", "batch_norm", "embedding", "gemm", "gemm16", "im2col", "optim", "precision",
+                       "random", "sequence", "softmax_xent"):
             compiled(source(family), family)
         probes()
 
@@ -461,6 +461,47 @@ def test_attention16_rounds_where_ops_attention_rounds(b, t, heads, dh, causal, 
                   matmul16_atol(ds.swapaxes(-1, -2), q, kind, sides=1), "dk")
     assert_within(dv, round16(probs, kind).swapaxes(-1, -2) @ d_out,
                   matmul16_atol(probs.swapaxes(-1, -2), dmixed.transpose(0, 2, 1, 3), kind, sides=1), "dv")
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape", [(3, 4, 37), (2, 3, 300), (5, 2, 1)], ids=["images", "over-a-block", "bn1d"])
+def test_batch_norm_forward_and_backward(shape, affine):
+    """batch_norm_forward and batch_norm_backward (one block per channel) against Ops.batch_norm, in training
+    (the batch's statistics; the running ones and the batch count updated in place) and in eval (the running
+    ones, updated by nothing), within the float32 chain's bound of the sums over each channel."""
+    n, c, length = shape
+    r = rng(21)
+    x = (r.standard_normal(shape) * 2 + 0.5).astype("float32")
+    dy = r.standard_normal(shape).astype("float32")
+    w, b = r.standard_normal(c).astype("float32"), r.standard_normal(c).astype("float32")
+    chain = 4 * n * length + 6
+    for training in (True, False):
+        stats = [r.standard_normal(c).astype("float32"), r.uniform(0.5, 2, c).astype("float32"),
+                 numpy.array(7, "int64")]
+        want_stats = [a.copy() for a in stats]
+        want_y, want_xhat, want_rstd = REFERENCE.batch_norm(x, w if affine else None, b if affine else None,
+                                                            *want_stats, training, 0.1, 1e-5)
+        y, xhat, rstd = numpy.full_like(x, numpy.nan), numpy.full_like(x, numpy.nan), numpy.full(c, numpy.nan, "float32")
+        unbiased = 0.1 * n * length / (n * length - 1)
+        run("batch_norm", "batch_norm_forward", c, THREADS, x, w, b, stats[0], stats[1], stats[2], y, xhat, rstd, n, c,
+            length, 0.1, unbiased, 1e-5, int(affine), int(training))
+        for got, want, name in ((y, want_y, "y"), (xhat, want_xhat, "xhat"), (rstd, want_rstd.reshape(c), "rstd"),
+                                (stats[0], want_stats[0], "running_mean"), (stats[1], want_stats[1], "running_var")):
+            assert_within(got, want, path_atol(want, chain), f"{name}, training={training}")
+        assert stats[2] == want_stats[2] == (8 if training else 7)
+        grads = numpy.full((2, c), numpy.nan, "float32")
+        want_grads = numpy.full((2, c), numpy.nan, "float32")
+        want_dx = REFERENCE.batch_norm_backward(dy, want_xhat, want_rstd, w if affine else None, want_grads[0],
+                                                want_grads[1], training)
+        dx = numpy.full_like(x, numpy.nan)
+        run("batch_norm", "batch_norm_backward", c, THREADS, dy, xhat, rstd, w, grads[0], grads[1], dx, n, c, length,
+            int(affine), int(training))
+        assert_within(dx, want_dx, path_atol(want_dx, 2 * chain), f"dx, training={training}")
+        if affine:
+            for got, want, name in ((grads[0], want_grads[0], "grad_weight"), (grads[1], want_grads[1], "grad_bias")):
+                assert_within(got, want, path_atol(want, chain), f"{name}, training={training}")
+        else:
+            assert numpy.isnan(grads).all()  # nothing written
 
 
 @pytest.mark.parametrize("positions", [False, True])

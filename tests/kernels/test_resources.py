@@ -165,7 +165,7 @@ def test_each_shared_device_helper_is_written_once_in_the_header():
         includes = re.findall(r'^#include "(\w+\.cuh)"', text, flags=re.M)
         assert [i for i in includes if i == "common.cuh"] == (["common.cuh"] if used else []), family
         users |= {family} if used else set()
-    assert users == {"attention", "gemm", "sequence", "softmax_xent"}
+    assert users == {"attention", "batch_norm", "gemm", "sequence", "softmax_xent"}
 
 
 def test_the_tiled_gemm_is_written_once_for_every_input_type():

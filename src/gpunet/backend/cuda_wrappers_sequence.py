@@ -1,5 +1,5 @@
 """The wrappers of the sequence layers' kernels, kernels/sequence.cu (recurrent cells, layer norm,
-attention softmax), attention.cu and embedding.cu, as those of cuda_wrappers.py (which lists them
+attention softmax), attention.cu and embedding.cu, and of batch_norm.cu, as those of cuda_wrappers.py (which lists them
 in its KERNELS): each owns its kernel's launch, grid and outputs, its parameter types declared
 beside it as the .cu file declares them."""
 from __future__ import annotations
@@ -187,3 +187,36 @@ def embedding_backward(ids, dy, grad_weight, grad_position=None) -> None:
     rows = v + (0 if grad_position is None else grad_position.shape[0])
     EMBEDDING_BACKWARD(rows, ids, dy, grad_weight, grad_weight if grad_position is None else grad_position, ids.size,
                        t, d, v, grad_position is not None)
+
+
+# ------------------------------------------------------------------ batch_norm.cu
+BATCH_NORM_FORWARD = Kernel("batch_norm", "batch_norm_forward", "float*, float*, float*, float*, float*, long long*, "
+                            "float*, float*, float*, int, int, long long, float, float, float, int, int")
+BATCH_NORM_BACKWARD = Kernel("batch_norm", "batch_norm_backward",
+                             "float*, float*, float*, float*, float*, float*, float*, int, int, long long, int, int")
+
+
+def batch_norm(x, weight, bias, running_mean, running_var, batches_tracked, training, momentum, eps):
+    """(y, xhat, rstd (1, C, 1...)) of x (N, C, ...), as Ops.batch_norm (the running statistics and the batch
+    count updated in place when training), in one launch: one block per channel."""
+    n, c = x.shape[:2]
+    length = x.size // (n * c)
+    y, xhat = _cupy().empty_like(x), _cupy().empty_like(x)
+    rstd = _cupy().empty((1, c) + (1,) * (x.ndim - 2), dtype="float32")
+    count = n * length
+    unbiased = momentum * count / (count - 1) if training else 0.0  # (the layer refuses count < 2 in training)
+    affine = weight is not None
+    BATCH_NORM_FORWARD(c, x, weight if affine else x, bias if affine else x, running_mean, running_var, batches_tracked,
+                       y, xhat, rstd, n, c, length, momentum, unbiased, eps, affine, bool(training))
+    return y, xhat, rstd
+
+
+def batch_norm_backward(dy, xhat, rstd, weight, grad_weight, grad_bias, training):
+    """dx of batch_norm, and with weight the parameters' gradients written into grad_weight and grad_bias, as
+    Ops.batch_norm_backward, in one launch: one block per channel."""
+    n, c = dy.shape[:2]
+    dx = _cupy().empty_like(dy)
+    affine = weight is not None
+    BATCH_NORM_BACKWARD(c, dy, xhat, rstd, weight if affine else dy, grad_weight if affine else dy,
+                        grad_bias if affine else dy, dx, n, c, dy.size // (n * c), affine, bool(training))
+    return dx

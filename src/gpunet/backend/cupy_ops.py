@@ -1,6 +1,6 @@
 """GPU backend: CuPy (cuBLAS for plain GEMM) with gpunet's own kernels from kernels/*.cu for
 GEMM with a fused epilogue, im2col/col2im, max pooling, fused softmax cross-entropy, the LSTM
-cell, the attention softmax, layer normalisation, activations, the optimizer updates and 16-bit casts,
+cell, the attention softmax, layer and batch normalisation, activations, the optimizer updates and 16-bit casts,
 each launched through its wrapper (cuda_wrappers.py, cuda_wrappers_sequence.py, cuda_precision.py);
 the Dense product's paths and their dispatch are the mixin CupyGemmPaths (cupy_gemm.py).
 
@@ -253,6 +253,15 @@ class CupyOps(CupyGemmPaths, Ops):
     @kernel_or_fallback("probs", "dprobs", nonempty="dprobs")
     def attention_softmax_backward(self, probs, dprobs, scale):
         return sequence_kernels.attention_softmax_backward(probs, dprobs, scale)
+
+    @kernel_or_fallback("x", "weight", "bias", "running_mean", "running_var", nonempty="x")
+    def batch_norm(self, x, weight, bias, running_mean, running_var, batches_tracked, training, momentum, eps):
+        return sequence_kernels.batch_norm(x, weight, bias, running_mean, running_var, batches_tracked, training,
+                                           momentum, eps)
+
+    @kernel_or_fallback("dy", "xhat", "rstd", "weight", "grad_weight", "grad_bias", nonempty="dy")
+    def batch_norm_backward(self, dy, xhat, rstd, weight, grad_weight, grad_bias, training):
+        return sequence_kernels.batch_norm_backward(dy, xhat, rstd, weight, grad_weight, grad_bias, training)
 
     @kernel_or_fallback("x", "weight", "bias", nonempty="x")
     def layer_norm(self, x, weight, bias, eps, for_product=False):

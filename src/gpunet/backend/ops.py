@@ -144,6 +144,45 @@ class Ops(ConvOps, SixteenBitOps):
         return loss.astype(logits.dtype), grad.astype(logits.dtype, copy=False)
 
     # ---------------------------------------------------------------- normalisation
+    def batch_norm(self, x, weight, bias, running_mean, running_var, batches_tracked, training, momentum, eps):
+        """Batch normalisation of x (N, C, ...) over every axis but 1: (y, xhat, rstd), rstd of shape (1, C, 1...).
+        training: the batch's statistics, and the running ones (running_var the unbiased variance, as torch's)
+        and the batch count updated in place; else the running ones. weight and bias both or neither."""
+        xp = self.xp
+        axes = (0,) + tuple(range(2, x.ndim))
+        shape = (1, x.shape[1]) + (1,) * (x.ndim - 2)
+        if training:
+            count = x.size // x.shape[1]
+            mean = x.mean(axis=axes)
+            centered = x - mean.reshape(shape)
+            var = (centered * centered).mean(axis=axes)
+            running_mean *= 1 - momentum
+            running_mean += momentum * mean
+            running_var *= 1 - momentum
+            running_var += (momentum * count / (count - 1)) * var
+            batches_tracked += 1
+        else:
+            var = running_var
+            centered = x - running_mean.reshape(shape)
+        rstd = (1.0 / xp.sqrt(var + eps)).reshape(shape).astype(x.dtype)
+        xhat = centered * rstd
+        y = xhat * weight.reshape(shape) + bias.reshape(shape) if weight is not None else xhat
+        return y, xhat, rstd
+
+    def batch_norm_backward(self, dy, xhat, rstd, weight, grad_weight, grad_bias, training):
+        """dx of batch_norm from dy; with weight, the parameters' gradients written into grad_weight and
+        grad_bias. Not training: the normalisation was affine (running statistics are constants)."""
+        axes = (0,) + tuple(range(2, dy.ndim))
+        if weight is not None:
+            grad_weight[...] = (dy * xhat).sum(axis=axes)
+            grad_bias[...] = dy.sum(axis=axes)
+            g = dy * weight.reshape(rstd.shape)
+        else:
+            g = dy
+        if not training:
+            return g * rstd
+        return rstd * (g - g.mean(axis=axes, keepdims=True) - xhat * (g * xhat).mean(axis=axes, keepdims=True))
+
     def layer_norm(self, x, weight, bias, eps, for_product=False):
         """Normalise over the last axis; returns (y, xhat, rstd) for the backward pass. for_product: only a
         matrix product reads y, so in mixed precision y is its 16-bit copy (store_16bit: the operand the

@@ -25,53 +25,28 @@ class _BatchNorm(Layer):
         self.buffers["running_var"] = numpy.ones(num_features, dtype="float32")
         self.buffers["num_batches_tracked"] = numpy.zeros((), dtype="int64")
 
-    def _channel_shape(self, x):
-        return (1, x.shape[1]) + (1,) * (x.ndim - 2)
-
     def forward(self, x: Array) -> Array:
         check_ndim(self, x, self.ndims, self.layout)
         if x.shape[1] != self.config["num_features"]:
             raise ValueError(f"{self.describe()}: expected {self.config['num_features']} channels on axis 1, "
                              f"got shape {tuple(x.shape)}")
         check_float_input(self, x, self.buffers["running_mean"].dtype)
-        xp = ops_for(x, op=f"{type(self).__name__}.forward").xp
-        axes = (0,) + tuple(range(2, x.ndim))
-        shape = self._channel_shape(x)
-        if self.training:
-            count = x.size // x.shape[1]
-            if count < 2:
-                raise ValueError(f"{self.describe()}: training needs more than one value per channel, got shape {tuple(x.shape)}")
-            mean = x.mean(axis=axes)
-            centered = x - mean.reshape(shape)
-            var = (centered * centered).mean(axis=axes)
-            m = self.momentum
-            self.buffers["running_mean"] *= 1 - m
-            self.buffers["running_mean"] += m * mean
-            self.buffers["running_var"] *= 1 - m
-            self.buffers["running_var"] += (m * count / (count - 1)) * var
-            self.buffers["num_batches_tracked"] += 1
-        else:
-            var = self.buffers["running_var"]
-            centered = x - self.buffers["running_mean"].reshape(shape)
-        rstd = (1.0 / xp.sqrt(var + self.eps)).reshape(shape).astype(x.dtype)
-        xhat = centered * rstd
-        self.save_for_backward(xhat=xhat, rstd=rstd, axes=axes, training=self.training)
-        if "weight" in self.params:
-            return xhat * self.params["weight"].reshape(shape) + self.params["bias"].reshape(shape)
-        return xhat
+        ops = ops_for(x, op=f"{type(self).__name__}.forward")
+        if self.training and x.size // x.shape[1] < 2:
+            raise ValueError(f"{self.describe()}: training needs more than one value per channel, got shape {tuple(x.shape)}")
+        b = self.buffers
+        y, xhat, rstd = ops.batch_norm(x, self.params.get("weight"), self.params.get("bias"), b["running_mean"],
+                                       b["running_var"], b["num_batches_tracked"], self.training, self.momentum,
+                                       self.eps)
+        self.save_for_backward(xhat=xhat, rstd=rstd, training=self.training)
+        return y
 
     def backprop(self, dy, saved, need_dx):
-        xhat, rstd, axes = saved.xhat, saved.rstd, saved.axes
-        shape = rstd.shape
-        if "weight" in self.params:
-            self.grads["weight"][...] = (dy * xhat).sum(axis=axes)
-            self.grads["bias"][...] = dy.sum(axis=axes)
-            g = dy * self.params["weight"].reshape(shape)
-        else:
-            g = dy
-        if not saved.training:  # running statistics are constants: the normalisation is affine
-            return g * rstd
-        return rstd * (g - g.mean(axis=axes, keepdims=True) - xhat * (g * xhat).mean(axis=axes, keepdims=True))
+        ops = ops_for(dy, op=f"{type(self).__name__}.backward")
+        affine = "weight" in self.params
+        return ops.batch_norm_backward(dy, saved.xhat, saved.rstd, self.params.get("weight"),
+                                       self.grads["weight"] if affine else None, self.grads["bias"] if affine else None,
+                                       saved.training)
 
 
 @register("BatchNorm1d")
