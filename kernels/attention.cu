@@ -62,7 +62,8 @@ __device__ __forceinline__ void weighted_rows(const W* w, long long w_stride, co
                                               int n, int D, float* out) {
   for (int d = threadIdx.x % 32; d < D; d += 32) {
     float acc = 0.f;
-    for (int j = 0; j < n; ++j) acc = fmaf(rounded<S>(as_float(w[j * w_stride])), as_float(rows[j * row_stride + d]), acc);
+    for (int j = 0; j < n; ++j)
+      acc = fmaf(rounded<S>(as_float(w[j * w_stride])), as_float(rows[j * row_stride + d]), acc);
     out[d] = acc;
   }
 }
@@ -97,7 +98,8 @@ __device__ __forceinline__ void forward(const S* __restrict__ qkv, float* __rest
   const float inv = 1.f / warp_sum(sum);
   for (int j = lane; j < T; j += 32) p[j] = j < visible ? p[j] * inv : 0.f;
   __syncwarp();  // every lane reads the whole row below
-  weighted_rows<S>(p, 1, keys + (long long)H * Dh, token, visible, Dh, mixed + (b * T + i) * H * Dh + (long long)h * Dh);
+  weighted_rows<S>(p, 1, keys + (long long)H * Dh, token, visible, Dh,
+                   mixed + (b * T + i) * H * Dh + (long long)h * Dh);
 }
 
 // Row (b, h, i): dscores_ij = scale * p_ij * (dp_ij - sum_j dp_ij p_ij) with dp_ij = r(do_i) . v_j,
@@ -160,64 +162,30 @@ __device__ __forceinline__ void backward_columns(const S* __restrict__ qkv, cons
   }
 }
 
-// The kernels: float32 qkv (attention_*), bfloat16 (_bf16) and float16 (_f16).
+// The kernels: float32 qkv (attention_*), bfloat16 (_bf16) and float16 (_f16); each entry point is named in full
+// (the emulator and tests/kernels find kernels by name), their parameters written once.
+#define FORWARD_PARAMS(S)                                                                                     \
+  const S* __restrict__ qkv, float* __restrict__ probs, float* __restrict__ mixed, long long rows, int T, int H, \
+      int Dh, float scale, int causal
+#define ROWS_PARAMS(S)                                                                                     \
+  const S* __restrict__ qkv, const float* __restrict__ probs, const float* __restrict__ dmixed,            \
+      S* __restrict__ dscores, float* __restrict__ dqkv, long long rows, int T, int H, int Dh, float scale, \
+      int causal
+#define COLUMNS_PARAMS(S)                                                                                   \
+  const S* __restrict__ qkv, const float* __restrict__ probs, const float* __restrict__ dmixed,             \
+      const S* __restrict__ dscores, float* __restrict__ dqkv, long long rows, int T, int H, int Dh, int causal
+#define FORWARD_BODY forward(qkv, probs, mixed, rows, T, H, Dh, scale, causal)
+#define ROWS_BODY backward_rows(qkv, probs, dmixed, dscores, dqkv, rows, T, H, Dh, scale, causal)
+#define COLUMNS_BODY backward_columns(qkv, probs, dmixed, dscores, dqkv, rows, T, H, Dh, causal)
 
-extern "C" __global__ void attention_forward(const float* __restrict__ qkv, float* __restrict__ probs,
-                                             float* __restrict__ mixed, long long rows, int T, int H, int Dh,
-                                             float scale, int causal) {
-  forward(qkv, probs, mixed, rows, T, H, Dh, scale, causal);
-}
+extern "C" __global__ void attention_forward(FORWARD_PARAMS(float)) { FORWARD_BODY; }
+extern "C" __global__ void attention_backward_rows(ROWS_PARAMS(float)) { ROWS_BODY; }
+extern "C" __global__ void attention_backward_columns(COLUMNS_PARAMS(float)) { COLUMNS_BODY; }
 
-extern "C" __global__ void attention_backward_rows(const float* __restrict__ qkv, const float* __restrict__ probs,
-                                                   const float* __restrict__ dmixed, float* __restrict__ dscores,
-                                                   float* __restrict__ dqkv, long long rows, int T, int H, int Dh,
-                                                   float scale, int causal) {
-  backward_rows(qkv, probs, dmixed, dscores, dqkv, rows, T, H, Dh, scale, causal);
-}
+extern "C" __global__ void attention_forward_bf16(FORWARD_PARAMS(__nv_bfloat16)) { FORWARD_BODY; }
+extern "C" __global__ void attention_backward_rows_bf16(ROWS_PARAMS(__nv_bfloat16)) { ROWS_BODY; }
+extern "C" __global__ void attention_backward_columns_bf16(COLUMNS_PARAMS(__nv_bfloat16)) { COLUMNS_BODY; }
 
-extern "C" __global__ void attention_backward_columns(const float* __restrict__ qkv, const float* __restrict__ probs,
-                                                      const float* __restrict__ dmixed, const float* __restrict__ dscores,
-                                                      float* __restrict__ dqkv, long long rows, int T, int H, int Dh,
-                                                      int causal) {
-  backward_columns(qkv, probs, dmixed, dscores, dqkv, rows, T, H, Dh, causal);
-}
-
-extern "C" __global__ void attention_forward_bf16(const __nv_bfloat16* __restrict__ qkv, float* __restrict__ probs,
-                                                  float* __restrict__ mixed, long long rows, int T, int H, int Dh,
-                                                  float scale, int causal) {
-  forward(qkv, probs, mixed, rows, T, H, Dh, scale, causal);
-}
-
-extern "C" __global__ void attention_backward_rows_bf16(const __nv_bfloat16* __restrict__ qkv, const float* __restrict__ probs,
-                                                        const float* __restrict__ dmixed, __nv_bfloat16* __restrict__ dscores,
-                                                        float* __restrict__ dqkv, long long rows, int T, int H, int Dh,
-                                                        float scale, int causal) {
-  backward_rows(qkv, probs, dmixed, dscores, dqkv, rows, T, H, Dh, scale, causal);
-}
-
-extern "C" __global__ void attention_backward_columns_bf16(const __nv_bfloat16* __restrict__ qkv, const float* __restrict__ probs,
-                                                           const float* __restrict__ dmixed, const __nv_bfloat16* __restrict__ dscores,
-                                                           float* __restrict__ dqkv, long long rows, int T, int H, int Dh,
-                                                           int causal) {
-  backward_columns(qkv, probs, dmixed, dscores, dqkv, rows, T, H, Dh, causal);
-}
-
-extern "C" __global__ void attention_forward_f16(const __half* __restrict__ qkv, float* __restrict__ probs,
-                                                 float* __restrict__ mixed, long long rows, int T, int H, int Dh,
-                                                 float scale, int causal) {
-  forward(qkv, probs, mixed, rows, T, H, Dh, scale, causal);
-}
-
-extern "C" __global__ void attention_backward_rows_f16(const __half* __restrict__ qkv, const float* __restrict__ probs,
-                                                       const float* __restrict__ dmixed, __half* __restrict__ dscores,
-                                                       float* __restrict__ dqkv, long long rows, int T, int H, int Dh,
-                                                       float scale, int causal) {
-  backward_rows(qkv, probs, dmixed, dscores, dqkv, rows, T, H, Dh, scale, causal);
-}
-
-extern "C" __global__ void attention_backward_columns_f16(const __half* __restrict__ qkv, const float* __restrict__ probs,
-                                                          const float* __restrict__ dmixed, const __half* __restrict__ dscores,
-                                                          float* __restrict__ dqkv, long long rows, int T, int H, int Dh,
-                                                          int causal) {
-  backward_columns(qkv, probs, dmixed, dscores, dqkv, rows, T, H, Dh, causal);
-}
+extern "C" __global__ void attention_forward_f16(FORWARD_PARAMS(__half)) { FORWARD_BODY; }
+extern "C" __global__ void attention_backward_rows_f16(ROWS_PARAMS(__half)) { ROWS_BODY; }
+extern "C" __global__ void attention_backward_columns_f16(COLUMNS_PARAMS(__half)) { COLUMNS_BODY; }

@@ -269,29 +269,15 @@ __device__ __forceinline__ void normalize_rows(const float* __restrict__ x, cons
   }
 }
 
-extern "C" __global__ void layer_norm(const float* __restrict__ x, const float* __restrict__ residual,
-                                      float* __restrict__ sum_out, const float* __restrict__ weight,
-                                      const float* __restrict__ bias, float* __restrict__ y,
-                                      float* __restrict__ xhat, float* __restrict__ rstd, int D, float eps,
-                                      int affine, int has_residual) {
-  normalize_rows(x, residual, sum_out, weight, bias, y, xhat, rstd, D, eps, affine, has_residual);
-}
+#define LAYER_NORM_PARAMS(Y)                                                                              \
+  const float* __restrict__ x, const float* __restrict__ residual, float* __restrict__ sum_out,            \
+      const float* __restrict__ weight, const float* __restrict__ bias, Y* __restrict__ y,                 \
+      float* __restrict__ xhat, float* __restrict__ rstd, int D, float eps, int affine, int has_residual
+#define LAYER_NORM_BODY normalize_rows(x, residual, sum_out, weight, bias, y, xhat, rstd, D, eps, affine, has_residual)
 
-extern "C" __global__ void layer_norm_bf16(const float* __restrict__ x, const float* __restrict__ residual,
-                                           float* __restrict__ sum_out, const float* __restrict__ weight,
-                                           const float* __restrict__ bias, __nv_bfloat16* __restrict__ y,
-                                           float* __restrict__ xhat, float* __restrict__ rstd, int D, float eps,
-                                           int affine, int has_residual) {
-  normalize_rows(x, residual, sum_out, weight, bias, y, xhat, rstd, D, eps, affine, has_residual);
-}
-
-extern "C" __global__ void layer_norm_f16(const float* __restrict__ x, const float* __restrict__ residual,
-                                          float* __restrict__ sum_out, const float* __restrict__ weight,
-                                          const float* __restrict__ bias, __half* __restrict__ y,
-                                          float* __restrict__ xhat, float* __restrict__ rstd, int D, float eps,
-                                          int affine, int has_residual) {
-  normalize_rows(x, residual, sum_out, weight, bias, y, xhat, rstd, D, eps, affine, has_residual);
-}
+extern "C" __global__ void layer_norm(LAYER_NORM_PARAMS(float)) { LAYER_NORM_BODY; }
+extern "C" __global__ void layer_norm_bf16(LAYER_NORM_PARAMS(__nv_bfloat16)) { LAYER_NORM_BODY; }
+extern "C" __global__ void layer_norm_f16(LAYER_NORM_PARAMS(__half)) { LAYER_NORM_BODY; }
 
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * weight (+ residual, a residual
 // branch's gradient, with has_residual), one warp per row. With affine also the parameters'

@@ -152,6 +152,25 @@ def test_bad_inputs_name_layer_and_shape(layer, x, message):
         layer.forward(x)
 
 
+@pytest.mark.parametrize("make, shape", [(lambda: L.Dense(4, 3), (2, 4)),
+                                         (lambda: L.MultiHeadAttention(4, 2), (2, 3, 4))], ids=["dense", "attention"])
+def test_a_16bit_input_is_taken_only_in_mixed_precision(make, shape):
+    """Dense and attention take the 16-bit copy of their input (a layer norm's for_product) in mixed precision,
+    as the float32 input rounded; outside it a 16-bit input is refused in one line naming the layer and dtype."""
+    import ml_dtypes
+
+    from gpunet.backend import precision
+
+    layer = make()
+    x = rng(3).standard_normal(shape).astype("float32")
+    with pytest.raises(TypeError, match=r"^" + re.escape(layer.describe()) + r": expected float32 input, got bfloat16$"):
+        layer.forward(x.astype(ml_dtypes.bfloat16))
+    with precision.using("bf16"):
+        given = layer.forward(x.astype(ml_dtypes.bfloat16))
+        want = layer.forward(x)
+    numpy.testing.assert_array_equal(given, want)
+
+
 def test_load_state_dict_rejects_wrong_shapes_and_names():
     model = gn.models.mlp((6, 4, 2))
     with pytest.raises(ValueError, match=r"'0.weight' has shape \(4, 6\), got \(4, 5\)"):

@@ -2,7 +2,8 @@
 matrix product in the running precision (gemm_operands: every GEMM op of Ops, ConvOps and the layers
 calls it right before its product), and the activations a layer keeps for its backward in 16 bits
 (store_16bit). Written against `xp` like the rest; CupyOps runs each cast as one kernel
-(cuda_precision.py), NumpyOps as one Numba pass (cpu_precision_kernels.py). What each layer keeps in which precision: docs/precision.md."""
+(cuda_precision.py), NumpyOps as one Numba pass (cpu_precision_kernels.py). What each layer keeps in which
+precision: docs/precision.md."""
 from __future__ import annotations
 
 import threading
