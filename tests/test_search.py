@@ -137,6 +137,35 @@ def test_a_space_may_set_the_random_shift_of_image_models_only(tmp_path, monkeyp
     assert "unknown parameter 'shift' for --model rnn" in capsys.readouterr().err
 
 
+def test_optimizer_and_momentum_reach_every_trial(tmp_path, monkeypatch, capsys):
+    made, real_fit = [], gn.fit
+
+    def recording_fit(model, train, *args, optimizer=None, **kwargs):
+        made.append((type(optimizer).__name__, optimizer.hyper.get("momentum")))
+        return real_fit(model, train, *args, optimizer=optimizer, **kwargs)
+
+    monkeypatch.setattr(gn, "fit", recording_fit)
+    space = tmp_path / "space.json"
+    space.write_text('{"momentum": 0.9, "hidden1": 8, "hidden2": 4}')
+    out = tmp_path / "s"
+    assert main(["search", *SMALL, "--trials", "1", "--optimizer", "sgd", "--space", str(space),
+                 "--out", str(out)]) == 0
+    assert made == [("SGD", 0.9)] and read_rows(out)[0]["momentum"] == "0.9"
+    with pytest.raises(SystemExit, match="other settings .*optimizer 'sgd' -> 'adamw'"):
+        main(["search", *SMALL, "--trials", "2", "--optimizer", "adamw", "--out", str(out)])
+    plain = tmp_path / "plain"
+    assert main(["search", *SMALL, "--trials", "1", "--optimizer", "sgd", "--out", str(plain)]) == 0
+    with pytest.raises(SystemExit, match="other settings .*optimizer 'sgd' -> None"):  # resumed with adam
+        main(["search", *SMALL, "--trials", "2", "--out", str(plain)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # momentum without sgd: refused before any work
+        main(["search", *SMALL, "--trials", "1", "--space", str(space), "--out", str(tmp_path / "adam")])
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("space: momentum is a setting of the sgd optimizer, not of adam (gpunet search "
+                        "--optimizer sgd)") and len(err.splitlines()) == 1
+    assert not (tmp_path / "adam").exists() and made[1:] == [("SGD", 0.0)]
+
+
 @pytest.mark.parametrize("text, suffix, message", [
     ('{"lr": {"low": 0.1, "high": 0.01}}', ".json", "'lr': low (0.1) must be below high (0.01)"),
     ('{"widht": 3}', ".json", "unknown parameter 'widht' for --model mlp"),

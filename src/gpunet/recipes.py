@@ -30,6 +30,7 @@ class Recipe:
     context: int | None = None  # characters per training window, for text
     weight_decay: float | None = None  # None: the optimizer's default
     warmup: float = 0.0  # the first fraction of the run's optimizer steps warms the rate up linearly
+    momentum: float | None = None  # SGD's momentum (None: SGD's default, none); only for optimizer "sgd"
 
     @property
     def input_dtype(self) -> str:
@@ -44,11 +45,21 @@ class Recipe:
         return self.builder(ds, **{**self.arch, **arch})
 
     def make_optimizer(self, model, name: str | None = None, lr: float | None = None,
-                       weight_decay: float | None = None):
-        """The recipe's optimizer for model; each argument given replaces the recipe's."""
+                       weight_decay: float | None = None, momentum: float | None = None):
+        """The recipe's optimizer for model; each argument given replaces the recipe's (the recipe's
+        momentum goes with its own optimizer only)."""
+        name = name or self.optimizer
+        settings = {}
         decay = self.weight_decay if weight_decay is None else weight_decay
-        return OPTIMIZERS[name or self.optimizer](model, lr=lr or self.lr,
-                                                   **({} if decay is None else {"weight_decay": decay}))
+        if decay is not None:
+            settings["weight_decay"] = decay
+        if momentum is None and name == self.optimizer:
+            momentum = self.momentum
+        if momentum is not None:
+            if name != "sgd":
+                raise ValueError(f"momentum is a setting of the sgd optimizer; {name} has none")
+            settings["momentum"] = momentum
+        return OPTIMIZERS[name](model, lr=lr or self.lr, **settings)
 
     def make_schedule(self, optimizer, total_steps: int, warmup: float | None = None):
         """The recipe's schedule over a run of total_steps optimizer steps (None: a constant rate)."""

@@ -1,6 +1,8 @@
 """`gpunet search`: its flags (add_parser, called by gpunet.cli) and the command (run)."""
 from __future__ import annotations
 
+import dataclasses
+
 import gpunet as gn
 from gpunet.backend.precision import PRECISIONS
 from gpunet import errors, validate
@@ -20,6 +22,8 @@ def add_parser(sub, device_option: dict) -> None:
     length.add_argument("--epochs", type=validate.cli_positive_int, default=None)
     length.add_argument("--steps", type=validate.cli_positive_int, default=None, help="optimizer steps per trial")
     s.add_argument("--space", default=None, metavar="FILE", help=SPACE_HELP)
+    s.add_argument("--optimizer", choices=sorted(gn.optim.OPTIMIZERS), default=None,
+                   help="every trial's optimizer (default: the model's recipe's); a space's momentum needs sgd")
     s.add_argument("--sampler", choices=["random", "tpe"], default="random",
                    help="random search (default), or Optuna's TPE")
     s.add_argument("--pruner", choices=["median", "none"], default="median",
@@ -44,6 +48,8 @@ def run(args) -> int:
 
     study.optuna_module()  # its absence is said before any other work
     r = recipe(args.model)
+    if args.optimizer and args.optimizer != r.optimizer:  # the recipe's momentum went with its own optimizer
+        r = dataclasses.replace(r, optimizer=args.optimizer, momentum=None)
     dataset = args.dataset or r.dataset
     if (dataset in TEXT_DATASETS) != (r.kind == "text"):
         raise errors.UsageError(f"--model {args.model} cannot train on --dataset {dataset}")

@@ -29,6 +29,7 @@ TRAINING = {
     "batch_size": (int, "samples per optimizer step"),
     "weight_decay": (float, "the optimizer's weight decay"),
     "warmup": (float, "fraction of the run's optimizer steps that warm the rate up linearly"),
+    "momentum": (float, "SGD's momentum (with --optimizer sgd)"),
 }
 IMAGE_TRAINING = {"shift": (int, "random image shifts of up to this many pixels")}
 
@@ -45,6 +46,7 @@ LIMITS = {
     "batch_size": (1, MAX_BATCH, False, False, f"a batch size from 1 to {MAX_BATCH}"),
     "weight_decay": (0, None, False, False, "a weight decay of at least 0"),
     "warmup": (0, 1, False, False, "a fraction of the run from 0 to 1"),
+    "momentum": (0, 1, False, True, "a momentum in [0, 1)"),
     "shift": (0, MAX_SHIFT, False, False, f"a shift from 0 to {MAX_SHIFT} pixels"),
     "dropout": (0, 1, False, True, "a dropout rate in [0, 1)"),
     "num_layers": (1, MAX_LAYERS, False, False, f"a number of layers from 1 to {MAX_LAYERS}"),

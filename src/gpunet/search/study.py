@@ -51,6 +51,9 @@ def search(recipe, model: str, trials: int, out, *, epochs=None, steps=None, spa
         raise ValueError(f"sampler must be one of {SAMPLERS} and pruner one of {PRUNERS}, got {sampler!r}, {pruner!r}")
     # a space from Python is checked as a space file is (the CLI's is checked already: the same again)
     space = spaces.check(space, recipe, "space", model) if space is not None else spaces.default_space(model, recipe)
+    if "momentum" in space and recipe.optimizer != "sgd":
+        raise ValueError(f"space: momentum is a setting of the sgd optimizer, not of {recipe.optimizer} "
+                         "(gpunet search --optimizer sgd)")
     dataset = dataset or recipe.dataset
     steps = steps if steps or epochs else recipe.steps
     epochs = None if steps else (epochs or recipe.epochs)
@@ -60,6 +63,7 @@ def search(recipe, model: str, trials: int, out, *, epochs=None, steps=None, spa
     settings = {"model": model, "dataset": dataset, "epochs": epochs, "steps": steps, "seed": seed,
                 "sampler": sampler, "pruner": pruner, "val_fraction": val_fraction, "holdout": holdout,
                 "space": space,
+                **({"optimizer": recipe.optimizer} if recipe.optimizer != "adam" else {}),  # (saved before: adam)
                 **({"precision": precision} if precision != "fp32" else {})}  # (searches saved before: fp32)
     try:
         # Locked before anything else is looked at or written: a second search started while the first
@@ -166,7 +170,8 @@ def _check_settings(study, settings: dict, out: Path) -> None:
     if saved is None:
         study.set_user_attr("settings", settings)
         return
-    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v]
+    changed = [f"{k} {saved.get(k)!r} -> {settings.get(k)!r}" for k in {**saved, **settings}  # a setting said
+               if saved.get(k) != settings.get(k)]                               # only when not the default too
     if changed:
         raise ValueError(f"{out} holds a search with other settings ({'; '.join(changed)}); run it with its own "
                          "settings to resume it, or choose another --out")

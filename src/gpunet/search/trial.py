@@ -79,7 +79,8 @@ def run(recipe, data: SearchData, params: dict, trial, *, epochs, steps, device,
     model = recipe.build(data, **{k: v for k, v in params.items() if k in recipe.arch})
     model.preprocess = data.preprocess
     model.to(device)
-    optimizer = recipe.make_optimizer(model, lr=params.get("lr"), weight_decay=params.get("weight_decay"))
+    optimizer = recipe.make_optimizer(model, lr=params.get("lr"), weight_decay=params.get("weight_decay"),
+                                      momentum=params.get("momentum"))
     batch = int(params.get("batch_size", recipe.batch_size))
     total = steps or epochs * -(-len(data.train) // batch)
     schedule = recipe.make_schedule(optimizer, total, params.get("warmup"))
