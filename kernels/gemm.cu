@@ -11,29 +11,10 @@
 // as -D flags (cuda_kernels.DEFINES, the one place they are set), and
 // tests/kernels/test_resources.py checks that each fallback equals that value (those of THREADS, the
 // tiles and the ACT_* codes are gemm_tiles.cuh's, which gemm16.cu includes too).
-#ifndef ROWS_PER_CHUNK
-#define ROWS_PER_CHUNK 64
-#endif
 #include "common.cuh"  // last_block_done
-#include "gemm_tiles.cuh"  // gemm_tiles, activate; THREADS, the tiles, the ACT_* codes
+#include "gemm_tiles.cuh"  // gemm_tiles, activate, derivative, bias_act_backward_rows; the constants
 
 static_assert(ACT_NONE == 0, "bias_act_backward reads act as a flag: no activation must be 0");
-
-// d activation / dz from the pre-activation z and the output y (whichever the formula needs).
-__device__ __forceinline__ float derivative(float z, float y, int act) {
-  switch (act) {
-    case ACT_RELU: return z > 0.f ? 1.f : 0.f;
-    case ACT_SIGMOID: return y * (1.f - y);
-    case ACT_TANH: return 1.f - y * y;
-    case ACT_GELU: return 0.5f * (1.f + erff(z * 0.70710678118654752f)) + z * 0.39894228040143268f * expf(-0.5f * z * z);
-    case ACT_GELU_TANH: {
-      float u = 0.79788456080286536f * (z + 0.044715f * z * z * z);
-      float t = tanhf(u);
-      return 0.5f * (1.f + t) + 0.5f * z * (1.f - t * t) * 0.79788456080286536f * (1.f + 0.134145f * z * z);
-    }
-    default: return 1.f;
-  }
-}
 
 // C (M, N) = act(A (M, K) . W (N, K)^T + bias (N)): torch.nn.Linear's layout, all row-major.
 // Launch: grid (ceil(N / TILE_N), min(ceil(M / TILE_M), 65535)), block THREADS (gemm_tiles.cuh).
@@ -43,41 +24,11 @@ extern "C" __global__ void gemm_bias_act(const float* __restrict__ A, const floa
   gemm_tiles(A, K, 1, W, K, 1, bias, C, M, N, K, has_bias, act);
 }
 
-// dz = dy * act'(z, y) (written when write_dz), and the bias gradient, the column sums of dz.
-// Each block sums ROWS_PER_CHUNK rows of its columns into partial[chunk, col]; with sum_bias, the
-// block that finishes last adds the partials up, in chunk order, into grad_bias (so the result
-// does not depend on which block was last) and resets done_blocks to 0 for the next launch. One
-// launch, no grid-wide sync: the other blocks never wait. Without sum_bias the host sums them.
-// Launch: grid (ceil(N / THREADS), min(chunks, 65535)), block THREADS; a block walks chunks
-// blockIdx.y, + gridDim.y, ... (gridDim.y is capped at 65,535 on every GPU).
-extern "C" __global__ void bias_act_backward(const float* __restrict__ dy, const float* __restrict__ z,
-                                             const float* __restrict__ y, float* __restrict__ dz,
-                                             float* partial, float* __restrict__ grad_bias,
-                                             unsigned int* done_blocks, int M, int N, int act, int write_dz,
-                                             int sum_bias) {
-  const int col = blockIdx.x * blockDim.x + threadIdx.x;
-  const long long chunks = ((long long)M + ROWS_PER_CHUNK - 1) / ROWS_PER_CHUNK;
-  if (col < N) {
-    for (long long chunk = blockIdx.y; chunk < chunks; chunk += gridDim.y) {
-      const long long r0 = chunk * ROWS_PER_CHUNK;
-      const long long r1 = min((long long)M, r0 + ROWS_PER_CHUNK);
-      float sum = 0.f;
-      for (long long r = r0; r < r1; ++r) {
-        size_t idx = (size_t)r * N + col;
-        float g = act ? dy[idx] * derivative(z[idx], y[idx], act) : dy[idx];
-        if (write_dz) dz[idx] = g;
-        sum += g;
-      }
-      partial[(size_t)chunk * N + col] = sum;
-    }
-  }
-  if (sum_bias && last_block_done(done_blocks)) {
-    for (int c = threadIdx.x; c < N; c += blockDim.x) {
-      float sum = 0.f;
-      for (long long chunk = 0; chunk < chunks; ++chunk) sum += __ldcg(&partial[(size_t)chunk * N + c]);
-      grad_bias[c] = sum;
-    }
-  }
+// dz = dy * act'(z, y) (written when write_dz) and the bias gradient in one launch
+// (gemm_tiles.cuh's bias_act_backward_rows; its 16-bit versions are gemm16.cu's).
+// Launch: grid (ceil(N / THREADS), min(chunks, 65535)), block THREADS.
+extern "C" __global__ void bias_act_backward(BIAS_ACT_BACKWARD_PARAMS(float, float)) {
+  bias_act_backward_rows(BIAS_ACT_BACKWARD_ARGS);
 }
 
 // y = act(x + bias[col]) over an (M, N) row-major x: the epilogue of a cuBLAS GEMM in one pass.
@@ -87,20 +38,6 @@ extern "C" __global__ void bias_act_forward(const float* x, const float* bias, f
   const long long n = M * N;
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
     y[i] = activate(x[i] + (has_bias ? bias[i % N] : 0.f), act);
-}
-
-// Thread 0 writes the sum of the block's values (one per thread) to *out, added up in a fixed order:
-// each warp's by shuffles, then the warps in turn. All threads of the block must call it.
-__device__ __forceinline__ void block_sum_into(float* out, float value) {
-  __shared__ float warp_sums[THREADS / 32];
-  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
-  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = value;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float total = 0.f;
-    for (int w = 0; w < THREADS / 32; ++w) total += warp_sums[w];
-    *out = total;
-  }
 }
 
 // The convolution's GEMM runs channel-major: y_t (C, N, L) for L = OH * OW. Its epilogue moves
@@ -115,22 +52,10 @@ extern "C" __global__ void conv_bias_act(const float* __restrict__ y_t, const fl
   }
 }
 
-// Its backward, up to the GEMMs: dz_t (C, N * L), channel-major as the GEMMs take it, = dy * act'
-// read off the output y (act is relu, sigmoid or tanh: their derivatives are functions of y), and
-// the bias gradient, the sum of channel c's dz. One block per channel: the block's own reduction,
-// in a fixed order. Launch: grid C, block THREADS.
-extern "C" __global__ void conv_bias_act_backward(const float* __restrict__ dy, const float* __restrict__ y,
-                                                  float* __restrict__ dz_t, float* __restrict__ grad_bias, int N,
-                                                  int C, long long L, int act, int has_bias) {
-  const int c = blockIdx.x;
-  float sum = 0.f;
-  for (long long i = threadIdx.x; i < (long long)N * L; i += blockDim.x) {
-    const long long n = i / L, l = i % L, at = (n * C + c) * L + l;
-    const float g = act ? dy[at] * derivative(y[at], y[at], act) : dy[at];
-    dz_t[(long long)c * N * L + i] = g;
-    sum += g;
-  }
-  if (has_bias) block_sum_into(&grad_bias[c], sum);
+// Its backward, up to the GEMMs: dz_t (C, N * L) and the bias gradient (gemm_tiles.cuh's
+// conv_bias_act_backward_channel; its 16-bit versions are gemm16.cu's). Launch: grid C, block THREADS.
+extern "C" __global__ void conv_bias_act_backward(CONV_BIAS_ACT_BACKWARD_PARAMS(float, float)) {
+  conv_bias_act_backward_channel(CONV_BIAS_ACT_BACKWARD_ARGS);
 }
 
 // LeNet's conv -> ReLU -> max pool over non-overlapping KH x KW windows, as the conv GEMM's
@@ -193,9 +118,6 @@ extern "C" __global__ void activation_forward(const float* x, float* y, long lon
     y[i] = activate(x[i], act);
 }
 
-extern "C" __global__ void activation_backward(const float* __restrict__ x, const float* __restrict__ y,
-                                               const float* __restrict__ dy, float* __restrict__ dx, long long n,
-                                               int act) {
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
-    dx[i] = dy[i] * derivative(x[i], y[i], act);
+extern "C" __global__ void activation_backward(ACTIVATION_BACKWARD_PARAMS(float)) {
+  activation_backward_elements(x, y, dy, dx, n, act);
 }

@@ -9,16 +9,14 @@
 // constants as -D flags; gemm_tiles.cuh's fallbacks (equal to Python's, a test checks) let `nvcc`
 // compile it alone. Launched only through gpunet/backend/cuda_precision.py.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <mma.h>
 
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+#include "sixteen_bit.cuh"  // to_float, store_float (and the 16-bit headers)
 __device__ __forceinline__ __nv_bfloat16 zero_like(__nv_bfloat16) { return __float2bfloat16_rn(0.f); }
 __device__ __forceinline__ __half zero_like(__half) { return __float2half_rn(0.f); }
 
-#include "gemm_tiles.cuh"  // gemm_tiles, activate
+#include "common.cuh"  // last_block_done
+#include "gemm_tiles.cuh"  // gemm_tiles, activate, bias_act_backward_rows
 
 // C (M, N) = act(A . W^T + bias); A[r, k] at A[r * a_row + k * a_k], W[c, k] at W[c * w_col + k * w_k].
 // Launch: grid (ceil(N / TILE_N), min(ceil(M / TILE_M), 65535)), block THREADS.
@@ -109,4 +107,47 @@ extern "C" __global__ void gemm16_tc_f16(const __half* __restrict__ A, long long
 #else
   __trap();
 #endif
+}
+
+// A Dense layer's backward epilogue in mixed precision (gemm_tiles.cuh's bias_act_backward_rows): dz
+// stored in 16 bits, the operand of the two GEMMs that follow (the values a cast of gemm.cu's float32 dz
+// gives, without its launch), db summed from the float32 values. z and y as the layer keeps them: in 16
+// bits (_bf16, _f16: a ReLU's output) or float32 (_dz_bf16, _dz_f16: sigmoid's and tanh's output, GELU's
+// input). Launch: grid (ceil(N / THREADS), min(chunks, 65535)), block THREADS.
+extern "C" __global__ void bias_act_backward_bf16(BIAS_ACT_BACKWARD_PARAMS(__nv_bfloat16, __nv_bfloat16)) {
+  bias_act_backward_rows(BIAS_ACT_BACKWARD_ARGS);
+}
+extern "C" __global__ void bias_act_backward_f16(BIAS_ACT_BACKWARD_PARAMS(__half, __half)) {
+  bias_act_backward_rows(BIAS_ACT_BACKWARD_ARGS);
+}
+extern "C" __global__ void bias_act_backward_dz_bf16(BIAS_ACT_BACKWARD_PARAMS(float, __nv_bfloat16)) {
+  bias_act_backward_rows(BIAS_ACT_BACKWARD_ARGS);
+}
+extern "C" __global__ void bias_act_backward_dz_f16(BIAS_ACT_BACKWARD_PARAMS(float, __half)) {
+  bias_act_backward_rows(BIAS_ACT_BACKWARD_ARGS);
+}
+
+// A convolution's backward epilogue in mixed precision (gemm_tiles.cuh's conv_bias_act_backward_channel):
+// dz_t stored in 16 bits for the GEMMs, the bias gradient summed from the float32 values; y kept in 16 bits
+// (_bf16, _f16: a ReLU's output) or float32 (_dz_bf16, _dz_f16). Launch: grid C, block THREADS.
+extern "C" __global__ void conv_bias_act_backward_bf16(CONV_BIAS_ACT_BACKWARD_PARAMS(__nv_bfloat16, __nv_bfloat16)) {
+  conv_bias_act_backward_channel(CONV_BIAS_ACT_BACKWARD_ARGS);
+}
+extern "C" __global__ void conv_bias_act_backward_f16(CONV_BIAS_ACT_BACKWARD_PARAMS(__half, __half)) {
+  conv_bias_act_backward_channel(CONV_BIAS_ACT_BACKWARD_ARGS);
+}
+extern "C" __global__ void conv_bias_act_backward_dz_bf16(CONV_BIAS_ACT_BACKWARD_PARAMS(float, __nv_bfloat16)) {
+  conv_bias_act_backward_channel(CONV_BIAS_ACT_BACKWARD_ARGS);
+}
+extern "C" __global__ void conv_bias_act_backward_dz_f16(CONV_BIAS_ACT_BACKWARD_PARAMS(float, __half)) {
+  conv_bias_act_backward_channel(CONV_BIAS_ACT_BACKWARD_ARGS);
+}
+
+// An activation's backward reading the 16-bit output a mixed-precision ReLU keeps (x = y: relu'(x) = relu'(y)),
+// dx float32. Launch: grid blocks_for(n), any block.
+extern "C" __global__ void activation_backward_bf16(ACTIVATION_BACKWARD_PARAMS(__nv_bfloat16)) {
+  activation_backward_elements(x, y, dy, dx, n, act);
+}
+extern "C" __global__ void activation_backward_f16(ACTIVATION_BACKWARD_PARAMS(__half)) {
+  activation_backward_elements(x, y, dy, dx, n, act);
 }

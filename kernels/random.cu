@@ -11,6 +11,8 @@
 // block of 4 elements, grid-stride. Launch: grid blocks_for(ceil(n / 4)), any block
 // (gpunet launches THREADS; nothing here is sized by a constant).
 
+#include "sixteen_bit.cuh"  // store_float (and the 16-bit headers)
+
 struct philox4 {
   unsigned int v[4];
 };
@@ -50,10 +52,16 @@ extern "C" __global__ void philox4x32_10_blocks(const int* __restrict__ counter,
   }
 }
 
-extern "C" __global__ void dropout(const float* __restrict__ x, const float* __restrict__ residual,
-                                   float* __restrict__ y, long long n, long long seed, long long step, int layer,
-                                   int draw, int threshold, float scale, int add_residual,
-                                   const unsigned int* __restrict__ step_source, int step_on_device) {
+// The dropout's loop; with KEEP16, y's 16-bit copy (rounded to nearest even) is written beside it, what the
+// product that reads y next would cast it to (the _bf16 and _f16 kernels).
+#define DROPOUT_PARAMS                                                                                         \
+  const float *__restrict__ x, const float *__restrict__ residual, float *__restrict__ y, long long n, long long seed, \
+      long long step, int layer, int draw, int threshold, float scale, int add_residual,                    \
+      const unsigned int *__restrict__ step_source, int step_on_device
+#define DROPOUT_ARGS x, residual, y, n, seed, step, layer, draw, threshold, scale, add_residual, step_source, step_on_device
+
+template <bool KEEP16, typename T16>
+__device__ __forceinline__ void dropout_elements(DROPOUT_PARAMS, T16* __restrict__ y16) {
   const unsigned int k0 = (unsigned int)seed, k1 = (unsigned int)((unsigned long long)seed >> 32);
   // In a replayed CUDA graph the arguments are frozen at capture: the step is read from the device
   // there (gpunet.cuda_graph writes it before each replay), so every replay draws its own masks.
@@ -69,6 +77,18 @@ extern "C" __global__ void dropout(const float* __restrict__ x, const float* __r
       // __fmul_rn: never contracted into an FMA with the add below, so the sum rounds as the CPU's does
       const float dropped = __fmul_rn(x[i], (c.v[w] >> 8) >= (unsigned int)threshold ? scale : 0.f);
       y[i] = add_residual ? residual[i] + dropped : dropped;
+      if constexpr (KEEP16) store_float(&y16[i], y[i]);
     }
   }
+}
+
+extern "C" __global__ void dropout(DROPOUT_PARAMS) { dropout_elements<false, float>(DROPOUT_ARGS, nullptr); }
+
+// dropout and y's 16-bit copy in one pass: mixed precision's dropout before a product (CupyOps.dropout hands
+// the copy on to the next layer's store_16bit).
+extern "C" __global__ void dropout_bf16(DROPOUT_PARAMS, __nv_bfloat16* __restrict__ y16) {
+  dropout_elements<true>(DROPOUT_ARGS, y16);
+}
+extern "C" __global__ void dropout_f16(DROPOUT_PARAMS, __half* __restrict__ y16) {
+  dropout_elements<true>(DROPOUT_ARGS, y16);
 }

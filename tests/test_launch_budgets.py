@@ -223,3 +223,56 @@ def test_fp16_loss_scaling_costs_two_launches_a_step_and_no_host_read():
     assert plain["d2h"] == scaled["d2h"] == 0 and plain["h2d"] == scaled["h2d"]
     assert scaled["launches"] == plain["launches"] + LOSS_SCALE, (plain, scaled)
     print(f"launches per step: bf16 {plain['launches']}, fp16 {scaled['launches']}")
+
+
+@pytest.mark.parametrize("kind", ["bf16", "fp16"])
+@pytest.mark.parametrize("gemm", ["cublas", "fused"])
+def test_a_mixed_precision_dense_backward_casts_only_its_weight(monkeypatch, gemm, kind):
+    """Dense(30, 20, relu) then Dense(20, 10), backward_params: in fp32 each layer's bias_act_backward then its
+    GEMMs (dW; dx where the layer before needs it): 3 + 2. In mixed precision on gpunet's 16-bit GEMM ("fused")
+    the same launches and one more, the head's W cast to 16 bits for dx: dz comes out of the bias_act_backward
+    kernel in 16 bits (gemm16.cu's, which reads the ReLU's 16-bit output as kept), not from a float32 dz and a
+    cast (9 launches before); x is the forward's 16-bit copy. On the cuBLAS path each of the 3 products also
+    converts its two 16-bit operands back to float32: 6 more (15 before)."""
+    from gpunet.backend import precision
+
+    monkeypatch.setattr(ops_for_device("gpu"), "gemm_mode", gemm)
+    counts = {}
+    for precision_kind in ("fp32", kind):
+        gn.manual_seed(0)
+        model = gn.Sequential(gn.layers.Dense(30, 20, activation="relu"), gn.layers.Dense(20, 10)).to("gpu")
+        x, dy = (to_device(numpy.ones(shape, numpy.float32), "gpu") for shape in ((8, 30), (8, 10)))
+        with precision.using(precision_kind):
+            for _ in range(2):  # (the second: compiled kernels, scratch made)
+                model.forward(x)
+                with gpu_standin.counting() as c:
+                    model.backward_params(dy)
+        assert c["d2h"] == 0 and c["h2d"] == 0, c
+        counts[precision_kind] = c["launches"]
+    assert counts == {"fp32": 5, kind: {"fused": 6, "cublas": 12}[gemm]}, counts
+
+
+@pytest.mark.parametrize("kind", ["bf16", "fp16"])
+def test_a_mixed_precision_dropout_hands_its_16bit_copy_to_the_next_product(monkeypatch, kind):
+    """Dropout(0.5) then Dense(30, 20) in training, forward: in fp32 the dropout and the Dense's fused GEMM (2); in
+    mixed precision the dropout's one pass also writes y's 16-bit copy, which the Dense keeps and multiplies (its
+    store_16bit takes the copy handed on): the dropout, W's cast, the 16-bit GEMM (3; 4 with a cast of x, before).
+    The Dense's output is the same as when it casts x itself."""
+    from gpunet.backend import precision
+
+    ops = ops_for_device("gpu")
+    monkeypatch.setattr(ops, "gemm_mode", "fused")
+    counts, outputs = {}, {}
+    for kind_now, hand_on in (("fp32", True), (kind, True), (kind, False)):
+        gn.manual_seed(0)
+        model = gn.Sequential(gn.layers.Dropout(0.5), gn.layers.Dense(30, 20)).to("gpu").train()
+        x = to_device(numpy.random.default_rng(0).standard_normal((8, 30), dtype=numpy.float32), "gpu")
+        with monkeypatch.context() as m, precision.using(kind_now):
+            if not hand_on:  # the copy forgotten: the Dense casts x itself
+                m.setattr(ops, "hand_on_16bit", lambda x, kept: None)
+            model.forward(x)
+            with gpu_standin.counting() as c:
+                y = model.forward(x)
+        counts[kind_now, hand_on], outputs[kind_now, hand_on] = c["launches"], gn.to_numpy(y)
+    assert counts == {("fp32", True): 2, (kind, True): 3, (kind, False): 4}, counts
+    assert outputs[kind, True].tobytes() == outputs[kind, False].tobytes()

@@ -9,6 +9,7 @@ import inspect
 import numpy
 import pytest
 
+from gpunet.backend.cupy_gemm import CupyGemmPaths
 from gpunet.backend.cupy_ops import CupyOps
 from gpunet.backend.kernel_guard import float32_contiguous, kernel_or_fallback
 from gpunet.backend.ops import Ops
@@ -110,10 +111,12 @@ def test_float32_contiguous():
 
 def test_every_cupyops_kernel_path_states_its_arguments_through_the_one_guard():
     """The overrides not decorated are the ones whose rule the guard cannot state, named here: a
-    list of arrays (clip_grad_norm), any layout (col2im), and what launches no kernel of its own."""
-    public = {name: member for name, member in vars(CupyOps).items() if callable(member) and not name.startswith("_")}
+    list of arrays (clip_grad_norm), any layout (col2im), and what launches no kernel of its own; in the
+    mixin CupyGemmPaths (its overrides of Ops), conv_gemm, whose guard is its product's."""
+    public = {name: member for cls in (CupyOps, CupyGemmPaths) for name, member in vars(cls).items()
+              if callable(member) and not name.startswith("_") and (cls is CupyOps or hasattr(Ops, name))}
     undecorated = {name for name, member in public.items() if not hasattr(member, "__wrapped__")}
     assert undecorated == {"erf", "activation_backward", "check_labels", "check_errors", "clip_grad_norm", "col2im",
-                           "embedding_backward"}
+                           "embedding_backward", "conv_gemm"}
     assert len(public) - len(undecorated) == 33
     assert hasattr(vars(CupyOps)["_activation_backward"], "__wrapped__")  # activation_backward's guarded half

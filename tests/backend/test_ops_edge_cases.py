@@ -219,6 +219,8 @@ def _zero_size_cases():
         "max_pool_backward": [(s, lambda ops, put, s=s: [ops.max_pool_backward(
             put(f32(s[0], s[1], 2, 2)), put(numpy.zeros((s[0], s[1], 2, 2), "int32")), s, (2, 2), (2, 2))])
             for s in ((0, 2, 4, 4), (2, 0, 4, 4))],
+        "conv_gemm": [(s, lambda ops, put, s=s: list(ops.conv_gemm(put(f32(*s)), put(f32(3, s[1], 3, 3)), (1, 1),
+                                                                   (1, 1))[:2])) for s in ((0, 2, 5, 5), (2, 0, 5, 5))],
         "conv_epilogue": [(s, lambda ops, put, s=s: [ops.conv_epilogue(put(f32(*s)), put(f32(s[0])), "relu")])
                           for s in ((3, 0, 4), (0, 2, 4), (3, 2, 0))],
         "conv_bias_act_backward": [(s, lambda ops, put, s=s: [ops.conv_bias_act_backward(
@@ -276,9 +278,11 @@ ZERO_SIZE = [(name, label, run) for name, cases in _zero_size_cases().items() fo
 
 
 def test_every_gpu_override_has_a_zero_size_case():
+    from gpunet.backend.cupy_gemm import CupyGemmPaths
     from gpunet.backend.cupy_ops import CupyOps
 
-    overrides = {n for n, member in vars(CupyOps).items() if callable(member) and not n.startswith("_")}
+    overrides = {n for cls in (CupyOps, CupyGemmPaths) for n, member in vars(cls).items()
+                 if callable(member) and not n.startswith("_") and (cls is CupyOps or hasattr(Ops, n))}
     assert overrides == {name for name, _, _ in ZERO_SIZE}
 
 

@@ -108,6 +108,35 @@ def test_bias_act_backward(activation, grid_y):
     numpy.testing.assert_array_equal(grad_bias, sum(partial[c] for c in range(chunks)))
 
 
+@pytest.mark.parametrize("kernel, kind, kept16", [
+    ("bias_act_backward_bf16", "bf16", True), ("bias_act_backward_f16", "fp16", True),
+    ("bias_act_backward_dz_bf16", "bf16", False), ("bias_act_backward_dz_f16", "fp16", False)])
+@pytest.mark.parametrize("activation", list(ACTIVATION_CODES))
+def test_bias_act_backward16_is_the_float32_kernel_rounded(kernel, kind, kept16, activation):
+    """gemm16.cu's bias_act_backward_bf16 / _f16 (z and y kept in 16 bits) and _dz_bf16 / _dz_f16 (float32):
+    dz is gemm.cu's float32 bias_act_backward's on the same values rounded to nearest even into the 16-bit
+    format, and the bias gradient its very bits (summed from the float32 values, in the same order)."""
+    import ml_dtypes
+
+    dtype = numpy.dtype(ml_dtypes.bfloat16 if kind == "bf16" else numpy.float16)
+    m, n = 2 * ROWS_PER_CHUNK + 22, THREADS + 44  # three row chunks, two column blocks
+    r = rng(6)
+    z, dy = r.standard_normal((m, n)).astype("float32"), r.standard_normal((m, n)).astype("float32")
+    y = REFERENCE.activation(activation, z) if activation else z
+    kept_z, kept_y = (a.astype(dtype) if kept16 else a for a in (z, y))
+    chunks = -(-m // ROWS_PER_CHUNK)
+    dz32, dz16 = numpy.zeros_like(dy), numpy.zeros(dy.shape, dtype)
+    partial, done = numpy.zeros((chunks, n), "float32"), numpy.zeros(1, "uint32")
+    want_bias, grad_bias = numpy.full(n, numpy.nan, "float32"), numpy.full(n, numpy.nan, "float32")
+    run("gemm", "bias_act_backward", (-(-n // THREADS), 2), THREADS, dy, *(numpy.asarray(a, "float32") for a in
+        (kept_z, kept_y)), dz32, partial, want_bias, done, m, n, ACTIVATION_CODES[activation], 1, 1)
+    run("gemm16", kernel, (-(-n // THREADS), 3), THREADS, dy, kept_z, kept_y, dz16, partial, grad_bias, done, m, n,
+        ACTIVATION_CODES[activation], 1, 1)
+    numpy.testing.assert_array_equal(dz16.view("uint16"), dz32.astype(dtype).view("uint16"))
+    numpy.testing.assert_array_equal(grad_bias, want_bias)
+    assert done[0] == 0
+
+
 @pytest.mark.parametrize("activation", list(ACTIVATION_CODES))
 def test_bias_act_forward(activation):
     m, n = 37, THREADS + 3
@@ -141,6 +170,49 @@ def test_conv_bias_act_and_backward(activation):
     dz_atol = activation_grad_atol(dy, activation)
     assert_within(dz_t, dz.transpose(1, 0, 2).reshape(c, -1), dz_atol.transpose(1, 0, 2).reshape(c, -1), "dz")
     assert_within(grad_bias, dz.sum(axis=(0, 2)), sum_atol(dz, (0, 2)) + dz_atol.sum(axis=(0, 2)), "grad_bias")
+
+
+@pytest.mark.parametrize("kernel, kind, kept16", [
+    ("conv_bias_act_backward_bf16", "bf16", True), ("conv_bias_act_backward_f16", "fp16", True),
+    ("conv_bias_act_backward_dz_bf16", "bf16", False), ("conv_bias_act_backward_dz_f16", "fp16", False)])
+@pytest.mark.parametrize("activation", [None, "relu", "sigmoid", "tanh"])
+def test_conv_bias_act_backward16_is_the_float32_kernel_rounded(kernel, kind, kept16, activation):
+    """gemm16.cu's conv_bias_act_backward_bf16 / _f16 (y kept in 16 bits) and _dz_bf16 / _dz_f16 (float32): dz_t
+    is gemm.cu's float32 kernel's on the same values, rounded to nearest even into the 16-bit format; the bias
+    gradient its very bits."""
+    import ml_dtypes
+
+    dtype = numpy.dtype(ml_dtypes.bfloat16 if kind == "bf16" else numpy.float16)
+    n, c, length = 3, 5, 301  # more elements a channel than THREADS: each thread sums two
+    r = rng(7)
+    y, dy = r.standard_normal((n, c, length)).astype("float32"), r.standard_normal((n, c, length)).astype("float32")
+    if activation == "relu":
+        y = numpy.maximum(y, 0)
+    kept = y.astype(dtype) if kept16 else y
+    dz32, dz16 = numpy.zeros((c, n * length), "float32"), numpy.zeros((c, n * length), dtype)
+    want_bias, grad_bias = numpy.full(c, numpy.nan, "float32"), numpy.full(c, numpy.nan, "float32")
+    run("gemm", "conv_bias_act_backward", c, THREADS, dy, numpy.asarray(kept, "float32"), dz32, want_bias, n, c,
+        length, ACTIVATION_CODES[activation], 1)
+    run("gemm16", kernel, c, THREADS, dy, kept, dz16, grad_bias, n, c, length, ACTIVATION_CODES[activation], 1)
+    numpy.testing.assert_array_equal(dz16.view("uint16"), dz32.astype(dtype).view("uint16"))
+    numpy.testing.assert_array_equal(grad_bias, want_bias)
+
+
+@pytest.mark.parametrize("kernel, kind", [("activation_backward_bf16", "bf16"), ("activation_backward_f16", "fp16")])
+def test_relu_backward_reads_the_16bit_output_it_kept(kernel, kind):
+    """gemm16.cu's activation_backward_bf16 / _f16 on a ReLU's 16-bit output: the float32 kernel's dx on its values
+    (values too small for the format kept their sign as 0: the same 0 on both)."""
+    import ml_dtypes
+
+    dtype = numpy.dtype(ml_dtypes.bfloat16 if kind == "bf16" else numpy.float16)
+    y = numpy.maximum(rng(8).standard_normal(1001).astype("float32"), 0) * numpy.float32(1e-6)  # (fp16 flushes some)
+    kept, dy = y.astype(dtype), rng(9).standard_normal(1001).astype("float32")
+    want, dx = numpy.full_like(dy, numpy.nan), numpy.full_like(dy, numpy.nan)
+    wide = kept.astype("float32")
+    run("gemm", "activation_backward", 3, 64, wide, wide, dy, want, dy.size, ACTIVATION_CODES["relu"])
+    run("gemm16", kernel, 3, 64, kept, kept, dy, dx, dy.size, ACTIVATION_CODES["relu"])
+    numpy.testing.assert_array_equal(dx, want)
+    assert (dx[y > 0] != 0).any() and (dx[y == 0] == 0).all()
 
 
 GEOMETRIES = [((2, 3, 9, 11), (3, 3), (1, 1), (1, 1)), ((3, 2, 12, 10), (5, 5), (2, 2), (2, 2)),
@@ -587,6 +659,27 @@ def test_dropout_gives_the_cpu_mask_bit_for_bit(n, residual, step_on_device):
         stream[2], stream[3], random.dropout_threshold(0.3), numpy.float32(1 / 0.7), residual, step_source,
         step_on_device)
     assert y.tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("kernel, kind", [("dropout_bf16", "bf16"), ("dropout_f16", "fp16")])
+@pytest.mark.parametrize("residual", [False, True])
+def test_dropout16_writes_the_cpu_result_and_its_16bit_copy(kernel, kind, residual):
+    """random.cu's dropout_bf16 / _f16: y is the CPU's bit for bit (the float32 kernel's), and beside it y rounded to
+    nearest even into the 16-bit format, what the next product's cast would give."""
+    import ml_dtypes
+
+    from gpunet import random
+
+    dtype = numpy.dtype(ml_dtypes.bfloat16 if kind == "bf16" else numpy.float16)
+    n = 4 * 3 * 64 + 3
+    x, r = (rng(n + i).standard_normal(n).astype("float32") * 1e3 for i in range(2))  # (fp16: some round far)
+    stream = (2**40 + 17, 9, 3, 1)
+    want, _ = REFERENCE.dropout(x, 0.3, stream, r if residual else None)
+    y, y16 = numpy.full_like(x, numpy.nan), numpy.zeros(n, dtype)
+    run("random", kernel, 2, 64, x, r if residual else x, y, n, stream[0], stream[1], stream[2], stream[3],
+        random.dropout_threshold(0.3), numpy.float32(1 / 0.7), residual, numpy.zeros(1, numpy.uint32), 0, y16)
+    assert y.tobytes() == want.tobytes()
+    assert y16.tobytes() == want.astype(dtype).tobytes() and (want != want.astype(dtype).astype("float32")).any()
 
 
 @pytest.mark.parametrize("momentum, nesterov, decay, first", [(0.0, False, 0.0, True), (0.9, True, 0.01, False),

@@ -112,7 +112,8 @@ class ConvOps:
         return dz.transpose(1, 0, 2, 3).reshape(dz.shape[1], -1)
 
     def _conv_dz(self, dy, y, activation, grad_bias):
-        """dZ = dy * activation'(y), NCHW; writes sum dZ per channel into grad_bias."""
+        """dZ = dy * activation'(y), NCHW; writes sum dZ per channel into grad_bias. y may be kept in 16 bits."""
+        y = self.stored_float32(y)
         if activation is not None:
             dy = self.activation_backward(activation, y, y, dy)  # relu'(z) = relu'(y); sigmoid', tanh' read y
         if grad_bias is not None:

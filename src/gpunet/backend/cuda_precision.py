@@ -10,8 +10,8 @@ on C-contiguous, non-empty arrays only (empty ones never reach a launch).
 """
 from __future__ import annotations
 
-from gpunet.backend.cuda_kernels import (ACTIVATION_CODES, TILE_M, TILE_N, Kernel, blocks_for, ceil_div,
-                                         cupy_module as _cupy, grid_2d)
+from gpunet.backend.cuda_kernels import (ACTIVATION_CODES, ROWS_PER_CHUNK, TILE_M, TILE_N, Kernel, blocks_for, ceil_div,
+                                         cupy_module as _cupy, done_blocks_counter, grid_2d)
 from gpunet.backend.ops import is_16bit, pooled_size, sixteen_bit_dtype
 
 CAST_F32_TO_BF16 = Kernel("precision", "cast_f32_to_bf16", "float*, __nv_bfloat16*, long long")
@@ -95,3 +95,82 @@ def gemm16(a, w, bias, activation, out=None, tensor_cores: bool = False):
            w, w.strides[0] // size, w.strides[1] // size, y if bias is None else bias, y, m, n, k,
            bias is not None, ACTIVATION_CODES[activation])
     return y
+
+
+_BIAS_ACT_BACKWARD16_PARAMS = "float*, {0}*, {0}*, {1}*, float*, float*, unsigned int*, int, int, int, int, int"
+BIAS_ACT_BACKWARD_BF16 = Kernel("gemm16", "bias_act_backward_bf16",
+                                _BIAS_ACT_BACKWARD16_PARAMS.format("__nv_bfloat16", "__nv_bfloat16"))
+BIAS_ACT_BACKWARD_F16 = Kernel("gemm16", "bias_act_backward_f16", _BIAS_ACT_BACKWARD16_PARAMS.format("__half", "__half"))
+BIAS_ACT_BACKWARD_DZ_BF16 = Kernel("gemm16", "bias_act_backward_dz_bf16",
+                                   _BIAS_ACT_BACKWARD16_PARAMS.format("float", "__nv_bfloat16"))
+BIAS_ACT_BACKWARD_DZ_F16 = Kernel("gemm16", "bias_act_backward_dz_f16", _BIAS_ACT_BACKWARD16_PARAMS.format("float", "__half"))
+# (dz's kind, whether z and y are 16-bit) -> the kernel
+_BIAS_ACT_BACKWARD16 = {("bf16", True): BIAS_ACT_BACKWARD_BF16, ("fp16", True): BIAS_ACT_BACKWARD_F16,
+                        ("bf16", False): BIAS_ACT_BACKWARD_DZ_BF16, ("fp16", False): BIAS_ACT_BACKWARD_DZ_F16}
+
+
+def bias_act_backward16(dy, z, y, activation, grad_bias, kind: str):
+    """cuda_wrappers.bias_act_backward with dz written in kind's 16-bit dtype (a new array): the operand of the
+    GEMMs that follow, the values to_16bit of the float32 dz gives, in the same launch; grad_bias (when given)
+    summed from the float32 values. dy (M, N) float32; z and y (whichever the activation reads; None
+    otherwise) both float32 or both kind's 16-bit dtype. All C-contiguous, M and N > 0."""
+    m, n = dy.shape
+    dz = _cupy().empty((m, n), dtype=sixteen_bit_dtype(kind))
+    read = [a for a in (z, y) if a is not None] if activation is not None else []
+    kept16 = not read or is_16bit(read[0])
+    if any(a.dtype != (dz.dtype if kept16 else dy.dtype) for a in read):
+        raise TypeError(f"bias_act_backward16: z and y must both be float32 or both {dz.dtype}, got "
+                        f"{', '.join(str(a.dtype) for a in read)}")
+    unread = read[0] if read else dz  # (stands in for an operand the kernel does not read: any of its type)
+    z, y = (unread if a is None or not read else a for a in (z, y))
+    chunks = ceil_div(m, ROWS_PER_CHUNK)
+    partial = _cupy().empty((chunks, n), dtype="float32")
+    kernel = _BIAS_ACT_BACKWARD16[(kind, kept16)]
+    kernel(grid_2d(ceil_div(n, kernel.block), chunks), dy, z, y, dz, partial,
+           partial if grad_bias is None else grad_bias, done_blocks_counter(), m, n,
+           ACTIVATION_CODES[activation], True, grad_bias is not None)
+    return dz
+
+
+_CONV_BIAS_ACT_BACKWARD16_PARAMS = "float*, {0}*, {1}*, float*, int, int, long long, int, int"
+CONV_BIAS_ACT_BACKWARD_BF16 = Kernel("gemm16", "conv_bias_act_backward_bf16",
+                                     _CONV_BIAS_ACT_BACKWARD16_PARAMS.format("__nv_bfloat16", "__nv_bfloat16"))
+CONV_BIAS_ACT_BACKWARD_F16 = Kernel("gemm16", "conv_bias_act_backward_f16",
+                                    _CONV_BIAS_ACT_BACKWARD16_PARAMS.format("__half", "__half"))
+CONV_BIAS_ACT_BACKWARD_DZ_BF16 = Kernel("gemm16", "conv_bias_act_backward_dz_bf16",
+                                        _CONV_BIAS_ACT_BACKWARD16_PARAMS.format("float", "__nv_bfloat16"))
+CONV_BIAS_ACT_BACKWARD_DZ_F16 = Kernel("gemm16", "conv_bias_act_backward_dz_f16",
+                                       _CONV_BIAS_ACT_BACKWARD16_PARAMS.format("float", "__half"))
+_CONV_BIAS_ACT_BACKWARD16 = {("bf16", True): CONV_BIAS_ACT_BACKWARD_BF16, ("fp16", True): CONV_BIAS_ACT_BACKWARD_F16,
+                             ("bf16", False): CONV_BIAS_ACT_BACKWARD_DZ_BF16,
+                             ("fp16", False): CONV_BIAS_ACT_BACKWARD_DZ_F16}
+
+
+def conv_bias_act_backward16(dy, y, activation, grad_bias, kind: str):
+    """cuda_wrappers.conv_bias_act_backward with dz_t (C, N * L) written in kind's 16-bit dtype, the GEMMs'
+    operand (to_16bit of the float32 dz_t, in the same launch); grad_bias (when given) summed from the float32
+    values. dy (N, C, H, W) float32; y (read with an activation; relu, sigmoid or tanh) float32 or kind's 16-bit
+    dtype. C-contiguous, not empty."""
+    n, out_c, h, w = dy.shape
+    dz_t = _cupy().empty((out_c, n * h * w), dtype=sixteen_bit_dtype(kind))
+    y = None if activation is None else y
+    if y is not None and y.dtype not in (dy.dtype, dz_t.dtype):
+        raise TypeError(f"conv_bias_act_backward16: y must be float32 or {dz_t.dtype}, got {y.dtype}")
+    kernel = _CONV_BIAS_ACT_BACKWARD16[(kind, y is None or is_16bit(y))]
+    kernel(out_c, dy, dz_t if y is None else y, dz_t, dy if grad_bias is None else grad_bias, n, out_c, h * w,
+           ACTIVATION_CODES[activation], grad_bias is not None)  # (y, grad_bias: unread when None)
+    return dz_t
+
+
+ACTIVATION_BACKWARD_BF16 = Kernel("gemm16", "activation_backward_bf16",
+                                  "__nv_bfloat16*, __nv_bfloat16*, float*, float*, long long, int")
+ACTIVATION_BACKWARD_F16 = Kernel("gemm16", "activation_backward_f16", "__half*, __half*, float*, float*, long long, int")
+_ACTIVATION_BACKWARD16 = {"bfloat16": ACTIVATION_BACKWARD_BF16, "float16": ACTIVATION_BACKWARD_F16}  # by y's dtype
+
+
+def activation_backward16(y, dy, activation):
+    """dy * activation'(y) (float32) from the 16-bit y a mixed-precision ReLU keeps (relu'(x) = relu'(y)): what
+    cuda_wrappers.activation_backward gives on from_16bit(y), one launch. C-contiguous, not empty."""
+    dx = _cupy().empty_like(dy)
+    _ACTIVATION_BACKWARD16[y.dtype.name](blocks_for(dy.size), y, y, dy, dx, dy.size, ACTIVATION_CODES[activation])
+    return dx

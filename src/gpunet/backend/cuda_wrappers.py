@@ -17,7 +17,7 @@ import numpy
 from gpunet.backend.cuda_kernels import ceil_div as _ceil, cupy_module as _cupy
 from gpunet.backend.cuda_kernels import (ACTIVATION_CODES, ROWS_PER_CHUNK, TILE_M, TILE_N, Kernel, blocks_for,
                                          done_blocks_counter, grid_2d)
-from gpunet.backend.ops import adam_scalars, pooled_size
+from gpunet.backend.ops import adam_scalars, pooled_size, sixteen_bit_dtype
 
 # The range-error flags of softmax_xent's labels and embedding_forward's ids: (smallest, largest)
 # out-of-range value seen, which the kernels fold bad values into with atomicMin/Max; these values mean "none".
@@ -204,8 +204,10 @@ def softmax_xent(logits, labels, label_error):
 
 # ------------------------------------------------------------------ random.cu
 PHILOX = Kernel("random", "philox4x32_10_blocks", "int*, int*, long long, long long")
-DROPOUT = Kernel("random", "dropout",
-                 "float*, float*, float*, long long, long long, long long, int, int, int, float, int, unsigned int*, int")
+_DROPOUT_PARAMS = "float*, float*, float*, long long, long long, long long, int, int, int, float, int, unsigned int*, int"
+DROPOUT = Kernel("random", "dropout", _DROPOUT_PARAMS)
+DROPOUT_BF16 = Kernel("random", "dropout_bf16", _DROPOUT_PARAMS + ", __nv_bfloat16*")
+DROPOUT_F16 = Kernel("random", "dropout_f16", _DROPOUT_PARAMS + ", __half*")
 
 
 def philox4x32_10(counters, key: int):
@@ -217,19 +219,24 @@ def philox4x32_10(counters, key: int):
     return out
 
 
-def dropout(x, threshold: int, scale: float, stream: tuple, residual=None, step_source=None):
+def dropout(x, threshold: int, scale: float, stream: tuple, residual=None, step_source=None, copy16=None):
     """x * mask (+ residual, of x's shape, when given), the mask generated in the kernel
     (gpunet.random.dropout_keep's bits for stream, (seed key, step, layer, draw)): nothing drawn
     on the host, nothing copied to the device. The backward is the same launch on dy. One thread
     per 4 elements. step_source: a one-element uint32 device array the kernel reads the step from
-    instead of stream's (a CUDA graph's capture: gpunet.random.step_source)."""
+    instead of stream's (a CUDA graph's capture: gpunet.random.step_source). copy16 "bf16" or "fp16":
+    returns (y, y rounded into that 16-bit dtype), both written in the one pass (dropout_bf16 / _f16)."""
     key, step, layer, draw = stream
     y = _cupy().empty_like(x)
-    DROPOUT(blocks_for(-(-x.size // 4)), x, x if residual is None else residual, y, x.size, _signed64(key),
-            _signed64(step % 2**32), _signed32(layer % 2**32), _signed32(draw % 2**32), threshold, scale,
-            residual is not None, x.view("uint32") if step_source is None else step_source,  # (unread then)
-            step_source is not None)
-    return y
+    args = (x, x if residual is None else residual, y, x.size, _signed64(key), _signed64(step % 2**32),
+            _signed32(layer % 2**32), _signed32(draw % 2**32), threshold, scale, residual is not None,
+            x.view("uint32") if step_source is None else step_source, step_source is not None)  # (unread: x)
+    if copy16 is None:
+        DROPOUT(blocks_for(-(-x.size // 4)), *args)
+        return y
+    y16 = _cupy().empty(x.shape, dtype=sixteen_bit_dtype(copy16))
+    {"bf16": DROPOUT_BF16, "fp16": DROPOUT_F16}[copy16](blocks_for(-(-x.size // 4)), *args, y16)
+    return y, y16
 
 
 def _signed64(value: int) -> int:

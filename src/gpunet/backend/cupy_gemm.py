@@ -1,6 +1,8 @@
 """The ways CupyOps runs a Dense product with its epilogue, and the GEMM dispatch that picks one: a
 mixin of CupyOps (cupy_ops.py), which reads self.xp, self._paths, self._paths16, self._lt, self._dispatch,
-self.tf32 and self.gemm_mode.
+self.tf32 and self.gemm_mode. Also the backward epilogues that feed the products: a Dense layer's
+(linear_backward16) and a convolution's (conv_bias_act_backward), whose dz is written in 16 bits in
+mixed precision, the products' operand.
 
 Each path takes (x, weight, bias, activation, out) and gives y, into out when given: gpunet's fused
 kernel (kernels/gemm.cu), cuBLAS then one epilogue pass, or cuBLASLt's fused epilogue (cublaslt.py,
@@ -19,12 +21,14 @@ import functools
 
 import numpy
 
-from gpunet.backend import cublaslt, cuda_precision, precision
+from gpunet.backend import activations, cublaslt, cuda_precision, precision
 from gpunet.backend import cuda_wrappers as kernels
 from gpunet.backend.cuda_kernels import compile_inputs
 from gpunet.backend.devices import cupy_status, gpu_name
 from gpunet.backend.conv_ops import pooled_size
 from gpunet.backend.gemm_dispatch import GemmDispatch, agreeing, source_hash
+from gpunet.backend.kernel_guard import float32_contiguous, kernel_or_fallback
+from gpunet.backend.ops import sixteen_bit_dtype
 
 
 class CupyGemmPaths:
@@ -88,6 +92,16 @@ class CupyGemmPaths:
                                                 lambda: agreeing(paths, args, 1e-4, self.xp))
         return paths.get(mode, paths["fused"])(*args, out)
 
+    def linear_backward16(self, x, weight, z, y, dy, activation, grad_weight, grad_bias, need_dx, kind):
+        """linear_act_backward's products in mixed precision: dz in 16 bits straight from the kernel that
+        undoes the activation and sums db (in float32), so the GEMMs' operand needs no cast of its own; z and
+        y float32 or kind's 16-bit copy."""
+        dz = dy if activation is None and grad_bias is None else \
+            cuda_precision.bias_act_backward16(dy, z, y, activation, grad_bias, kind)  # (else: only a cast to do)
+        dz, x, weight = self.gemm_operands16(dz, x, weight if need_dx else None)  # (the base's order; 16 bits as is)
+        self.product16(dz.T, x.T, out=grad_weight, what="dw")
+        return self.product16(dz, weight.T, what="dx") if need_dx else None
+
     def conv_gemm(self, x, weight, stride, padding):
         """ConvOps.conv_gemm; in mixed precision x and the weight are cast to 16 bits (gemm_operands16: the values
         the CPU rounds them to), x gathered into 16-bit columns (im2col16), which the backward keeps, and the
@@ -102,6 +116,16 @@ class CupyGemmPaths:
         cols = cuda_precision.im2col16(x, weight.shape[2:], stride, padding)  # (16-bit: kept for dW as it is)
         y_t = self.product16(weight.reshape(out_c, -1), cols, what="conv")
         return y_t.reshape(out_c, n, -1), cols, conv_hw
+
+    @kernel_or_fallback("dy", "grad_bias", nonempty="dy", contiguous=("dy",))
+    def conv_bias_act_backward(self, dy, y, activation, grad_bias):
+        kind = precision.current()  # (y: a ReLU's output is kept in 16 bits in mixed precision)
+        if not activations.from_output(activation) or not (y is None or float32_contiguous(y) or (
+                kind != "fp32" and y.flags.c_contiguous and y.dtype == sixteen_bit_dtype(kind))):
+            return super().conv_bias_act_backward(dy, y, activation, grad_bias)
+        if kind != "fp32":  # dz_t in 16 bits for the GEMMs (their operand: no cast of its own)
+            return cuda_precision.conv_bias_act_backward16(dy, y, activation, grad_bias, kind)
+        return kernels.conv_bias_act_backward(dy, y, activation, grad_bias)
 
     def _conv_gemms_backward(self, dy_t, cols, x_shape, weight, grad_weight, stride, padding, need_dx):
         """ConvOps._conv_gemms_backward; in mixed precision its products run as product16 (dW = dY cols into

@@ -4,18 +4,17 @@ cell, the attention softmax, layer and batch normalisation, activations, the opt
 each launched through its wrapper (cuda_wrappers.py, cuda_wrappers_sequence.py, cuda_precision.py);
 the Dense product's paths and their dispatch are the mixin CupyGemmPaths (cupy_gemm.py).
 
-In mixed precision (gpunet.backend.precision) a Dense product, forward and backward, runs as
-CupyGemmPaths.product16 (gpunet's 16-bit GEMM or cuBLAS on the rounded values, as measured); the
-other products round their operands as in the base Ops (gemm_operands: one cast launch per operand)
-and read float32 arrays holding 16-bit values. Attention runs its fused kernels on the 16-bit copy of
-q, k and v it keeps (kernels/attention.cu's _bf16 and _f16 kernels round where the base rounds).
+In mixed precision (gpunet.backend.precision) Dense and convolution products, forward and backward, run
+as CupyGemmPaths.product16 (gpunet's 16-bit GEMM, cublasGemmEx or cuBLAS on the rounded values), their
+backward epilogues write dz in 16 bits (gemm16.cu); the other products round their operands as in the
+base Ops (gemm_operands: one cast launch per operand). Attention runs its fused kernels on the 16-bit
+copy of q, k and v it keeps (kernels/attention.cu's _bf16 and _f16 kernels round where the base rounds).
 
-Each override takes the kernel path only for what the kernel handles (float32, contiguous,
-not empty: its @kernel_or_fallback names the arguments the kernel needs so, kernel_guard.py) and
-otherwise falls back to the base Ops, which is written against cupy as well: an
-empty input never reaches a launch (CuPy would round a grid of no blocks up to one, running
-over memory the op does not own) and gets the base
-Ops' result, the NumPy one (empty outputs, zero gradients). A product with
+Each override takes the kernel path only for what the kernel handles (float32, contiguous, not empty:
+its @kernel_or_fallback names the arguments the kernel needs so, kernel_guard.py) and otherwise falls
+back to the base Ops, which is written against cupy as well: an empty input never reaches a launch
+(CuPy would round a grid of no blocks up to one, running over memory the op does not own) and gets
+the base Ops' result, the NumPy one (empty outputs, zero gradients). A product with
 a bias or activation runs as the fused kernel, as cuBLAS plus a separate epilogue, or (with
 nvmath-python, for a bias with or without ReLU) as cuBLASLt's fused epilogue, whichever agreed
 with the fused kernel and was fastest when first timed for its size class (gemm_dispatch.py);
@@ -29,11 +28,8 @@ from __future__ import annotations
 
 import math
 
-from gpunet.backend import cublaslt
-from gpunet.backend import activations
-from gpunet.backend import cuda_precision, cuda_wrappers as kernels
+from gpunet.backend import activations, cublaslt, cuda_precision, cuda_wrappers as kernels, precision, sequence_ops
 from gpunet.backend import cuda_wrappers_sequence as sequence_kernels
-from gpunet.backend import precision, sequence_ops
 from gpunet.backend.cuda_kernels import ACTIVATION_CODES
 from gpunet.backend.cuda_wrappers import NO_RANGE_ERROR
 from gpunet.validate import env_choice
@@ -41,7 +37,7 @@ from gpunet.backend.devices import configure_tf32, cupy_status
 from gpunet.backend.gemm_dispatch import agreeing
 from gpunet.backend.cupy_gemm import CupyGemmPaths
 from gpunet.backend.kernel_guard import float32_contiguous, kernel_or_fallback
-from gpunet.backend.ops import Ops, id_range_error, is_16bit, label_range_error, pooled_size
+from gpunet.backend.ops import Ops, id_range_error, is_16bit, label_range_error, pooled_size, sixteen_bit_dtype
 
 
 # embed_backward's kernel lets each of the V rows of the gradient scan all N ids: up to V * N of
@@ -82,6 +78,9 @@ class CupyOps(CupyGemmPaths, Ops):
 
     def activation_backward(self, name, x, y, dy):
         # tanh and sigmoid need only y; relu and gelu always get x (the fallback gets y in x's place too)
+        if name == "relu" and (x is None or x is y) and is_16bit(y) and y.flags.c_contiguous and dy.size and \
+                float32_contiguous(dy):
+            return cuda_precision.activation_backward16(y, dy, name)  # (a mixed-precision ReLU's 16-bit y)
         return self._activation_backward(name, y if x is None else x, y, dy)
 
     @kernel_or_fallback("x", "y", "dy", nonempty="dy", fallback=Ops.activation_backward)
@@ -107,19 +106,22 @@ class CupyOps(CupyGemmPaths, Ops):
                                                 lambda: agreeing(paths, args, 1e-2 if self.tf32 else 1e-4, self.xp))
         return paths.get(mode, paths["fused"])(*args, out)  # (cublaslt forced or remembered, where it cannot run)
 
-    @kernel_or_fallback("z", "y", "dy", "grad_weight", "grad_bias", nonempty="dy")
+    @kernel_or_fallback("dy", "grad_weight", "grad_bias", nonempty="dy")
     def linear_act_backward(self, x, weight, z, y, dy, activation, grad_weight, grad_bias=None, need_dx=True):
-        # x may be the forward's 16-bit copy, which gemm_operands makes a contiguous float32 array
-        if not ((is_16bit(x) or float32_contiguous(x)) and float32_contiguous(weight)):
+        # x may be the forward's 16-bit copy, z and y a ReLU's 16-bit output (what a mixed-precision Dense keeps)
+        kind, kept16 = precision.current(), [a for a in (z, y) if is_16bit(a)]
+        if not ((is_16bit(x) or float32_contiguous(x)) and float32_contiguous(weight)
+                and all(a is None or is_16bit(a) or float32_contiguous(a) for a in (z, y))):
+            return super().linear_act_backward(x, weight, z, y, dy, activation, grad_weight, grad_bias, need_dx)
+        if kind != "fp32" and x.shape[1] > 0 and dy.shape[1] > 0 and all(
+                a.dtype == sixteen_bit_dtype(kind) and a.flags.c_contiguous for a in kept16):
+            return self.linear_backward16(x, weight, z, y, dy, activation, grad_weight, grad_bias, need_dx, kind)
+        if kept16:  # (fp32, or nothing to multiply): the base reads them as float32
             return super().linear_act_backward(x, weight, z, y, dy, activation, grad_weight, grad_bias, need_dx)
         if activation is None and grad_bias is None:
             dz = dy  # no activation to undo and no bias to sum: nothing for the kernel to do
         else:
             dz = kernels.bias_act_backward(dy, z, y, activation, grad_bias)  # (db summed from dz in float32)
-        if precision.current() != "fp32" and x.shape[1] > 0 and dz.shape[1] > 0:
-            dz, x, weight = self.gemm_operands16(dz, x, weight if need_dx else None)  # (the base's order)
-            self.product16(dz.T, x.T, out=grad_weight, what="dw")
-            return self.product16(dz, weight.T, what="dx") if need_dx else None
         dz, x, weight = self.gemm_operands(dz, x, weight if need_dx else None)  # (the base's order)
         self.xp.matmul(dz.T, x, out=grad_weight)
         return self.xp.matmul(dz, weight) if need_dx else None
@@ -129,12 +131,6 @@ class CupyOps(CupyGemmPaths, Ops):
         if not activations.from_output(activation):
             return super().conv_epilogue(y_t, bias, activation)
         return kernels.conv_bias_act(y_t, bias, activation)
-
-    @kernel_or_fallback("dy", "y", "grad_bias", nonempty="dy", contiguous=("dy",))
-    def conv_bias_act_backward(self, dy, y, activation, grad_bias):
-        if not activations.from_output(activation):
-            return super().conv_bias_act_backward(dy, y, activation, grad_bias)
-        return kernels.conv_bias_act_backward(dy, y, activation, grad_bias)
 
     @kernel_or_fallback("x", "weight", "bias", nonempty="x")
     def conv2d_relu_pool(self, x, weight, bias, stride, padding, pool):
@@ -374,13 +370,20 @@ class CupyOps(CupyGemmPaths, Ops):
     @kernel_or_fallback("x", "residual", nonempty="x")
     def dropout(self, x, p, stream, residual=None):
         """One launch, the residual add included: the mask is generated in the kernel (no host
-        draw, no copy to the device) and not kept: the backward regenerates it (mask None)."""
+        draw, no copy to the device) and not kept: the backward regenerates it (mask None). In mixed
+        precision without a residual the same pass writes y's 16-bit copy, handed on to the next layer's
+        store_16bit (a Dense's: its product's operand, without a cast of its own)."""
         if residual is not None and residual.shape != x.shape:
             return super().dropout(x, p, stream, residual)
         from gpunet import random
 
-        return kernels.dropout(x, random.dropout_threshold(p), 1.0 / (1.0 - p), stream, residual,
-                               random.current().step_source), None
+        kind = precision.current()
+        args = (x, random.dropout_threshold(p), 1.0 / (1.0 - p), stream, residual, random.current().step_source)
+        if kind == "fp32" or residual is not None:
+            return kernels.dropout(*args), None
+        y, y16 = kernels.dropout(*args, copy16=kind)
+        self.hand_on_16bit(y, y16)
+        return y, None
 
     @kernel_or_fallback("dy", nonempty="dy")
     def dropout_backward(self, dy, p, stream, mask):

@@ -68,7 +68,9 @@ class Ops(ConvOps, SixteenBitOps):
         return self.xp.matmul(dz, weight) if need_dx else None
 
     def linear_act_backward(self, x, weight, z, y, dy, activation, grad_weight, grad_bias=None, need_dx=True):
-        """Backward of activation(linear(x)): dz = dy * activation'(z, y), then linear_backward."""
+        """Backward of activation(linear(x)): dz = dy * activation'(z, y), then linear_backward. z and y may be
+        kept in 16 bits (store_16bit: a ReLU's output in mixed precision)."""
+        z, y = self.stored_float32(z), self.stored_float32(y)
         dz = dy if activation is None else self.activation_backward(activation, z, y, dy)
         return self.linear_backward(x, weight, dz, grad_weight, grad_bias, need_dx)
 
@@ -81,8 +83,9 @@ class Ops(ConvOps, SixteenBitOps):
         return activations.lookup(name).forward(self, x, out)
 
     def activation_backward(self, name, x, y, dy):
-        """dx from the input x, the output y and the upstream gradient dy."""
-        return activations.lookup(name).backward(self, x, y, dy)
+        """dx from the input x, the output y and the upstream gradient dy; y may be kept in 16 bits (store_16bit:
+        a ReLU's output in mixed precision)."""
+        return activations.lookup(name).backward(self, self.stored_float32(x), self.stored_float32(y), dy)
 
     # ---------------------------------------------------------------- softmax family
     def softmax(self, x, axis=-1):

@@ -52,8 +52,13 @@ class SixteenBitOps:
             return last[2].reshape(x.shape)
         kept = self.to_16bit(x, kind)
         if hand_on:
-            _HANDED_ON.last = (x, kind, kept)
+            self.hand_on_16bit(x, kept)
         return kept
+
+    def hand_on_16bit(self, x, kept):
+        """Hands kept, the running precision's 16-bit copy of the float32 output x made with it (CupyOps.dropout's),
+        on to the next store_16bit of this thread, as store_16bit(x, hand_on=True) hands on the copy it makes."""
+        _HANDED_ON.last = (x, precision.current(), kept)
 
     def stored_float32(self, x):
         """What store_16bit kept, as float32: a 16-bit array through from_16bit (exact), anything else as it is."""

@@ -100,7 +100,7 @@ class Conv2D(Layer):
                                                  saved.x_shape, saved.y_shape, w, self.grads["weight"],
                                                  self.grads.get("bias"), self.stride, self.padding, saved.pool, need_dx)
         return ops.conv2d_backward(dy, saved.cols, saved.x_shape, w, self.grads["weight"], self.grads.get("bias"),
-                                   self.stride, self.padding, need_dx, saved.activation, ops.stored_float32(saved.y))
+                                   self.stride, self.padding, need_dx, saved.activation, saved.y)  # (y: maybe 16 bits)
 
 
 class _Pool(Layer):

@@ -69,9 +69,11 @@ class Dense(Layer):
     def backprop(self, dy, saved, need_dx):
         w = self.params["weight"]
         ops = ops_for(dy, w, op="Dense.backward")
-        y = ops.stored_float32(saved.y)  # (ReLU's output, kept in 16 bits in mixed precision)
+        y = saved.y  # (ReLU's output, kept in 16 bits in mixed precision: linear_act_backward reads it so)
         z = y if saved.z is None else saved.z
         if self.frozen:  # its parameters are not trained: dx alone, without the dW and db GEMMs
+            y = ops.stored_float32(y)
+            z = y if saved.z is None else saved.z
             dy2 = dy.reshape(-1, w.shape[0])
             dz = dy2 if saved.activation is None else ops.activation_backward(saved.activation, z, y, dy2)
             dz, w = ops.gemm_operands(dz, w)
