@@ -150,9 +150,9 @@ def state_of(layer):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
 def test_the_users_layer_and_random_state_are_left_as_they_were(device):
-    # (no bias before the batch norm: its exact gradient is 0, so both devices' values are rounding noise that
-    # the bound, relative to the gradient's own size, cannot hold: docs/layers.md)
-    model = gn.Sequential(L.Dense(3, 4, bias=False), L.BatchNorm1d(4), L.Dropout(0.2), L.Dense(4, 2))
+    # (a bias before the batch norm: its exact gradient is 0, both devices' values rounding noise of the size of the
+    # gradient reaching the Dense, which the bound allows)
+    model = gn.Sequential(L.Dense(3, 4), L.BatchNorm1d(4), L.Dropout(0.2), L.Dense(4, 2))
     model.to(device)
     model.forward(on(device, make_input((5, 3))))  # a last forward, whose saved arrays must stay
     model.backward(on(device, rng(1).standard_normal((5, 2)).astype("float32")))
@@ -198,6 +198,28 @@ def test_a_model_matches_the_twin_gn_export_makes():
     with pytest.raises(AssertionError, match=r"^check_layer: Sequential: state_dict '1.running_var' differs at "
                                              r"element \(0,\): the layer 1, torch_module 2 "):
         gn.testing.check_layer(model, make_input((5, 3)), torch_module=twin, gpu=False)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def test_a_bias_before_a_batch_norm_in_training_is_held_to_the_gradient_reaching_it(device):
+    """The bias's exact gradient is 0 (the norm's mean removes it): gpunet's, torch's and the GPU's are rounding noise
+    of the size of the gradient reaching the Dense, which the bound allows; a wrong one is still caught."""
+    class Planted(L.Dense):  # the bias's gradient 1% of the gradient reaching it off, in one element
+        def backprop(self, dy, saved, need_dx):
+            dx = super().backprop(dy, saved, need_dx)
+            self.grads["bias"][1] += 0.01 * float(numpy.abs(gn.to_numpy(dy)).max())
+            return dx
+
+    for make, fails in ((L.Dense, False), (Planted, True)):
+        gn.manual_seed(3)
+        model = gn.Sequential(make(3, 4), L.BatchNorm1d(4), L.Dense(4, 2))
+        twin = gn.export.to_torch(gn.Sequential(L.Dense(3, 4), L.BatchNorm1d(4), L.Dense(4, 2)).train())
+        twin.load_state_dict({k: torch.from_numpy(gn.to_numpy(v).copy()) for k, v in model.state_dict().items()})
+        if not fails:
+            gn.testing.check_layer(model, make_input((6, 3)), torch_module=twin.train(), gpu=device == "gpu")
+            continue
+        with pytest.raises(AssertionError, match=r"gradient of '0.bias' (is wrong|differs) at element \(1,\)"):
+            gn.testing.check_layer(model, make_input((6, 3)), torch_module=twin.train(), gpu=device == "gpu")
 
 
 def test_a_twin_with_other_weights_is_caught():

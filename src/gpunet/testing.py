@@ -25,7 +25,10 @@ The float32 bound (CPU against GPU, gpunet against torch) is gpunet.parity_bound
 terms along the layer's forward and backward moves a result by at most LAMBDA K u of its largest
 value (u = 2^-24) on each side, plus PER_FUNCTION ulps per elementwise function. A layer that
 parity_bound does not know (a user's own, alone or inside a composite) is allowed the longest sum it
-could run: every element of the checked input and of its parameters.
+could run: every element of the checked input and of its parameters. A parameter's gradient is held
+to the larger of its own largest value and the largest gradient reaching its layer (the float32 CPU
+run's): a bias's gradient sums that gradient's elements, and before a batch norm they sum to 0 exactly,
+so the result is rounding noise of their size, not of its own.
 
 Dropout in training mode is checked with its mask: every forward of the check runs under the
 check's own seed and step (gpunet.random.using), so each draws the same mask, on the CPU and on
@@ -81,12 +84,12 @@ def check_layer(layer: Layer, x, *, torch_module=None, gpu: bool | None = None, 
     if torch_module is not None:
         _check_torch_twin(layer, name, torch_module, inputs, dy, seed)
     if gpu or (gpu is None and has_gpu()):
-        dy32 = [d.astype("float32") for d in dy]
-        cpu = _run(_copy(layer, "cpu", "float32"), inputs.cast("float32"), dy32, seed)
+        dy32, reaching = [d.astype("float32") for d in dy], {}
+        cpu = _run(_copy(layer, "cpu", "float32"), inputs.cast("float32"), dy32, seed, reaching)
         dev = _run(_copy(layer, "gpu", "float32"), inputs.cast("float32"), dy32, seed)
         atol = _float32_bound(layer, inputs.shapes)
         for what, want in cpu.items():
-            _assert_close(f"{name}: {what}", "the GPU", dev[what], "the CPU", want, atol(want))
+            _assert_close(f"{name}: {what}", "the GPU", dev[what], "the CPU", want, atol(want, reaching.get(what)))
 
 
 class Inputs:
@@ -174,8 +177,8 @@ def _check_torch_twin(layer, name, torch_module, inputs, dy, seed):
         _assert_close(f"{name}: state_dict '{key}'", "the layer", value, "torch_module",
                       theirs[key].detach().numpy(), numpy.zeros(()), hint="; give the twin the layer's weights "
                       "(gn.export.to_torch, or torch_module.load_state_dict)")
-    inputs32 = inputs.cast("float32")
-    got = _run(ours, inputs32, [d.astype("float32") for d in dy], seed)
+    inputs32, reaching = inputs.cast("float32"), {}
+    got = _run(ours, inputs32, [d.astype("float32") for d in dy], seed, reaching)
     txs = [torch.from_numpy(a.copy()).requires_grad_(f) for a, f in zip(inputs32.arrays, inputs32.floats)]
     tys = _listed(twin(*txs))
     torch.autograd.backward(tys, [torch.from_numpy(d.astype("float32")) for d in dy])
@@ -187,7 +190,7 @@ def _check_torch_twin(layer, name, torch_module, inputs, dy, seed):
         want[f"gradient of '{key}'"] = numpy.zeros(tuple(p.shape), "float32") if p.grad is None else p.grad.numpy()
     atol = _float32_bound(layer, inputs.shapes)
     for what, value in want.items():
-        _assert_close(f"{name}: {what}", "gpunet", got[what], "torch_module", value, atol(value))
+        _assert_close(f"{name}: {what}", "gpunet", got[what], "torch_module", value, atol(value, reaching.get(what)))
 
 
 def _output_label(count: int, i: int) -> str:
@@ -207,7 +210,8 @@ def _float32_bound(layer, shape) -> Callable:
     for leaf in _unknown_leaves(layer):  # parity_bound counts none of their sums: the longest they could run
         length += sum(math.prod(s) for s in shapes) + leaf.num_params()
     scale = 2 * LAMBDA * (length + PER_FUNCTION) * U32
-    return lambda want: scale * float(numpy.abs(numpy.asarray(want, "float64")).max(initial=0.0)) + TINY
+    return lambda want, reaching=None: scale * max(float(numpy.abs(numpy.asarray(want, "float64")).max(initial=0.0)),
+                                                   reaching or 0.0) + TINY
 
 
 def _unknown_leaves(layer) -> list:
@@ -244,8 +248,10 @@ def _forward(layer, inputs, seed) -> list:
         return [to_numpy(y) for y in _listed(layer.forward(inputs.given(lambda a: to_device(a, layer.device))))]
 
 
-def _run(layer, inputs, dy, seed) -> dict:
-    """Outputs, input gradients (floats only) and every parameter gradient of one forward and backward, on the host."""
+def _run(layer, inputs, dy, seed, reaching: dict | None = None) -> dict:
+    """Outputs, input gradients (floats only) and every parameter gradient of one forward and backward, on the host.
+    reaching: filled with "gradient of 'KEY'" -> the largest gradient that reached that parameter's layer."""
+    leaves = _record_gradients_reaching(layer) if reaching is not None else {}
     with random.using(random.RandomState(seed)):
         ys = _listed(layer.forward(inputs.given(lambda a: to_device(a, layer.device))))
         grads = [to_device(d.astype(y.dtype), layer.device) for y, d in zip(ys, dy)]
@@ -255,7 +261,28 @@ def _run(layer, inputs, dy, seed) -> dict:
         if inputs.floats[i]:
             found[inputs.label("input gradient", i)] = to_numpy(d)
     found.update({f"gradient of '{key}'": to_numpy(value).copy() for key, value in layer.grads.items()})
+    for key in layer.grads if reaching is not None else ():
+        prefix = key.rpartition(".")[0]
+        reaching[f"gradient of '{key}'"] = max(leaves[prefix], default=0.0) if prefix in leaves else None
     return found
+
+
+def _record_gradients_reaching(layer, prefix: str = "") -> dict:
+    """{path of each leaf with parameters ("" for layer itself): a list its backprop appends the largest |dy| of
+    each call to}; the (copied) leaves' backprop wrapped to record it."""
+    if layer.children():
+        return {path: seen for name, child in layer.children()
+                for path, seen in _record_gradients_reaching(child, f"{prefix}{name}.").items()}
+    if not layer.params:
+        return {}
+    seen, backprop = [], layer.backprop
+
+    def recorded(dy, saved, need_dx):
+        seen.append(max((float(numpy.abs(to_numpy(d).astype("float64")).max(initial=0.0)) for d in _listed(dy)),
+                        default=0.0))
+        return backprop(dy, saved, need_dx)
+    layer.backprop = recorded
+    return {prefix[:-1]: seen}
 
 
 def central_difference(f, array, index, eps: float = EPS) -> float:
