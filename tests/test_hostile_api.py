@@ -252,8 +252,8 @@ def test_out_of_memory_in_evaluate_predict_and_fit_validation(monkeypatch):
         return real(self, *args, **kwargs)
     monkeypatch.setattr(NumpyOps, "linear", linear_in_eval)
     with raises(gn.train.DeviceOutOfMemory,
-                f"the CPU ran out of memory validating after step 2 with a batch of 40 ({error}); try a smaller batch "
-                "size, e.g. 20 (fit validates in batches of up to 1000 samples; pass val as an object whose "
+                f"the CPU ran out of memory validating after step 2 with a batch of 8 ({error}); try a smaller batch "
+                "size, e.g. 4 (fit validates in batches of its batch_size; pass val as an object whose "
                 "evaluate(model, loss) returns gn.evaluate(model, x, y, loss, batch_size=...))"):
         fit(model, (x, y), (x, y), batch_size=8)
     assert model.training  # evaluation's eval mode was undone

@@ -245,7 +245,7 @@ def _train(args, r, dataset, setup) -> int:
         raise SystemExit(f"gpunet train: {exc}") from None
     _report(history, out, " nats/char" if r.kind == "text" else "")
     if args.holdout:  # the model of the lowest validation loss, as saved, on images it has never seen
-        held = gn.evaluate(model, ds.x_holdout, ds.y_holdout.astype("int64"))
+        held = gn.evaluate(model, ds.x_holdout, ds.y_holdout.astype("int64"), batch_size=batch)
         print(f"held out: accuracy {held['accuracy']:.4f}  loss {held['loss']:.4f} on the last {args.holdout} "
               f"images of {ds.name} (never trained or validated on)")
     return 0

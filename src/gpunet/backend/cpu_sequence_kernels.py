@@ -1,6 +1,7 @@
-"""Numba kernels of the sequence layers on the CPU, compiled on first use and cached on disk:
-the LSTM cell (one fused pass per time step instead of a dozen NumPy passes) and the
-embedding gradient (a scatter-add, 100x faster than numpy.add.at).
+"""Numba kernels of the sequence layers and the normalisations on the CPU, compiled on first use and
+cached on disk: the LSTM cell (one fused pass per time step instead of a dozen NumPy passes), the
+embedding gradient (a scatter-add, 100x faster than numpy.add.at), layer and batch norm (one pass
+for the statistics, one for the output, float64 accumulators).
 
 tanh and sigmoid are Eigen's float32 rational approximation of tanh (within 3e-7 of the exact
 value): unlike math.tanh it has no branches or library calls, so LLVM vectorises the loops.
@@ -20,6 +21,8 @@ class SequenceKernels(NamedTuple):
     embedding_backward: Callable  # (ids, dy, grad): grad = the scatter-add of dy's rows at ids
     layer_norm: Callable  # (x, weight, bias, affine, eps, y, xhat, rstd) over the rows of 2-D x
     layer_norm_backward: Callable  # (dy, xhat, rstd, weight, affine, dx, dweight, dbias)
+    batch_norm: Callable  # (x, mean, var, weight, bias, affine, training, eps, y, xhat, rstd) over (N, C, L) x
+    batch_norm_backward: Callable  # (dy, xhat, rstd, weight, affine, training, dx, dweight, dbias)
 
 
 f32 = numpy.float32
@@ -159,4 +162,56 @@ def kernels() -> SequenceKernels:
                 dweight[j] = acc_w[j]
                 dbias[j] = acc_b[j]
 
-    return SequenceKernels(lstm_cell, lstm_cell_backward, embedding_backward, layer_norm, layer_norm_backward)
+    # Batch norm over the (N, L) of each channel of x (N, C, L): training, the batch's mean and biased variance
+    # written into mean and var (float64 sums); else those given (the running statistics). rstd per channel.
+    @numba.njit(**norm_options)
+    def batch_norm(x, mean, var, weight, bias, affine, training, eps, y, xhat, rstd):
+        n, c, length = x.shape
+        count = n * length
+        for ch in range(c):
+            if training:
+                total = 0.0
+                for b in range(n):
+                    for j in range(length):
+                        total += x[b, ch, j]
+                centre = total / count
+                sq = 0.0
+                for b in range(n):
+                    for j in range(length):
+                        d = x[b, ch, j] - centre
+                        sq += d * d
+                mean[ch], var[ch] = centre, sq / count
+            inv = x.dtype.type(1.0 / numpy.sqrt(var[ch] + eps))
+            rstd[ch] = inv
+            m = x.dtype.type(mean[ch])
+            for b in range(n):
+                for j in range(length):
+                    v = (x[b, ch, j] - m) * inv
+                    xhat[b, ch, j] = v
+                    y[b, ch, j] = v * weight[ch] + bias[ch] if affine else v
+
+    # dx = rstd (g - mean(g) - xhat mean(g xhat)) for g = dy * weight (training; else g rstd), and the
+    # parameters' gradients, per channel (float64 sums).
+    @numba.njit(**norm_options)
+    def batch_norm_backward(dy, xhat, rstd, weight, affine, training, dx, dweight, dbias):
+        n, c, length = dy.shape
+        count = n * length
+        for ch in range(c):
+            sum_dy = 0.0
+            sum_dyx = 0.0
+            for b in range(n):
+                for j in range(length):
+                    sum_dy += dy[b, ch, j]
+                    sum_dyx += dy[b, ch, j] * xhat[b, ch, j]
+            if affine:
+                dweight[ch], dbias[ch] = sum_dyx, sum_dy
+            w = weight[ch] if affine else dy.dtype.type(1.0)
+            s = rstd[ch]
+            mean_g, mean_gx = dy.dtype.type(w * sum_dy / count), dy.dtype.type(w * sum_dyx / count)
+            for b in range(n):
+                for j in range(length):
+                    g = dy[b, ch, j] * w
+                    dx[b, ch, j] = s * (g - mean_g - xhat[b, ch, j] * mean_gx) if training else g * s
+
+    return SequenceKernels(lstm_cell, lstm_cell_backward, embedding_backward, layer_norm, layer_norm_backward,
+                           batch_norm, batch_norm_backward)

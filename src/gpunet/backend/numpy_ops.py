@@ -71,6 +71,35 @@ class NumpyOps(Ops):
             dx += residual
         return dx, grad_weight, grad_bias
 
+    def batch_norm(self, x, weight, bias, running_mean, running_var, batches_tracked, training, momentum, eps):
+        if not _fusable(x, weight, bias, running_mean, running_var) or x.ndim < 2 or not x.size:
+            return super().batch_norm(x, weight, bias, running_mean, running_var, batches_tracked, training, momentum,
+                                      eps)
+        n, c = x.shape[:2]
+        x3, affine = x.reshape(n, c, -1), weight is not None
+        y, xhat, rstd = numpy.empty_like(x), numpy.empty_like(x), numpy.empty((1, c) + (1,) * (x.ndim - 2), x.dtype)
+        mean, var = (numpy.empty(c), numpy.empty(c)) if training else (running_mean.astype("float64"),
+                                                                         running_var.astype("float64"))
+        sequence_kernels().batch_norm(x3, mean, var, weight if affine else x3[0, 0], bias if affine else x3[0, 0],
+                                      affine, training, float(eps), y.reshape(n, c, -1), xhat.reshape(n, c, -1),
+                                      rstd.reshape(-1))
+        if training:
+            self.update_running_statistics(running_mean, running_var, batches_tracked, mean.astype(x.dtype),
+                                           var.astype(x.dtype), x.size // c, momentum)
+        return y, xhat, rstd
+
+    def batch_norm_backward(self, dy, xhat, rstd, weight, grad_weight, grad_bias, training):
+        affine = weight is not None
+        if not _fusable(dy, xhat, rstd, weight, grad_weight, grad_bias) or dy.ndim < 2 or not dy.size:
+            return super().batch_norm_backward(dy, xhat, rstd, weight, grad_weight, grad_bias, training)
+        n, c = dy.shape[:2]
+        d3, dx = dy.reshape(n, c, -1), numpy.empty_like(dy)
+        unused = d3[0, 0]
+        sequence_kernels().batch_norm_backward(d3, xhat.reshape(n, c, -1), rstd.reshape(-1),
+                                               weight if affine else unused, affine, training, dx.reshape(n, c, -1),
+                                               grad_weight if affine else unused, grad_bias if affine else unused)
+        return dx
+
     def attention_softmax(self, scores, scale, causal):
         if scores.dtype != numpy.float32 or not scores.flags.c_contiguous or scores.shape[-1] != scores.shape[-2] \
                 or not scores.size:

@@ -155,15 +155,11 @@ class Ops(ConvOps, SixteenBitOps):
         axes = (0,) + tuple(range(2, x.ndim))
         shape = (1, x.shape[1]) + (1,) * (x.ndim - 2)
         if training:
-            count = x.size // x.shape[1]
             mean = x.mean(axis=axes)
             centered = x - mean.reshape(shape)
             var = (centered * centered).mean(axis=axes)
-            running_mean *= 1 - momentum
-            running_mean += momentum * mean
-            running_var *= 1 - momentum
-            running_var += (momentum * count / (count - 1)) * var
-            batches_tracked += 1
+            self.update_running_statistics(running_mean, running_var, batches_tracked, mean, var, x.size // x.shape[1],
+                                           momentum)
         else:
             var = running_var
             centered = x - running_mean.reshape(shape)
@@ -171,6 +167,16 @@ class Ops(ConvOps, SixteenBitOps):
         xhat = centered * rstd
         y = xhat * weight.reshape(shape) + bias.reshape(shape) if weight is not None else xhat
         return y, xhat, rstd
+
+    @staticmethod
+    def update_running_statistics(running_mean, running_var, batches_tracked, mean, var, count, momentum):
+        """A training batch's step of batch norm's running statistics, in place: the mean, the unbiased variance
+        (as torch's; var is the batch's biased one over count values a channel), the batch count."""
+        running_mean *= 1 - momentum
+        running_mean += momentum * mean
+        running_var *= 1 - momentum
+        running_var += (momentum * count / (count - 1)) * var
+        batches_tracked += 1
 
     def batch_norm_backward(self, dy, xhat, rstd, weight, grad_weight, grad_bias, training):
         """dx of batch_norm from dy; with weight, the parameters' gradients written into grad_weight and

@@ -86,8 +86,8 @@ def fit(model: Layer, train: Any, val: Any = None, *, optimizer: Optimizer, loss
     a list of arrays, one per input, and model.preprocess a list of specs or None; with several outputs y is a
     list, loss a list of names, one per output, and loss_weights their weights: the step minimises
     sum_i w_i loss_i, and evaluations record val_loss_i and val_accuracy_i per output) or an object with
-    __len__ and get(indices, rng). val: (x, y) raw arrays, or an object with evaluate(model, loss)
-    returning {"loss": ..., ["accuracy": ...]}. Arrays may be nested Python lists (gpunet.layers.inputs).
+    __len__ and get(indices, rng). val: (x, y) raw arrays, evaluated in batches of batch_size, or an object with
+    evaluate(model, loss) returning {"loss": ..., ["accuracy": ...]}. Arrays may be nested Python lists (gpunet.layers.inputs).
     optimizer: made with this model (gn.optim.Adam(model)); one made with another model or a part of
     this one is refused. Stops after `epochs` (counted in samples served, so a
     resume with another batch size still ends at the last epoch's end) or after `steps` optimizer
