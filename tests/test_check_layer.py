@@ -222,6 +222,27 @@ def test_a_bias_before_a_batch_norm_in_training_is_held_to_the_gradient_reaching
             gn.testing.check_layer(model, make_input((6, 3)), torch_module=twin.train(), gpu=device == "gpu")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("scale", [1.0, 1e-3])
+def test_a_gpu_only_error_in_a_weight_is_caught_whatever_the_input_size(scale):
+    """The bias floor does not reach weights: with inputs of size 1e-3 the batch norm's backward makes the gradient
+    reaching the Dense about 1e3 while its weight's gradient stays about 1; a weight element 2% off on the GPU alone
+    (the CPU's and float64 checks pass) is still reported."""
+    class OffOnTheGpu(L.Dense):
+        def backprop(self, dy, saved, need_dx):
+            dx = super().backprop(dy, saved, need_dx)
+            if self.device == "gpu":
+                g = self.grads["weight"]
+                g.ravel()[0] += 0.02 * float(numpy.abs(gn.to_numpy(g)).max())
+            return dx
+
+    gn.manual_seed(3)
+    model = gn.Sequential(OffOnTheGpu(3, 4), L.BatchNorm1d(4), L.Dense(4, 2))
+    x = (make_input((6, 3)) * scale).astype("float32")
+    with pytest.raises(AssertionError, match=r"gradient of '0.weight' differs at element \(0, 0\): the GPU"):
+        gn.testing.check_layer(model, x, gpu=True)
+
+
 def test_a_twin_with_other_weights_is_caught():
     dense = L.Dense(5, 3)
     linear = twin_of(dense)

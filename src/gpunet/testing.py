@@ -25,10 +25,11 @@ The float32 bound (CPU against GPU, gpunet against torch) is gpunet.parity_bound
 terms along the layer's forward and backward moves a result by at most LAMBDA K u of its largest
 value (u = 2^-24) on each side, plus PER_FUNCTION ulps per elementwise function. A layer that
 parity_bound does not know (a user's own, alone or inside a composite) is allowed the longest sum it
-could run: every element of the checked input and of its parameters. A parameter's gradient is held
-to the larger of its own largest value and the largest gradient reaching its layer (the float32 CPU
-run's): a bias's gradient sums that gradient's elements, and before a batch norm they sum to 0 exactly,
-so the result is rounding noise of their size, not of its own.
+could run: every element of the checked input and of its parameters. A bias's gradient (a parameter
+named bias or bias_*, as torch names them) is held to the larger of its own largest value and the
+largest gradient reaching its layer (the float32 CPU run's): it sums that gradient's elements, and
+before a batch norm they sum to 0 exactly, so the result is rounding noise of their size, not of its
+own. (A weight's terms carry the layer's input too: its own size stays its scale.)
 
 Dropout in training mode is checked with its mask: every forward of the check runs under the
 check's own seed and step (gpunet.random.using), so each draws the same mask, on the CPU and on
@@ -250,7 +251,7 @@ def _forward(layer, inputs, seed) -> list:
 
 def _run(layer, inputs, dy, seed, reaching: dict | None = None) -> dict:
     """Outputs, input gradients (floats only) and every parameter gradient of one forward and backward, on the host.
-    reaching: filled with "gradient of 'KEY'" -> the largest gradient that reached that parameter's layer."""
+    reaching: filled with "gradient of 'KEY'" -> the largest gradient that reached that bias's layer."""
     leaves = _record_gradients_reaching(layer) if reaching is not None else {}
     with random.using(random.RandomState(seed)):
         ys = _listed(layer.forward(inputs.given(lambda a: to_device(a, layer.device))))
@@ -262,8 +263,9 @@ def _run(layer, inputs, dy, seed, reaching: dict | None = None) -> dict:
             found[inputs.label("input gradient", i)] = to_numpy(d)
     found.update({f"gradient of '{key}'": to_numpy(value).copy() for key, value in layer.grads.items()})
     for key in layer.grads if reaching is not None else ():
-        prefix = key.rpartition(".")[0]
-        reaching[f"gradient of '{key}'"] = max(leaves[prefix], default=0.0) if prefix in leaves else None
+        prefix, _, param = key.rpartition(".")
+        if prefix in leaves and (param == "bias" or param.startswith("bias_")):
+            reaching[f"gradient of '{key}'"] = max(leaves[prefix], default=0.0)
     return found
 
 
