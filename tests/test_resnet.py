@@ -146,8 +146,9 @@ def launch_budget(blocks: list[int]) -> int:
 @pytest.mark.skipif(not ON_STANDIN, reason="counts launches on the CuPy stand-in")
 @pytest.mark.parametrize("gemm", ["cublas", "fused"])
 def test_recipe_step_launch_budget(gemm):
-    """The recipe's own model (28x28 images; batch 2: the count does not depend on it), and a deeper one
-    (two blocks a stage: 24 launches more per identity block) against the same per-layer budget."""
+    """The recipe's own model (28x28 images; batch 2: the count does not depend on it; two blocks a stage
+    since round 7, so launch_budget([2, 2, 2]) = 183: the same per-layer counts, 24 launches more per
+    identity block than one block a stage's 111), and the tiny two-block model against the same budget."""
     from tests.test_launch_budgets import mnist_batch, step_counts
 
     gn.manual_seed(0)
