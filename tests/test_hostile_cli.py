@@ -115,7 +115,7 @@ def refused(argv, capsys, folder, code=1) -> str:
     ({"lr": True}, "'lr': expected a number, {\"low\", \"high\"[, \"log\"]} or {\"choices\"}, got True"),
     ({"lr": {"low": 1e-3, "hi": 1e-2}}, "'lr': expected the keys low, high and optional log, or choices; got hi, low"),
     ({"learning_rate": 0.01}, "unknown parameter 'learning_rate' for --model mlp (known: lr, batch_size, "
-                              "weight_decay, warmup, shift, hidden1, hidden2, dropout)"),
+                              "weight_decay, warmup, momentum, shift, hidden1, hidden2, dropout)"),
 ])
 def test_a_space_value_out_of_range_is_refused_before_anything_is_written(space, message, tmp_path, capsys):
     path = tmp_path / "space.json"

@@ -85,7 +85,7 @@ def check_layer(layer: Layer, x, *, torch_module=None, gpu: bool | None = None, 
     if torch_module is not None:
         _check_torch_twin(layer, name, torch_module, inputs, dy, seed)
     if gpu or (gpu is None and has_gpu()):
-        dy32, reaching = [d.astype("float32") for d in dy], {}
+        dy32, reaching = [d.astype("float32") for d in dy], dict[str, float]()
         cpu = _run(_copy(layer, "cpu", "float32"), inputs.cast("float32"), dy32, seed, reaching)
         dev = _run(_copy(layer, "gpu", "float32"), inputs.cast("float32"), dy32, seed)
         atol = _float32_bound(layer, inputs.shapes)
@@ -178,7 +178,7 @@ def _check_torch_twin(layer, name, torch_module, inputs, dy, seed):
         _assert_close(f"{name}: state_dict '{key}'", "the layer", value, "torch_module",
                       theirs[key].detach().numpy(), numpy.zeros(()), hint="; give the twin the layer's weights "
                       "(gn.export.to_torch, or torch_module.load_state_dict)")
-    inputs32, reaching = inputs.cast("float32"), {}
+    inputs32, reaching = inputs.cast("float32"), dict[str, float]()
     got = _run(ours, inputs32, [d.astype("float32") for d in dy], seed, reaching)
     txs = [torch.from_numpy(a.copy()).requires_grad_(f) for a, f in zip(inputs32.arrays, inputs32.floats)]
     tys = _listed(twin(*txs))
@@ -264,7 +264,7 @@ def _run(layer, inputs, dy, seed, reaching: dict | None = None) -> dict:
     found.update({f"gradient of '{key}'": to_numpy(value).copy() for key, value in layer.grads.items()})
     for key in layer.grads if reaching is not None else ():
         prefix, _, param = key.rpartition(".")
-        if prefix in leaves and (param == "bias" or param.startswith("bias_")):
+        if reaching is not None and prefix in leaves and (param == "bias" or param.startswith("bias_")):
             reaching[f"gradient of '{key}'"] = max(leaves[prefix], default=0.0)
     return found
 
